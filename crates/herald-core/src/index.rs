@@ -1,0 +1,190 @@
+//! The selector index: a trie over topic segments that finds every subscriber whose selector
+//! matches a published topic in time proportional to the topic's depth, not to the subscriber count.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::name::{Selector, Topic};
+use crate::subscriber::Subscriber;
+
+#[derive(Debug, Default)]
+pub(crate) struct SelectorIndex {
+    root: Node,
+    /// How many distinct selectors have at least one subscriber.
+    distinct: usize,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    literal: HashMap<Box<str>, Node>,
+    star: Option<Box<Node>>,
+    /// Subscribers whose selector ends at this node.
+    here: Vec<Arc<Subscriber>>,
+    /// Subscribers whose selector ends with `**` after this node (one or more further segments).
+    rest: Vec<Arc<Subscriber>>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.here.is_empty() && self.rest.is_empty() && self.literal.is_empty() && self.star.is_none()
+    }
+}
+
+impl SelectorIndex {
+    pub(crate) fn insert(&mut self, selector: &Selector, sub: &Arc<Subscriber>) {
+        let mut node = &mut self.root;
+        let mut segs = selector.segments().peekable();
+        while let Some(seg) = segs.next() {
+            if seg == "**" && segs.peek().is_none() {
+                if node.rest.is_empty() {
+                    self.distinct += 1;
+                }
+                node.rest.push(sub.clone());
+                return;
+            }
+            node = if seg == "*" {
+                node.star.get_or_insert_with(Box::default)
+            } else {
+                node.literal.entry(seg.into()).or_default()
+            };
+        }
+        if node.here.is_empty() {
+            self.distinct += 1;
+        }
+        node.here.push(sub.clone());
+    }
+
+    pub(crate) fn remove(&mut self, selector: &Selector, sub: &Arc<Subscriber>) {
+        let segs: Vec<&str> = selector.segments().collect();
+        if remove_at(&mut self.root, &segs, sub) {
+            self.distinct -= 1;
+        }
+    }
+
+    pub(crate) fn distinct(&self) -> usize {
+        self.distinct
+    }
+
+    /// Calls `f` for each subscriber of each selector matching `topic` (a subscriber with several
+    /// matching selectors is seen several times; the caller de-duplicates).
+    pub(crate) fn for_each_match(&self, topic: &Topic, f: &mut impl FnMut(&Arc<Subscriber>)) {
+        let segs: Vec<&str> = topic.segments().collect();
+        visit(&self.root, &segs, f);
+    }
+}
+
+fn visit(node: &Node, segs: &[&str], f: &mut impl FnMut(&Arc<Subscriber>)) {
+    let Some((first, tail)) = segs.split_first() else {
+        node.here.iter().for_each(&mut *f);
+        return;
+    };
+    node.rest.iter().for_each(&mut *f);
+    if let Some(child) = node.literal.get(*first) {
+        visit(child, tail, f);
+    }
+    if let Some(star) = &node.star {
+        visit(star, tail, f);
+    }
+}
+
+fn remove_from(list: &mut Vec<Arc<Subscriber>>, sub: &Arc<Subscriber>) -> bool {
+    match list.iter().position(|s| Arc::ptr_eq(s, sub)) {
+        Some(i) => {
+            list.swap_remove(i);
+            if list.capacity() > 8 && list.len() < list.capacity() / 4 {
+                list.shrink_to(list.len() * 2);
+            }
+            list.is_empty()
+        }
+        None => false,
+    }
+}
+
+/// Removes `sub` from the selector's list; prunes emptied nodes. True when the list became empty.
+fn remove_at(node: &mut Node, segs: &[&str], sub: &Arc<Subscriber>) -> bool {
+    match segs {
+        [] => remove_from(&mut node.here, sub),
+        ["**"] => remove_from(&mut node.rest, sub),
+        [first, tail @ ..] => {
+            if *first == "*" {
+                let Some(star) = node.star.as_deref_mut() else {
+                    return false;
+                };
+                let emptied = remove_at(star, tail, sub);
+                if star.is_empty() {
+                    node.star = None;
+                }
+                emptied
+            } else {
+                let Some(child) = node.literal.get_mut(*first) else {
+                    return false;
+                };
+                let emptied = remove_at(child, tail, sub);
+                if child.is_empty() {
+                    node.literal.remove(*first);
+                }
+                emptied
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(key: usize) -> Arc<Subscriber> {
+        Arc::new(Subscriber::new(key, None, Vec::new()))
+    }
+
+    fn matches(index: &SelectorIndex, topic: &str) -> Vec<usize> {
+        let mut keys = Vec::new();
+        index.for_each_match(&Topic::new(topic).unwrap(), &mut |s| keys.push(s.key));
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn trie_agrees_with_selector_matching() {
+        let selectors = [
+            "chat", "chat/*", "chat/**", "chat/a", "*/a", "*", "**", "*/*/**", "chat/*/b", "x/y/z",
+        ];
+        let topics = ["chat", "chat/a", "chat/a/b", "chat/b", "x/a", "x/y/z", "q", "chat/a/b/c"];
+        let mut index = SelectorIndex::default();
+        let subs: Vec<_> = (0..selectors.len()).map(sub).collect();
+        for (s, sel) in subs.iter().zip(selectors) {
+            index.insert(&Selector::new(sel).unwrap(), s);
+        }
+        assert_eq!(index.distinct(), selectors.len());
+        for topic in topics {
+            let t = Topic::new(topic).unwrap();
+            let expected: Vec<usize> = selectors
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| Selector::new(s).unwrap().matches(&t))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(matches(&index, topic), expected, "topic {topic}");
+        }
+        for (s, sel) in subs.iter().zip(selectors) {
+            index.remove(&Selector::new(sel).unwrap(), s);
+        }
+        assert_eq!(index.distinct(), 0);
+        assert!(index.root.is_empty(), "all nodes pruned");
+    }
+
+    #[test]
+    fn distinct_counts_selectors_not_subscribers() {
+        let mut index = SelectorIndex::default();
+        let (a, b) = (sub(1), sub(2));
+        let sel = Selector::new("news/**").unwrap();
+        index.insert(&sel, &a);
+        index.insert(&sel, &b);
+        assert_eq!(index.distinct(), 1);
+        index.remove(&sel, &a);
+        assert_eq!(index.distinct(), 1);
+        assert_eq!(matches(&index, "news/x"), vec![2]);
+        index.remove(&sel, &b);
+        assert_eq!(index.distinct(), 0);
+    }
+}

@@ -1,0 +1,20 @@
+//! herald-core: the engine of the herald push hub — names, events and their SSE frames, the
+//! selector index, per-connection inboxes, history stores and the `Hub`. No HTTP here.
+
+pub mod duration;
+pub mod event;
+pub mod history;
+mod hub;
+mod index;
+pub mod name;
+pub mod sse;
+mod stream;
+mod subscriber;
+
+pub use event::{Event, EventId, Message, Targets};
+pub use history::{Chunk, History, HistoryError, MemoryHistory};
+pub use hub::{
+    Hub, HubBuilder, HubError, PublishError, Published, Stats, SubscribeError, SubscribeRequest,
+};
+pub use name::{EventType, NameError, Selector, Topic, UserId};
+pub use stream::EventStream;

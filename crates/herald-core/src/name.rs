@@ -1,0 +1,300 @@
+//! Validated names: `Topic`, `Selector`, `UserId`, `EventType`.
+//! Every value of these types passed its check at the boundary; past it, invalid names cannot exist.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Why a topic, selector, user id or event type was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is {len} bytes long, the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("contains a control character")]
+    ControlChar,
+    #[error("has an empty segment (leading, trailing or doubled '/')")]
+    EmptySegment,
+    #[error("has a '*' or '**' segment, which only selectors may have")]
+    Wildcard,
+    #[error("has '**' before its last segment")]
+    InnerDoubleStar,
+    #[error("must not contain '/'")]
+    Slash,
+    #[error("must not contain CR, LF or NUL")]
+    LineBreak,
+    #[error("starts with 'herald.', which is reserved for the hub")]
+    Reserved,
+}
+
+const TOPIC_MAX: usize = 255;
+const USER_MAX: usize = 128;
+const EVENT_TYPE_MAX: usize = 256;
+
+fn check_len(s: &str, max: usize) -> Result<(), NameError> {
+    if s.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if s.len() > max {
+        return Err(NameError::TooLong { len: s.len(), max });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(NameError::ControlChar);
+    }
+    Ok(())
+}
+
+/// Checks the shape shared by topics and selectors; `wildcards` allows `*` and a last `**`.
+fn check_path(s: &str, wildcards: bool) -> Result<(), NameError> {
+    check_len(s, TOPIC_MAX)?;
+    let mut segments = s.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        match seg {
+            "" => return Err(NameError::EmptySegment),
+            "*" | "**" if !wildcards => return Err(NameError::Wildcard),
+            "**" if segments.peek().is_some() => return Err(NameError::InnerDoubleStar),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = NameError;
+            fn try_from(s: &str) -> Result<Self, NameError> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
+                Self::new(&s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A topic a message is published to: `/`-separated, 1–255 bytes, no empty, `*` or `**` segment.
+    Topic
+);
+name_type!(
+    /// A topic pattern: a `*` segment matches one segment, a last `**` matches one or more.
+    Selector
+);
+name_type!(
+    /// A user id: 1–128 bytes, no `/`, no control characters.
+    UserId
+);
+name_type!(
+    /// An event type: 1–256 bytes, no CR/LF/NUL, not starting with `herald.`.
+    EventType
+);
+
+impl Topic {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        check_path(s, false)?;
+        Ok(Self(s.into()))
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+}
+
+impl Selector {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        check_path(s, true)?;
+        Ok(Self(s.into()))
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// True when the selector has no wildcard segment and so matches exactly one topic.
+    pub fn is_exact(&self) -> bool {
+        !self.segments().any(|s| s == "*" || s == "**")
+    }
+
+    /// Whether `topic` is matched by this selector.
+    pub fn matches(&self, topic: &Topic) -> bool {
+        let mut topic_segs = topic.segments();
+        for sel in self.segments() {
+            match sel {
+                // `**` is always last: it needs at least one more topic segment.
+                "**" => return topic_segs.next().is_some(),
+                "*" => {
+                    if topic_segs.next().is_none() {
+                        return false;
+                    }
+                }
+                literal => {
+                    if topic_segs.next() != Some(literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        topic_segs.next().is_none()
+    }
+}
+
+impl From<Topic> for Selector {
+    fn from(t: Topic) -> Self {
+        Selector(t.0)
+    }
+}
+
+impl UserId {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        check_len(s, USER_MAX)?;
+        if s.contains('/') {
+            return Err(NameError::Slash);
+        }
+        Ok(Self(s.into()))
+    }
+}
+
+impl EventType {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if s.len() > EVENT_TYPE_MAX {
+            return Err(NameError::TooLong {
+                len: s.len(),
+                max: EVENT_TYPE_MAX,
+            });
+        }
+        if s.contains(['\r', '\n', '\0']) {
+            return Err(NameError::LineBreak);
+        }
+        if s.starts_with("herald.") {
+            return Err(NameError::Reserved);
+        }
+        Ok(Self(s.into()))
+    }
+
+    /// Hub-reserved types (`herald.gap`, `herald.close`) are built only inside the crate.
+    pub(crate) fn reserved(s: &'static str) -> Self {
+        debug_assert!(s.starts_with("herald."));
+        Self(s.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Topic {
+        Topic::new(s).unwrap()
+    }
+    fn sel(s: &str) -> Selector {
+        Selector::new(s).unwrap()
+    }
+
+    #[test]
+    fn topics_are_checked() {
+        assert!(Topic::new("chat/room1").is_ok());
+        assert!(Topic::new("a").is_ok());
+        assert!(Topic::new("über/ß").is_ok());
+        assert!(Topic::new("a*b/c").is_ok());
+        assert_eq!(Topic::new(""), Err(NameError::Empty));
+        assert_eq!(Topic::new("/a"), Err(NameError::EmptySegment));
+        assert_eq!(Topic::new("a/"), Err(NameError::EmptySegment));
+        assert_eq!(Topic::new("a//b"), Err(NameError::EmptySegment));
+        assert_eq!(Topic::new("a/*"), Err(NameError::Wildcard));
+        assert_eq!(Topic::new("**"), Err(NameError::Wildcard));
+        assert_eq!(Topic::new("a\nb"), Err(NameError::ControlChar));
+        assert_eq!(Topic::new("a\u{7f}"), Err(NameError::ControlChar));
+        assert!(Topic::new(&"x".repeat(255)).is_ok());
+        assert_eq!(
+            Topic::new(&"x".repeat(256)),
+            Err(NameError::TooLong { len: 256, max: 255 })
+        );
+    }
+
+    #[test]
+    fn selectors_are_checked() {
+        assert!(Selector::new("chat/*").is_ok());
+        assert!(Selector::new("**").is_ok());
+        assert!(Selector::new("*/b/**").is_ok());
+        assert_eq!(Selector::new("a/**/b"), Err(NameError::InnerDoubleStar));
+        assert_eq!(Selector::new("a//b"), Err(NameError::EmptySegment));
+        assert!(sel("a/b").is_exact());
+        assert!(!sel("a/*").is_exact());
+    }
+
+    #[test]
+    fn selector_matching() {
+        assert!(sel("chat/*").matches(&t("chat/room1")));
+        assert!(!sel("chat/*").matches(&t("chat/a/b")));
+        assert!(!sel("chat/*").matches(&t("chat")));
+        assert!(sel("chat/**").matches(&t("chat/room1")));
+        assert!(sel("chat/**").matches(&t("chat/a/b")));
+        assert!(!sel("chat/**").matches(&t("chat")));
+        assert!(!sel("chat/**").matches(&t("chatter/a")));
+        assert!(sel("chat").matches(&t("chat")));
+        assert!(!sel("chat").matches(&t("chat/a")));
+        assert!(sel("*/b").matches(&t("a/b")));
+        assert!(!sel("*/b").matches(&t("a/c")));
+        assert!(sel("**").matches(&t("x")));
+        assert!(sel("**").matches(&t("x/y/z")));
+        assert!(sel("*/*/**").matches(&t("a/b/c")));
+        assert!(!sel("*/*/**").matches(&t("a/b")));
+    }
+
+    #[test]
+    fn users_and_event_types() {
+        assert!(UserId::new("alice@example.com").is_ok());
+        assert_eq!(UserId::new("a/b"), Err(NameError::Slash));
+        assert_eq!(UserId::new(""), Err(NameError::Empty));
+        assert_eq!(UserId::new("a\tb"), Err(NameError::ControlChar));
+        assert!(UserId::new(&"u".repeat(128)).is_ok());
+        assert!(UserId::new(&"u".repeat(129)).is_err());
+        assert!(EventType::new("order.updated").is_ok());
+        assert_eq!(EventType::new("herald.gap"), Err(NameError::Reserved));
+        assert_eq!(EventType::new("a\rb"), Err(NameError::LineBreak));
+        assert_eq!(EventType::new(""), Err(NameError::Empty));
+        assert!(EventType::new(&"e".repeat(257)).is_err());
+    }
+}

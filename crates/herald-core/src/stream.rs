@@ -1,0 +1,246 @@
+//! One connection's outgoing SSE frames: preamble, gap notice, replay from history, then live events,
+//! heartbeats and the closing event. Frames are the events' shared `Bytes`; nothing is re-encoded.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::event::{Event, EventId, control_frame};
+use crate::history::{Chunk, HistoryError};
+use crate::hub::Inner;
+use crate::name::EventType;
+use crate::subscriber::{Ending, Signal, Subscriber};
+
+/// Events read from history per step of a replay.
+const REPLAY_CHUNK: usize = 256;
+static HEARTBEAT: &[u8] = b":\n\n";
+
+type ReadFuture = Pin<Box<dyn Future<Output = Result<Chunk, HistoryError>> + Send>>;
+
+/// The stream of SSE frames for one connection. Dropping it unregisters the connection.
+pub struct EventStream {
+    hub: Arc<Inner>,
+    sub: Arc<Subscriber>,
+    out: VecDeque<Bytes>,
+    live: VecDeque<Arc<Event>>,
+    /// The newest event id this stream has written or passed over; live events at or below it are
+    /// duplicates of what replay already covered.
+    cursor: Option<EventId>,
+    replay: Option<Replay>,
+    done: bool,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("cursor", &self.cursor)
+            .field("replaying", &self.replay.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Replay {
+    /// Read events after this id (`None`: from the oldest retained).
+    after: Option<EventId>,
+    /// On the first read, the id to report in `herald.gap` when history cannot continue from it.
+    /// `Some` with `after == None` means the client's id was not one this hub writes: always a gap.
+    reported: Option<String>,
+    /// Catching up after a queue overflow (counts in the `lagging` gauge until done).
+    lagging: bool,
+    read: Option<ReadFuture>,
+}
+
+impl EventStream {
+    pub(crate) fn new(
+        hub: Arc<Inner>,
+        sub: Arc<Subscriber>,
+        resume: Option<String>,
+        baseline: Option<EventId>,
+    ) -> Self {
+        let mut out = VecDeque::with_capacity(2);
+        out.push_back(hub.preamble.clone());
+        let (cursor, replay) = match resume {
+            None => (baseline, None),
+            Some(raw) => {
+                let after = EventId::parse(&raw);
+                (
+                    after,
+                    Some(Replay {
+                        after,
+                        reported: Some(raw),
+                        lagging: false,
+                        read: None,
+                    }),
+                )
+            }
+        };
+        EventStream {
+            hub,
+            sub,
+            out,
+            live: VecDeque::new(),
+            cursor,
+            replay,
+            done: false,
+        }
+    }
+
+    /// The user this connection belongs to, if any.
+    pub fn user(&self) -> Option<&crate::name::UserId> {
+        self.sub.user.as_ref()
+    }
+
+    fn gap_frame(&self, last_event_id: Option<&str>, oldest: Option<EventId>) -> Bytes {
+        self.hub.counters.gaps.fetch_add(1, Ordering::Relaxed);
+        let json = serde_json::json!({
+            "lastEventId": last_event_id,
+            "oldest": oldest.map(|o| o.to_string()),
+        });
+        control_frame(&EventType::reserved("herald.gap"), &json)
+    }
+
+    /// Applies one chunk of history; returns whether the replay is complete.
+    fn apply_chunk(&mut self, replay: &mut Replay, chunk: Chunk) -> bool {
+        let first_read = replay.reported.is_some();
+        let reported = replay.reported.take();
+        let forced = first_read && replay.after.is_none();
+        if let Some(oldest) = chunk.gap {
+            let shown = reported.or_else(|| replay.after.map(|a| a.to_string()));
+            let frame = self.gap_frame(shown.as_deref(), oldest);
+            self.out.push_back(frame);
+            // A gap replays from the oldest retained event, whatever the id was.
+            self.cursor = None;
+        } else if forced {
+            let oldest = chunk.events.first().map(|e| e.id);
+            let frame = self.gap_frame(reported.as_deref(), oldest);
+            self.out.push_back(frame);
+        }
+        let mut replayed = 0u64;
+        for event in &chunk.events {
+            if self.cursor.is_some_and(|c| event.id <= c) {
+                continue;
+            }
+            self.cursor = Some(event.id);
+            if event.is_for(&self.sub.selectors, self.sub.user.as_ref()) {
+                self.out.push_back(event.frame.clone());
+                replayed += 1;
+            }
+        }
+        self.hub
+            .counters
+            .replayed
+            .fetch_add(replayed, Ordering::Relaxed);
+        replay.after = self.cursor;
+        chunk.events.len() < REPLAY_CHUNK
+    }
+
+    fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
+        let read = replay.read.get_or_insert_with(|| {
+            let history = self.hub.history.clone();
+            let after = replay.after;
+            Box::pin(async move { history.read_after(after, REPLAY_CHUNK).await })
+        });
+        match read.as_mut().poll(cx) {
+            Poll::Pending => {
+                self.replay = Some(replay);
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::warn!(error = %e, "history read failed; ending the stream so the client resumes");
+                self.finish_replay(&replay);
+                self.done = true;
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(chunk)) => {
+                replay.read = None;
+                if self.apply_chunk(&mut replay, chunk) {
+                    self.finish_replay(&replay);
+                } else {
+                    self.replay = Some(replay);
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+
+    fn finish_replay(&self, replay: &Replay) {
+        if replay.lagging {
+            self.hub.counters.lagging.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn take_live(&mut self) {
+        for event in self.live.drain(..) {
+            if self.cursor.is_some_and(|c| event.id <= c) {
+                continue;
+            }
+            self.cursor = Some(event.id);
+            self.out.push_back(event.frame.clone());
+        }
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let this = &mut *self;
+        loop {
+            if let Some(frame) = this.out.pop_front() {
+                return Poll::Ready(Some(frame));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(replay) = this.replay.take() {
+                match this.poll_replay(cx, replay) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => continue,
+                }
+            }
+            let mut live = std::mem::take(&mut this.live);
+            let signal = this.sub.poll_take(cx, &mut live);
+            this.live = live;
+            match signal {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Signal::Ready { heartbeat, lagging }) => {
+                    this.take_live();
+                    if heartbeat && this.out.is_empty() {
+                        this.out.push_back(Bytes::from_static(HEARTBEAT));
+                    }
+                    if lagging {
+                        this.hub.counters.lagging.fetch_add(1, Ordering::Relaxed);
+                        this.replay = Some(Replay {
+                            after: this.cursor,
+                            reported: None,
+                            lagging: true,
+                            read: None,
+                        });
+                    }
+                }
+                Poll::Ready(Signal::Ending(Ending::Closed(reason))) => {
+                    let json = serde_json::json!({ "reason": reason });
+                    this.out
+                        .push_back(control_frame(&EventType::reserved("herald.close"), &json));
+                    this.done = true;
+                }
+                Poll::Ready(Signal::Ending(Ending::Shutdown)) => this.done = true,
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if let Some(replay) = &self.replay {
+            self.finish_replay(replay);
+        }
+        self.hub.unregister(&self.sub);
+    }
+}

@@ -1,0 +1,145 @@
+//! One connection's inbox: a bounded queue of shared events plus flags for heartbeat and close.
+//! Publishers only push under a short lock and never wait; a full queue marks the connection lagging.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
+
+use crate::event::{Event, EventId};
+use crate::name::{Selector, UserId};
+
+/// Why a stream ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Closed by an operator: the stream's last event is `herald.close` with this reason.
+    Closed(String),
+    /// The hub is shutting down: the stream just ends, so clients reconnect with their last id.
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    pub(crate) key: usize,
+    pub(crate) user: Option<UserId>,
+    pub(crate) selectors: Vec<Selector>,
+    inbox: Mutex<Inbox>,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    events: VecDeque<Arc<Event>>,
+    /// The id of the newest event offered; an event matching several targets is queued once.
+    last_offered: Option<EventId>,
+    /// Events were dropped because the queue was full: the writer must catch up from history.
+    lagging: bool,
+    heartbeat: bool,
+    ending: Option<Ending>,
+    waker: Option<Waker>,
+}
+
+/// What the writer should do next, in priority order after draining events.
+#[derive(Debug)]
+pub(crate) enum Signal {
+    /// Events were moved into the caller's buffer (possibly with a heartbeat due as well).
+    Ready { heartbeat: bool, lagging: bool },
+    Ending(Ending),
+}
+
+/// Outcome of offering an event to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offer {
+    Queued,
+    /// Already offered (another target matched), or the subscriber is ending.
+    Skipped,
+    /// The queue was full: it is lagging and will catch up from history.
+    Lagging,
+}
+
+impl Subscriber {
+    pub(crate) fn new(key: usize, user: Option<UserId>, selectors: Vec<Selector>) -> Self {
+        Subscriber {
+            key,
+            user,
+            selectors,
+            inbox: Mutex::new(Inbox::default()),
+        }
+    }
+
+    pub(crate) fn offer(&self, event: &Arc<Event>, capacity: usize) -> Offer {
+        let mut inbox = self.inbox.lock();
+        if inbox.last_offered.is_some_and(|id| id >= event.id) || inbox.ending.is_some() {
+            return Offer::Skipped;
+        }
+        inbox.last_offered = Some(event.id);
+        let offer = if inbox.lagging {
+            Offer::Lagging
+        } else if inbox.events.len() >= capacity {
+            inbox.lagging = true;
+            inbox.events.clear();
+            Offer::Lagging
+        } else {
+            inbox.events.push_back(event.clone());
+            Offer::Queued
+        };
+        let waker = inbox.waker.take();
+        drop(inbox);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        offer
+    }
+
+    pub(crate) fn heartbeat(&self) {
+        self.poke(|inbox| inbox.heartbeat = true);
+    }
+
+    pub(crate) fn end(&self, ending: Ending) {
+        self.poke(|inbox| {
+            if inbox.ending.is_none() {
+                inbox.ending = Some(ending);
+            }
+        });
+    }
+
+    fn poke(&self, f: impl FnOnce(&mut Inbox)) {
+        let mut inbox = self.inbox.lock();
+        f(&mut inbox);
+        let waker = inbox.waker.take();
+        drop(inbox);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Moves queued events into `into` (swapping buffers, no copy). When nothing is queued, reports
+    /// a due heartbeat, a lag or the ending, or registers the waker and stays pending.
+    /// A lag is reported, and cleared, only once the queue is empty: the caller then reads history.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut VecDeque<Arc<Event>>,
+    ) -> Poll<Signal> {
+        let mut inbox = self.inbox.lock();
+        let heartbeat = std::mem::take(&mut inbox.heartbeat);
+        if !inbox.events.is_empty() {
+            std::mem::swap(&mut inbox.events, into);
+            return Poll::Ready(Signal::Ready {
+                heartbeat,
+                lagging: false,
+            });
+        }
+        if let Some(ending) = inbox.ending.clone() {
+            return Poll::Ready(Signal::Ending(ending));
+        }
+        let lagging = std::mem::take(&mut inbox.lagging);
+        if heartbeat || lagging {
+            return Poll::Ready(Signal::Ready { heartbeat, lagging });
+        }
+        if !inbox.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            inbox.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
