@@ -39,7 +39,17 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "15", "s", "1.5s", "-1s", "15 s", "15S", "1x", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "15",
+            "s",
+            "1.5s",
+            "-1s",
+            "15 s",
+            "15S",
+            "1x",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }

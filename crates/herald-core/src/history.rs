@@ -35,11 +35,8 @@ pub trait History: Send + Sync + 'static {
 
     /// Up to `limit` events after `after`, with the gap verdict for `after` (see [`Chunk::gap`]).
     /// `after = None` means from the oldest retained event, never a gap.
-    async fn read_after(
-        &self,
-        after: Option<EventId>,
-        limit: usize,
-    ) -> Result<Chunk, HistoryError>;
+    async fn read_after(&self, after: Option<EventId>, limit: usize)
+    -> Result<Chunk, HistoryError>;
 
     /// The oldest retained id, if any.
     async fn oldest(&self) -> Result<Option<EventId>, HistoryError>;
@@ -171,7 +168,10 @@ mod tests {
         let c = h.read_after(Some(EventId(9)), 10).await.unwrap();
         assert_eq!(c.gap, Some(None));
         let evs = h.append((0..5).map(msg).collect()).await.unwrap();
-        assert_eq!(evs.iter().map(|e| e.id.0).collect::<Vec<_>>(), [10, 11, 12, 13, 14]);
+        assert_eq!(
+            evs.iter().map(|e| e.id.0).collect::<Vec<_>>(),
+            [10, 11, 12, 13, 14]
+        );
         // Retained: 12, 13, 14.
         assert_eq!(h.oldest().await.unwrap(), Some(EventId(12)));
         let c = h.read_after(Some(EventId(11)), 10).await.unwrap();
@@ -182,7 +182,10 @@ mod tests {
         assert_eq!((c.gap, ids(&c)), (None, vec![]));
         // 11 is just before the oldest: no gap. 10 is older: gap, replay from oldest.
         let c = h.read_after(Some(EventId(10)), 10).await.unwrap();
-        assert_eq!((c.gap, ids(&c)), (Some(Some(EventId(12))), vec![12, 13, 14]));
+        assert_eq!(
+            (c.gap, ids(&c)),
+            (Some(Some(EventId(12))), vec![12, 13, 14])
+        );
         // Never issued.
         let c = h.read_after(Some(EventId(15)), 10).await.unwrap();
         assert_eq!(c.gap, Some(Some(EventId(12))));

@@ -26,7 +26,10 @@ struct Node {
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.here.is_empty() && self.rest.is_empty() && self.literal.is_empty() && self.star.is_none()
+        self.here.is_empty()
+            && self.rest.is_empty()
+            && self.literal.is_empty()
+            && self.star.is_none()
     }
 }
 
@@ -149,7 +152,16 @@ mod tests {
         let selectors = [
             "chat", "chat/*", "chat/**", "chat/a", "*/a", "*", "**", "*/*/**", "chat/*/b", "x/y/z",
         ];
-        let topics = ["chat", "chat/a", "chat/a/b", "chat/b", "x/a", "x/y/z", "q", "chat/a/b/c"];
+        let topics = [
+            "chat",
+            "chat/a",
+            "chat/a/b",
+            "chat/b",
+            "x/a",
+            "x/y/z",
+            "q",
+            "chat/a/b/c",
+        ];
         let mut index = SelectorIndex::default();
         let subs: Vec<_> = (0..selectors.len()).map(sub).collect();
         for (s, sel) in subs.iter().zip(selectors) {

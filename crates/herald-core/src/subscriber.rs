@@ -43,7 +43,10 @@ struct Inbox {
 #[derive(Debug)]
 pub(crate) enum Signal {
     /// Events were moved into the caller's buffer (possibly with a heartbeat due as well).
-    Ready { heartbeat: bool, lagging: bool },
+    Ready {
+        heartbeat: bool,
+        lagging: bool,
+    },
     Ending(Ending),
 }
 
@@ -137,7 +140,11 @@ impl Subscriber {
         if heartbeat || lagging {
             return Poll::Ready(Signal::Ready { heartbeat, lagging });
         }
-        if !inbox.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if !inbox
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
             inbox.waker = Some(cx.waker().clone());
         }
         Poll::Pending

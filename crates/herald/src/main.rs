@@ -1,1 +1,107 @@
-fn main() {}
+//! The `herald` command: `serve` runs the hub; `pub` and `sub` are small clients of a running hub.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald::RawConfig;
+use herald::client::{PubArgs, SubArgs};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about = "A Server-Sent Events push hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub.
+    Serve(RawConfig),
+    /// Publish one message to a running hub.
+    Pub(PubArgs),
+    /// Subscribe to a running hub and print each event on one line: id, type, data.
+    Sub(SubArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(raw) => serve(raw).await,
+            Command::Pub(args) => herald::client::publish(args).await,
+            Command::Sub(args) => herald::client::subscribe(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(raw: RawConfig) -> anyhow::Result<()> {
+    if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!(limit, "open-file limit");
+    }
+    let config = raw.load().context("configuration")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("herald listening on http://{addr}");
+    tracing::info!(%addr, history = config.history, max_connections = config.max_connections, "herald started");
+    herald::run(listener, config, shutdown_signal()).await?;
+    tracing::info!("herald stopped");
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or Ctrl-C; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

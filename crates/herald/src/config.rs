@@ -1,0 +1,299 @@
+//! Configuration in two stages: `RawConfig` (flags, `HERALD_*` env vars, TOML file, all optional)
+//! then `Config`, validated and typed. A bad value or a named config file that cannot be read stops startup.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use herald_core::duration::parse_duration;
+use serde::Deserialize;
+
+/// Settings as given; each is a flag, an env var `HERALD_<NAME>` and a key of the TOML file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawConfig {
+    /// TOML file with any of these settings (flags and env vars win over it).
+    #[arg(long, env = "HERALD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "HERALD_LISTEN")]
+    pub listen: Option<String>,
+    /// Interval of the heartbeat comment on idle streams, e.g. 15s [default: 15s].
+    #[arg(long, env = "HERALD_HEARTBEAT")]
+    pub heartbeat: Option<String>,
+    /// Reconnect delay told to clients [default: 3s].
+    #[arg(long, env = "HERALD_RETRY")]
+    pub retry: Option<String>,
+    /// Events kept for replay [default: 10000].
+    #[arg(long, env = "HERALD_HISTORY")]
+    pub history: Option<usize>,
+    /// Most open streams [default: a little under the open-file limit].
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest publish body in bytes [default: 1048576].
+    #[arg(long, env = "HERALD_MAX_BODY")]
+    pub max_body: Option<usize>,
+    /// Origin allowed to call the hub from a browser (repeatable; `*` for any, without credentials).
+    #[arg(
+        long = "cors-origin",
+        env = "HERALD_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub cors_origin: Vec<String>,
+    /// How long shutdown waits for streams and requests to end [default: 10s].
+    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+    /// Most topic selectors per connection [default: 64].
+    #[arg(long, env = "HERALD_MAX_SELECTORS")]
+    pub max_selectors: Option<usize>,
+    /// Events queued per connection before it falls back to catching up from history [default: 1024].
+    #[arg(long, env = "HERALD_QUEUE")]
+    pub queue: Option<usize>,
+}
+
+/// Validated settings of a running hub.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub heartbeat: Duration,
+    pub retry: Duration,
+    pub history: usize,
+    pub max_connections: usize,
+    pub max_body: usize,
+    pub cors_origins: Vec<HeaderValue>,
+    pub shutdown_timeout: Duration,
+    pub max_selectors: usize,
+    pub queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        message: message.into(),
+    }
+}
+
+impl RawConfig {
+    /// Reads the TOML file at `path`.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Fills what `self` leaves unset from `fallback`.
+    pub fn or(self, fallback: RawConfig) -> RawConfig {
+        RawConfig {
+            config: self.config.or(fallback.config),
+            listen: self.listen.or(fallback.listen),
+            heartbeat: self.heartbeat.or(fallback.heartbeat),
+            retry: self.retry.or(fallback.retry),
+            history: self.history.or(fallback.history),
+            max_connections: self.max_connections.or(fallback.max_connections),
+            max_body: self.max_body.or(fallback.max_body),
+            cors_origin: if self.cors_origin.is_empty() {
+                fallback.cors_origin
+            } else {
+                self.cors_origin
+            },
+            shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
+            max_selectors: self.max_selectors.or(fallback.max_selectors),
+            queue: self.queue.or(fallback.queue),
+        }
+    }
+
+    /// Merges the config file (if named) under these settings and validates the result.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let raw = match &self.config {
+            Some(path) => {
+                let file = RawConfig::from_file(path)?;
+                self.or(file)
+            }
+            None => self,
+        };
+        raw.validate()
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let duration = |name: &'static str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(&s).map_err(|e| invalid(name, e.to_string())),
+        };
+        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("'{listen}' is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let heartbeat = duration("heartbeat", self.heartbeat, Duration::from_secs(15))?;
+        if heartbeat < Duration::from_millis(10) {
+            return Err(invalid("heartbeat", "must be at least 10ms"));
+        }
+        let retry = duration("retry", self.retry, Duration::from_secs(3))?;
+        if retry.as_millis() > u128::from(u32::MAX) {
+            return Err(invalid("retry", "is too long"));
+        }
+        let shutdown_timeout = duration(
+            "shutdown-timeout",
+            self.shutdown_timeout,
+            Duration::from_secs(10),
+        )?;
+        let max_connections = match self.max_connections {
+            Some(0) => return Err(invalid("max-connections", "must be at least 1")),
+            Some(n) => n,
+            None => default_max_connections(),
+        };
+        let max_body = self.max_body.unwrap_or(1 << 20);
+        if max_body == 0 {
+            return Err(invalid("max-body", "must be at least 1"));
+        }
+        let max_selectors = self.max_selectors.unwrap_or(64);
+        if max_selectors == 0 {
+            return Err(invalid("max-selectors", "must be at least 1"));
+        }
+        let queue = self.queue.unwrap_or(1024);
+        if queue == 0 {
+            return Err(invalid("queue", "must be at least 1"));
+        }
+        let cors_origins = self
+            .cors_origin
+            .iter()
+            .map(|o| {
+                let valid = o == "*"
+                    || ((o.starts_with("http://") || o.starts_with("https://"))
+                        && !o.trim_end_matches('/').ends_with(':'));
+                if !valid {
+                    return Err(invalid(
+                        "cors-origin",
+                        format!("'{o}' is not an origin like https://app.example.com or *"),
+                    ));
+                }
+                HeaderValue::from_str(o.trim_end_matches('/')).map_err(|_| {
+                    invalid("cors-origin", format!("'{o}' is not a valid header value"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            listen,
+            heartbeat,
+            retry,
+            history: self.history.unwrap_or(10_000),
+            max_connections,
+            max_body,
+            cors_origins,
+            shutdown_timeout,
+            max_selectors,
+            queue,
+        })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        RawConfig::default()
+            .validate()
+            .expect("the defaults are valid")
+    }
+}
+
+/// A little under the process's open-file limit, leaving room for listeners, logs and stores.
+fn default_max_connections() -> usize {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    soft.saturating_sub((soft / 20).max(32)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.heartbeat, Duration::from_secs(15));
+        assert_eq!(c.retry, Duration::from_secs(3));
+        assert_eq!(c.history, 10_000);
+        assert_eq!(c.max_body, 1 << 20);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert!(c.max_connections >= 1);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let flags = RawConfig {
+            heartbeat: Some("2s".into()),
+            ..RawConfig::default()
+        };
+        let file: RawConfig = toml::from_str(
+            "heartbeat = \"9s\"\nhistory = 5\ncors-origin = [\"https://a.example\"]",
+        )
+        .unwrap();
+        let c = flags.or(file).validate().unwrap();
+        assert_eq!(c.heartbeat, Duration::from_secs(2));
+        assert_eq!(c.history, 5);
+        assert_eq!(
+            c.cors_origins,
+            vec![HeaderValue::from_static("https://a.example")]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let bad = |raw: RawConfig, name: &str| {
+            let err = raw.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{err} should name {name}");
+        };
+        bad(
+            RawConfig {
+                heartbeat: Some("15".into()),
+                ..Default::default()
+            },
+            "heartbeat",
+        );
+        bad(
+            RawConfig {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+            "listen",
+        );
+        bad(
+            RawConfig {
+                cors_origin: vec!["example.com".into()],
+                ..Default::default()
+            },
+            "cors-origin",
+        );
+        bad(
+            RawConfig {
+                max_connections: Some(0),
+                ..Default::default()
+            },
+            "max-connections",
+        );
+        assert!(toml::from_str::<RawConfig>("hearbeat = \"1s\"").is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! Presence and control: who is online, closing a user's streams, stats and health.
+
+use axum::Json;
+use axum::extract::{Path, State, rejection::PathRejection};
+use axum::http::Uri;
+use herald_core::UserId;
+use herald_core::duration::parse_duration;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, form_pairs};
+
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+
+pub(crate) fn user_from_path(
+    path: Result<Path<String>, PathRejection>,
+) -> Result<UserId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
+    UserId::new(&raw).map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))
+}
+
+pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+    let mut limit = PAGE_DEFAULT;
+    let mut after = None;
+    for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
+        match key.as_str() {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("'limit' must be a number from 1 to {PAGE_MAX}"),
+                        )
+                    })?;
+            }
+            "after" => {
+                after = Some(UserId::new(&value).map_err(|e| {
+                    ApiError::bad_request("invalid_user", format!("'after': user id {e}"))
+                })?)
+            }
+            _ => {}
+        }
+    }
+    let count = app.hub.stats().users;
+    let page: Vec<Value> = app
+        .hub
+        .users(after.as_ref(), limit)
+        .into_iter()
+        .map(|(id, connections)| json!({ "id": id.as_str(), "connections": connections }))
+        .collect();
+    Ok(Json(json!({ "count": count, "users": page })))
+}
+
+pub(crate) async fn user(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let user = user_from_path(path)?;
+    let connections = app.hub.connections_of(&user);
+    Ok(Json(json!({
+        "id": user.as_str(),
+        "online": connections > 0,
+        "connections": connections,
+    })))
+}
+
+/// `DELETE /users/{id}/connections?block=DUR&reason=TEXT`
+pub(crate) async fn close(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let user = user_from_path(path)?;
+    let mut block = None;
+    let mut reason = "closed".to_string();
+    for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
+        match key.as_str() {
+            "block" => {
+                block =
+                    Some(parse_duration(&value).map_err(|e| {
+                        ApiError::bad_request("invalid_block", format!("'block': {e}"))
+                    })?)
+            }
+            "reason" => {
+                if value.is_empty() || value.len() > 256 {
+                    return Err(ApiError::bad_request(
+                        "invalid_reason",
+                        "'reason' must be 1 to 256 bytes",
+                    ));
+                }
+                reason = value;
+            }
+            _ => {}
+        }
+    }
+    let closed = app.hub.close_user(&user, &reason, block);
+    Ok(Json(json!({ "closed": closed })))
+}
+
+pub(crate) async fn stats(State(app): State<AppState>) -> Json<Value> {
+    let s = app.hub.stats();
+    Json(json!({
+        "connections": s.connections,
+        "users": s.users,
+        "topics": s.topics,
+        "published": s.published,
+        "delivered": s.delivered,
+        "replayed": s.replayed,
+        "gaps": s.gaps,
+        "lagging": s.lagging,
+        "uptime_s": s.uptime.as_secs(),
+    }))
+}
+
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}

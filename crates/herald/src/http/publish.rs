@@ -1,0 +1,434 @@
+//! `POST /publish`, `/users/{id}/messages` and `/broadcast`: JSON or form bodies, validated whole
+//! before anything is published, so a rejected request publishes nothing.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State, rejection::PathRejection};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::{EventType, Message, PublishError, Targets, Topic, UserId};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{ApiError, AppState, form_pairs};
+
+/// Which targets a route takes from the body.
+#[derive(Debug, Clone)]
+enum Route {
+    /// `/publish`: targets come from the body.
+    Publish,
+    /// `/users/{id}/messages`: the target is the user in the path.
+    User(UserId),
+    /// `/broadcast`: everyone.
+    Broadcast,
+}
+
+#[derive(Debug, Serialize)]
+struct Answer {
+    id: String,
+    delivered: usize,
+}
+
+pub(crate) async fn publish(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    handle(app, Route::Publish, headers, body).await
+}
+
+pub(crate) async fn broadcast(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    handle(app, Route::Broadcast, headers, body).await
+}
+
+pub(crate) async fn to_user(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let user = super::presence::user_from_path(path)?;
+    handle(app, Route::User(user), headers, body).await
+}
+
+enum Format {
+    Json,
+    Form,
+}
+
+fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let unsupported = || {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json or application/x-www-form-urlencoded",
+        )
+    };
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unsupported)?;
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(Format::Json),
+        e if e.starts_with("application/") && e.ends_with("+json") => Ok(Format::Json),
+        "application/x-www-form-urlencoded" => Ok(Format::Form),
+        _ => Err(unsupported()),
+    }
+}
+
+async fn handle(
+    app: AppState,
+    route: Route,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let format = format_of(&headers)?;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {} bytes", app.max_body),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, app.max_body)
+        .await
+        .map_err(|_| too_large())?;
+    let (messages, batch) = match format {
+        Format::Json => parse_json(&bytes, &route)?,
+        Format::Form => (vec![parse_form(&bytes, &route)?], false),
+    };
+    let published = app.hub.publish_batch(messages).await.map_err(|e| match e {
+        PublishError::NoTarget { index } => {
+            ApiError::bad_request("no_target", "give topic, topics, users or broadcast")
+                .at_index(index)
+        }
+        PublishError::EmptyBatch => ApiError::bad_request("empty_batch", "the batch is empty"),
+        PublishError::Store(e) => ApiError::unavailable("store_unavailable", &e),
+    })?;
+    let answers: Vec<Answer> = published
+        .into_iter()
+        .map(|p| Answer {
+            id: p.id.to_string(),
+            delivered: p.delivered,
+        })
+        .collect();
+    Ok(if batch {
+        Json(answers).into_response()
+    } else {
+        Json(answers.into_iter().next()).into_response()
+    })
+}
+
+fn parse_json(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
+    match value {
+        Value::Object(obj) => Ok((vec![message_from_json(&obj, route)?], false)),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::bad_request("empty_batch", "the batch is empty"))
+        }
+        Value::Array(items) => {
+            let messages = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Object(obj) => message_from_json(obj, route).map_err(|e| e.at_index(i)),
+                    _ => Err(ApiError::bad_request(
+                        "invalid_json",
+                        format!("batch element {i} is not a JSON object"),
+                    )
+                    .at_index(i)),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((messages, true))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object or an array of objects",
+        )),
+    }
+}
+
+fn field_error(field: &str, problem: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_field", format!("'{field}' {problem}"))
+}
+
+fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
+    Topic::new(s)
+        .map_err(|e| ApiError::bad_request("invalid_topic", format!("'{field}': topic '{s}' {e}")))
+}
+
+fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
+    UserId::new(s)
+        .map_err(|e| ApiError::bad_request("invalid_user", format!("'{field}': user id {e}")))
+}
+
+fn event_type(s: &str) -> Result<EventType, ApiError> {
+    EventType::new(s).map_err(|e| ApiError::bad_request("invalid_event", format!("'event' {e}")))
+}
+
+fn retry(s: &str) -> Result<u32, ApiError> {
+    s.parse::<u32>()
+        .map_err(|_| field_error("retry", "must be a whole number of milliseconds"))
+}
+
+fn strings<'a>(field: &str, v: &'a Value) -> Result<Vec<&'a str>, ApiError> {
+    match v {
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .ok_or_else(|| field_error(field, "must hold strings"))
+            })
+            .collect(),
+        _ => Err(field_error(
+            field,
+            "must be a string or an array of strings",
+        )),
+    }
+}
+
+/// Builds a message from a JSON object; every field is checked, unknown fields are refused.
+fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message, ApiError> {
+    let mut targets = Targets::default();
+    let mut data = None;
+    let mut event = None;
+    let mut retry_ms = None;
+    let targets_allowed = matches!(route, Route::Publish);
+    if obj.contains_key("topic") && obj.contains_key("topics") {
+        return Err(ApiError::bad_request(
+            "conflicting_fields",
+            "give 'topic' or 'topics', not both",
+        ));
+    }
+    if obj.contains_key("user") && obj.contains_key("users") {
+        return Err(ApiError::bad_request(
+            "conflicting_fields",
+            "give 'user' or 'users', not both",
+        ));
+    }
+    for (key, value) in obj {
+        match key.as_str() {
+            "topic" | "topics" | "user" | "users" | "broadcast" if !targets_allowed => {
+                return Err(field_error(
+                    key,
+                    "is not taken here: this route sets the target",
+                ));
+            }
+            "topic" => match value {
+                Value::String(s) => targets.topics.push(topic(key, s)?),
+                _ => return Err(field_error(key, "must be a string")),
+            },
+            "topics" => match value {
+                Value::Array(_) => {
+                    for s in strings(key, value)? {
+                        targets.topics.push(topic(key, s)?);
+                    }
+                }
+                _ => return Err(field_error(key, "must be an array of strings")),
+            },
+            "user" | "users" => {
+                for s in strings(key, value)? {
+                    targets.users.push(user(key, s)?);
+                }
+            }
+            "broadcast" => match value {
+                Value::Bool(b) => targets.broadcast = *b,
+                _ => return Err(field_error(key, "must be true or false")),
+            },
+            "data" => {
+                data = Some(match value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            }
+            "event" => match value {
+                Value::String(s) => event = Some(event_type(s)?),
+                Value::Null => {}
+                _ => return Err(field_error(key, "must be a string")),
+            },
+            "retry" => match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(ms) => retry_ms = Some(ms),
+                None => return Err(field_error(key, "must be a whole number of milliseconds")),
+            },
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_field",
+                    format!("unknown field '{other}'"),
+                ));
+            }
+        }
+    }
+    finish(route, targets, data, event, retry_ms)
+}
+
+/// Builds a message from form fields: topic and user repeat; data, event, retry at most once.
+fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
+    let mut targets = Targets::default();
+    let mut data = None;
+    let mut event = None;
+    let mut retry_ms = None;
+    let targets_allowed = matches!(route, Route::Publish);
+    for (key, value) in form_pairs(bytes)? {
+        let once = |seen: bool| {
+            if seen {
+                Err(field_error(&key, "is given more than once"))
+            } else {
+                Ok(())
+            }
+        };
+        match key.as_str() {
+            "topic" | "user" | "broadcast" if !targets_allowed => {
+                return Err(field_error(
+                    &key,
+                    "is not taken here: this route sets the target",
+                ));
+            }
+            "topic" => targets.topics.push(topic(&key, &value)?),
+            "user" => targets.users.push(user(&key, &value)?),
+            "broadcast" => {
+                targets.broadcast = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(field_error(&key, "must be true, 1, false or 0")),
+                }
+            }
+            "data" => {
+                once(data.is_some())?;
+                data = Some(value);
+            }
+            "event" => {
+                once(event.is_some())?;
+                event = Some(event_type(&value)?);
+            }
+            "retry" => {
+                once(retry_ms.is_some())?;
+                retry_ms = Some(retry(&value)?);
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_field",
+                    format!("unknown field '{other}'"),
+                ));
+            }
+        }
+    }
+    finish(route, targets, data, event, retry_ms)
+}
+
+fn finish(
+    route: &Route,
+    mut targets: Targets,
+    data: Option<String>,
+    event: Option<EventType>,
+    retry_ms: Option<u32>,
+) -> Result<Message, ApiError> {
+    match route {
+        Route::Publish => {}
+        Route::User(u) => targets.users.push(u.clone()),
+        Route::Broadcast => targets.broadcast = true,
+    }
+    let data = data.ok_or_else(|| ApiError::bad_request("missing_data", "'data' is required"))?;
+    if targets.is_empty() {
+        return Err(ApiError::bad_request(
+            "no_target",
+            "give topic, topics, users or broadcast",
+        ));
+    }
+    let mut message = Message::to_targets(targets).data(data);
+    message.event_type = event;
+    message.retry_ms = retry_ms;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(body: &str) -> Result<(Vec<Message>, bool), ApiError> {
+        parse_json(body.as_bytes(), &Route::Publish)
+    }
+
+    #[test]
+    fn json_messages() {
+        let (m, batch) = json(r#"{"topic":"a/b","data":{"x":1},"event":"e","retry":5}"#).unwrap();
+        assert!(!batch);
+        assert_eq!(m[0].data, r#"{"x":1}"#);
+        assert_eq!(m[0].targets.topics[0].as_str(), "a/b");
+        assert_eq!(m[0].retry_ms, Some(5));
+        let (m, batch) =
+            json(r#"[{"users":["u1"],"data":""},{"broadcast":true,"data":"x"}]"#).unwrap();
+        assert!(batch);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].data, "");
+    }
+
+    #[test]
+    fn json_errors_name_the_problem() {
+        let code = |body: &str| json(body).unwrap_err().error;
+        assert_eq!(
+            code(r#"{"topic":"a","topics":["b"],"data":""}"#),
+            "conflicting_fields"
+        );
+        assert_eq!(code(r#"{"topic":"a"}"#), "missing_data");
+        assert_eq!(code(r#"{"data":"x"}"#), "no_target");
+        assert_eq!(code(r#"{"broadcast":false,"data":"x"}"#), "no_target");
+        assert_eq!(code(r#"{"topic":"a/*","data":"x"}"#), "invalid_topic");
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","event":"herald.x"}"#),
+            "invalid_event"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","retry":-1}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","colour":1}"#),
+            "unknown_field"
+        );
+        assert_eq!(code(r#"[]"#), "empty_batch");
+        assert_eq!(code(r#"42"#), "invalid_json");
+        assert_eq!(code(r#"{"#), "invalid_json");
+        let e = json(r#"[{"topic":"a","data":"x"},{"topic":"","data":"x"}]"#).unwrap_err();
+        assert_eq!(e.index, Some(1));
+    }
+
+    #[test]
+    fn form_messages() {
+        let m = parse_form(
+            b"topic=a&topic=b&user=u&data=hi&broadcast=1",
+            &Route::Publish,
+        )
+        .unwrap();
+        assert_eq!(m.targets.topics.len(), 2);
+        assert!(m.targets.broadcast);
+        assert_eq!(m.data, "hi");
+        let e = parse_form(b"topic=a&data=1&data=2", &Route::Publish).unwrap_err();
+        assert_eq!(e.error, "invalid_field");
+        let route = Route::User(UserId::new("u").unwrap());
+        let m = parse_form(b"data=x&event=e", &route).unwrap();
+        assert_eq!(m.targets.users[0].as_str(), "u");
+        assert_eq!(
+            parse_form(b"data=x&topic=a", &route).unwrap_err().error,
+            "invalid_field"
+        );
+    }
+}
