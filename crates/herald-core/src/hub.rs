@@ -191,7 +191,7 @@ pub struct Stats {
     pub delivered: u64,
     pub replayed: u64,
     pub gaps: u64,
-    /// Connections currently catching up from history after their queue overflowed.
+    /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
     pub uptime: Duration,
 }
@@ -316,8 +316,11 @@ impl Hub {
         for event in &events {
             inner.last_fanned_out.store(event.id.0, Ordering::Release);
             let mut delivered = 0;
-            let mut offer = |sub: &Arc<Subscriber>| {
-                if sub.offer(event, inner.queue_capacity) != Offer::Skipped {
+            let mut offer = |sub: &Arc<Subscriber>| match sub.offer(event, inner.queue_capacity) {
+                Offer::Skipped => {}
+                Offer::Queued | Offer::Lagging => delivered += 1,
+                Offer::Overflowed => {
+                    inner.counters.lagging.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
             };

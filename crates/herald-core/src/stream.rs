@@ -51,7 +51,7 @@ struct Replay {
     /// On the first read, the id to report in `herald.gap` when history cannot continue from it.
     /// `Some` with `after == None` means the client's id was not one this hub writes: always a gap.
     reported: Option<String>,
-    /// Catching up after a queue overflow (counts in the `lagging` gauge until done).
+    /// Catching up after a queue overflow (the connection counts in the `lagging` gauge until done).
     lagging: bool,
     read: Option<ReadFuture>,
 }
@@ -215,7 +215,6 @@ impl Stream for EventStream {
                         this.out.push_back(Bytes::from_static(HEARTBEAT));
                     }
                     if lagging {
-                        this.hub.counters.lagging.fetch_add(1, Ordering::Relaxed);
                         this.replay = Some(Replay {
                             after: this.cursor,
                             reported: None,
@@ -238,9 +237,14 @@ impl Stream for EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
-        if let Some(replay) = &self.replay {
-            self.finish_replay(replay);
-        }
+        // Unregister first: no new overflow can be counted after this.
         self.hub.unregister(&self.sub);
+        // An unfinished catch-up and an overflow not yet taken each counted once.
+        let catching_up = self.replay.as_ref().is_some_and(|r| r.lagging);
+        let counted = usize::from(catching_up) + usize::from(self.sub.is_lagging());
+        self.hub
+            .counters
+            .lagging
+            .fetch_sub(counted, Ordering::Relaxed);
     }
 }

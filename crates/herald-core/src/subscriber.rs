@@ -56,7 +56,9 @@ pub(crate) enum Offer {
     Queued,
     /// Already offered (another target matched), or the subscriber is ending.
     Skipped,
-    /// The queue was full: it is lagging and will catch up from history.
+    /// The queue just overflowed: the subscriber starts lagging and will catch up from history.
+    Overflowed,
+    /// Still lagging from an earlier overflow.
     Lagging,
 }
 
@@ -81,7 +83,7 @@ impl Subscriber {
         } else if inbox.events.len() >= capacity {
             inbox.lagging = true;
             inbox.events.clear();
-            Offer::Lagging
+            Offer::Overflowed
         } else {
             inbox.events.push_back(event.clone());
             Offer::Queued
@@ -114,6 +116,11 @@ impl Subscriber {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// Whether an overflow is still waiting for the writer to take it.
+    pub(crate) fn is_lagging(&self) -> bool {
+        self.inbox.lock().lagging
     }
 
     /// Moves queued events into `into` (swapping buffers, no copy). When nothing is queued, reports

@@ -6,6 +6,7 @@ mod events;
 mod metrics;
 mod presence;
 mod publish;
+mod web;
 
 use std::sync::Arc;
 
@@ -66,6 +67,7 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
         .route("/stats", get(presence::stats))
         .route("/healthz", get(presence::healthz))
         .route("/metrics", get(metrics::render))
+        .merge(web::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

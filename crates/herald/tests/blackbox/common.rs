@@ -1,0 +1,286 @@
+//! Shared helpers for black-box tests: start the real `herald` binary on port 0, publish over HTTP,
+//! and read streams with the WHATWG SSE parser. Nothing here reaches into the server's insides.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use herald_core::sse::{Parser, SseEvent};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a test waits for something that should happen promptly before failing.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    pub url: String,
+    pub port: u16,
+    child: Child,
+    http: reqwest::Client,
+}
+
+impl Server {
+    /// Starts `herald serve --listen 127.0.0.1:0` with `args` and waits until it listens.
+    pub async fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[]).await
+    }
+
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start herald");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("herald did not start in time")
+            .expect("read stdout")
+            .expect("herald exited before listening");
+        let url = line
+            .strip_prefix("herald listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_string();
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server {
+            url,
+            port,
+            child,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("herald did not exit in time")
+            .expect("wait")
+    }
+
+    /// POSTs a JSON body to `path`; returns status and JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .expect("post");
+        json_of(r).await
+    }
+
+    /// POSTs a form body to `path`.
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .form(form)
+            .send()
+            .await
+            .expect("post");
+        json_of(r).await
+    }
+
+    /// Publishes and expects 200; returns the event id.
+    pub async fn publish(&self, body: Value) -> String {
+        let (status, answer) = self.post_json("/publish", &body).await;
+        assert_eq!(status, StatusCode::OK, "publish {body} answered {answer}");
+        answer["id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("get");
+        json_of(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("delete");
+        json_of(r).await
+    }
+
+    /// Opens `GET /events?{query}` and expects a 200 stream.
+    pub async fn subscribe(&self, query: &str) -> Sse {
+        self.subscribe_with(query, &[]).await
+    }
+
+    pub async fn subscribe_with(&self, query: &str, headers: &[(&str, &str)]) -> Sse {
+        let r = self.open_events(query, headers).await;
+        assert_eq!(r.status(), StatusCode::OK, "subscribe {query}");
+        Sse::new(r)
+    }
+
+    /// Sends `GET /events?{query}` and returns the raw response, whatever its status.
+    pub async fn open_events(&self, query: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self
+            .http
+            .get(format!("{}/events?{query}", self.url))
+            .header("accept", "text/event-stream");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("subscribe")
+    }
+
+    /// Polls `check` on `GET path` until it holds or PATIENCE runs out.
+    pub async fn eventually(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (_, v) = self.get(path).await;
+            if check(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never satisfied the check; last answer {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"))
+    };
+    (status, value)
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// An open event stream read with the WHATWG parser.
+pub struct Sse {
+    pub headers: reqwest::header::HeaderMap,
+    body: ByteStream,
+    pub parser: Parser,
+    ready: VecDeque<SseEvent>,
+    /// Raw bytes received so far (for checks on the wire format).
+    pub raw: Vec<u8>,
+}
+
+impl Sse {
+    pub fn new(r: reqwest::Response) -> Sse {
+        Sse {
+            headers: r.headers().clone(),
+            body: Box::pin(r.bytes_stream()),
+            parser: Parser::default(),
+            ready: VecDeque::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// Reads more of the stream; false at its end.
+    async fn fill(&mut self) -> bool {
+        match self.body.next().await {
+            Some(Ok(chunk)) => {
+                self.raw.extend_from_slice(&chunk);
+                let events = self.parser.feed(&chunk);
+                self.ready.extend(events);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next event, or `None` if the stream ends or nothing comes within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
+            }
+            match tokio::time::timeout_at(deadline, self.fill()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next event; fails the test if none comes promptly.
+    pub async fn next(&mut self) -> SseEvent {
+        self.next_within(PATIENCE)
+            .await
+            .expect("expected an event, the stream ended or stayed silent")
+    }
+
+    /// The data of the next `n` events.
+    pub async fn next_data(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await.data);
+        }
+        out
+    }
+
+    /// Waits until the stream has delivered its preamble (retry and first comment).
+    pub async fn opened(&mut self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.parser.comments == 0 {
+            assert!(
+                tokio::time::timeout_at(deadline, self.fill())
+                    .await
+                    .unwrap_or(false),
+                "the stream did not open"
+            );
+        }
+    }
+
+    /// True if the stream ends (EOF) within `within` without further events; events before the
+    /// end are returned for inspection.
+    pub async fn ends_within(&mut self, within: Duration) -> (bool, Vec<SseEvent>) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.fill()).await {
+                Ok(true) => {}
+                Ok(false) => return (true, self.ready.drain(..).collect()),
+                Err(_) => return (false, self.ready.drain(..).collect()),
+            }
+        }
+    }
+}

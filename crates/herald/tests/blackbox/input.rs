@@ -1,0 +1,194 @@
+//! Bad input: every rejection answers the right status with a JSON body naming the problem, and a
+//! rejected request publishes nothing.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::Server;
+
+async fn raw_post(
+    s: &Server,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut req = s.http().post(format!("{}{path}", s.url)).body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    crate::common::json_of(req.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn bad_publish_bodies_are_refused_and_publish_nothing() {
+    let s = Server::start(&["--max-body", "1000"]).await;
+    let json_cases: Vec<(Value, &str)> = vec![
+        (json!({"topic": "a"}), "missing_data"),
+        (json!({"data": "x"}), "no_target"),
+        (
+            json!({"topic": "a", "topics": ["b"], "data": "x"}),
+            "conflicting_fields",
+        ),
+        (json!({"topic": "", "data": "x"}), "invalid_topic"),
+        (json!({"topic": "a//b", "data": "x"}), "invalid_topic"),
+        (json!({"topic": "a/*", "data": "x"}), "invalid_topic"),
+        (json!({"topic": "a/**", "data": "x"}), "invalid_topic"),
+        (json!({"topic": "a\nb", "data": "x"}), "invalid_topic"),
+        (
+            json!({"topic": "x".repeat(256), "data": "x"}),
+            "invalid_topic",
+        ),
+        (json!({"topics": "a", "data": "x"}), "invalid_field"),
+        (json!({"users": ["a/b"], "data": "x"}), "invalid_user"),
+        (json!({"users": [""], "data": "x"}), "invalid_user"),
+        (json!({"users": [7], "data": "x"}), "invalid_field"),
+        (json!({"broadcast": "yes", "data": "x"}), "invalid_field"),
+        (
+            json!({"topic": "a", "data": "x", "event": "herald.close"}),
+            "invalid_event",
+        ),
+        (
+            json!({"topic": "a", "data": "x", "event": "a\nb"}),
+            "invalid_event",
+        ),
+        (
+            json!({"topic": "a", "data": "x", "event": ""}),
+            "invalid_event",
+        ),
+        (
+            json!({"topic": "a", "data": "x", "retry": "soon"}),
+            "invalid_field",
+        ),
+        (
+            json!({"topic": "a", "data": "x", "retry": 1.5}),
+            "invalid_field",
+        ),
+        (
+            json!({"topic": "a", "data": "x", "tpoic": "b"}),
+            "unknown_field",
+        ),
+        (json!([]), "empty_batch"),
+        (json!("just a string"), "invalid_json"),
+    ];
+    for (body, code) in json_cases {
+        let (status, v) = s.post_json("/publish", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(v["error"], code, "{body} -> {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, v) = raw_post(
+        &s,
+        "/publish",
+        Some("application/json"),
+        b"{\"topic\":".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+    let (status, v) = raw_post(&s, "/publish", Some("text/plain"), b"hello".to_vec()).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Some("unsupported_media_type")
+        )
+    );
+    let (status, _) = raw_post(&s, "/publish", None, b"{}".to_vec()).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = json!({"topic": "a", "data": "x".repeat(2000)});
+    let (status, v) = s.post_json("/publish", &big).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+    let form_cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"topic=a".to_vec(), "missing_data"),
+        (b"data=x".to_vec(), "no_target"),
+        (b"topic=a&data=x&broadcast=maybe".to_vec(), "invalid_field"),
+        (b"topic=a&data=1&data=2".to_vec(), "invalid_field"),
+        (b"topic=a&data=%FF%FE".to_vec(), "invalid_encoding"),
+        (b"topic=a&data=x&retry=-5".to_vec(), "invalid_field"),
+        (b"topic=a&data=x&nope=1".to_vec(), "unknown_field"),
+    ];
+    for (body, code) in form_cases {
+        let shown = String::from_utf8_lossy(&body).to_string();
+        let (status, v) = raw_post(
+            &s,
+            "/publish",
+            Some("application/x-www-form-urlencoded"),
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{shown}");
+        assert_eq!(v["error"], code, "{shown} -> {v}");
+    }
+    let (status, v) = s
+        .post_json("/users/u/messages", &json!({"topic": "t", "data": "x"}))
+        .await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_field"))
+    );
+    let (status, v) = s
+        .post_json("/broadcast", &json!({"users": ["u"], "data": "x"}))
+        .await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_field"))
+    );
+    let (_, stats) = s.get("/stats").await;
+    assert_eq!(
+        stats["published"], 0,
+        "nothing was published by rejected requests"
+    );
+}
+
+#[tokio::test]
+async fn bad_subscriptions_are_refused() {
+    let s = Server::start(&["--max-selectors", "3"]).await;
+    let cases = [
+        ("topic=a//b", "invalid_selector"),
+        ("topic=a/**/b", "invalid_selector"),
+        ("topic=", "invalid_selector"),
+        ("topic=a%0Ab", "invalid_selector"),
+        ("user=a/b", "invalid_user"),
+        ("user=", "invalid_user"),
+        ("user=a&user=b", "invalid_user"),
+        ("topic=a&topic=b&topic=c&topic=d", "too_many_selectors"),
+        ("topic=%FF", "invalid_encoding"),
+    ];
+    for (query, code) in cases {
+        let r = s.open_events(query, &[]).await;
+        let (status, v) = crate::common::json_of(r).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(v["error"], code, "{query} -> {v}");
+    }
+    assert_eq!(s.get("/stats").await.1["connections"], 0);
+}
+
+#[tokio::test]
+async fn bad_paths_and_methods_answer_json() {
+    let s = Server::start(&[]).await;
+    let (status, v) = s.get("/nope").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, v) = s.delete("/publish").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+    let (status, v) = s.get(&format!("/users/{}", "u".repeat(129))).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_user"))
+    );
+    let (status, v) = s.get("/users/a%0Ab").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_user"))
+    );
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: each starts the real `herald` binary on port 0 and talks to it over TCP, reading
+//! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
+
+mod cli;
+mod common;
+mod control;
+mod input;
+mod resume;
+mod streams;
