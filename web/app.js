@@ -1,0 +1,437 @@
+// app.js: the dashboard's behaviour — subscribe through herald.js, publish, show the live events,
+// and poll /stats and /users every second for the numbers, the online users and the chart.
+// Every URL is relative to this file, so the dashboard also works when herald is nested (/push/).
+import { connect } from './herald.js';
+
+const base = new URL('.', import.meta.url);
+const api = (path) => new URL(path, base).href;
+const $ = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
+
+const MAX_ROWS = 500;
+const CHART_SECONDS = 60;
+
+/** @type {import('./herald.js').Connection | null} */
+let connection = null;
+let eventCount = 0;
+const watched = new Set();
+
+// ---- connection state, always visible in the top bar ------------------------------------------
+
+function showState(state, text) {
+  $('state').dataset.state = state;
+  $('state-text').textContent = text;
+}
+
+function describe(state, detail, user) {
+  const who = user ? ` as ${user}` : '';
+  switch (state) {
+    case 'connecting':
+      return `connecting${who}…`;
+    case 'open':
+      return `open${who}`;
+    case 'reconnecting':
+      if (detail.delayMs !== undefined) {
+        const status = detail.status ? `hub answered ${detail.status}` : 'hub unreachable';
+        return `reconnecting in ${(detail.delayMs / 1000).toFixed(1)} s · ${status}`;
+      }
+      return 'reconnecting…';
+    case 'closed':
+      return `closed · ${detail.reason || 'closed'}`;
+    default:
+      return state;
+  }
+}
+
+// ---- the live event list ----------------------------------------------------------------------
+
+function time() {
+  const d = new Date();
+  const pad = (n, w = 2) => String(n).padStart(w, '0');
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function addRow({ id = '', type, data, kind = 'event' }) {
+  const tbody = /** @type {HTMLTableElement} */ ($('events')).tBodies[0];
+  const tr = document.createElement('tr');
+  tr.className = `${kind} fresh`;
+  if (kind === 'event') tr.dataset.id = id;
+  tr.dataset.type = type;
+  const cell = (cls, text) => {
+    const td = document.createElement('td');
+    td.className = cls;
+    td.textContent = text;
+    tr.append(td);
+    return td;
+  };
+  cell('time', time());
+  cell('id', id);
+  const typeCell = cell('type-cell', '');
+  const badge = document.createElement('span');
+  badge.className = 'type';
+  badge.textContent = type;
+  typeCell.append(badge);
+  cell('data', data);
+  tbody.prepend(tr);
+  while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(-1);
+  if (kind === 'event') {
+    eventCount += 1;
+    $('event-count').textContent = String(eventCount);
+  }
+  $('events-empty').hidden = true;
+}
+
+function showLastId() {
+  const id = connection && connection.lastEventId;
+  $('last-id').textContent = id ? `last id ${id}` : '';
+}
+
+// ---- subscribe --------------------------------------------------------------------------------
+
+const words = (s) => s.split(/[\s,]+/).filter(Boolean);
+
+function watch(type) {
+  if (!type || watched.has(type) || !connection) return;
+  watched.add(type);
+  connection.on(type, (ev) => {
+    addRow({ id: ev.id, type: ev.type, data: ev.data });
+    showLastId();
+  });
+}
+
+function startConnection() {
+  const form = /** @type {HTMLFormElement} */ ($('connect-form'));
+  const user = form.user.value.trim();
+  const topics = words(form.topics.value);
+  const lastEventId = form.lastEventId.value.trim();
+  const types = words(form.types.value);
+  stopConnection();
+  $('connect-error').hidden = true;
+  let h;
+  try {
+    h = connect(base.href, { topics, user: user || undefined, lastEventId: lastEventId || undefined });
+  } catch (err) {
+    showError($('connect-error'), String(err));
+    return;
+  }
+  connection = h;
+  watched.clear();
+  h.on('state', (state, detail) => {
+    if (connection !== h) return;
+    showState(state, describe(state, detail, user));
+    if (state === 'closed' || (state === 'reconnecting' && detail.delayMs !== undefined)) {
+      addRow({ type: state, data: describe(state, detail, user), kind: 'system' });
+    }
+    if (state === 'closed') setConnected(false);
+    if (state === 'reconnecting' && detail.status && detail.status !== 204) probeReason(h.url);
+  });
+  h.on('gap', (gap) => {
+    const oldest = gap.oldest ? `the oldest kept is ${gap.oldest}` : 'the hub keeps none';
+    addRow({
+      type: 'herald.gap',
+      data: `events after ${gap.lastEventId} may be missing; ${oldest}`,
+      kind: 'system gap',
+    });
+  });
+  for (const type of new Set(['message', ...types])) watch(type);
+  showState('connecting', describe('connecting', {}, user));
+  setConnected(true);
+}
+
+/** After a refused stream, shows the hub's own error message (EventSource hides it). */
+async function probeReason(url) {
+  try {
+    const res = await fetch(url, { headers: { Accept: 'text/event-stream' } });
+    if (res.ok) {
+      res.body && res.body.cancel();
+      return;
+    }
+    showError($('connect-error'), await errorText(res));
+  } catch {
+    // The hub is unreachable; the top bar says so.
+  }
+}
+
+function stopConnection() {
+  if (connection) connection.close();
+  connection = null;
+}
+
+function setConnected(on) {
+  /** @type {HTMLButtonElement} */ ($('connect')).textContent = on ? 'Reconnect' : 'Connect';
+  /** @type {HTMLButtonElement} */ ($('disconnect')).disabled = !on;
+}
+
+// ---- publish ----------------------------------------------------------------------------------
+
+async function errorText(res) {
+  const text = await res.text();
+  try {
+    const body = JSON.parse(text);
+    if (body && body.message) return `${res.status} ${body.error}: ${body.message}`;
+  } catch {
+    // Not JSON: show the text as is.
+  }
+  return `${res.status} ${res.statusText}${text ? `: ${text}` : ''}`;
+}
+
+function showError(el, text) {
+  el.className = 'message error';
+  el.textContent = text;
+  el.hidden = false;
+}
+
+function kind() {
+  const form = /** @type {HTMLFormElement} */ ($('publish-form'));
+  return /** @type {RadioNodeList} */ (form.elements.namedItem('kind')).value;
+}
+
+function updateTargets() {
+  const k = kind();
+  $('targets-label').hidden = k === 'broadcast';
+  $('targets-name').textContent = k === 'users' ? 'Users' : 'Topics';
+  /** @type {HTMLInputElement} */ ($('targets')).placeholder = k === 'users' ? 'ann bob' : 'chat/room1';
+}
+
+async function publish(event) {
+  event.preventDefault();
+  const form = /** @type {HTMLFormElement} */ ($('publish-form'));
+  const out = $('publish-result');
+  const k = kind();
+  /** @type {Record<string, unknown>} */
+  const body = {};
+  if (k === 'broadcast') body.broadcast = true;
+  else body[k] = words(form.targets.value);
+  body.data = form.data.value;
+  const type = form.event.value.trim();
+  if (type) {
+    body.event = type;
+    // EventSource only delivers listened-for types: listen before the event can arrive.
+    const types = /** @type {HTMLInputElement} */ ($('types'));
+    if (!words(types.value).includes(type)) types.value = `${types.value.trim()} ${type}`.trim();
+    watch(type);
+  }
+  const button = /** @type {HTMLButtonElement} */ ($('publish'));
+  button.disabled = true;
+  try {
+    const res = await fetch(api('publish'), {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    if (!res.ok) {
+      showError(out, await errorText(res));
+      return;
+    }
+    const answer = await res.json();
+    out.className = 'message ok';
+    out.replaceChildren(
+      'Published ',
+      Object.assign(document.createElement('code'), { textContent: `id ${answer.id}` }),
+      ` · delivered to ${answer.delivered} connection${answer.delivered === 1 ? '' : 's'}`,
+    );
+    out.dataset.id = answer.id;
+    out.hidden = false;
+  } catch (err) {
+    showError(out, `the hub did not answer: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- hub numbers, users and the chart ----------------------------------------------------------
+
+const series = { published: [], delivered: [] };
+let previous = null;
+
+function fmtUptime(s) {
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+const number = new Intl.NumberFormat();
+
+async function poll() {
+  try {
+    const [statsRes, usersRes] = await Promise.all([fetch(api('stats')), fetch(api('users?limit=100'))]);
+    if (!statsRes.ok) throw new Error(await errorText(statsRes));
+    if (!usersRes.ok) throw new Error(await errorText(usersRes));
+    const stats = await statsRes.json();
+    const users = await usersRes.json();
+    const now = performance.now();
+    for (const key of ['connections', 'users', 'topics', 'published', 'delivered']) {
+      $(`stat-${key}`).textContent = number.format(stats[key]);
+    }
+    $('stat-uptime').textContent = fmtUptime(stats.uptime_s);
+    if (previous && stats.published >= previous.published) {
+      const seconds = Math.max(0.001, (now - previous.at) / 1000);
+      push('published', (stats.published - previous.published) / seconds);
+      push('delivered', (stats.delivered - previous.delivered) / seconds);
+    } else {
+      // First sample, or the hub restarted: start the rates again.
+      series.published.length = 0;
+      series.delivered.length = 0;
+    }
+    previous = { at: now, published: stats.published, delivered: stats.delivered };
+    showUsers(users);
+    const hub = $('hub-status');
+    hub.dataset.up = 'true';
+    hub.textContent = `hub up ${fmtUptime(stats.uptime_s)}`;
+  } catch (err) {
+    const hub = $('hub-status');
+    hub.dataset.up = 'false';
+    hub.textContent = err instanceof TypeError ? 'hub unreachable' : `hub error: ${err.message}`;
+    previous = null;
+  }
+  draw();
+}
+
+function push(key, value) {
+  const s = series[key];
+  s.push(value);
+  if (s.length > CHART_SECONDS) s.shift();
+  $(`rate-${key}`).textContent = value >= 10 ? number.format(Math.round(value)) : String(Math.round(value * 10) / 10);
+}
+
+function showUsers({ count, users }) {
+  $('user-count').textContent = String(count);
+  const list = $('users');
+  const most = Math.max(1, ...users.map((u) => u.connections));
+  list.replaceChildren(
+    ...users.map((u) => {
+      const li = document.createElement('li');
+      li.dataset.user = u.id;
+      const name = Object.assign(document.createElement('span'), { className: 'name', textContent: u.id });
+      const n = Object.assign(document.createElement('span'), {
+        className: 'n',
+        textContent: `${u.connections} connection${u.connections === 1 ? '' : 's'}`,
+      });
+      const bar = Object.assign(document.createElement('span'), { className: 'bar' });
+      const fill = document.createElement('i');
+      fill.style.width = `${(100 * u.connections) / most}%`;
+      bar.append(fill);
+      li.append(name, n, bar);
+      return li;
+    }),
+  );
+  $('users-empty').hidden = users.length > 0;
+}
+
+/** A nice ceiling for the y axis: 1, 2, 5 times a power of ten. */
+function niceMax(v) {
+  if (v <= 1) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function draw() {
+  const canvas = /** @type {HTMLCanvasElement} */ ($('chart'));
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  if (!width || !height) return;
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  const ctx = canvas.getContext('2d');
+  if (!ctx) return;
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const left = 34;
+  const top = 6;
+  const bottom = height - 18;
+  const right = width - 4;
+  const max = niceMax(Math.max(...series.published, ...series.delivered, 0));
+  ctx.font = '11px system-ui, sans-serif';
+  ctx.fillStyle = color('--muted');
+  ctx.strokeStyle = color('--line');
+  ctx.lineWidth = 1;
+  ctx.textAlign = 'right';
+  ctx.textBaseline = 'middle';
+  for (let i = 0; i <= 2; i++) {
+    const y = Math.round(bottom - ((bottom - top) * i) / 2) + 0.5;
+    ctx.beginPath();
+    ctx.moveTo(left, y);
+    ctx.lineTo(right, y);
+    ctx.stroke();
+    const label = (max * i) / 2;
+    ctx.fillText(label >= 10 ? number.format(label) : String(label), left - 6, y);
+  }
+  ctx.textAlign = 'left';
+  ctx.textBaseline = 'alphabetic';
+  ctx.fillText(`${CHART_SECONDS}s ago`, left, height - 4);
+  ctx.textAlign = 'right';
+  ctx.fillText('now', right, height - 4);
+  const x = (i, n) => right - ((n - 1 - i) * (right - left)) / (CHART_SECONDS - 1);
+  const y = (v) => bottom - ((bottom - top) * v) / max;
+  const line = (values, stroke, fill) => {
+    const n = values.length;
+    if (n === 0) return;
+    ctx.beginPath();
+    values.forEach((v, i) => (i === 0 ? ctx.moveTo(x(i, n), y(v)) : ctx.lineTo(x(i, n), y(v))));
+    if (fill) {
+      ctx.lineTo(x(n - 1, n), bottom);
+      ctx.lineTo(x(0, n), bottom);
+      ctx.closePath();
+      ctx.globalAlpha = 0.14;
+      ctx.fillStyle = stroke;
+      ctx.fill();
+      ctx.globalAlpha = 1;
+      ctx.beginPath();
+      values.forEach((v, i) => (i === 0 ? ctx.moveTo(x(i, n), y(v)) : ctx.lineTo(x(i, n), y(v))));
+    }
+    ctx.strokeStyle = stroke;
+    ctx.lineWidth = 2;
+    ctx.lineJoin = 'round';
+    ctx.stroke();
+    ctx.beginPath();
+    ctx.fillStyle = stroke;
+    ctx.arc(x(n - 1, n), y(values[n - 1]), 3, 0, 2 * Math.PI);
+    ctx.fill();
+  };
+  line(series.delivered, color('--teal'), true);
+  line(series.published, color('--accent'), false);
+}
+
+// ---- wiring -----------------------------------------------------------------------------------
+
+function init() {
+  const params = new URLSearchParams(location.search);
+  const form = /** @type {HTMLFormElement} */ ($('connect-form'));
+  if (params.has('user')) form.user.value = params.get('user');
+  if (params.has('topic')) form.topics.value = params.getAll('topic').join(' ');
+  if (params.has('types')) form.types.value = params.get('types');
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    startConnection();
+  });
+  $('disconnect').addEventListener('click', () => {
+    stopConnection();
+    showState('idle', 'not connected');
+    setConnected(false);
+  });
+  $('clear').addEventListener('click', () => {
+    /** @type {HTMLTableElement} */ ($('events')).tBodies[0].replaceChildren();
+    eventCount = 0;
+    $('event-count').textContent = '0';
+    $('events-empty').hidden = false;
+  });
+  const publishForm = /** @type {HTMLFormElement} */ ($('publish-form'));
+  publishForm.addEventListener('submit', publish);
+  publishForm.addEventListener('change', updateTargets);
+  updateTargets();
+  new ResizeObserver(() => draw()).observe($('chart'));
+  poll();
+  setInterval(poll, 1000);
+  if (params.get('connect') === '1') startConnection();
+}
+
+// The page's live connection, for the browser tests and for poking at from the console.
+Object.defineProperty(window, 'dashboard', { value: { get connection() { return connection; } } });
+
+init();
