@@ -49,6 +49,8 @@ pub struct Message {
     pub event_type: Option<EventType>,
     pub data: String,
     pub retry_ms: Option<u32>,
+    /// A publisher's key: repeating a publish with the same key within the hub's window publishes once.
+    pub idempotency_key: Option<String>,
 }
 
 impl Message {
@@ -58,6 +60,7 @@ impl Message {
             event_type: None,
             data: String::new(),
             retry_ms: None,
+            idempotency_key: None,
         }
     }
 
@@ -110,6 +113,11 @@ impl Message {
         self.retry_ms = Some(ms);
         self
     }
+
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
 }
 
 /// A published event: immutable, shared by history and every queue it is in.
@@ -120,6 +128,7 @@ pub struct Event {
     pub event_type: Option<EventType>,
     pub data: String,
     pub retry_ms: Option<u32>,
+    pub idempotency_key: Option<String>,
     /// Milliseconds since the Unix epoch when the hub accepted it.
     pub published_at_ms: u64,
     /// The SSE frame, encoded once.
@@ -140,6 +149,7 @@ impl Event {
             event_type: message.event_type,
             data: message.data,
             retry_ms: message.retry_ms,
+            idempotency_key: message.idempotency_key,
             published_at_ms,
             frame,
         }

@@ -3,15 +3,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use slab::Slab;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::event::{EventId, Message};
-use crate::history::{History, HistoryError, MemoryHistory};
+use crate::event::{Event, EventId, Message, now_ms};
+use crate::history::{History, HistoryError, MemoryHistory, ReadFrom, Retention};
+use crate::idempotency::Keys;
 use crate::index::SelectorIndex;
 use crate::name::{Selector, UserId};
 use crate::stream::EventStream;
@@ -21,7 +23,8 @@ use crate::subscriber::{Ending, Offer, Subscriber};
 #[derive(Clone)]
 pub struct HubBuilder {
     history: Option<Arc<dyn History>>,
-    history_len: usize,
+    retention: Retention,
+    idempotency_window: Duration,
     heartbeat: Duration,
     retry: Duration,
     queue_capacity: usize,
@@ -32,7 +35,8 @@ pub struct HubBuilder {
 impl std::fmt::Debug for HubBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubBuilder")
-            .field("history_len", &self.history_len)
+            .field("retention", &self.retention)
+            .field("idempotency_window", &self.idempotency_window)
             .field("heartbeat", &self.heartbeat)
             .field("retry", &self.retry)
             .field("queue_capacity", &self.queue_capacity)
@@ -46,7 +50,8 @@ impl Default for HubBuilder {
     fn default() -> Self {
         HubBuilder {
             history: None,
-            history_len: 10_000,
+            retention: Retention::default(),
+            idempotency_window: Duration::from_secs(300),
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),
             queue_capacity: 1024,
@@ -57,14 +62,25 @@ impl Default for HubBuilder {
 }
 
 impl HubBuilder {
-    /// Use this history store (default: in memory, keeping `history_len` events).
+    /// Use this history store (default: in memory, with [`retention`](Self::retention)).
     pub fn history(mut self, history: Arc<dyn History>) -> Self {
         self.history = Some(history);
         self
     }
     /// How many events the default in-memory history keeps for replay (default 10000).
     pub fn history_len(mut self, n: usize) -> Self {
-        self.history_len = n;
+        self.retention.max_events = n;
+        self
+    }
+    /// What the default in-memory history keeps (a store given to [`history`](Self::history)
+    /// has its own).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+    /// How long a publish's idempotency key is remembered (default 5 minutes).
+    pub fn idempotency_window(mut self, d: Duration) -> Self {
+        self.idempotency_window = d;
         self
     }
     /// Interval of the comment line that keeps idle streams alive and finds dead ones (default 15s).
@@ -99,15 +115,16 @@ impl HubBuilder {
         }
         let history = self
             .history
-            .unwrap_or_else(|| Arc::new(MemoryHistory::new(self.history_len)));
+            .unwrap_or_else(|| Arc::new(MemoryHistory::with_retention(self.retention)));
         let retry_ms = u32::try_from(self.retry.as_millis()).unwrap_or(u32::MAX);
+        let (jobs, job_rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
             history,
+            jobs,
             preamble: format!("retry: {retry_ms}\n: herald\n\n").into(),
             queue_capacity: self.queue_capacity,
             max_connections: self.max_connections,
             max_selectors: self.max_selectors,
-            publish_lock: tokio::sync::Mutex::new(()),
             registry: RwLock::new(Registry::default()),
             last_fanned_out: AtomicU64::new(0),
             blocked: Mutex::new(HashMap::new()),
@@ -115,17 +132,12 @@ impl HubBuilder {
             counters: Counters::default(),
             started: Instant::now(),
         });
-        let weak = Arc::downgrade(&inner);
-        let period = self.heartbeat;
-        runtime.spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { break };
-                inner.heartbeat();
-            }
-        });
+        runtime.spawn(commit_loop(
+            Arc::downgrade(&inner),
+            job_rx,
+            Keys::new(self.idempotency_window),
+        ));
+        runtime.spawn(timers(Arc::downgrade(&inner), self.heartbeat));
         Ok(Hub { inner })
     }
 }
@@ -163,13 +175,27 @@ pub enum PublishError {
     Store(#[from] HistoryError),
 }
 
+/// Where a new connection's stream starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published from now on.
+    #[default]
+    Live,
+    /// After this event id, as the client sent it (`Last-Event-ID`); an id this hub never wrote
+    /// is reported as a gap.
+    After(String),
+    /// The events published within this long before now.
+    Since(Duration),
+    /// Everything retained.
+    All,
+}
+
 /// What a new connection asks for.
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeRequest {
     pub selectors: Vec<Selector>,
     pub user: Option<UserId>,
-    /// The client's last event id (`Last-Event-ID`), as it sent it; empty counts as none.
-    pub last_event_id: Option<String>,
+    pub start: Start,
 }
 
 /// The result of publishing one message.
@@ -178,6 +204,31 @@ pub struct Published {
     pub id: EventId,
     /// Connections on this node the event was queued for (or will catch up with it from history).
     pub delivered: usize,
+    /// The message repeated an idempotency key: `id` is the original event's; nothing was sent.
+    pub duplicate: bool,
+}
+
+/// Messages sent to one user, read from history.
+#[derive(Debug)]
+pub struct UserMessages {
+    /// Set when retention dropped events the request asked for; holds the oldest retained id.
+    pub gap: Option<Option<EventId>>,
+    pub events: Vec<Arc<Event>>,
+}
+
+struct Job {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
+}
+
+/// How a message of a commit group is answered.
+enum Slot {
+    /// Appended now, at this index of the group.
+    New(usize),
+    /// Repeats the key of the message appended at this index of the group.
+    Repeat(usize),
+    /// Repeats a key already published as this event.
+    Existing(EventId),
 }
 
 /// Counts since start, for `/stats` and `/metrics`.
@@ -211,15 +262,14 @@ pub struct Hub {
     pub(crate) inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) history: Arc<dyn History>,
+    /// Publishes wait here for the committer, which appends whole groups at once.
+    jobs: mpsc::Sender<Job>,
     pub(crate) preamble: bytes::Bytes,
     queue_capacity: usize,
     max_connections: usize,
     max_selectors: usize,
-    /// Serialises append + fan-out so every inbox sees events in id order.
-    publish_lock: tokio::sync::Mutex<()>,
     registry: RwLock<Registry>,
     /// The newest id whose fan-out has started; read under the registry write lock it tells a new
     /// connection which events it will get live and which it must not.
@@ -228,6 +278,14 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     pub(crate) counters: Counters,
     started: Instant,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -268,7 +326,10 @@ impl Hub {
         let mut selectors = req.selectors;
         selectors.sort();
         selectors.dedup();
-        let resume = req.last_event_id.filter(|s| !s.is_empty());
+        let start = match req.start {
+            Start::After(id) if id.is_empty() => Start::Live,
+            other => other,
+        };
 
         let mut reg = inner.registry.write();
         if reg.subs.len() >= inner.max_connections {
@@ -288,7 +349,8 @@ impl Hub {
             id => Some(EventId(id)),
         };
         drop(reg);
-        Ok(EventStream::new(self.inner.clone(), sub, resume, baseline))
+        tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
+        Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
     }
 
     /// Publishes one message.
@@ -297,7 +359,8 @@ impl Hub {
         Ok(out.remove(0))
     }
 
-    /// Publishes messages in order, all or none.
+    /// Publishes messages in order, all or none. Returns once they are stored and queued for
+    /// every matching connection; concurrent publishes are committed together.
     pub async fn publish_batch(
         &self,
         messages: Vec<Message>,
@@ -308,49 +371,69 @@ impl Hub {
         if let Some(index) = messages.iter().position(|m| m.targets.is_empty()) {
             return Err(PublishError::NoTarget { index });
         }
-        let inner = &self.inner;
-        let _order = inner.publish_lock.lock().await;
-        let events = inner.history.append(messages).await?;
-        let reg = inner.registry.read();
-        let mut results = Vec::with_capacity(events.len());
-        for event in &events {
-            inner.last_fanned_out.store(event.id.0, Ordering::Release);
-            let mut delivered = 0;
-            let mut offer = |sub: &Arc<Subscriber>| match sub.offer(event, inner.queue_capacity) {
-                Offer::Skipped => {}
-                Offer::Queued | Offer::Lagging => delivered += 1,
-                Offer::Overflowed => {
-                    inner.counters.lagging.fetch_add(1, Ordering::Relaxed);
-                    delivered += 1;
+        let stopped = || PublishError::Store(HistoryError::Unavailable("the hub stopped".into()));
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { messages, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Messages sent to `user` (as a target, not by topic or broadcast) from `start`, at most `limit`.
+    pub async fn user_messages(
+        &self,
+        user: &UserId,
+        start: &Start,
+        limit: usize,
+    ) -> Result<UserMessages, HistoryError> {
+        let mut from = match start {
+            Start::Live => {
+                return Ok(UserMessages {
+                    gap: None,
+                    events: Vec::new(),
+                });
+            }
+            Start::After(raw) => match EventId::parse(raw) {
+                Some(id) => ReadFrom::After(id),
+                None => ReadFrom::Oldest,
+            },
+            Start::Since(d) => ReadFrom::Since(now_ms().saturating_sub(d.as_millis() as u64)),
+            Start::All => ReadFrom::Oldest,
+        };
+        let unknown_id = matches!(start, Start::After(raw) if EventId::parse(raw).is_none());
+        let mut out = UserMessages {
+            gap: None,
+            events: Vec::new(),
+        };
+        let mut first = true;
+        loop {
+            let chunk = self.inner.history.read(from, 512).await?;
+            if first {
+                out.gap = chunk.gap;
+                if unknown_id {
+                    out.gap = Some(chunk.events.first().map(|e| e.id));
                 }
+                first = false;
+            }
+            let Some(last) = chunk.events.last().map(|e| e.id) else {
+                return Ok(out);
             };
-            if event.targets.broadcast {
-                reg.subs.iter().for_each(|(_, s)| offer(s));
-            } else {
-                for topic in &event.targets.topics {
-                    reg.index.for_each_match(topic, &mut offer);
-                }
-                for user in &event.targets.users {
-                    if let Some(subs) = reg.users.get(user) {
-                        subs.iter().for_each(&mut offer);
+            let full = chunk.events.len() == 512;
+            for event in chunk.events {
+                if event.targets.users.contains(user) {
+                    out.events.push(event);
+                    if out.events.len() == limit {
+                        return Ok(out);
                     }
                 }
             }
-            results.push(Published {
-                id: event.id,
-                delivered,
-            });
+            if !full {
+                return Ok(out);
+            }
+            from = ReadFrom::After(last);
         }
-        drop(reg);
-        let delivered: usize = results.iter().map(|r| r.delivered).sum();
-        let counters = &inner.counters;
-        counters
-            .published
-            .fetch_add(results.len() as u64, Ordering::Relaxed);
-        counters
-            .delivered
-            .fetch_add(delivered as u64, Ordering::Relaxed);
-        Ok(results)
     }
 
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.
@@ -423,12 +506,128 @@ impl Hub {
 }
 
 impl Inner {
+    /// Appends a group of publishes as one history write, then fans the events out in id order.
+    async fn commit(&self, jobs: Vec<Job>, keys: &mut Keys) {
+        let now = now_ms();
+        keys.expire(now);
+        let mut fresh = Vec::new();
+        let mut in_group: HashMap<String, usize> = HashMap::new();
+        let mut plans = Vec::with_capacity(jobs.len());
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut plan = Vec::with_capacity(job.messages.len());
+            for message in job.messages {
+                if let Some(key) = &message.idempotency_key {
+                    if let Some(id) = keys.get(key) {
+                        plan.push(Slot::Existing(id));
+                        continue;
+                    }
+                    if let Some(&i) = in_group.get(key) {
+                        plan.push(Slot::Repeat(i));
+                        continue;
+                    }
+                    in_group.insert(key.clone(), fresh.len());
+                }
+                plan.push(Slot::New(fresh.len()));
+                fresh.push(message);
+            }
+            plans.push(plan);
+            replies.push(job.reply);
+        }
+        let appended = if fresh.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.history.append(fresh).await
+        };
+        let (events, delivered) = match appended {
+            Ok(events) => {
+                let delivered = self.fan_out(&events);
+                for event in &events {
+                    if let Some(key) = &event.idempotency_key {
+                        keys.insert(key.clone(), event.id, event.published_at_ms);
+                    }
+                }
+                (Ok(events), delivered)
+            }
+            Err(e) => (Err(e), Vec::new()),
+        };
+        for (plan, reply) in plans.into_iter().zip(replies) {
+            let answer = plan
+                .iter()
+                .map(|slot| match (slot, &events) {
+                    (Slot::Existing(id), _) => Ok(Published {
+                        id: *id,
+                        delivered: 0,
+                        duplicate: true,
+                    }),
+                    (Slot::New(i), Ok(events)) => Ok(Published {
+                        id: events[*i].id,
+                        delivered: delivered[*i],
+                        duplicate: false,
+                    }),
+                    (Slot::Repeat(i), Ok(events)) => Ok(Published {
+                        id: events[*i].id,
+                        delivered: 0,
+                        duplicate: true,
+                    }),
+                    (_, Err(e)) => Err(PublishError::Store(e.clone())),
+                })
+                .collect::<Result<Vec<_>, _>>();
+            // The publisher may have gone away; the events are published all the same.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Queues each event for every matching connection; returns how many connections per event.
+    fn fan_out(&self, events: &[Arc<Event>]) -> Vec<usize> {
+        let reg = self.registry.read();
+        let mut counts = Vec::with_capacity(events.len());
+        for event in events {
+            self.last_fanned_out.store(event.id.0, Ordering::Release);
+            let mut delivered = 0;
+            let mut offer = |sub: &Arc<Subscriber>| match sub.offer(event, self.queue_capacity) {
+                Offer::Skipped => {}
+                Offer::Queued | Offer::Lagging => delivered += 1,
+                Offer::Overflowed => {
+                    self.counters.lagging.fetch_add(1, Ordering::Relaxed);
+                    delivered += 1;
+                }
+            };
+            if event.targets.broadcast {
+                reg.subs.iter().for_each(|(_, s)| offer(s));
+            } else {
+                for topic in &event.targets.topics {
+                    reg.index.for_each_match(topic, &mut offer);
+                }
+                for user in &event.targets.users {
+                    if let Some(subs) = reg.users.get(user) {
+                        subs.iter().for_each(&mut offer);
+                    }
+                }
+            }
+            counts.push(delivered);
+        }
+        drop(reg);
+        let c = &self.counters;
+        c.published
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        c.delivered
+            .fetch_add(counts.iter().sum::<usize>() as u64, Ordering::Relaxed);
+        counts
+    }
+
     fn heartbeat(&self) {
         for (_, sub) in self.registry.read().subs.iter() {
             sub.heartbeat();
         }
+    }
+
+    async fn housekeeping(&self) {
         let now = Instant::now();
         self.blocked.lock().retain(|_, until| *until > now);
+        if let Err(e) = self.history.maintain().await {
+            tracing::warn!(error = %e, "history maintenance failed");
+        }
     }
 
     /// Removes a connection from every index; called when its stream is dropped.
@@ -445,6 +644,43 @@ impl Inner {
         }
         for selector in &sub.selectors {
             reg.index.remove(selector, sub);
+        }
+        drop(reg);
+        tracing::debug!(key = sub.key, user = ?sub.user, "connection closed");
+    }
+}
+
+/// The committer: takes whatever publishes are waiting and commits them as one group, in order.
+/// It first reloads the idempotency keys still in their window from history.
+async fn commit_loop(hub: Weak<Inner>, mut jobs: mpsc::Receiver<Job>, mut keys: Keys) {
+    if let Some(inner) = hub.upgrade() {
+        keys.load(&*inner.history).await;
+    }
+    let mut group = Vec::with_capacity(64);
+    while jobs.recv_many(&mut group, 512).await > 0 {
+        let Some(inner) = hub.upgrade() else { break };
+        inner.commit(std::mem::take(&mut group), &mut keys).await;
+    }
+}
+
+/// One shared timer for every connection's heartbeat, plus once-a-second housekeeping.
+async fn timers(hub: Weak<Inner>, heartbeat: Duration) {
+    use tokio::time::{Instant, MissedTickBehavior, interval_at};
+    let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let second = Duration::from_secs(1);
+    let mut chores = interval_at(Instant::now() + second, second);
+    chores.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => match hub.upgrade() {
+                Some(inner) => inner.heartbeat(),
+                None => break,
+            },
+            _ = chores.tick() => match hub.upgrade() {
+                Some(inner) => inner.housekeeping().await,
+                None => break,
+            },
         }
     }
 }

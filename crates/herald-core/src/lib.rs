@@ -5,6 +5,7 @@ pub mod duration;
 pub mod event;
 pub mod history;
 mod hub;
+mod idempotency;
 mod index;
 pub mod name;
 pub mod sse;
@@ -12,9 +13,12 @@ mod stream;
 mod subscriber;
 
 pub use event::{Event, EventId, Message, Targets};
-pub use history::{Chunk, History, HistoryError, MemoryHistory};
+pub use history::{
+    Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom, Retention,
+};
 pub use hub::{
-    Hub, HubBuilder, HubError, PublishError, Published, Stats, SubscribeError, SubscribeRequest,
+    Hub, HubBuilder, HubError, PublishError, Published, Start, Stats, SubscribeError,
+    SubscribeRequest, UserMessages,
 };
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use stream::EventStream;

@@ -11,9 +11,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::event::{Event, EventId, control_frame};
-use crate::history::{Chunk, HistoryError};
-use crate::hub::Inner;
+use crate::event::{Event, EventId, control_frame, now_ms};
+use crate::history::{Chunk, HistoryError, ReadFrom};
+use crate::hub::{Inner, Start};
 use crate::name::EventType;
 use crate::subscriber::{Ending, Signal, Subscriber};
 
@@ -46,11 +46,12 @@ impl std::fmt::Debug for EventStream {
 }
 
 struct Replay {
-    /// Read events after this id (`None`: from the oldest retained).
-    after: Option<EventId>,
-    /// On the first read, the id to report in `herald.gap` when history cannot continue from it.
-    /// `Some` with `after == None` means the client's id was not one this hub writes: always a gap.
-    reported: Option<String>,
+    from: ReadFrom,
+    /// First read only: the position a `herald.gap` names as `lastEventId` (the client's raw id,
+    /// or `None` for a time). Later reads name the id they continue after.
+    report: Option<Option<String>>,
+    /// First read only: the client's id is not one this hub writes, so it is always a gap.
+    forced: bool,
     /// Catching up after a queue overflow (the connection counts in the `lagging` gauge until done).
     lagging: bool,
     read: Option<ReadFuture>,
@@ -60,25 +61,32 @@ impl EventStream {
     pub(crate) fn new(
         hub: Arc<Inner>,
         sub: Arc<Subscriber>,
-        resume: Option<String>,
+        start: Start,
         baseline: Option<EventId>,
     ) -> Self {
         let mut out = VecDeque::with_capacity(2);
         out.push_back(hub.preamble.clone());
-        let (cursor, replay) = match resume {
-            None => (baseline, None),
-            Some(raw) => {
-                let after = EventId::parse(&raw);
-                (
-                    after,
-                    Some(Replay {
-                        after,
-                        reported: Some(raw),
-                        lagging: false,
-                        read: None,
-                    }),
-                )
+        let replay = |from, report, forced| Replay {
+            from,
+            report,
+            forced,
+            lagging: false,
+            read: None,
+        };
+        let (cursor, replay) = match start {
+            Start::Live => (baseline, None),
+            Start::After(raw) => match EventId::parse(&raw) {
+                Some(id) => (
+                    Some(id),
+                    Some(replay(ReadFrom::After(id), Some(Some(raw)), false)),
+                ),
+                None => (None, Some(replay(ReadFrom::Oldest, Some(Some(raw)), true))),
+            },
+            Start::Since(d) => {
+                let at = now_ms().saturating_sub(d.as_millis().min(u128::from(u64::MAX)) as u64);
+                (None, Some(replay(ReadFrom::Since(at), Some(None), false)))
             }
+            Start::All => (None, Some(replay(ReadFrom::Oldest, None, false))),
         };
         EventStream {
             hub,
@@ -107,18 +115,20 @@ impl EventStream {
 
     /// Applies one chunk of history; returns whether the replay is complete.
     fn apply_chunk(&mut self, replay: &mut Replay, chunk: Chunk) -> bool {
-        let first_read = replay.reported.is_some();
-        let reported = replay.reported.take();
-        let forced = first_read && replay.after.is_none();
+        let report = replay.report.take();
+        let forced = std::mem::take(&mut replay.forced);
         if let Some(oldest) = chunk.gap {
-            let shown = reported.or_else(|| replay.after.map(|a| a.to_string()));
+            let shown = report.unwrap_or_else(|| match replay.from {
+                ReadFrom::After(a) => Some(a.to_string()),
+                _ => None,
+            });
             let frame = self.gap_frame(shown.as_deref(), oldest);
             self.out.push_back(frame);
-            // A gap replays from the oldest retained event, whatever the id was.
+            // A gap replays from the oldest retained event, whatever the position was.
             self.cursor = None;
         } else if forced {
             let oldest = chunk.events.first().map(|e| e.id);
-            let frame = self.gap_frame(reported.as_deref(), oldest);
+            let frame = self.gap_frame(report.flatten().as_deref(), oldest);
             self.out.push_back(frame);
         }
         let mut replayed = 0u64;
@@ -136,15 +146,17 @@ impl EventStream {
             .counters
             .replayed
             .fetch_add(replayed, Ordering::Relaxed);
-        replay.after = self.cursor;
+        if let Some(c) = self.cursor {
+            replay.from = ReadFrom::After(c);
+        }
         chunk.events.len() < REPLAY_CHUNK
     }
 
     fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
         let read = replay.read.get_or_insert_with(|| {
             let history = self.hub.history.clone();
-            let after = replay.after;
-            Box::pin(async move { history.read_after(after, REPLAY_CHUNK).await })
+            let from = replay.from;
+            Box::pin(async move { history.read(from, REPLAY_CHUNK).await })
         });
         match read.as_mut().poll(cx) {
             Poll::Pending => {
@@ -183,6 +195,10 @@ impl EventStream {
             self.cursor = Some(event.id);
             self.out.push_back(event.frame.clone());
         }
+        // After a burst, give the memory back: idle connections should stay small.
+        if self.live.capacity() > 64 {
+            self.live = VecDeque::new();
+        }
     }
 }
 
@@ -216,8 +232,9 @@ impl Stream for EventStream {
                     }
                     if lagging {
                         this.replay = Some(Replay {
-                            after: this.cursor,
-                            reported: None,
+                            from: this.cursor.map_or(ReadFrom::Oldest, ReadFrom::After),
+                            report: None,
+                            forced: false,
                             lagging: true,
                             read: None,
                         });

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::http::HeaderValue;
+use herald_core::Retention;
 use herald_core::duration::parse_duration;
 use serde::Deserialize;
 
@@ -26,9 +27,21 @@ pub struct RawConfig {
     /// Reconnect delay told to clients [default: 3s].
     #[arg(long, env = "HERALD_RETRY")]
     pub retry: Option<String>,
+    /// Keep history durably in this folder (created if missing); without it history is in memory.
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Events kept for replay [default: 10000].
     #[arg(long, env = "HERALD_HISTORY")]
     pub history: Option<usize>,
+    /// Drop events older than this, e.g. 24h [default: no age limit].
+    #[arg(long, env = "HERALD_HISTORY_AGE")]
+    pub history_age: Option<String>,
+    /// Drop the oldest events when history holds more than this many bytes [default: no limit].
+    #[arg(long, env = "HERALD_HISTORY_BYTES")]
+    pub history_bytes: Option<u64>,
+    /// How long an idempotency key makes repeats of a publish no-ops [default: 5m].
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW")]
+    pub idempotency_window: Option<String>,
     /// Most open streams [default: a little under the open-file limit].
     #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -60,7 +73,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub heartbeat: Duration,
     pub retry: Duration,
-    pub history: usize,
+    pub data_dir: Option<PathBuf>,
+    pub retention: Retention,
+    pub idempotency_window: Duration,
     pub max_connections: usize,
     pub max_body: usize,
     pub cors_origins: Vec<HeaderValue>,
@@ -109,7 +124,11 @@ impl RawConfig {
             listen: self.listen.or(fallback.listen),
             heartbeat: self.heartbeat.or(fallback.heartbeat),
             retry: self.retry.or(fallback.retry),
+            data_dir: self.data_dir.or(fallback.data_dir),
             history: self.history.or(fallback.history),
+            history_age: self.history_age.or(fallback.history_age),
+            history_bytes: self.history_bytes.or(fallback.history_bytes),
+            idempotency_window: self.idempotency_window.or(fallback.idempotency_window),
             max_connections: self.max_connections.or(fallback.max_connections),
             max_body: self.max_body.or(fallback.max_body),
             cors_origin: if self.cors_origin.is_empty() {
@@ -160,6 +179,29 @@ impl RawConfig {
             self.shutdown_timeout,
             Duration::from_secs(10),
         )?;
+        let history_age = match self.history_age {
+            None => None,
+            Some(s) => {
+                let d = parse_duration(&s).map_err(|e| invalid("history-age", e.to_string()))?;
+                if d.is_zero() {
+                    return Err(invalid("history-age", "must be greater than zero"));
+                }
+                Some(d)
+            }
+        };
+        if self.history_bytes == Some(0) {
+            return Err(invalid("history-bytes", "must be greater than zero"));
+        }
+        let retention = Retention {
+            max_events: self.history.unwrap_or(10_000),
+            max_age: history_age,
+            max_bytes: self.history_bytes,
+        };
+        let idempotency_window = duration(
+            "idempotency-window",
+            self.idempotency_window,
+            Duration::from_secs(300),
+        )?;
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("max-connections", "must be at least 1")),
             Some(n) => n,
@@ -199,7 +241,9 @@ impl RawConfig {
             listen,
             heartbeat,
             retry,
-            history: self.history.unwrap_or(10_000),
+            data_dir: self.data_dir,
+            retention,
+            idempotency_window,
             max_connections,
             max_body,
             cors_origins,
@@ -235,7 +279,9 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.heartbeat, Duration::from_secs(15));
         assert_eq!(c.retry, Duration::from_secs(3));
-        assert_eq!(c.history, 10_000);
+        assert_eq!(c.retention, Retention::default());
+        assert_eq!(c.data_dir, None);
+        assert_eq!(c.idempotency_window, Duration::from_secs(300));
         assert_eq!(c.max_body, 1 << 20);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
         assert!(c.max_connections >= 1);
@@ -253,7 +299,7 @@ mod tests {
         .unwrap();
         let c = flags.or(file).validate().unwrap();
         assert_eq!(c.heartbeat, Duration::from_secs(2));
-        assert_eq!(c.history, 5);
+        assert_eq!(c.retention.max_events, 5);
         assert_eq!(
             c.cors_origins,
             vec![HeaderValue::from_static("https://a.example")]

@@ -18,20 +18,27 @@ pub use http::{HttpOptions, router, router_with};
 pub enum ServeError {
     #[error(transparent)]
     Hub(#[from] herald_core::HubError),
+    #[error(transparent)]
+    Store(#[from] herald_core::OpenError),
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// A hub configured from `config`.
-pub fn hub_from(config: &Config) -> Result<Hub, herald_core::HubError> {
-    Hub::builder()
-        .history_len(config.history)
+/// A hub configured from `config`; with a data dir, its durable history is opened here.
+pub fn hub_from(config: &Config) -> Result<Hub, ServeError> {
+    let mut builder = Hub::builder().retention(config.retention);
+    if let Some(dir) = &config.data_dir {
+        let store = herald_core::DurableHistory::open(dir, config.retention)?;
+        builder = builder.history(std::sync::Arc::new(store));
+    }
+    Ok(builder
+        .idempotency_window(config.idempotency_window)
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
-        .build()
+        .build()?)
 }
 
 /// Serves herald on `listener` until `shutdown` completes; then refuses new streams, ends the open
@@ -42,6 +49,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let hub = hub_from(&config)?;
+    serve(listener, hub, config, shutdown).await
+}
+
+/// As [`run`], with a hub built beforehand (by [`hub_from`] or an embedding application).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hub: Hub,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let app = router_with(
         hub.clone(),
         HttpOptions {

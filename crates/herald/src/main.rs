@@ -61,14 +61,22 @@ async fn serve(raw: RawConfig) -> anyhow::Result<()> {
         tracing::debug!(limit, "open-file limit");
     }
     let config = raw.load().context("configuration")?;
+    // Open the store before listening: a bad data dir stops startup with its own message.
+    let hub = herald::hub_from(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("herald listening on http://{addr}");
-    tracing::info!(%addr, history = config.history, max_connections = config.max_connections, "herald started");
-    herald::run(listener, config, shutdown_signal()).await?;
+    tracing::info!(
+        %addr,
+        data_dir = ?config.data_dir,
+        history = config.retention.max_events,
+        max_connections = config.max_connections,
+        "herald started"
+    );
+    herald::serve(listener, hub, config, shutdown_signal()).await?;
     tracing::info!("herald stopped");
     Ok(())
 }

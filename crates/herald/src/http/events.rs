@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use herald_core::{Selector, SubscribeError, SubscribeRequest, UserId};
+use herald_core::{Selector, Start, SubscribeError, SubscribeRequest, UserId};
 
 use super::{ApiError, AppState, form_pairs};
 
@@ -57,6 +57,7 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
     let pairs = form_pairs(uri.query().unwrap_or_default().as_bytes())?;
     let mut request = SubscribeRequest::default();
     let mut query_last_id = None;
+    let mut since = None;
     for (key, value) in pairs {
         match key.as_str() {
             "topic" => {
@@ -77,6 +78,7 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
                 request.user = Some(user);
             }
             "lastEventId" => query_last_id = Some(value),
+            "since" => since = Some(parse_since(&value)?),
             // Anything else (cache busters, later options) is ignored.
             _ => {}
         }
@@ -94,8 +96,31 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
         ),
         None => None,
     };
-    request.last_event_id = header_last_id
+    // Precedence: the Last-Event-ID header, then lastEventId, then since. Empty counts as none.
+    request.start = match header_last_id
         .filter(|s| !s.is_empty())
-        .or(query_last_id.filter(|s| !s.is_empty()));
+        .or(query_last_id.filter(|s| !s.is_empty()))
+    {
+        Some(id) => Start::After(id),
+        None => since.unwrap_or(Start::Live),
+    };
     Ok(request)
+}
+
+/// `since=ID|DURATION|all`: after an event id, within a duration before now, or all retained.
+pub(crate) fn parse_since(value: &str) -> Result<Start, ApiError> {
+    if value == "all" {
+        return Ok(Start::All);
+    }
+    if herald_core::EventId::parse(value).is_some() {
+        return Ok(Start::After(value.to_string()));
+    }
+    herald_core::duration::parse_duration(value)
+        .map(Start::Since)
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_since",
+                format!("'since' must be an event id, a duration like 1h, or all; got '{value}'"),
+            )
+        })
 }

@@ -62,7 +62,10 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
         .route("/broadcast", post(publish::broadcast))
         .route("/users", get(presence::users))
         .route("/users/{id}", get(presence::user))
-        .route("/users/{id}/messages", post(publish::to_user))
+        .route(
+            "/users/{id}/messages",
+            get(presence::messages).post(publish::to_user),
+        )
         .route("/users/{id}/connections", delete(presence::close))
         .route("/stats", get(presence::stats))
         .route("/healthz", get(presence::healthz))

@@ -1,4 +1,5 @@
-//! Presence and control: who is online, closing a user's streams, stats and health.
+//! Presence and control: who is online, a user's recent messages, closing a user's streams, stats
+//! and health.
 
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
@@ -24,18 +25,7 @@ pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<
     let mut after = None;
     for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
         match key.as_str() {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=PAGE_MAX).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_limit",
-                            format!("'limit' must be a number from 1 to {PAGE_MAX}"),
-                        )
-                    })?;
-            }
+            "limit" => limit = parse_limit(&value)?,
             "after" => {
                 after = Some(UserId::new(&value).map_err(|e| {
                     ApiError::bad_request("invalid_user", format!("'after': user id {e}"))
@@ -52,6 +42,61 @@ pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<
         .map(|(id, connections)| json!({ "id": id.as_str(), "connections": connections }))
         .collect();
     Ok(Json(json!({ "count": count, "users": page })))
+}
+
+/// `GET /users/{id}/messages?since=ID|DURATION|all&limit=N`: the messages sent to a user, oldest
+/// first, for apps that poll instead of streaming.
+pub(crate) async fn messages(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let user = user_from_path(path)?;
+    let mut start = herald_core::Start::All;
+    let mut limit = PAGE_DEFAULT;
+    for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
+        match key.as_str() {
+            "since" => start = super::events::parse_since(&value)?,
+            "limit" => limit = parse_limit(&value)?,
+            _ => {}
+        }
+    }
+    let found = app
+        .hub
+        .user_messages(&user, &start, limit)
+        .await
+        .map_err(|e| ApiError::unavailable("store_unavailable", &e))?;
+    let messages: Vec<Value> = found
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id.to_string(),
+                "event": e.event_type.as_ref().map(|t| t.as_str()),
+                "data": e.data,
+                "published_at_ms": e.published_at_ms,
+            })
+        })
+        .collect();
+    let gap = found
+        .gap
+        .map(|oldest| json!({ "oldest": oldest.map(|o| o.to_string()) }));
+    Ok(Json(
+        json!({ "id": user.as_str(), "messages": messages, "gap": gap }),
+    ))
+}
+
+fn parse_limit(value: &str) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=PAGE_MAX).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_limit",
+                format!("'limit' must be a number from 1 to {PAGE_MAX}"),
+            )
+        })
 }
 
 pub(crate) async fn user(

@@ -27,6 +27,9 @@ enum Route {
 struct Answer {
     id: String,
     delivered: usize,
+    /// Present (true) when an idempotency key repeated an earlier publish.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 pub(crate) async fn publish(
@@ -127,6 +130,7 @@ async fn handle(
         .map(|p| Answer {
             id: p.id.to_string(),
             delivered: p.delivered,
+            duplicate: p.duplicate,
         })
         .collect();
     Ok(if batch {
@@ -184,6 +188,16 @@ fn event_type(s: &str) -> Result<EventType, ApiError> {
     EventType::new(s).map_err(|e| ApiError::bad_request("invalid_event", format!("'event' {e}")))
 }
 
+fn idempotency_key(s: &str) -> Result<String, ApiError> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+        return Err(field_error(
+            "idempotencyKey",
+            "must be 1 to 256 bytes without control characters",
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn retry(s: &str) -> Result<u32, ApiError> {
     s.parse::<u32>()
         .map_err(|_| field_error("retry", "must be a whole number of milliseconds"))
@@ -212,6 +226,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
     let mut data = None;
     let mut event = None;
     let mut retry_ms = None;
+    let mut idem = None;
     let targets_allowed = matches!(route, Route::Publish);
     if obj.contains_key("topic") && obj.contains_key("topics") {
         return Err(ApiError::bad_request(
@@ -269,6 +284,10 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
                 Some(ms) => retry_ms = Some(ms),
                 None => return Err(field_error(key, "must be a whole number of milliseconds")),
             },
+            "idempotencyKey" => match value {
+                Value::String(s) => idem = Some(idempotency_key(s)?),
+                _ => return Err(field_error(key, "must be a string")),
+            },
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_field",
@@ -277,7 +296,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
             }
         }
     }
-    finish(route, targets, data, event, retry_ms)
+    finish(route, targets, data, event, retry_ms, idem)
 }
 
 /// Builds a message from form fields: topic and user repeat; data, event, retry at most once.
@@ -286,6 +305,7 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
     let mut data = None;
     let mut event = None;
     let mut retry_ms = None;
+    let mut idem = None;
     let targets_allowed = matches!(route, Route::Publish);
     for (key, value) in form_pairs(bytes)? {
         let once = |seen: bool| {
@@ -323,6 +343,10 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
                 once(retry_ms.is_some())?;
                 retry_ms = Some(retry(&value)?);
             }
+            "idempotencyKey" => {
+                once(idem.is_some())?;
+                idem = Some(idempotency_key(&value)?);
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_field",
@@ -331,7 +355,7 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
             }
         }
     }
-    finish(route, targets, data, event, retry_ms)
+    finish(route, targets, data, event, retry_ms, idem)
 }
 
 fn finish(
@@ -340,6 +364,7 @@ fn finish(
     data: Option<String>,
     event: Option<EventType>,
     retry_ms: Option<u32>,
+    idempotency_key: Option<String>,
 ) -> Result<Message, ApiError> {
     match route {
         Route::Publish => {}
@@ -356,6 +381,7 @@ fn finish(
     let mut message = Message::to_targets(targets).data(data);
     message.event_type = event;
     message.retry_ms = retry_ms;
+    message.idempotency_key = idempotency_key;
     Ok(message)
 }
 

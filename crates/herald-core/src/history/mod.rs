@@ -1,0 +1,109 @@
+//! History: where events get their ids and are kept for replay. [`History`] is the trait every store
+//! implements (in memory, durable on disk); each must pass the conformance suite in `conformance`.
+
+mod durable;
+mod memory;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::event::{Event, EventId, Message};
+
+pub use durable::{DurableHistory, OpenError};
+pub use memory::MemoryHistory;
+
+/// A store failure. Publishing answers 503 on it; nothing is half-applied.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history store unavailable: {0}")]
+    Unavailable(String),
+    #[error("history store holds an unreadable event {id}: {reason}")]
+    Corrupt { id: u64, reason: String },
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The oldest retained event; never a gap.
+    Oldest,
+    /// The events after this id (a client's `Last-Event-ID`).
+    After(EventId),
+    /// The events published at or after this time (milliseconds since the Unix epoch).
+    Since(u64),
+}
+
+/// A slice of history read for a resuming connection.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Set when events the read asked for may be missing: dropped by retention, or (for
+    /// [`ReadFrom::After`]) the id was never issued. Then `events` starts at the oldest retained
+    /// event; this holds that oldest id (`None` when nothing is retained).
+    pub gap: Option<Option<EventId>>,
+    /// Events in id order.
+    pub events: Vec<Arc<Event>>,
+}
+
+/// What a store keeps. Whichever limit is reached first drops the oldest events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_events: usize,
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_events: 10_000,
+            max_age: None,
+            max_bytes: None,
+        }
+    }
+}
+
+impl Retention {
+    /// Events published before this time (ms) are past `max_age`.
+    pub(crate) fn cutoff_ms(&self, now_ms: u64) -> Option<u64> {
+        self.max_age
+            .map(|a| now_ms.saturating_sub(a.as_millis().min(u128::from(u64::MAX)) as u64))
+    }
+}
+
+/// A store of events. `append` assigns ids, strictly increasing and consecutive within a store,
+/// and keeps the events. The hub serialises calls to `append`.
+#[async_trait]
+pub trait History: Send + Sync + 'static {
+    /// Stores `messages` as events, all or none, and returns them with their ids, in order. When
+    /// this returns `Ok`, the events are as durable as the store promises.
+    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError>;
+
+    /// Up to `limit` events from `from`, with the gap verdict (see [`Chunk::gap`]).
+    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError>;
+
+    /// Applies age-based retention when nothing is being published. Called periodically.
+    async fn maintain(&self) -> Result<(), HistoryError> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for dyn History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("History")
+    }
+}
+
+/// The gap rule shared by stores whose ids are consecutive: reading after `after` continues the
+/// history when `after` is the newest issued id or at least the id just before the oldest retained.
+pub(crate) fn continues(after: u64, first_issued: u64, next: u64, oldest: Option<u64>) -> bool {
+    if next == first_issued {
+        return false; // nothing issued yet: every id is unknown
+    }
+    let newest = next - 1;
+    let floor = oldest.map_or(newest, |o| o.saturating_sub(1));
+    after >= floor && after <= newest
+}
