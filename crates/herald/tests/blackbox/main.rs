@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod control;
+mod durable;
 mod input;
 mod resume;
 mod streams;
