@@ -108,7 +108,12 @@ function startConnection() {
   $('connect-error').hidden = true;
   let h;
   try {
-    h = connect(base.href, { topics, user: user || undefined, lastEventId: lastEventId || undefined });
+    h = connect(base.href, {
+      topics,
+      user: user || undefined,
+      lastEventId: lastEventId || undefined,
+      maxBackoffMs: Number(new URLSearchParams(location.search).get('maxBackoffMs')) || undefined,
+    });
   } catch (err) {
     showError($('connect-error'), String(err));
     return;
@@ -152,8 +157,10 @@ async function probeReason(url) {
 }
 
 function stopConnection() {
-  if (connection) connection.close();
+  const old = connection;
+  // Forget it first, so its handlers ignore the closing it reports.
   connection = null;
+  if (old) old.close();
 }
 
 function setConnected(on) {

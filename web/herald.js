@@ -266,7 +266,8 @@ class Connection {
    * @returns {Promise<number | null>}
    */
   _probeStatus() {
-    if (typeof this._fetch !== 'function') return Promise.resolve(null);
+    const fetchFn = this._fetch;
+    if (typeof fetchFn !== 'function') return Promise.resolve(null);
     const abort = typeof AbortController === 'function' ? new AbortController() : null;
     const timeout = this._timers.setTimeout(() => abort && abort.abort(), this._probeTimeout);
     this._probe = abort;
@@ -277,7 +278,8 @@ class Connection {
     };
     if (abort) init.signal = abort.signal;
     return Promise.resolve()
-      .then(() => this._fetch(this._url, init))
+      // Called unbound: the browser's fetch throws "Illegal invocation" when `this` is not window.
+      .then(() => fetchFn(this._url, init))
       .then(
         (response) => response.status,
         () => null,

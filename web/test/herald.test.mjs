@@ -85,7 +85,9 @@ function setup(options = {}) {
     topics: ['chat/*', 'news/**'],
     user: 'ann',
     EventSource: ScriptedEventSource,
-    fetch: async (url, init) => {
+    fetch: async function (url, init) {
+      // A browser's fetch refuses to be called as a method of another object.
+      assert.ok(this === undefined || this === globalThis, 'fetch must be called unbound');
       probes.push({ url, init });
       return { status: typeof status === 'function' ? status() : status };
     },

@@ -1,5 +1,45 @@
 //! herald: a Server-Sent Events push hub. This crate is the server around `herald-core`: the HTTP
 //! interface ([`router`]), configuration, and [`run`], the one entry point the binary and tests use.
+//!
+//! # Embedding herald in an axum app
+//!
+//! An app can mount the hub inside its own router and publish from its own handlers, with no
+//! second process: build one [`Hub`], [`nest`](axum::Router::nest) [`router`] under a path of your
+//! choice, and call [`Hub::publish`] wherever something happens. The nested router is the whole
+//! HTTP interface of the standalone server (`GET /events`, `POST /publish`, `/users`, `/stats`, …)
+//! plus the dashboard and the browser client `herald.js`, so a page of the app can do
+//! `import { connect } from '/push/herald.js'; connect('/push', { user: 'u1' })`.
+//!
+//! ```no_run
+//! use axum::Router;
+//! use axum::routing::post;
+//! use herald::{EventType, Hub, Message, UserId};
+//!
+//! # async fn app() -> anyhow::Result<()> {
+//! let hub = Hub::builder().history_len(10_000).build()?; // inside a Tokio runtime
+//! let publisher = hub.clone();
+//! let app = Router::new()
+//!     .route(
+//!         "/orders/{id}/ship",
+//!         post(move || async move {
+//!             // Everything connected as user `u1` receives it; a client that was away gets it
+//!             // on reconnect, by its last event id.
+//!             let message = Message::to_user(UserId::new("u1").expect("valid user id"))
+//!                 .event(EventType::new("order.shipped").expect("valid type"))
+//!                 .data(r#"{"order":42}"#);
+//!             publisher.publish(message).await.map(|p| p.id.to_string()).unwrap_or_default()
+//!         }),
+//!     )
+//!     .nest("/push", herald::router(hub.clone()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/job_stream.rs` is a complete app in this shape: it streams the output of a long job
+//! to the user who started it, chunk by chunk, ending with a final event
+//! (`cargo run -p herald --example job_stream`).
 
 pub mod client;
 pub mod config;

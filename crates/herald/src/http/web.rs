@@ -100,13 +100,14 @@ pub(crate) fn routes() -> Router<AppState> {
     router
 }
 
-/// `GET /`: the dashboard. When herald is nested (`/push`), `/push` is redirected to `/push/` so
-/// the page's relative links (`app.js`, `events`, `stats`) resolve under the nest.
+/// `GET /`: the dashboard. When herald is nested, `/push` is redirected to `/push/index.html`, so
+/// the page's relative links (`app.js`, `events`, `stats`) resolve under the nest (axum does not
+/// route `/push/` to a nested `/`).
 async fn dashboard(OriginalUri(uri): OriginalUri, headers: HeaderMap) -> Response {
     let path = uri.path();
     if !path.ends_with('/') {
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        return Redirect::permanent(&format!("{path}/{query}")).into_response();
+        return Redirect::permanent(&format!("{path}/index.html{query}")).into_response();
     }
     serve(&ASSETS[0], &headers)
 }

@@ -1,0 +1,403 @@
+// End-to-end tests in real headless Chromium (Debian's chromium, driven by playwright-core) against
+// the real herald binary: the dashboard, publishing from the page and a POST, resume across a hub
+// restart (the browser's retry and herald.js' own), herald.close and 204, the classic script.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+const HERALD = process.env.HERALD_BIN || join(root, 'target/debug/herald');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const SCREENSHOT = join(root, 'docs/dashboard.png');
+const PATIENCE = 15000;
+
+/** @type {import('playwright-core').BrowserContext} */
+let context;
+let profile;
+
+before(async () => {
+  // Never skip: a missing browser or binary is a failure of the test setup.
+  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install chromium chromium-driver`);
+  assert.ok(existsSync(HERALD), `${HERALD} is missing: cargo build -p herald (or set HERALD_BIN)`);
+  profile = mkdtempSync(join(tmpdir(), 'herald-chromium-'));
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1400, height: 900 },
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--no-first-run',
+      '--disable-quic',
+      '--disable-sync',
+    ],
+  });
+});
+
+after(async () => {
+  if (context) await context.close();
+  if (profile) rmSync(profile, { recursive: true, force: true });
+});
+
+/** The real herald binary on a port of its own (0: any free port). */
+async function startHerald(args = [], port = 0) {
+  const child = spawn(HERALD, ['serve', '--listen', `127.0.0.1:${port}`, ...args], {
+    env: { ...process.env, RUST_LOG: 'warn' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const exited = new Promise((r) => child.once('exit', r));
+  const lines = createInterface({ input: child.stdout });
+  const first = await Promise.race([
+    new Promise((r) => lines.once('line', r)),
+    exited.then((code) => {
+      throw new Error(`herald exited with ${code} before listening`);
+    }),
+    sleep(PATIENCE).then(() => {
+      throw new Error('herald did not start in time');
+    }),
+  ]);
+  const m = /^herald listening on (http:\/\/127\.0\.0\.1:(\d+))$/.exec(first);
+  assert.ok(m, `unexpected first line: ${first}`);
+  lines.on('line', () => {});
+  return {
+    url: m[1],
+    port: Number(m[2]),
+    async stop() {
+      if (child.exitCode === null) child.kill('SIGTERM');
+      const code = await Promise.race([exited, sleep(PATIENCE).then(() => 'timeout')]);
+      if (code === 'timeout') {
+        child.kill('SIGKILL');
+        await exited;
+      }
+    },
+  };
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function post(url, path, body) {
+  const res = await fetch(url + path, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+async function getJson(url, path) {
+  const res = await fetch(url + path);
+  assert.equal(res.status, 200, path);
+  return res.json();
+}
+
+/** A dashboard page that records every request it makes. */
+async function openDashboard(url, query) {
+  const page = await context.newPage();
+  const requests = [];
+  const errors = [];
+  page.on('request', (r) => requests.push({ url: r.url(), headers: r.allHeaders(), at: Date.now() }));
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`${url}/${query}`);
+  return { page, requests, errors };
+}
+
+/** Data of the event rows in the list, oldest first. */
+async function rows(page) {
+  return page.$$eval('#events tbody tr.event', (trs) =>
+    trs.reverse().map((tr) => ({
+      id: tr.dataset.id,
+      type: tr.dataset.type,
+      data: tr.querySelector('td.data').textContent,
+    })),
+  );
+}
+
+async function waitForRows(page, datas) {
+  await page.waitForFunction(
+    (want) => {
+      const have = [...document.querySelectorAll('#events tbody tr.event td.data')].map((td) => td.textContent);
+      return want.every((d) => have.includes(d));
+    },
+    datas,
+    { timeout: PATIENCE },
+  );
+}
+
+const waitState = (page, state) =>
+  page.waitForSelector(`#state[data-state="${state}"]`, { timeout: PATIENCE });
+
+const eventsRequests = (requests) => requests.filter((r) => new URL(r.url).pathname === '/events');
+
+test('the dashboard subscribes, shows events published from the page and from a POST, and the hub', async () => {
+  const hub = await startHerald();
+  const { page, requests, errors } = await openDashboard(hub.url, '');
+  try {
+    assert.equal(await page.evaluate(() => document.compatMode), 'CSS1Compat');
+    assert.equal(await page.textContent('#state-text'), 'not connected');
+    await page.fill('#user', 'ann');
+    await page.fill('#topics', 'chat/* news/**');
+    await page.click('#connect');
+    await waitState(page, 'open');
+    assert.equal(await page.textContent('#state-text'), 'open as ann');
+
+    // From the page: a typed event to a topic; the answer shows its id and delivery.
+    await page.fill('#targets', 'chat/room1');
+    await page.fill('#event-type', 'chat');
+    await page.fill('#data', 'hello from the page');
+    await page.click('#publish');
+    await page.waitForSelector('#publish-result.ok', { timeout: PATIENCE });
+    const pageId = await page.getAttribute('#publish-result', 'data-id');
+    assert.match(await page.textContent('#publish-result'), new RegExp(`Published id ${pageId} · delivered to 1 connection$`));
+
+    // From a POST: to the user, and multi-line data.
+    const fromPost = await post(hub.url, '/publish', { users: ['ann'], data: 'hello from a POST\nsecond line' });
+    assert.equal(fromPost.status, 200);
+    assert.equal(fromPost.body.delivered, 1);
+    await waitForRows(page, ['hello from the page', 'hello from a POST\nsecond line']);
+    assert.deepEqual(await rows(page), [
+      { id: pageId, type: 'chat', data: 'hello from the page' },
+      { id: fromPost.body.id, type: 'message', data: 'hello from a POST\nsecond line' },
+    ]);
+
+    // The server's error message is shown, not swallowed.
+    await page.fill('#event-type', 'herald.mine');
+    await page.click('#publish');
+    await page.waitForSelector('#publish-result.error', { timeout: PATIENCE });
+    const refused = await post(hub.url, '/publish', { topic: 'chat/room1', data: 'x', event: 'herald.mine' });
+    assert.equal(refused.status, 400);
+    assert.equal(await page.textContent('#publish-result'), `400 ${refused.body.error}: ${refused.body.message}`);
+    await page.fill('#event-type', '');
+
+    // Presence and numbers from /users and /stats.
+    await page.waitForSelector('#users li[data-user="ann"]', { timeout: PATIENCE });
+    assert.equal(await page.textContent('#users li[data-user="ann"] .n'), '1 connection');
+    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '1');
+
+    // A burst of load (to a topic nobody here watches) shows on the chart's rates.
+    const samples = [
+      { topic: 'news/eu/markets', event: 'price', data: { symbol: 'HRLD', price: 42.17 } },
+      { broadcast: true, event: 'notice', data: 'maintenance window at 02:00 UTC' },
+      { topic: 'chat/room2', event: 'chat', data: { from: 'bob', text: 'anyone up for lunch?' } },
+      { users: ['ann'], event: 'mention', data: { by: 'carol', in: 'chat/room1' } },
+      { topic: 'news/world', data: 'herald ships its dashboard' },
+    ];
+    const until = Date.now() + 4000;
+    for (let n = 0; Date.now() < until; n++) {
+      await post(hub.url, '/publish', { topic: 'load/test', data: { seq: n } });
+      await sleep(30 + (n % 9) * 12);
+    }
+    await page.waitForFunction(() => Number(document.getElementById('rate-published').textContent) > 0, null, { timeout: PATIENCE });
+    await page.fill('#types', 'message chat price notice mention');
+    await page.click('#connect');
+    await waitState(page, 'open');
+    for (const s of samples) {
+      await post(hub.url, '/publish', { ...s, data: typeof s.data === 'string' ? s.data : JSON.stringify(s.data) });
+      await sleep(150);
+    }
+    await waitForRows(page, ['herald ships its dashboard']);
+    await page.fill('#targets', 'chat/room1');
+    await page.fill('#event-type', 'chat');
+    await page.fill('#data', '{"from":"ann","text":"hi all, the dashboard is live"}');
+    await page.click('#publish');
+    await waitForRows(page, ['{"from":"ann","text":"hi all, the dashboard is live"}']);
+    await sleep(1200);
+    await page.evaluate(() => window.scrollTo(0, 0));
+    mkdirSync(dirname(SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: SCREENSHOT });
+
+    // A narrow window: nothing overflows sideways and the state stays in view.
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.evaluate(() => window.scrollTo(0, document.body.scrollHeight));
+    await sleep(200);
+    const narrow = await page.evaluate(() => ({
+      overflow: document.documentElement.scrollWidth - window.innerWidth,
+      state: document.getElementById('state').getBoundingClientRect().top,
+      scrolled: window.scrollY,
+    }));
+    assert.ok(narrow.overflow <= 0, `horizontal overflow of ${narrow.overflow}px`);
+    assert.ok(narrow.scrolled > 0 && narrow.state >= 0 && narrow.state < 80, JSON.stringify(narrow));
+
+    // Disconnect ends the stream; the hub sees it go.
+    await page.click('#disconnect');
+    assert.equal(await page.textContent('#state-text'), 'not connected');
+    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '0', null, { timeout: PATIENCE });
+
+    // Everything the page loaded came from the hub itself.
+    const foreign = requests.filter((r) => !r.url.startsWith(hub.url + '/'));
+    assert.deepEqual(foreign.map((r) => r.url), []);
+    assert.deepEqual(errors, []);
+  } finally {
+    await page.close();
+    await hub.stop();
+  }
+});
+
+/**
+ * Connects the dashboard as ann to chat/*, sees two events, then goes offline while the hub is
+ * restarted on the same port. Returns what the test needs to go on.
+ */
+async function connectThenRestart(args) {
+  let hub = await startHerald(args);
+  const { page, requests, errors } = await openDashboard(hub.url, '?user=ann&topic=chat/*&connect=1&maxBackoffMs=1000');
+  await waitState(page, 'open');
+  const first = await post(hub.url, '/publish', { topic: 'chat/a', data: 'before 1' });
+  const second = await post(hub.url, '/publish', { topic: 'chat/a', data: 'before 2' });
+  assert.equal(second.body.delivered, 1);
+  await waitForRows(page, ['before 1', 'before 2']);
+  const lastId = second.body.id;
+  assert.equal(await page.evaluate(() => window.dashboard.connection.lastEventId), lastId);
+  // Offline keeps the page from coming back before the test has published what it must miss.
+  await context.setOffline(true);
+  await hub.stop();
+  await waitState(page, 'reconnecting');
+  hub = await startHerald(args, hub.port);
+  return { hub, page, requests, errors, lastId, ids: [first.body.id, second.body.id] };
+}
+
+test('after a hub restart herald.js resumes with its last id and misses nothing', async () => {
+  const { hub, page, requests, errors, lastId } = await connectThenRestart(['--retry', '300ms']);
+  try {
+    const away = [];
+    for (const data of ['while away 1', 'while away 2', 'while away 3']) {
+      const r = await post(hub.url, '/publish', { topic: 'chat/b', data });
+      assert.equal(r.body.delivered, 0, 'published while the page was away');
+      away.push(r.body.id);
+    }
+    const before = requests.length;
+    await context.setOffline(false);
+    await waitForRows(page, ['while away 1', 'while away 2', 'while away 3']);
+    await waitState(page, 'open');
+    // Live again after the replay.
+    const live = await post(hub.url, '/publish', { topic: 'chat/c', data: 'live again' });
+    assert.equal(live.body.delivered, 1);
+    await waitForRows(page, ['live again']);
+    const got = await rows(page);
+    assert.deepEqual(
+      got.map((r) => r.data),
+      ['before 1', 'before 2', 'while away 1', 'while away 2', 'while away 3', 'live again'],
+      'every event once, in order',
+    );
+    assert.deepEqual(got.slice(2).map((r) => r.id), [...away, live.body.id]);
+    // The stream that came back asked for what followed the last id the page had seen, by the
+    // Last-Event-ID header (the browser's retry) or lastEventId (herald.js' own).
+    const resumed = eventsRequests(requests.slice(before));
+    assert.ok(resumed.length >= 1);
+    const asked = [];
+    for (const r of resumed) {
+      asked.push((await r.headers)['last-event-id'] || new URL(r.url).searchParams.get('lastEventId'));
+    }
+    assert.ok(asked.every((id) => id === lastId), `${asked} should all be ${lastId}`);
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.setOffline(false);
+    await page.close();
+    await hub.stop();
+  }
+});
+
+test('after a refused reconnect (503) herald.js retries with backoff and lastEventId', async () => {
+  const { hub, page, requests, lastId } = await connectThenRestart(['--retry', '300ms', '--max-connections', '1']);
+  const hold = new AbortController();
+  try {
+    // Someone else takes the hub's only connection, so the page's retry is answered 503.
+    const holder = await fetch(`${hub.url}/events`, { signal: hold.signal });
+    assert.equal(holder.status, 200);
+    const away = await post(hub.url, '/publish', { topic: 'chat/b', data: 'while refused' });
+    assert.equal(away.body.delivered, 0);
+    await context.setOffline(false);
+    await page.waitForFunction(() => /hub answered 503/.test(document.getElementById('state-text').textContent), null, {
+      timeout: PATIENCE,
+    });
+    // The page shows the hub's own reason.
+    await page.waitForSelector('#connect-error:not([hidden])', { timeout: PATIENCE });
+    assert.match(await page.textContent('#connect-error'), /^503 at_capacity: /);
+    const refusedAt = Date.now();
+    hold.abort();
+    await waitForRows(page, ['while refused']);
+    await waitState(page, 'open');
+    const got = await rows(page);
+    assert.deepEqual(got.map((r) => r.data), ['before 1', 'before 2', 'while refused']);
+    // herald.js made a new EventSource whose URL carries the last id it had seen.
+    const fresh = eventsRequests(requests).filter((r) => r.at >= refusedAt);
+    const last = fresh.at(-1);
+    assert.equal(new URL(last.url).searchParams.get('lastEventId'), lastId, last.url);
+    assert.equal(new URL(last.url).searchParams.get('user'), 'ann');
+  } finally {
+    hold.abort();
+    await context.setOffline(false);
+    await page.close();
+    await hub.stop();
+  }
+});
+
+test('herald.close stops reconnecting for good, and so does a 204 answer', async () => {
+  const hub = await startHerald(['--retry', '200ms']);
+  const { page, requests } = await openDashboard(hub.url, '?user=ann&topic=chat/*&connect=1&maxBackoffMs=500');
+  try {
+    await waitState(page, 'open');
+    const closed = await fetch(`${hub.url}/users/ann/connections?reason=kicked`, { method: 'DELETE' });
+    assert.deepEqual(await closed.json(), { closed: 1 });
+    await waitState(page, 'closed');
+    assert.equal(await page.textContent('#state-text'), 'closed · kicked');
+    let count = eventsRequests(requests).length;
+    await sleep(1500); // several retry intervals and backoff caps
+    assert.equal(eventsRequests(requests).length, count, 'no reconnect after herald.close');
+    assert.deepEqual(await getJson(hub.url, '/users/ann'), { id: 'ann', online: false, connections: 0 });
+
+    // Blocked: the hub answers 204, the browser gives up and herald.js does not retry.
+    await fetch(`${hub.url}/users/ann/connections?block=1m`, { method: 'DELETE' });
+    count = eventsRequests(requests).length;
+    await page.click('#connect');
+    await waitState(page, 'closed');
+    assert.equal(await page.textContent('#state-text'), 'closed · the hub answered 204 No Content');
+    const attempts = eventsRequests(requests).length - count;
+    await sleep(1500);
+    assert.equal(eventsRequests(requests).length - count, attempts, 'no reconnect after a 204');
+    assert.ok(attempts >= 1 && attempts <= 2, `${attempts}: the stream and at most one probe`);
+  } finally {
+    await page.close();
+    await hub.stop();
+  }
+});
+
+test('herald.global.js works from a plain script, herald.js from a module of another origin', async () => {
+  const hub = await startHerald();
+  const page = await context.newPage();
+  try {
+    await page.goto(`${hub.url}/healthz`);
+    assert.equal(await page.evaluate(() => typeof window.herald), 'undefined');
+    await page.addScriptTag({ url: `${hub.url}/herald.global.js` });
+    const names = await page.evaluate(() => Object.keys(window.herald).sort());
+    assert.deepEqual(names, ['Connection', 'backoffDelay', 'connect', 'eventsUrl']);
+    await page.evaluate((url) => {
+      window.got = [];
+      const h = window.herald.connect(url, { topics: ['news/*'] });
+      h.on('headline', (e) => window.got.push([e.id, e.type, e.data]));
+      return new Promise((r) => h.on('state', (s) => s === 'open' && r()));
+    }, hub.url);
+    const sent = await post(hub.url, '/publish', { topic: 'news/today', event: 'headline', data: 'classic works' });
+    await page.waitForFunction(() => window.got.length === 1, null, { timeout: PATIENCE });
+    assert.deepEqual(await page.evaluate(() => window.got), [[sent.body.id, 'headline', 'classic works']]);
+
+    // A page of another origin (localhost vs 127.0.0.1) imports the module and subscribes.
+    const other = hub.url.replace('127.0.0.1', 'localhost');
+    const imported = await page.evaluate(async (src) => {
+      const m = await import(src);
+      return [typeof m.connect, typeof window.herald.connect];
+    }, `${other}/herald.js`);
+    assert.deepEqual(imported, ['function', 'function']);
+  } finally {
+    await page.close();
+    await hub.stop();
+  }
+});
