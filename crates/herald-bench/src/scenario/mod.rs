@@ -1,0 +1,3 @@
+//! Benchmark scenarios, one module each.
+
+pub mod durable;
