@@ -215,6 +215,12 @@ impl Stream for EventStream {
                 return Poll::Ready(None);
             }
             if let Some(replay) = this.replay.take() {
+                // A shutdown does not wait for a long replay to finish.
+                if this.sub.is_shutting_down() {
+                    this.finish_replay(&replay);
+                    this.done = true;
+                    continue;
+                }
                 match this.poll_replay(cx, replay) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => continue,

@@ -118,6 +118,11 @@ impl Subscriber {
         }
     }
 
+    /// Whether the hub is shutting down this stream.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.inbox.lock().ending == Some(Ending::Shutdown)
+    }
+
     /// Whether an overflow is still waiting for the writer to take it.
     pub(crate) fn is_lagging(&self) -> bool {
         self.inbox.lock().lagging
@@ -140,8 +145,12 @@ impl Subscriber {
                 lagging: false,
             });
         }
-        if let Some(ending) = inbox.ending.clone() {
-            return Poll::Ready(Signal::Ending(ending));
+        // A closed stream first catches up what its overflow dropped; a shutdown does not wait
+        // (clients resume from their last id on the next hub).
+        if let Some(ending) = &inbox.ending
+            && (!inbox.lagging || *ending == Ending::Shutdown)
+        {
+            return Poll::Ready(Signal::Ending(ending.clone()));
         }
         let lagging = std::mem::take(&mut inbox.lagging);
         if heartbeat || lagging {

@@ -108,6 +108,18 @@ pub async fn serve(
     );
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping_hub = hub.clone();
+    // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel drops
+    // the connection once they stay so for two heartbeat intervals, and the stream leaves presence.
+    let user_timeout = config.heartbeat * 2;
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+        let sock = socket2::SockRef::from(&*tcp);
+        if let Err(e) = sock
+            .set_tcp_nodelay(true)
+            .and_then(|()| sock.set_tcp_user_timeout(Some(user_timeout)))
+        {
+            tracing::debug!(error = %e, "cannot set socket options");
+        }
+    });
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");

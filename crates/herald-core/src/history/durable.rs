@@ -24,7 +24,7 @@ const ROW_OVERHEAD: u64 = 32;
 /// Why a data directory could not be opened. Startup stops on it; nothing in DIR is overwritten.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot use data dir {path}: {source}")]
+    #[error("cannot use data dir {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

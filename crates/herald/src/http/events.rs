@@ -83,19 +83,10 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
             _ => {}
         }
     }
-    let header_last_id = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_last_event_id",
-                        "Last-Event-ID is not ASCII text",
-                    )
-                })?
-                .to_string(),
-        ),
-        None => None,
-    };
+    // Any header value is taken: one this hub never wrote is answered with `herald.gap`.
+    let header_last_id = headers
+        .get("last-event-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     // Precedence: the Last-Event-ID header, then lastEventId, then since. Empty counts as none.
     request.start = match header_last_id
         .filter(|s| !s.is_empty())

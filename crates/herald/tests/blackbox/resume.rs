@@ -251,3 +251,46 @@ async fn a_subscriber_that_falls_out_of_history_gets_a_gap() {
         "history after the gap, in order"
     );
 }
+
+#[tokio::test]
+async fn a_non_ascii_last_event_id_is_an_unknown_id() {
+    let s = Server::start(&[]).await;
+    s.publish(json!({"topic": "n", "data": "kept"})).await;
+    let r = s
+        .http()
+        .get(format!("{}/events?topic=n", s.url))
+        .header(
+            "last-event-id",
+            reqwest::header::HeaderValue::from_bytes("idé".as_bytes()).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let mut sse = crate::common::Sse::new(r);
+    assert_eq!(sse.next().await.event_type, "herald.gap");
+    assert_eq!(sse.next().await.data, "kept");
+}
+
+/// Closing a user whose connection overflowed still delivers everything before `herald.close`.
+#[tokio::test]
+async fn closing_a_lagging_connection_delivers_what_it_missed_first() {
+    let s = Server::start(&["--queue", "4", "--history", "1000", "--max-body", "200000"]).await;
+    let mut stalled = s.subscribe("user=slow").await;
+    stalled.opened().await;
+    let payload = "w".repeat(60_000);
+    for i in 0..150 {
+        s.publish(json!({"users": ["slow"], "data": format!("{i}:{payload}")}))
+            .await;
+    }
+    let (_, v) = s.delete("/users/slow/connections?reason=bye").await;
+    assert_eq!(v["closed"], 1);
+    for i in 0..150 {
+        let e = stalled.next().await;
+        assert_eq!(
+            e.data.split_once(':').map(|(n, _)| n),
+            Some(i.to_string().as_str())
+        );
+    }
+    assert_eq!(stalled.next().await.event_type, "herald.close");
+}
