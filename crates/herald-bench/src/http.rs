@@ -1,11 +1,11 @@
 //! A lean HTTP/1.1 client over one keep-alive TCP connection: enough for publishing and for
 //! reading an SSE stream (chunked or not), with no allocation per event on the read path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub struct Conn {
     stream: TcpStream,
@@ -27,13 +27,36 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 impl Conn {
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
+        Self::connect_from(addr, None, 16 * 1024).await
+    }
+
+    /// Connects from source address `from` (bound before connecting, port chosen by the kernel)
+    /// with a read buffer of `buf` bytes to start with.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        from: Option<IpAddr>,
+        buf: usize,
+    ) -> anyhow::Result<Conn> {
+        let stream = match from {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let socket = TcpSocket::new_v4()?;
+                // The port is picked at connect time, unique per 4-tuple: binding many sockets
+                // to one address stays cheap and does not exhaust its ephemeral ports.
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                )?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await
+            }
+        }
+        .with_context(|| format!("connect {addr} from {from:?}"))?;
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
-            buf: Vec::with_capacity(16 * 1024),
+            buf: Vec::with_capacity(buf),
             host: addr.to_string(),
         })
     }
@@ -54,20 +77,33 @@ impl Conn {
         }
     }
 
+    /// Reads more bytes straight into the spare capacity of the buffer (no copy, and no
+    /// allocation once the buffer has reached its working size).
     async fn fill(&mut self) -> anyhow::Result<()> {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk).await?;
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(self.buf.capacity().max(1024));
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
         if n == 0 {
             bail!("connection closed");
         }
-        self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 
-    /// POSTs a JSON body and returns the status and body (responses carry Content-Length).
+    /// POSTs a JSON body and returns the status and body.
     pub async fn post_json(&mut self, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.post(path, "application/json", body).await
+    }
+
+    /// POSTs `body` and returns the status and the response body (Content-Length or chunked).
+    pub async fn post(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             self.host,
             body.len()
         );
@@ -75,14 +111,36 @@ impl Conn {
         req.extend_from_slice(body);
         self.stream.write_all(&req).await?;
         let (status, head) = self.read_head().await?;
-        let len: usize = header(&head, "content-length")
-            .and_then(|v| v.parse().ok())
-            .context("no content-length")?;
-        while self.buf.len() < len {
-            self.fill().await?;
+        if let Some(len) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+            while self.buf.len() < len {
+                self.fill().await?;
+            }
+            let body = self.buf.drain(..len).collect();
+            return Ok((status, body));
         }
-        let body = self.buf.drain(..len).collect();
-        Ok((status, body))
+        if !header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            bail!("response with neither content-length nor chunked body");
+        }
+        let mut out = Vec::new();
+        loop {
+            let end = loop {
+                if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break p;
+                }
+                self.fill().await?;
+            };
+            let size = std::str::from_utf8(&self.buf[..end])?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)?;
+            self.buf.drain(..end + 2);
+            while self.buf.len() < size + 2 {
+                self.fill().await?;
+            }
+            out.extend_from_slice(&self.buf[..size]);
+            self.buf.drain(..size + 2);
+            if size == 0 {
+                return Ok((status, out));
+            }
+        }
     }
 
     /// Sends a GET for an event stream and returns a reader of its body.
@@ -127,35 +185,38 @@ impl Stream {
             self.conn.buf.clear();
             return Ok(());
         }
+        // Hand over every complete chunk already buffered in one call, then compact once.
+        let mut pos = 0;
         loop {
+            let buf = &self.conn.buf[pos..];
             if self.chunk_left > 0 {
-                if self.conn.buf.is_empty() {
-                    self.conn.fill().await?;
+                if buf.is_empty() {
+                    break;
                 }
-                let n = self.chunk_left.min(self.conn.buf.len());
-                f(&self.conn.buf[..n]);
-                self.conn.buf.drain(..n);
+                let n = self.chunk_left.min(buf.len());
+                f(&buf[..n]);
+                pos += n;
                 self.chunk_left -= n;
-                if self.chunk_left == 0 {
-                    // The CRLF after the chunk data is consumed with the next size line.
-                }
-                return Ok(());
+                continue;
             }
             // A size line: optional CRLF left from the previous chunk, hex size, CRLF.
-            let line_end = loop {
-                let start = usize::from(self.conn.buf.starts_with(b"\r\n")) * 2;
-                if let Some(p) = self.conn.buf[start..].windows(2).position(|w| w == b"\r\n") {
-                    break (start, start + p);
-                }
-                self.conn.fill().await?;
+            let start = usize::from(buf.starts_with(b"\r\n")) * 2;
+            let Some(p) = buf[start..].windows(2).position(|w| w == b"\r\n") else {
+                break;
             };
-            let size = std::str::from_utf8(&self.conn.buf[line_end.0..line_end.1])?;
+            let size = std::str::from_utf8(&buf[start..start + p])?;
             let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)?;
-            self.conn.buf.drain(..line_end.1 + 2);
             if size == 0 {
                 bail!("stream ended");
             }
+            pos += start + p + 2;
             self.chunk_left = size;
         }
+        self.conn.buf.drain(..pos);
+        if pos == 0 {
+            // Nothing usable was buffered (or only part of a size line): read more.
+            self.conn.fill().await?;
+        }
+        Ok(())
     }
 }

@@ -1,13 +1,19 @@
-//! herald-bench: drives herald (and peers) over the network and reports one JSON line per run
-//! plus a readable table. Never part of the test suite.
+//! herald-bench: drives herald and its peers (nchan, an axum baseline, a ceiling) over the
+//! network and reports one JSON line per run plus a readable table. Never part of the test suite.
 
+mod ceiling;
 mod http;
+mod report;
 mod scenario;
 mod server;
 mod sse;
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
-use serde_json::json;
+
+use scenario::{Ctx, Row, emit, num, row};
+use server::{Bins, Kind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,13 +24,83 @@ struct Cli {
     /// The herald binary to start.
     #[arg(long, default_value = "target/release/herald", global = true)]
     herald: String,
+    /// The baseline binary [default: herald-bench-baseline beside this program].
+    #[arg(long, global = true)]
+    baseline: Option<String>,
+    /// Targets, run one after the other in this order: herald, nchan, baseline, ceiling.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "herald,nchan,baseline,ceiling",
+        global = true
+    )]
+    targets: Vec<String>,
+    /// Extra flag for `herald serve` (repeatable), e.g. --herald-arg=--heartbeat=15s.
+    #[arg(long = "herald-arg", global = true, allow_hyphen_values = true)]
+    herald_args: Vec<String>,
+    /// Streams being opened at once (kept under the 128-deep accept queue that tokio and std
+    /// listeners get, so that the figure is not dominated by 1 s SYN retransmits).
+    #[arg(long, default_value_t = 100, global = true)]
+    concurrency: usize,
     #[command(subcommand)]
     scenario: Scenario,
 }
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// Publish throughput with 1 event per request, for each number of concurrent publishers.
+    /// N idle streams: server RSS per connection (all its processes) and idle CPU.
+    Idle {
+        #[arg(long, short, default_value_t = 15_000)]
+        n: usize,
+        /// Seconds over which idle CPU is measured (covers a 15 s heartbeat when >= 15).
+        #[arg(long, default_value_t = 16)]
+        cpu_secs: u64,
+    },
+    /// Streams opened per second until N are open.
+    Connect {
+        #[arg(long, short, default_value_t = 10_000)]
+        n: usize,
+    },
+    /// N subscribers on one topic, M messages of S bytes: delivered events/s, completeness.
+    Fanout {
+        #[arg(long, short, default_value_t = 10_000)]
+        n: usize,
+        #[arg(long, short, default_value_t = 100)]
+        messages: u64,
+        #[arg(long, short, default_value_t = 64)]
+        size: usize,
+        /// Concurrent publisher connections (order is checked only with 1).
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+    },
+    /// N subscribers on one topic, publishes at fixed rates: publish→receive percentiles.
+    Latency {
+        #[arg(long, short, default_value_t = 10_000)]
+        n: usize,
+        /// Offered publish rates (messages/s), one measurement each.
+        #[arg(long, value_delimiter = ',', default_value = "5")]
+        rates: Vec<f64>,
+        /// Seconds of publishing per rate.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, short, default_value_t = 64)]
+        size: usize,
+        /// Concurrent publisher connections.
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+    },
+    /// N subscribers each on its own topic, M messages spread over them: events/s.
+    Unicast {
+        #[arg(long, short, default_value_t = 10_000)]
+        n: usize,
+        #[arg(long, short, default_value_t = 50_000)]
+        messages: u64,
+        #[arg(long, short, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 32)]
+        publishers: usize,
+    },
+    /// herald only: publish throughput with 1 event per request, per number of publishers.
     Publish {
         #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
         publishers: Vec<usize>,
@@ -36,7 +112,7 @@ enum Scenario {
         #[arg(long)]
         memory: bool,
     },
-    /// Replay speed: one client resuming from before `events` retained events.
+    /// herald only: replay speed, one client resuming from before `events` retained events.
     Resume {
         #[arg(long, default_value_t = 100_000)]
         events: u64,
@@ -45,16 +121,113 @@ enum Scenario {
         #[arg(long)]
         memory: bool,
     },
+    /// Writes BENCHMARKS.md and the plots from the JSON lines of a run.
+    Report {
+        /// JSON lines written by the scenarios.
+        #[arg(long)]
+        results: String,
+        /// `key=value` lines about the machine and the run (see scripts/bench).
+        #[arg(long)]
+        meta: String,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: String,
+        /// Folder for the SVG plots.
+        #[arg(long, default_value = "docs")]
+        plots: String,
+    },
+    /// Serves the ceiling target (started by the harness itself).
+    #[command(hide = true)]
+    Ceiling {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        #[arg(long, default_value_t = 2)]
+        writers: usize,
+    },
 }
 
 fn store(memory: bool) -> &'static str {
     if memory { "memory" } else { "durable" }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// A line of progress on stderr (stdout holds only results).
+pub fn note(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.scenario {
+    match &cli.scenario {
+        Scenario::Ceiling { listen, writers } => ceiling::run(listen, *writers),
+        Scenario::Report {
+            results,
+            meta,
+            out,
+            plots,
+        } => report::write(results, meta, out, plots),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(cli)),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = Ctx {
+        bins: Bins::new(&cli.herald, cli.baseline.as_deref())?,
+        targets: cli
+            .targets
+            .iter()
+            .map(|t| Kind::parse(t))
+            .collect::<anyhow::Result<_>>()?,
+        herald_args: cli.herald_args.clone(),
+    };
+    let c = cli.concurrency;
+    let (title, rows, group): (String, Vec<Row>, Option<&str>) = match cli.scenario {
+        Scenario::Idle { n, cpu_secs } => (
+            format!("idle: {n} streams, RSS of all server processes, CPU over {cpu_secs} s"),
+            scenario::idle::idle(&ctx, n, cpu_secs, c).await?,
+            None,
+        ),
+        Scenario::Connect { n } => (
+            format!("connect: {n} streams, {c} connecting at once"),
+            scenario::idle::connect(&ctx, n, c).await?,
+            None,
+        ),
+        Scenario::Fanout {
+            n,
+            messages,
+            size,
+            publishers,
+        } => (
+            format!(
+                "fanout: {n} subscribers x {messages} messages x {size} bytes, {publishers} publishers"
+            ),
+            scenario::fanout::fanout(&ctx, n, messages, size, publishers, c).await?,
+            None,
+        ),
+        Scenario::Latency {
+            n,
+            rates,
+            secs,
+            size,
+            publishers,
+        } => (
+            format!("latency: {n} subscribers, {secs} s per rate, {size}-byte messages"),
+            scenario::latency::latency(&ctx, n, &rates, secs, size, publishers, c).await?,
+            Some("rate"),
+        ),
+        Scenario::Unicast {
+            n,
+            messages,
+            size,
+            publishers,
+        } => (
+            format!(
+                "unicast: {n} subscribers on own topics, {messages} messages, {publishers} publishers"
+            ),
+            scenario::fanout::unicast(&ctx, n, messages, size, publishers, c).await?,
+            None,
+        ),
         Scenario::Publish {
             publishers,
             events,
@@ -63,57 +236,52 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let mut rows = Vec::new();
             for p in publishers {
-                let r = scenario::durable::publish(&cli.herald, !memory, p, events, size).await?;
+                let r = scenario::durable::publish(&ctx.bins, !memory, p, events, size).await?;
                 let rate = r.events as f64 / r.elapsed.as_secs_f64();
                 let q = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
-                println!(
-                    "{}",
-                    json!({
-                        "scenario": "publish", "target": "herald", "store": store(memory),
-                        "publishers": r.publishers, "events": r.events, "size": size,
-                        "events_per_s": rate.round(), "p50_ms": q(0.5), "p99_ms": q(0.99),
-                    })
-                );
-                rows.push(format!(
-                    "| {:>10} | {:>8} | {:>12.0} | {:>8.2} | {:>8.2} |",
-                    r.publishers,
-                    r.events,
-                    rate,
-                    q(0.5),
-                    q(0.99)
-                ));
+                let mut row = row("publish", Kind::Herald);
+                row.insert("store", store(memory));
+                row.insert("publishers", r.publishers);
+                row.insert("events", r.events);
+                row.insert("size", size);
+                row.insert("events_per_s", num(rate));
+                row.insert("p50_ms", num(q(0.5)));
+                row.insert("p99_ms", num(q(0.99)));
+                emit(&row);
+                rows.push(row);
             }
-            println!(
-                "\npublish ({} history, {size}-byte data, one event per request)",
-                store(memory)
-            );
-            println!("| publishers |   events |     events/s |  p50 ms  |  p99 ms  |");
-            println!("|-----------:|---------:|-------------:|---------:|---------:|");
-            rows.iter().for_each(|r| println!("{r}"));
+            (
+                format!(
+                    "publish ({} history, {size}-byte data, one event per request)",
+                    store(memory)
+                ),
+                rows,
+                None,
+            )
         }
         Scenario::Resume {
             events,
             size,
             memory,
         } => {
-            let r = scenario::durable::resume(&cli.herald, !memory, events, size).await?;
+            let r = scenario::durable::resume(&ctx.bins, !memory, events, size).await?;
             let rate = r.events as f64 / r.elapsed.as_secs_f64();
-            println!(
-                "{}",
-                json!({
-                    "scenario": "resume", "target": "herald", "store": store(memory),
-                    "events": r.events, "size": size, "seconds": r.elapsed.as_secs_f64(),
-                    "events_per_s": rate.round(),
-                })
-            );
-            println!(
-                "\nresume ({} history): {} events replayed in {:.3} s = {:.0} events/s",
-                store(memory),
-                r.events,
-                r.elapsed.as_secs_f64(),
-                rate
-            );
+            let mut row = row("resume", Kind::Herald);
+            row.insert("store", store(memory));
+            row.insert("events", r.events);
+            row.insert("size", size);
+            row.insert("seconds", num(r.elapsed.as_secs_f64()));
+            row.insert("events_per_s", num(rate));
+            emit(&row);
+            (
+                format!("resume ({} history)", store(memory)),
+                vec![row],
+                None,
+            )
         }
-    }
+        Scenario::Report { .. } | Scenario::Ceiling { .. } => unreachable!("handled in main"),
+    };
+    println!("\n{title}\n");
+    print!("{}", scenario::table(&rows, group));
     Ok(())
 }

@@ -1,39 +1,385 @@
-//! Starts and stops the servers under test as child processes.
+//! Starts and stops the servers under test (herald, nchan, the axum baseline, the ceiling) as
+//! child processes, knows how each one is published to and subscribed from, and reads the RSS
+//! and CPU time of all of a server's processes from /proc.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub struct Herald {
-    pub addr: SocketAddr,
-    /// Killed when dropped.
-    _child: Child,
+/// A server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Herald,
+    Nchan,
+    Baseline,
+    Ceiling,
 }
 
-impl Herald {
-    /// Starts `herald serve` on a free port with `args`.
-    pub async fn start(bin: &str, args: &[String]) -> anyhow::Result<Herald> {
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Herald => "herald",
+            Kind::Nchan => "nchan",
+            Kind::Baseline => "baseline",
+            Kind::Ceiling => "ceiling",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Kind> {
+        Ok(match s {
+            "herald" => Kind::Herald,
+            "nchan" => Kind::Nchan,
+            "baseline" => Kind::Baseline,
+            "ceiling" => Kind::Ceiling,
+            _ => bail!("unknown target {s} (herald, nchan, baseline, ceiling)"),
+        })
+    }
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub herald: String,
+    pub baseline: String,
+    /// This program: it serves the ceiling with its hidden `ceiling` subcommand.
+    pub me: PathBuf,
+}
+
+impl Bins {
+    pub fn new(herald: &str, baseline: Option<&str>) -> anyhow::Result<Bins> {
+        let me = std::env::current_exe()?;
+        let baseline = match baseline {
+            Some(b) => b.to_string(),
+            None => me
+                .with_file_name("herald-bench-baseline")
+                .to_string_lossy()
+                .into_owned(),
+        };
+        Ok(Bins {
+            herald: herald.to_string(),
+            baseline,
+            me,
+        })
+    }
+}
+
+pub struct Server {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    /// The server's main process (nginx: the master); its descendants count too.
+    pub pid: u32,
+    child: Option<Child>,
+    /// nchan's scratch folder (config, pid file, logs); removed when dropped.
+    nginx_dir: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at {} (pid {})",
+            self.kind.name(),
+            self.addr,
+            self.pid
+        )
+    }
+}
+
+impl Server {
+    /// Starts `kind` on a free loopback port. `herald_args` go to `herald serve` only.
+    pub async fn start(kind: Kind, bins: &Bins, herald_args: &[String]) -> anyhow::Result<Server> {
+        match kind {
+            Kind::Herald => {
+                let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+                args.extend_from_slice(herald_args);
+                Self::spawn(kind, &bins.herald, &args).await
+            }
+            Kind::Baseline => {
+                let args = ["--listen".to_string(), "127.0.0.1:0".into()];
+                Self::spawn(kind, &bins.baseline, &args).await
+            }
+            Kind::Ceiling => {
+                let args = [
+                    "ceiling".to_string(),
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                ];
+                Self::spawn(kind, &bins.me.to_string_lossy(), &args).await
+            }
+            Kind::Nchan => Self::start_nchan().await,
+        }
+    }
+
+    /// Starts a program that prints `... listening on http://ADDR` as its first stdout line.
+    async fn spawn(kind: Kind, bin: &str, args: &[String]) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("start {bin}"))?;
+        let pid = child.id().context("no pid")?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let line = lines.next_line().await?.context("herald exited")?;
-        let Some(url) = line.strip_prefix("herald listening on http://") else {
-            bail!("unexpected first line: {line}");
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .with_context(|| format!("{bin} did not say where it listens"))??
+            .with_context(|| format!("{bin} exited"))?;
+        let Some((_, url)) = line.split_once("listening on http://") else {
+            bail!("unexpected first line from {bin}: {line}");
         };
-        let addr = url.parse()?;
+        let addr = url.trim().parse()?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Herald {
+        Ok(Server {
+            kind,
             addr,
-            _child: child,
+            pid,
+            child: Some(child),
+            nginx_dir: None,
         })
     }
+
+    async fn start_nchan() -> anyhow::Result<Server> {
+        let module = Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so");
+        if !module.exists() {
+            bail!("nchan is not installed (apt-get install nginx libnginx-mod-nchan)");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("herald-bench-nchan")
+            .tempdir()?;
+        std::fs::create_dir_all(dir.path().join("logs"))?;
+        std::fs::create_dir_all(dir.path().join("tmp"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let conf = nchan_conf(dir.path(), port);
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let out = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(format!("{}/", dir.path().display()))
+            .output()
+            .await
+            .context("run nginx")?;
+        if !out.status.success() {
+            bail!("nginx failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let started = Instant::now();
+        let pid = loop {
+            if let Ok(p) = std::fs::read_to_string(dir.path().join("nginx.pid"))
+                && let Ok(p) = p.trim().parse::<u32>()
+                && tokio::net::TcpStream::connect(addr).await.is_ok()
+            {
+                break p;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("nginx did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Let both workers start before memory is measured.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Server {
+            kind: Kind::Nchan,
+            addr,
+            pid,
+            child: None,
+            nginx_dir: Some(dir),
+        })
+    }
+
+    /// The path a subscriber GETs for `topic`.
+    pub fn sub_path(&self, topic: &str) -> String {
+        match self.kind {
+            Kind::Herald | Kind::Baseline => format!("/events?topic={topic}"),
+            Kind::Nchan | Kind::Ceiling => format!("/sub/{topic}"),
+        }
+    }
+
+    /// Path, content type and body of a request publishing `data` (plain ASCII, no quotes or
+    /// backslashes) to `topic`.
+    pub fn publish_request(&self, topic: &str, data: &str) -> (String, &'static str, Vec<u8>) {
+        match self.kind {
+            Kind::Herald | Kind::Baseline => (
+                "/publish".into(),
+                "application/json",
+                format!(r#"{{"topic":"{topic}","data":"{data}"}}"#).into_bytes(),
+            ),
+            Kind::Nchan | Kind::Ceiling => (
+                format!("/pub/{topic}"),
+                "text/plain",
+                data.as_bytes().to_vec(),
+            ),
+        }
+    }
+
+    /// RSS in bytes of the server's process and all its descendants.
+    pub fn rss(&self) -> u64 {
+        tree(self.pid)
+            .iter()
+            .map(|p| status_kb(*p, "VmRSS:").unwrap_or(0) * 1024)
+            .sum()
+    }
+
+    /// The number of processes counted by `rss`.
+    pub fn processes(&self) -> usize {
+        tree(self.pid).len()
+    }
+
+    /// User + system CPU seconds used so far by the server's processes.
+    pub fn cpu_seconds(&self) -> f64 {
+        let ticks: u64 = tree(self.pid).iter().filter_map(|p| stat_cpu(*p)).sum();
+        ticks as f64 / 100.0
+    }
+
+    /// Stops the server and waits until its processes are gone.
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        if self.nginx_dir.is_some() {
+            let pids = tree(self.pid);
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.pid.to_string())
+                .status()
+                .await;
+            let started = Instant::now();
+            while pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists())
+                && started.elapsed() < Duration::from_secs(10)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for p in pids {
+                if Path::new(&format!("/proc/{p}")).exists() {
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(p.to_string())
+                        .status()
+                        .await;
+                }
+            }
+            self.nginx_dir = None;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.nginx_dir.is_some() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(self.pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// The nchan configuration: the shared template's settings, on `port`, files under `dir`.
+fn nchan_conf(dir: &Path, port: u16) -> String {
+    let dir = dir.display();
+    format!(
+        r#"# written by herald-bench
+load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
+daemon on;
+master_process on;
+user root;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/logs/error.log warn;
+events {{
+  worker_connections 20000;
+  multi_accept on;
+}}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/tmp/body;
+  proxy_temp_path {dir}/tmp/proxy;
+  fastcgi_temp_path {dir}/tmp/fastcgi;
+  uwsgi_temp_path {dir}/tmp/uwsgi;
+  scgi_temp_path {dir}/tmp/scgi;
+  nchan_shared_memory_size 256M;
+  keepalive_timeout 65;
+  keepalive_requests 100000000;
+  client_max_body_size 1m;
+  client_body_buffer_size 64k;
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=65535;
+    location ~ ^/pub/([\w\-\.]+)$ {{
+      nchan_publisher;
+      nchan_channel_id $1;
+      nchan_message_buffer_length 100;
+      nchan_message_timeout 10m;
+    }}
+    location ~ ^/sub/([\w\-\.]+)$ {{
+      nchan_subscriber;
+      nchan_channel_id $1;
+      nchan_subscriber_first_message newest;
+      nchan_eventsource_ping_interval 30;
+      nchan_eventsource_ping_comment "ping";
+    }}
+  }}
+}}
+"#
+    )
+}
+
+/// `pid` and all its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut parent: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(pp) = stat_fields(p).and_then(|f| f.get(1).and_then(|s| s.parse().ok())) {
+                parent.entry(pp).or_default().push(p);
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(kids) = parent.get(&out[i]) {
+            out.extend(kids);
+        }
+        i += 1;
+    }
+    out.retain(|p| Path::new(&format!("/proc/{p}")).exists());
+    out
+}
+
+/// The fields of /proc/PID/stat after the command name: state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// utime + stime in clock ticks.
+fn stat_cpu(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

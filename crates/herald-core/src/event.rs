@@ -51,6 +51,8 @@ pub struct Message {
     pub retry_ms: Option<u32>,
     /// A publisher's key: repeating a publish with the same key within the hub's window publishes once.
     pub idempotency_key: Option<String>,
+    /// Delivered only to connections whose rights match one of its topics (see [`crate::Grant`]).
+    pub private: bool,
 }
 
 impl Message {
@@ -61,6 +63,7 @@ impl Message {
             data: String::new(),
             retry_ms: None,
             idempotency_key: None,
+            private: false,
         }
     }
 
@@ -118,6 +121,12 @@ impl Message {
         self.idempotency_key = Some(key.into());
         self
     }
+
+    /// Marks the message private: see [`Event::is_private`].
+    pub fn private(mut self, private: bool) -> Self {
+        self.private = private;
+        self
+    }
 }
 
 /// A published event: immutable, shared by history and every queue it is in.
@@ -129,6 +138,8 @@ pub struct Event {
     pub data: String,
     pub retry_ms: Option<u32>,
     pub idempotency_key: Option<String>,
+    /// Published with `"private": true`.
+    pub private: bool,
     /// Milliseconds since the Unix epoch when the hub accepted it.
     pub published_at_ms: u64,
     /// The SSE frame, encoded once.
@@ -150,12 +161,20 @@ impl Event {
             data: message.data,
             retry_ms: message.retry_ms,
             idempotency_key: message.idempotency_key,
+            private: message.private,
             published_at_ms,
             frame,
         }
     }
 
-    /// Whether a connection with these selectors and user receives this event.
+    /// Private events reach only connections whose rights match one of their topics (or, for a
+    /// message to users, that user). A message to users is always private.
+    pub fn is_private(&self) -> bool {
+        self.private || !self.targets.users.is_empty()
+    }
+
+    /// Whether a connection with these selectors and user receives this event (rights aside:
+    /// see [`crate::Grant::sees`]).
     pub fn is_for(&self, selectors: &[Selector], user: Option<&UserId>) -> bool {
         self.targets.broadcast
             || user.is_some_and(|u| self.targets.users.contains(u))
@@ -271,6 +290,45 @@ mod tests {
         assert_eq!(&f[..], b"id: 3\nretry: 1500\ndata: a\ndata: b\n\n");
         let f = encode_frame(None, Some("herald.gap"), None, "");
         assert_eq!(&f[..], b"event: herald.gap\ndata: \n\n");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the data, type and retry, a WHATWG parser reads back exactly one event with
+            /// exactly that data (line breaks as LF), id and type: nothing injected, ever. The frame
+            /// is fed in two pieces split anywhere.
+            #[test]
+            fn any_frame_reads_back_as_exactly_one_event(
+                id in any::<u64>(),
+                event in proptest::option::of("\\PC{0,12}|[a\\r\\n:]{0,6}|herald\\.[a-z]{1,4}"),
+                retry in proptest::option::of(any::<u32>()),
+                data in "\\PC{0,40}|[a\\r\\n: ]{0,24}|(data|id|event|retry): [a-z\\r\\n]{0,8}",
+                split in any::<usize>(),
+            ) {
+                let event = event.and_then(|e| EventType::new(&e).ok());
+                let frame = encode_frame(Some(EventId(id)), event.as_ref().map(EventType::as_str), retry, &data);
+                let mut parser = Parser::default();
+                let at = split % (frame.len() + 1);
+                let mut events = parser.feed(&frame[..at]);
+                events.extend(parser.feed(&frame[at..]));
+                prop_assert_eq!(events.len(), 1);
+                prop_assert_eq!(&events[0].data, &data.replace("\r\n", "\n").replace('\r', "\n"));
+                prop_assert_eq!(events[0].id.clone(), Some(id.to_string()));
+                prop_assert_eq!(events[0].event_type.as_str(), event.as_ref().map_or("message", EventType::as_str));
+            }
+
+            /// `Last-Event-ID` parsing: never panics; what parses prints back as its digits.
+            #[test]
+            fn event_ids_parse_back(s in "\\PC{0,24}|[0-9]{1,22}") {
+                if let Some(id) = EventId::parse(&s) {
+                    let digits = s.trim_start_matches('0');
+                    prop_assert_eq!(id.to_string(), if digits.is_empty() { "0" } else { digits });
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, EventId, Message, now_ms};
-use crate::history::{History, HistoryError, MemoryHistory, ReadFrom, Retention};
+use crate::feed::Feed;
+use crate::grant::{Expiries, Grant};
+use crate::history::{History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory};
 use crate::idempotency::Keys;
 use crate::index::SelectorIndex;
 use crate::name::{Selector, UserId};
@@ -23,6 +25,7 @@ use crate::subscriber::{Ending, Offer, Subscriber};
 #[derive(Clone)]
 pub struct HubBuilder {
     history: Option<Arc<dyn History>>,
+    shared: Option<Arc<dyn SharedHistory>>,
     retention: Retention,
     idempotency_window: Duration,
     heartbeat: Duration,
@@ -50,6 +53,7 @@ impl Default for HubBuilder {
     fn default() -> Self {
         HubBuilder {
             history: None,
+            shared: None,
             retention: Retention::default(),
             idempotency_window: Duration::from_secs(300),
             heartbeat: Duration::from_secs(15),
@@ -65,6 +69,13 @@ impl HubBuilder {
     /// Use this history store (default: in memory, with [`retention`](Self::retention)).
     pub fn history(mut self, history: Arc<dyn History>) -> Self {
         self.history = Some(history);
+        self
+    }
+    /// Use a history shared with other hubs (a cluster): publishes go to it, and this hub fans
+    /// out what it reads back from it, so every hub delivers every event in the same order.
+    pub fn shared_history(mut self, shared: Arc<dyn SharedHistory>) -> Self {
+        self.history = Some(shared.clone());
+        self.shared = Some(shared);
         self
     }
     /// How many events the default in-memory history keeps for replay (default 10000).
@@ -120,6 +131,8 @@ impl HubBuilder {
         let (jobs, job_rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
             history,
+            shared: self.shared.clone(),
+            feed: Feed::new(),
             jobs,
             preamble: format!("retry: {retry_ms}\n: herald\n\n").into(),
             queue_capacity: self.queue_capacity,
@@ -129,6 +142,7 @@ impl HubBuilder {
             last_fanned_out: AtomicU64::new(0),
             blocked: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            expiries: Expiries::default(),
             counters: Counters::default(),
             started: Instant::now(),
         });
@@ -138,6 +152,9 @@ impl HubBuilder {
             Keys::new(self.idempotency_window),
         ));
         runtime.spawn(timers(Arc::downgrade(&inner), self.heartbeat));
+        if let Some(shared) = self.shared {
+            runtime.spawn(crate::feed::follow(Arc::downgrade(&inner), shared));
+        }
         Ok(Hub { inner })
     }
 }
@@ -196,6 +213,11 @@ pub struct SubscribeRequest {
     pub selectors: Vec<Selector>,
     pub user: Option<UserId>,
     pub start: Start,
+    /// What the connection may see of private events (default: everything, as with no auth).
+    pub grant: Grant,
+    /// When the connection's token expires, in ms since the epoch: its stream then ends with
+    /// `herald.close` `{"reason":"token_expired"}`.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// The result of publishing one message.
@@ -216,9 +238,9 @@ pub struct UserMessages {
     pub events: Vec<Arc<Event>>,
 }
 
-struct Job {
-    messages: Vec<Message>,
-    reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
+pub(crate) struct Job {
+    pub(crate) messages: Vec<Message>,
+    pub(crate) reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
 }
 
 /// How a message of a commit group is answered.
@@ -264,6 +286,9 @@ pub struct Hub {
 
 pub(crate) struct Inner {
     pub(crate) history: Arc<dyn History>,
+    /// Set in cluster mode: publishes go here and are fanned out by the follower.
+    shared: Option<Arc<dyn SharedHistory>>,
+    pub(crate) feed: Feed,
     /// Publishes wait here for the committer, which appends whole groups at once.
     jobs: mpsc::Sender<Job>,
     pub(crate) preamble: bytes::Bytes,
@@ -276,6 +301,7 @@ pub(crate) struct Inner {
     last_fanned_out: AtomicU64,
     blocked: Mutex<HashMap<UserId, Instant>>,
     shutting_down: AtomicBool,
+    pub(crate) expiries: Expiries,
     pub(crate) counters: Counters,
     started: Instant,
 }
@@ -336,7 +362,13 @@ impl Hub {
             return Err(SubscribeError::AtCapacity(inner.max_connections));
         }
         let entry = reg.subs.vacant_entry();
-        let sub = Arc::new(Subscriber::new(entry.key(), req.user, selectors));
+        let sub = Arc::new(Subscriber::new(
+            entry.key(),
+            req.user,
+            selectors,
+            req.grant,
+            req.expires_at_ms,
+        ));
         entry.insert(sub.clone());
         if let Some(user) = &sub.user {
             reg.users.entry(user.clone()).or_default().push(sub.clone());
@@ -349,6 +381,7 @@ impl Hub {
             id => Some(EventId(id)),
         };
         drop(reg);
+        inner.expiries.add(&sub);
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
         Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
     }
@@ -500,6 +533,11 @@ impl Hub {
         }
     }
 
+    /// False while a shared history (cluster mode) cannot be reached.
+    pub fn is_ready(&self) -> bool {
+        self.inner.feed.is_ready()
+    }
+
     pub fn history(&self) -> &Arc<dyn History> {
         &self.inner.history
     }
@@ -579,18 +617,23 @@ impl Inner {
     }
 
     /// Queues each event for every matching connection; returns how many connections per event.
-    fn fan_out(&self, events: &[Arc<Event>]) -> Vec<usize> {
+    pub(crate) fn fan_out(&self, events: &[Arc<Event>]) -> Vec<usize> {
         let reg = self.registry.read();
         let mut counts = Vec::with_capacity(events.len());
         for event in events {
             self.last_fanned_out.store(event.id.0, Ordering::Release);
             let mut delivered = 0;
-            let mut offer = |sub: &Arc<Subscriber>| match sub.offer(event, self.queue_capacity) {
-                Offer::Skipped => {}
-                Offer::Queued | Offer::Lagging => delivered += 1,
-                Offer::Overflowed => {
-                    self.counters.lagging.fetch_add(1, Ordering::Relaxed);
-                    delivered += 1;
+            let mut offer = |sub: &Arc<Subscriber>| {
+                if !sub.may_see(event) {
+                    return;
+                }
+                match sub.offer(event, self.queue_capacity) {
+                    Offer::Skipped => {}
+                    Offer::Queued | Offer::Lagging => delivered += 1,
+                    Offer::Overflowed => {
+                        self.counters.lagging.fetch_add(1, Ordering::Relaxed);
+                        delivered += 1;
+                    }
                 }
             };
             if event.targets.broadcast {
@@ -616,6 +659,21 @@ impl Inner {
         counts
     }
 
+    /// The follower starts after `id`: new connections get what comes after it live.
+    pub(crate) fn start_at(&self, id: EventId) {
+        let _reg = self.registry.write();
+        self.last_fanned_out.store(id.0, Ordering::Release);
+    }
+
+    /// Every connection catches up from history on its own (used when the follower skipped events).
+    pub(crate) fn lag_everyone(&self) {
+        for (_, sub) in self.registry.read().subs.iter() {
+            if sub.mark_lagging() {
+                self.counters.lagging.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn heartbeat(&self) {
         for (_, sub) in self.registry.read().subs.iter() {
             sub.heartbeat();
@@ -625,6 +683,7 @@ impl Inner {
     async fn housekeeping(&self) {
         let now = Instant::now();
         self.blocked.lock().retain(|_, until| *until > now);
+        self.expiries.fire(now_ms());
         if let Err(e) = self.history.maintain().await {
             tracing::warn!(error = %e, "history maintenance failed");
         }
@@ -651,15 +710,22 @@ impl Inner {
 }
 
 /// The committer: takes whatever publishes are waiting and commits them as one group, in order.
-/// It first reloads the idempotency keys still in their window from history.
+/// It first reloads the idempotency keys still in their window from history (a shared history
+/// keeps the keys itself).
 async fn commit_loop(hub: Weak<Inner>, mut jobs: mpsc::Receiver<Job>, mut keys: Keys) {
-    if let Some(inner) = hub.upgrade() {
+    if let Some(inner) = hub.upgrade()
+        && inner.shared.is_none()
+    {
         keys.load(&*inner.history).await;
     }
     let mut group = Vec::with_capacity(64);
     while jobs.recv_many(&mut group, 512).await > 0 {
         let Some(inner) = hub.upgrade() else { break };
-        inner.commit(std::mem::take(&mut group), &mut keys).await;
+        let group = std::mem::take(&mut group);
+        match &inner.shared {
+            Some(shared) => crate::feed::commit_shared(&inner, shared, group).await,
+            None => inner.commit(group, &mut keys).await,
+        }
     }
 }
 

@@ -137,7 +137,13 @@ mod tests {
     use super::*;
 
     fn sub(key: usize) -> Arc<Subscriber> {
-        Arc::new(Subscriber::new(key, None, Vec::new()))
+        Arc::new(Subscriber::new(
+            key,
+            None,
+            Vec::new(),
+            Default::default(),
+            None,
+        ))
     }
 
     fn matches(index: &SelectorIndex, topic: &str) -> Vec<usize> {

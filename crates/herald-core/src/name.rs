@@ -176,6 +176,29 @@ impl Selector {
         }
         topic_segs.next().is_none()
     }
+
+    /// Whether this selector, taken as a right, covers `other`: every topic `other` can match is
+    /// matched by `self`. `chat/*` covers `chat/a` and `chat/*`, but not `chat/**`; `chat/**`
+    /// covers `chat/*` and `chat/a/**`; `**` covers everything.
+    pub fn covers(&self, other: &Selector) -> bool {
+        let mut rights = self.segments();
+        let mut wanted = other.segments();
+        loop {
+            match (rights.next(), wanted.next()) {
+                (None, None) => return true,
+                // `self` ends with `**`: whatever `other` still has (one segment or more) fits.
+                (Some("**"), Some(_)) => return true,
+                // The lengths of the matched topics differ.
+                (Some(_), None) | (None, Some(_)) => return false,
+                // `other` allows any length from here on, `self` does not.
+                (Some(_), Some("**")) => return false,
+                (Some("*"), Some(_)) => {}
+                // A literal right covers only the same literal, never a `*`.
+                (Some(r), Some(w)) if r == w && w != "*" => {}
+                (Some(_), Some(_)) => return false,
+            }
+        }
+    }
 }
 
 impl From<Topic> for Selector {
@@ -281,6 +304,119 @@ mod tests {
         assert!(sel("**").matches(&t("x/y/z")));
         assert!(sel("*/*/**").matches(&t("a/b/c")));
         assert!(!sel("*/*/**").matches(&t("a/b")));
+    }
+
+    #[test]
+    fn coverage() {
+        let covers = |r: &str, s: &str| sel(r).covers(&sel(s));
+        assert!(covers("chat/*", "chat/a"));
+        assert!(covers("chat/*", "chat/*"));
+        assert!(!covers("chat/*", "chat/**"));
+        assert!(!covers("chat/*", "chat"));
+        assert!(!covers("chat/*", "chat/a/b"));
+        assert!(covers("chat/**", "chat/a"));
+        assert!(covers("chat/**", "chat/*"));
+        assert!(covers("chat/**", "chat/**"));
+        assert!(covers("chat/**", "chat/a/**"));
+        assert!(covers("chat/**", "chat/*/b"));
+        assert!(!covers("chat/**", "chat"));
+        assert!(!covers("chat/**", "*/a"));
+        assert!(!covers("chat/**", "**"));
+        assert!(covers("**", "**"));
+        assert!(covers("**", "a/b/c"));
+        assert!(covers("**", "*"));
+        assert!(covers("*/**", "a/**"));
+        assert!(!covers("*/*/**", "a/**"));
+        assert!(covers("*/*/**", "a/*/**"));
+        assert!(covers("a/b", "a/b"));
+        assert!(!covers("a/b", "a/*"));
+        assert!(!covers("a/b", "a/c"));
+        assert!(!covers("a", "a/b"));
+        assert!(covers("*/b", "a/b"));
+        assert!(!covers("*/b", "a/*"));
+        assert!(!covers("a*", "a/b"));
+        assert!(!covers("a*", "*"));
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn segment(wild: bool) -> BoxedStrategy<String> {
+            if wild {
+                prop_oneof![Just("a"), Just("b"), Just("*")]
+                    .prop_map(String::from)
+                    .boxed()
+            } else {
+                prop_oneof![Just("a"), Just("b")]
+                    .prop_map(String::from)
+                    .boxed()
+            }
+        }
+
+        /// Selectors over the literals `a` and `b`, up to 4 segments, maybe ending in `**`.
+        fn selector() -> impl Strategy<Value = Selector> {
+            (
+                proptest::collection::vec(segment(true), 1..=4),
+                any::<bool>(),
+            )
+                .prop_map(|(mut segs, rest)| {
+                    if rest {
+                        *segs.last_mut().unwrap() = "**".into();
+                    }
+                    Selector::new(&segs.join("/")).unwrap()
+                })
+        }
+
+        /// Every topic of up to `max` segments over `a`, `b` and a literal neither selector has.
+        fn topics(max: usize) -> Vec<Topic> {
+            let mut all: Vec<Vec<&str>> = vec![vec![]];
+            let mut out = Vec::new();
+            for _ in 0..max {
+                let mut next = Vec::new();
+                for prefix in &all {
+                    for seg in ["a", "b", "z"] {
+                        let mut t = prefix.clone();
+                        t.push(seg);
+                        out.push(Topic::new(&t.join("/")).unwrap());
+                        next.push(t);
+                    }
+                }
+                all = next;
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn covers_agrees_with_brute_force(right in selector(), wanted in selector()) {
+                // One more segment than either selector has is enough to tell `**` apart.
+                let max = right.segments().count().max(wanted.segments().count()) + 1;
+                let brute = topics(max)
+                    .iter()
+                    .all(|t| !wanted.matches(t) || right.matches(t));
+                prop_assert_eq!(right.covers(&wanted), brute, "{} covers {}", right, wanted);
+            }
+
+            #[test]
+            fn names_never_panic_and_accept_only_what_they_promise(s in "\\PC{0,40}|[a*/\\n\\r]{0,12}") {
+                if let Ok(t) = Topic::new(&s) {
+                    prop_assert!(!s.is_empty() && s.len() <= 255);
+                    prop_assert!(t.segments().all(|g| !g.is_empty() && g != "*" && g != "**"));
+                    prop_assert!(Selector::from(t.clone()).matches(&t));
+                }
+                if let Ok(sel) = Selector::new(&s) {
+                    prop_assert!(sel.covers(&sel));
+                    prop_assert!(!s.chars().any(char::is_control));
+                }
+                if UserId::new(&s).is_ok() {
+                    prop_assert!(!s.contains('/') && !s.chars().any(char::is_control));
+                }
+                if EventType::new(&s).is_ok() {
+                    prop_assert!(!s.contains(['\r', '\n', '\0']));
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use crate::event::{Event, EventId, control_frame, now_ms};
+use crate::grant::TOKEN_EXPIRED;
 use crate::history::{Chunk, HistoryError, ReadFrom};
 use crate::hub::{Inner, Start};
 use crate::name::EventType;
@@ -137,7 +138,7 @@ impl EventStream {
                 continue;
             }
             self.cursor = Some(event.id);
-            if event.is_for(&self.sub.selectors, self.sub.user.as_ref()) {
+            if self.sub.wants(event) {
                 self.out.push_back(event.frame.clone());
                 replayed += 1;
             }
@@ -188,6 +189,12 @@ impl EventStream {
     }
 
     fn take_live(&mut self) {
+        // Between two ticks of the hub's expiry timer, an expired token gets nothing more.
+        if self.sub.expires_at_ms.is_some_and(|at| now_ms() >= at) {
+            self.live.clear();
+            self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+            return;
+        }
         for event in self.live.drain(..) {
             if self.cursor.is_some_and(|c| event.id <= c) {
                 continue;
@@ -260,6 +267,7 @@ impl Stream for EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
+        self.hub.expiries.remove(&self.sub);
         // Unregister first: no new overflow can be counted after this.
         self.hub.unregister(&self.sub);
         // An unfinished catch-up and an overflow not yet taken each counted once.

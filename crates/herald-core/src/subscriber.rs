@@ -8,6 +8,7 @@ use std::task::{Context, Poll, Waker};
 use parking_lot::Mutex;
 
 use crate::event::{Event, EventId};
+use crate::grant::Grant;
 use crate::name::{Selector, UserId};
 
 /// Why a stream ends.
@@ -24,6 +25,10 @@ pub(crate) struct Subscriber {
     pub(crate) key: usize,
     pub(crate) user: Option<UserId>,
     pub(crate) selectors: Vec<Selector>,
+    /// What this connection may see of private events.
+    pub(crate) grant: Grant,
+    /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
+    pub(crate) expires_at_ms: Option<u64>,
     inbox: Mutex<Inbox>,
 }
 
@@ -63,13 +68,32 @@ pub(crate) enum Offer {
 }
 
 impl Subscriber {
-    pub(crate) fn new(key: usize, user: Option<UserId>, selectors: Vec<Selector>) -> Self {
+    pub(crate) fn new(
+        key: usize,
+        user: Option<UserId>,
+        selectors: Vec<Selector>,
+        grant: Grant,
+        expires_at_ms: Option<u64>,
+    ) -> Self {
         Subscriber {
             key,
             user,
             selectors,
+            grant,
+            expires_at_ms,
             inbox: Mutex::new(Inbox::default()),
         }
+    }
+
+    /// Whether its grant lets this connection see `event` (fan-out has already routed it here).
+    pub(crate) fn may_see(&self, event: &Event) -> bool {
+        self.grant.sees(event, self.user.as_ref())
+    }
+
+    /// Whether this connection receives `event`: routed to it and allowed by its grant. Replay
+    /// and catch-up use this; live fan-out routes through the index, then checks [`Self::may_see`].
+    pub(crate) fn wants(&self, event: &Event) -> bool {
+        event.is_for(&self.selectors, self.user.as_ref()) && self.may_see(event)
     }
 
     pub(crate) fn offer(&self, event: &Arc<Event>, capacity: usize) -> Offer {
@@ -121,6 +145,17 @@ impl Subscriber {
     /// Whether the hub is shutting down this stream.
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.inbox.lock().ending == Some(Ending::Shutdown)
+    }
+
+    /// Makes the writer catch up from history, as after an overflow. True if it was not lagging.
+    pub(crate) fn mark_lagging(&self) -> bool {
+        let mut was = false;
+        self.poke(|inbox| {
+            was = inbox.lagging;
+            inbox.lagging = true;
+            inbox.events.clear();
+        });
+        !was
     }
 
     /// Whether an overflow is still waiting for the writer to take it.

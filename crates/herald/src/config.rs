@@ -10,6 +10,9 @@ use herald_core::Retention;
 use herald_core::duration::parse_duration;
 use serde::Deserialize;
 
+use crate::auth::{Auth, JwtChecks};
+use crate::http::limits::{IpNet, Limits};
+
 /// Settings as given; each is a flag, an env var `HERALD_<NAME>` and a key of the TOML file.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -42,6 +45,13 @@ pub struct RawConfig {
     /// How long an idempotency key makes repeats of a publish no-ops [default: 5m].
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW")]
     pub idempotency_window: Option<String>,
+    /// Share history, fan-out and presence with other nodes through this Redis
+    /// (`redis://host:port/db` or `rediss://…`).
+    #[arg(long, env = "HERALD_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of herald's Redis keys, so several hubs can share one Redis [default: herald].
+    #[arg(long, env = "HERALD_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Most open streams [default: a little under the open-file limit].
     #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -65,6 +75,69 @@ pub struct RawConfig {
     /// Events queued per connection before it falls back to catching up from history [default: 1024].
     #[arg(long, env = "HERALD_QUEUE")]
     pub queue: Option<usize>,
+    /// Shared secret for HS256 tokens (at least 16 bytes); turns authorization on.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS256, ES256 or EdDSA tokens (by key type); turns authorization on.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Clock skew allowed on a token's exp and nbf at admission [default: 5s].
+    #[arg(long, env = "HERALD_JWT_LEEWAY")]
+    pub jwt_leeway: Option<String>,
+    /// Required `iss` of tokens.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of tokens.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Let connections without a token subscribe (never to private events or users' messages).
+    #[arg(long, env = "HERALD_ANONYMOUS")]
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Static key for publishing, presence and control, as `Authorization: Bearer` (repeatable).
+    #[arg(
+        long = "publish-key",
+        env = "HERALD_PUBLISH_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub publish_key: Vec<String>,
+    /// Serve /metrics on this address only, instead of on the main listener.
+    #[arg(long, env = "HERALD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Most open streams per client IP [default: no limit].
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Most open streams per user [default: no limit].
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Proxy address (IP or CIDR, repeatable) whose X-Forwarded-For names the client.
+    #[arg(
+        long = "trusted-proxy",
+        env = "HERALD_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub trusted_proxy: Vec<String>,
+    /// Publish requests per second per key, user or IP (token bucket) [default: no limit].
+    #[arg(long, env = "HERALD_PUBLISH_RATE")]
+    pub publish_rate: Option<f64>,
+    /// Burst size of the publish rate limit [default: twice the rate, at least 1].
+    #[arg(long, env = "HERALD_PUBLISH_BURST")]
+    pub publish_burst: Option<u32>,
+    /// Time a client has to send a request head (slowloris guard) [default: 30s].
+    #[arg(long, env = "HERALD_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Largest request head (request line and headers) in bytes [default: 16384].
+    #[arg(long, env = "HERALD_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Longest request URL in bytes [default: 8192].
+    #[arg(long, env = "HERALD_MAX_URL")]
+    pub max_url: Option<usize>,
+    /// Most targets (topics plus users) per published message [default: 64].
+    #[arg(long, env = "HERALD_MAX_TOPICS")]
+    pub max_topics: Option<usize>,
 }
 
 /// Validated settings of a running hub.
@@ -76,12 +149,17 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub retention: Retention,
     pub idempotency_window: Duration,
+    /// Redis URL and key prefix, in cluster mode.
+    pub redis: Option<(String, String)>,
     pub max_connections: usize,
     pub max_body: usize,
     pub cors_origins: Vec<HeaderValue>,
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    pub auth: Auth,
+    pub metrics_listen: Option<SocketAddr>,
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +207,8 @@ impl RawConfig {
             history_age: self.history_age.or(fallback.history_age),
             history_bytes: self.history_bytes.or(fallback.history_bytes),
             idempotency_window: self.idempotency_window.or(fallback.idempotency_window),
+            redis: self.redis.or(fallback.redis),
+            redis_prefix: self.redis_prefix.or(fallback.redis_prefix),
             max_connections: self.max_connections.or(fallback.max_connections),
             max_body: self.max_body.or(fallback.max_body),
             cors_origin: if self.cors_origin.is_empty() {
@@ -139,6 +219,35 @@ impl RawConfig {
             shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
             max_selectors: self.max_selectors.or(fallback.max_selectors),
             queue: self.queue.or(fallback.queue),
+            jwt_secret: self.jwt_secret.or(fallback.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(fallback.jwt_public_key),
+            jwt_leeway: self.jwt_leeway.or(fallback.jwt_leeway),
+            jwt_issuer: self.jwt_issuer.or(fallback.jwt_issuer),
+            jwt_audience: self.jwt_audience.or(fallback.jwt_audience),
+            anonymous: self.anonymous || fallback.anonymous,
+            publish_key: if self.publish_key.is_empty() {
+                fallback.publish_key
+            } else {
+                self.publish_key
+            },
+            metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .or(fallback.max_connections_per_ip),
+            max_connections_per_user: self
+                .max_connections_per_user
+                .or(fallback.max_connections_per_user),
+            trusted_proxy: if self.trusted_proxy.is_empty() {
+                fallback.trusted_proxy
+            } else {
+                self.trusted_proxy
+            },
+            publish_rate: self.publish_rate.or(fallback.publish_rate),
+            publish_burst: self.publish_burst.or(fallback.publish_burst),
+            header_timeout: self.header_timeout.or(fallback.header_timeout),
+            max_header_bytes: self.max_header_bytes.or(fallback.max_header_bytes),
+            max_url: self.max_url.or(fallback.max_url),
+            max_topics: self.max_topics.or(fallback.max_topics),
         }
     }
 
@@ -202,6 +311,35 @@ impl RawConfig {
             self.idempotency_window,
             Duration::from_secs(300),
         )?;
+        let redis = match self.redis {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "redis",
+                        format!("'{url}' is not a URL like redis://127.0.0.1:6379/0"),
+                    ));
+                }
+                if self.data_dir.is_some() {
+                    return Err(invalid(
+                        "redis",
+                        "with --redis, history lives in Redis: drop --data-dir",
+                    ));
+                }
+                if self.history_bytes.is_some() {
+                    return Err(invalid(
+                        "redis",
+                        "--history-bytes is not supported with Redis: use --history or --history-age",
+                    ));
+                }
+                let prefix = self.redis_prefix.unwrap_or_else(|| "herald".to_string());
+                if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(invalid("redis-prefix", "must be a non-empty word"));
+                }
+                Some((url, prefix))
+            }
+        };
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("max-connections", "must be at least 1")),
             Some(n) => n,
@@ -237,6 +375,107 @@ impl RawConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let checks = JwtChecks {
+            leeway: duration("jwt-leeway", self.jwt_leeway, Duration::from_secs(5))?,
+            issuer: self.jwt_issuer,
+            audience: self.jwt_audience,
+        };
+        let auth = match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "jwt-secret",
+                    "give --jwt-secret or --jwt-public-key, not both",
+                ));
+            }
+            (Some(secret), None) => Auth::with_secret(secret.as_bytes(), &checks)
+                .map_err(|e| invalid("jwt-secret", e.to_string()))?,
+            (None, Some(path)) => Auth::with_public_key_file(path, &checks)
+                .map_err(|e| invalid("jwt-public-key", e.to_string()))?,
+            (None, None) => {
+                if self.anonymous {
+                    return Err(invalid(
+                        "anonymous",
+                        "only means something with --jwt-secret or --jwt-public-key",
+                    ));
+                }
+                Auth::open()
+            }
+        };
+        if let Some(k) = self.publish_key.iter().find(|k| k.len() < 16) {
+            return Err(invalid(
+                "publish-key",
+                format!("a key of {} bytes is too short: use at least 16", k.len()),
+            ));
+        }
+        let auth = auth
+            .publish_keys(self.publish_key)
+            .anonymous(self.anonymous);
+        if auth.has_jwt() && self.cors_origin.iter().any(|o| o == "*") {
+            return Err(invalid(
+                "cors-origin",
+                "'*' cannot go with authorization (tokens in cookies need credentials): list the origins",
+            ));
+        }
+        let metrics_listen = match &self.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics-listen",
+                    format!("'{a}' is not an address like 127.0.0.1:9090"),
+                )
+            })?),
+        };
+        let positive = |name: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(name, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let publish_rate = match self.publish_rate {
+            Some(r) if !(r > 0.0 && r.is_finite()) => {
+                return Err(invalid("publish-rate", "must be a number above 0"));
+            }
+            r => r,
+        };
+        if self.publish_burst == Some(0) {
+            return Err(invalid("publish-burst", "must be at least 1"));
+        }
+        let limits = Limits {
+            per_ip: positive(
+                "max-connections-per-ip",
+                self.max_connections_per_ip,
+                usize::MAX,
+            )?,
+            per_user: positive(
+                "max-connections-per-user",
+                self.max_connections_per_user,
+                usize::MAX,
+            )?,
+            trusted_proxies: self
+                .trusted_proxy
+                .iter()
+                .map(|p| {
+                    p.parse::<IpNet>()
+                        .map_err(|e| invalid("trusted-proxy", format!("'{p}' {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            publish_rate: publish_rate.map(|rate| {
+                let burst = self
+                    .publish_burst
+                    .map_or_else(|| (rate * 2.0).max(1.0), f64::from);
+                (rate, burst)
+            }),
+            header_timeout: duration(
+                "header-timeout",
+                self.header_timeout,
+                Duration::from_secs(30),
+            )?,
+            max_header_bytes: positive("max-header-bytes", self.max_header_bytes, 16 * 1024)?,
+            max_url: positive("max-url", self.max_url, 8 * 1024)?,
+            max_topics: positive("max-topics", self.max_topics, 64)?,
+        };
+        if limits.header_timeout.is_zero() {
+            return Err(invalid("header-timeout", "must be greater than zero"));
+        }
         Ok(Config {
             listen,
             heartbeat,
@@ -244,12 +483,16 @@ impl RawConfig {
             data_dir: self.data_dir,
             retention,
             idempotency_window,
+            redis,
             max_connections,
             max_body,
             cors_origins,
             shutdown_timeout,
             max_selectors,
             queue,
+            auth,
+            metrics_listen,
+            limits,
         })
     }
 }

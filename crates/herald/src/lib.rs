@@ -41,9 +41,12 @@
 //! to the user who started it, chunk by chunk, ending with a final event
 //! (`cargo run -p herald --example job_stream`).
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod http;
+mod listen;
+mod stream_conn;
 
 use std::future::Future;
 
@@ -60,25 +63,53 @@ pub enum ServeError {
     Hub(#[from] herald_core::HubError),
     #[error(transparent)]
     Store(#[from] herald_core::OpenError),
+    #[error("cannot reach Redis: {0}")]
+    Redis(String),
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// A hub configured from `config`; with a data dir, its durable history is opened here.
-pub fn hub_from(config: &Config) -> Result<Hub, ServeError> {
+/// A hub and, with `--redis`, its place in the cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub hub: Hub,
+    pub cluster: Option<std::sync::Arc<herald_core::Cluster>>,
+}
+
+/// The node configured by `config`: its history store is opened (or Redis reached) here, so a
+/// bad data dir or an unreachable Redis stops startup with its own message.
+pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
     let mut builder = Hub::builder().retention(config.retention);
-    if let Some(dir) = &config.data_dir {
+    let mut redis = None;
+    if let Some((url, prefix)) = &config.redis {
+        let store = herald_core::RedisHistory::connect(herald_core::RedisOptions {
+            url: url.clone(),
+            prefix: prefix.clone(),
+            retention: config.retention,
+            idempotency_window: config.idempotency_window,
+        })
+        .await
+        .map_err(|e| ServeError::Redis(e.to_string()))?;
+        let client = store.client().clone();
+        let conn = store.connection();
+        builder = builder.shared_history(std::sync::Arc::new(store));
+        redis = Some((client, conn, prefix.clone()));
+    } else if let Some(dir) = &config.data_dir {
         let store = herald_core::DurableHistory::open(dir, config.retention)?;
         builder = builder.history(std::sync::Arc::new(store));
     }
-    Ok(builder
+    let hub = builder
         .idempotency_window(config.idempotency_window)
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
-        .build()?)
+        .build()?;
+    let cluster = redis.map(|(client, conn, prefix)| {
+        herald_core::Cluster::start(hub.clone(), client, conn, &prefix)
+    });
+    Ok(Node { hub, cluster })
 }
 
 /// Serves herald on `listener` until `shutdown` completes; then refuses new streams, ends the open
@@ -88,56 +119,62 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let hub = hub_from(&config)?;
-    serve(listener, hub, config, shutdown).await
+    let node = node_from(&config).await?;
+    serve(listener, node, config, shutdown).await
 }
 
-/// As [`run`], with a hub built beforehand (by [`hub_from`] or an embedding application).
+/// As [`run`], with a node built beforehand (by [`node_from`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    hub: Hub,
+    node: Node,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let app = router_with(
-        hub.clone(),
-        HttpOptions {
-            max_body: config.max_body,
-            cors_origins: config.cors_origins.clone(),
-        },
-    );
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let stopping_hub = hub.clone();
-    // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel drops
-    // the connection once they stay so for two heartbeat intervals, and the stream leaves presence.
-    let user_timeout = config.heartbeat * 2;
-    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
-        let sock = socket2::SockRef::from(&*tcp);
-        if let Err(e) = sock
-            .set_tcp_nodelay(true)
-            .and_then(|()| sock.set_tcp_user_timeout(Some(user_timeout)))
-        {
-            tracing::debug!(error = %e, "cannot set socket options");
-        }
-    });
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: ending streams");
-        stopping_hub.shutdown();
-        let _ = stopping_tx.send(());
-    });
-    let serve = serve.into_future();
-    tokio::pin!(serve);
-    tokio::select! {
-        result = &mut serve => result?,
-        _ = stopping_rx => {
-            if tokio::time::timeout(config.shutdown_timeout, &mut serve).await.is_err() {
-                tracing::warn!(
-                    timeout = ?config.shutdown_timeout,
-                    "shutdown timeout reached; dropping the remaining connections"
-                );
+    let hub = node.hub.clone();
+    let options = HttpOptions {
+        max_body: config.max_body,
+        cors_origins: config.cors_origins.clone(),
+        cluster: node.cluster.clone(),
+        auth: config.auth.clone(),
+        limits: config.limits.clone(),
+        metrics_route: config.metrics_listen.is_none(),
+    };
+    let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
+    if let Some(addr) = config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+                tracing::error!(error = %e, "the metrics listener failed");
             }
+        });
+    }
+    let local = listener.local_addr()?;
+    if !listen::is_loopback(local) {
+        if config.auth.is_open() {
+            tracing::warn!(
+                %local,
+                "herald runs open on a non-loopback address: anyone who can reach it may subscribe, publish and control; configure --jwt-secret/--jwt-public-key and --publish-key"
+            );
+        } else if !config.auth.has_jwt() {
+            tracing::warn!(
+                %local,
+                "no JWT key: anyone who can reach herald may subscribe, and private messages reach every matching connection"
+            );
         }
     }
+    let settings = listen::ConnectionSettings {
+        header_timeout: config.limits.header_timeout,
+        max_head: config.limits.max_header_bytes * 2,
+        // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel
+        // drops the connection once they stay so for two heartbeat intervals, and the stream
+        // leaves presence.
+        user_timeout: config.heartbeat * 2,
+    };
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending streams");
+        hub.shutdown();
+    };
+    listen::serve(listener, app, settings, stop, config.shutdown_timeout).await;
     Ok(())
 }

@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hub.
-    Serve(RawConfig),
+    Serve(Box<RawConfig>),
     /// Publish one message to a running hub.
     Pub(PubArgs),
     /// Subscribe to a running hub and print each event on one line: id, type, data.
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(raw) => serve(raw).await,
+            Command::Serve(raw) => serve(*raw).await,
             Command::Pub(args) => herald::client::publish(args).await,
             Command::Sub(args) => herald::client::subscribe(args).await,
         }
@@ -57,12 +57,14 @@ fn main() -> ExitCode {
 }
 
 async fn serve(raw: RawConfig) -> anyhow::Result<()> {
+    // rustls (for rediss://) needs one process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "open-file limit");
     }
     let config = raw.load().context("configuration")?;
     // Open the store before listening: a bad data dir stops startup with its own message.
-    let hub = herald::hub_from(&config)?;
+    let node = herald::node_from(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -76,7 +78,7 @@ async fn serve(raw: RawConfig) -> anyhow::Result<()> {
         max_connections = config.max_connections,
         "herald started"
     );
-    herald::serve(listener, hub, config, shutdown_signal()).await?;
+    herald::serve(listener, node, config, shutdown_signal()).await?;
     tracing::info!("herald stopped");
     Ok(())
 }

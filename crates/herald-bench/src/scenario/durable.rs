@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use crate::http::Conn;
-use crate::server::Herald;
+use crate::server::{Bins, Kind, Server};
 use crate::sse::Counter;
 
 pub struct PublishResult {
@@ -21,7 +21,7 @@ pub struct PublishResult {
 
 /// `publishers` connections publish one event per request until `events` are acknowledged.
 pub async fn publish(
-    herald_bin: &str,
+    bins: &Bins,
     durable: bool,
     publishers: usize,
     events: u64,
@@ -33,7 +33,7 @@ pub async fn publish(
         args.push("--data-dir".into());
         args.push(dir.path().join("data").to_string_lossy().into_owned());
     }
-    let herald = Herald::start(herald_bin, &args).await?;
+    let herald = Server::start(Kind::Herald, bins, &args).await?;
     let body = serde_json::to_vec(&json!({"topic": "bench/durable", "data": "x".repeat(size)}))?;
     let body: Arc<[u8]> = body.into();
     let issued = Arc::new(AtomicU64::new(0));
@@ -62,7 +62,7 @@ pub async fn publish(
         latency.add(t.await??)?;
     }
     let elapsed = started.elapsed();
-    drop(herald);
+    herald.stop().await;
     Ok(PublishResult {
         publishers,
         events,
@@ -79,7 +79,7 @@ pub struct ResumeResult {
 /// Fills history with `events` events (in batches), then times one client resuming from before
 /// the first of them until it has received them all.
 pub async fn resume(
-    herald_bin: &str,
+    bins: &Bins,
     durable: bool,
     events: u64,
     size: usize,
@@ -90,7 +90,7 @@ pub async fn resume(
         args.push("--data-dir".into());
         args.push(dir.path().join("data").to_string_lossy().into_owned());
     }
-    let herald = Herald::start(herald_bin, &args).await?;
+    let herald = Server::start(Kind::Herald, bins, &args).await?;
     let mut conn = Conn::connect(herald.addr).await?;
     let one = json!({"topic": "bench/resume", "data": "r".repeat(size)});
     let mut left = events;
@@ -115,6 +115,6 @@ pub async fn resume(
         stream.next(|b| counter.feed(b)).await?;
     }
     let elapsed = started.elapsed();
-    drop(herald);
+    herald.stop().await;
     Ok(ResumeResult { events, elapsed })
 }

@@ -16,8 +16,11 @@ use crate::name::{EventType, Topic, UserId};
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FILE: &str = "herald.redb";
-/// Version of the row and meta layout below; a file with another one is refused.
-const FORMAT: u64 = 1;
+/// Version of the row and meta layout below; a file with another one is refused. Format 2 added
+/// the private bit to a row's flags byte; a format-1 file is read as is (its rows have no private
+/// bit) and marked format 2, so an older herald, which would ignore the bit, refuses it.
+const FORMAT: u64 = 2;
+const FORMAT_WITHOUT_PRIVATE: u64 = 1;
 /// Stored bytes counted per event on top of its row, for `max_bytes` (keys and B-tree overhead).
 const ROW_OVERHEAD: u64 = 32;
 
@@ -127,6 +130,10 @@ impl DurableHistory {
                 .map(|v| v.value());
             match format {
                 Some(FORMAT) => {}
+                Some(FORMAT_WITHOUT_PRIVATE) => {
+                    meta.insert("format", FORMAT)
+                        .map_err(|e| corrupt(&path, e))?;
+                }
                 Some(found) => return Err(OpenError::Format { path, found }),
                 None if existed => return Err(OpenError::NotHerald(path)),
                 None => {
@@ -343,7 +350,7 @@ fn first_published_at_or_after(
     Ok((lo < next).then_some(lo))
 }
 
-// Row layout: published_at u64 | retry u32 (u32::MAX: none) | broadcast u8 | event type str16 |
+// Row layout: published_at u64 | retry u32 (u32::MAX: none) | flags u8 (1: broadcast, 2: private) | event type str16 |
 // idempotency key str16 | topics u16 count of str16 | users u16 count of str16 | data (the rest).
 // str16 is a u16 length and UTF-8 bytes; integers are little-endian.
 
@@ -352,10 +359,10 @@ fn put_str(row: &mut Vec<u8>, s: &str) {
     row.extend_from_slice(s.as_bytes());
 }
 
-fn encode_row(row: &mut Vec<u8>, published_at: u64, m: &Message) {
+pub(super) fn encode_row(row: &mut Vec<u8>, published_at: u64, m: &Message) {
     row.extend_from_slice(&published_at.to_le_bytes());
     row.extend_from_slice(&m.retry_ms.unwrap_or(u32::MAX).to_le_bytes());
-    row.push(u8::from(m.targets.broadcast));
+    row.push(u8::from(m.targets.broadcast) | (u8::from(m.private) << 1));
     put_str(row, m.event_type.as_ref().map_or("", EventType::as_str));
     put_str(row, m.idempotency_key.as_deref().unwrap_or(""));
     row.extend_from_slice(&(m.targets.topics.len() as u16).to_le_bytes());
@@ -395,7 +402,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode_row(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
+pub(super) fn decode_row(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
     let bad = |reason: &str| HistoryError::Corrupt {
         id,
         reason: reason.to_string(),
@@ -413,7 +420,11 @@ fn decode_row(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
             .try_into()
             .unwrap_or_default(),
     );
-    let broadcast = r.take(1).ok_or_else(|| bad("short"))?[0] == 1;
+    let flags = r.take(1).ok_or_else(|| bad("short"))?[0];
+    if flags > 3 {
+        return Err(bad("flags"));
+    }
+    let broadcast = flags & 1 == 1;
     let event_type = r.str().ok_or_else(|| bad("event type"))?;
     let key = r.str().ok_or_else(|| bad("key"))?;
     let mut targets = Targets {
@@ -441,6 +452,7 @@ fn decode_row(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
     }
     message.retry_ms = (retry != u32::MAX).then_some(retry);
     message.idempotency_key = (!key.is_empty()).then(|| key.to_string());
+    message.private = flags & 2 == 2;
     Ok(Event::new(EventId(id), message, published))
 }
 

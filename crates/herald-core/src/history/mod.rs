@@ -3,6 +3,7 @@
 
 mod durable;
 mod memory;
+mod redis;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -16,6 +17,7 @@ use crate::event::{Event, EventId, Message};
 
 pub use durable::{DurableHistory, OpenError};
 pub use memory::MemoryHistory;
+pub use redis::{RedisHistory, RedisOptions};
 
 /// A store failure. Publishing answers 503 on it; nothing is half-applied.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,6 +90,36 @@ pub trait History: Send + Sync + 'static {
     /// Applies age-based retention when nothing is being published. Called periodically.
     async fn maintain(&self) -> Result<(), HistoryError> {
         Ok(())
+    }
+}
+
+/// One message of a shared append: its event, or only the id of the event that already claimed
+/// its idempotency key.
+#[derive(Debug)]
+pub struct Stored {
+    pub id: EventId,
+    /// `None` for a duplicate.
+    pub event: Option<Arc<Event>>,
+}
+
+/// A history shared by several hubs (a cluster). Appends claim idempotency keys atomically across
+/// hubs, and every hub learns of new events, its own included, by following the log in order.
+#[async_trait]
+pub trait SharedHistory: History {
+    /// Appends the messages whose keys are unclaimed; the others get the claiming event's id.
+    async fn append_claiming(&self, messages: Vec<Message>) -> Result<Vec<Stored>, HistoryError>;
+
+    /// The events after `after` (`None`: from the oldest), waiting a little when there are none
+    /// yet. A gap means events after `after` were dropped before this hub saw them.
+    async fn follow(&self, after: Option<EventId>, limit: usize) -> Result<Chunk, HistoryError>;
+
+    /// The newest id issued so far by any hub.
+    async fn newest(&self) -> Result<Option<EventId>, HistoryError>;
+}
+
+impl std::fmt::Debug for dyn SharedHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedHistory")
     }
 }
 

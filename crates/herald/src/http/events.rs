@@ -4,20 +4,38 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use herald_core::{Selector, Start, SubscribeError, SubscribeRequest, UserId};
+use herald_core::{Grant, Selector, Start, SubscribeError, SubscribeRequest, UserId};
 
-use super::{ApiError, AppState, form_pairs};
+use super::{ApiError, AppState, form_pairs, limits};
+use crate::auth::{Caller, forbidden};
 
 pub(crate) async fn subscribe(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let request = parse(&headers, &uri)?;
+    let ip = limits::client_ip(&app.limits, request.extensions(), request.headers());
+    let (headers, uri) = (request.headers(), request.uri());
+    let (mut request, access_token) = parse(headers, uri)?;
+    authorize(&app, headers, access_token.as_deref(), &mut request)?;
+    let slot = app
+        .connections
+        .acquire(&app.limits, ip, request.user.as_ref())
+        .map_err(|limit| {
+            app.metrics.limited(limit);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                match limit {
+                    "connections_per_ip" => "this address holds as many streams as it may",
+                    _ => "this user holds as many streams as it may",
+                },
+            )
+            .retry_after(5)
+        })?;
     let stream = match app.hub.subscribe(request) {
         Ok(stream) => stream,
         Err(SubscribeError::Blocked(_)) => return Ok(StatusCode::NO_CONTENT.into_response()),
@@ -25,6 +43,7 @@ pub(crate) async fn subscribe(
             return Err(ApiError::bad_request("too_many_selectors", e.to_string()));
         }
         Err(e @ SubscribeError::AtCapacity(_)) => {
+            app.metrics.limited("connections");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "at_capacity",
@@ -41,7 +60,11 @@ pub(crate) async fn subscribe(
             .retry_after(1));
         }
     };
-    let body = Body::from_stream(stream.map(Ok::<_, Infallible>));
+    // The slot goes back when hyper drops the body, that is when the stream ends.
+    let body = Body::from_stream(stream.map(move |frame| {
+        let _held = &slot;
+        Ok::<_, Infallible>(frame)
+    }));
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(
@@ -53,11 +76,71 @@ pub(crate) async fn subscribe(
     Ok(response)
 }
 
-fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
+/// Applies the caller's rights to a parsed request: who the connection is, what it may ask for,
+/// what private events it may see and when it ends.
+fn authorize(
+    app: &AppState,
+    headers: &HeaderMap,
+    access_token: Option<&str>,
+    request: &mut SubscribeRequest,
+) -> Result<(), ApiError> {
+    let caller = app.auth.subscriber(headers, access_token)?;
+    match &caller {
+        Caller::Open | Caller::PublishKey(_) => return Ok(()),
+        Caller::Nobody if !app.auth.allows_anonymous() => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "subscribing needs a token (Authorization: Bearer, the herald_token cookie or access_token)",
+            ));
+        }
+        Caller::Nobody => {
+            if request.user.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "naming a user needs that user's token",
+                ));
+            }
+        }
+        Caller::Token(token) => {
+            match (&request.user, &token.user) {
+                (Some(asked), Some(sub)) if asked != sub => {
+                    return Err(forbidden(
+                        "forbidden_user",
+                        format!("the token is for another user than '{asked}'"),
+                    ));
+                }
+                (Some(asked), None) => {
+                    return Err(forbidden(
+                        "forbidden_user",
+                        format!("the token names no user, so it cannot connect as '{asked}'"),
+                    ));
+                }
+                _ => request.user = token.user.clone(),
+            }
+            request.expires_at_ms = token.expires_at_ms;
+        }
+    }
+    let grant = caller.grant();
+    if let Some(s) = request.selectors.iter().find(|s| !grant.covers(s)) {
+        return Err(forbidden(
+            "forbidden_selector",
+            format!("the token's subscribe rights do not cover '{s}'"),
+        ));
+    }
+    debug_assert!(!matches!(grant, Grant::All));
+    request.grant = grant;
+    Ok(())
+}
+
+/// The request, and the `access_token` query value (which is never logged).
+fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<String>), ApiError> {
     let pairs = form_pairs(uri.query().unwrap_or_default().as_bytes())?;
     let mut request = SubscribeRequest::default();
     let mut query_last_id = None;
     let mut since = None;
+    let mut access_token = None;
     for (key, value) in pairs {
         match key.as_str() {
             "topic" => {
@@ -78,6 +161,7 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
                 request.user = Some(user);
             }
             "lastEventId" => query_last_id = Some(value),
+            "access_token" => access_token = Some(value),
             "since" => since = Some(parse_since(&value)?),
             // Anything else (cache busters, later options) is ignored.
             _ => {}
@@ -95,11 +179,11 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<SubscribeRequest, ApiError> {
         Some(id) => Start::After(id),
         None => since.unwrap_or(Start::Live),
     };
-    Ok(request)
+    Ok((request, access_token))
 }
 
 /// `since=ID|DURATION|all`: after an event id, within a duration before now, or all retained.
-pub(crate) fn parse_since(value: &str) -> Result<Start, ApiError> {
+pub fn parse_since(value: &str) -> Result<Start, ApiError> {
     if value == "all" {
         return Ok(Start::All);
     }

@@ -35,6 +35,12 @@ impl Metrics {
             .register_counter(&Key::from_parts(name, labels), &META)
     }
 
+    /// Counts a request refused by a limit (`herald_limited_total{limit=...}`).
+    pub(crate) fn limited(&self, limit: &'static str) {
+        self.counter("herald_limited_total", vec![Label::new("limit", limit)])
+            .increment(1);
+    }
+
     fn gauge(&self, name: &'static str) -> metrics::Gauge {
         self.recorder.register_gauge(&Key::from_name(name), &META)
     }

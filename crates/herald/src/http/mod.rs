@@ -3,7 +3,9 @@
 
 mod error;
 mod events;
+pub mod limits;
 mod metrics;
+mod openapi;
 mod presence;
 mod publish;
 mod web;
@@ -16,8 +18,12 @@ use axum::routing::{delete, get, post};
 use herald_core::Hub;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::auth::Auth;
 pub use error::ApiError;
+pub use events::parse_since;
+pub use limits::Limits;
 pub use metrics::Metrics;
+pub use publish::parse_body as parse_publish_body;
 
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]
@@ -26,6 +32,13 @@ pub struct HttpOptions {
     pub max_body: usize,
     /// Origins allowed by CORS; `*` allows any origin without credentials. Empty: no CORS headers.
     pub cors_origins: Vec<HeaderValue>,
+    /// Who may subscribe, publish and control (default: everyone).
+    pub auth: Auth,
+    pub limits: Limits,
+    /// Serve `/metrics` on this router (false when it has its own listener).
+    pub metrics_route: bool,
+    /// In cluster mode, presence, stats and closes answer for every node.
+    pub cluster: Option<Arc<herald_core::Cluster>>,
 }
 
 impl Default for HttpOptions {
@@ -33,6 +46,10 @@ impl Default for HttpOptions {
         HttpOptions {
             max_body: 1 << 20,
             cors_origins: Vec::new(),
+            auth: Auth::open(),
+            limits: Limits::default(),
+            metrics_route: true,
+            cluster: None,
         }
     }
 }
@@ -42,7 +59,37 @@ pub(crate) struct AppState {
     pub hub: Hub,
     pub max_body: usize,
     pub metrics: Arc<Metrics>,
+    pub auth: Arc<Auth>,
+    pub limits: Arc<Limits>,
+    pub connections: Arc<limits::Connections>,
+    pub publish_rate: Arc<limits::PublishRate>,
+    pub cluster: Option<Arc<herald_core::Cluster>>,
 }
+
+/// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/events"),
+    ("post", "/publish"),
+    ("post", "/broadcast"),
+    ("get", "/users"),
+    ("get", "/users/{id}"),
+    ("get", "/users/{id}/messages"),
+    ("post", "/users/{id}/messages"),
+    ("delete", "/users/{id}/connections"),
+    ("get", "/stats"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/"),
+    ("get", "/index.html"),
+    ("get", "/app.js"),
+    ("get", "/app.css"),
+    ("get", "/favicon.svg"),
+    ("get", "/herald.js"),
+    ("get", "/herald.global.js"),
+    ("get", "/herald.d.ts"),
+];
 
 /// The full herald HTTP interface for `hub`, ready to serve or to `nest` in an application.
 pub fn router(hub: Hub) -> Router {
@@ -51,11 +98,24 @@ pub fn router(hub: Hub) -> Router {
 
 /// [`router`] with explicit options.
 pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
+    router_and_metrics(hub, options).0
+}
+
+/// [`router_with`], plus a router serving only `/metrics` of the same hub (for `--metrics-listen`).
+pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
     let state = AppState {
         hub,
         max_body: options.max_body,
         metrics: Arc::new(Metrics::new()),
+        auth: Arc::new(options.auth),
+        limits: Arc::new(options.limits),
+        connections: Arc::default(),
+        publish_rate: Arc::default(),
+        cluster: options.cluster,
     };
+    let metrics_only = Router::new()
+        .route("/metrics", get(metrics::render))
+        .with_state(state.clone());
     let mut app = Router::new()
         .route("/events", get(events::subscribe))
         .route("/publish", post(publish::publish))
@@ -69,7 +129,12 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
         .route("/users/{id}/connections", delete(presence::close))
         .route("/stats", get(presence::stats))
         .route("/healthz", get(presence::healthz))
-        .route("/metrics", get(metrics::render))
+        .route("/readyz", get(presence::readyz))
+        .route("/openapi.json", get(openapi::document));
+    if options.metrics_route {
+        app = app.route("/metrics", get(metrics::render));
+    }
+    let mut app = app
         .merge(web::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -81,13 +146,17 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            limits::check_head,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             metrics::count_requests,
         ))
         .with_state(state);
     if !options.cors_origins.is_empty() {
         app = app.layer(cors(&options.cors_origins));
     }
-    app
+    (app, metrics_only)
 }
 
 fn cors(origins: &[HeaderValue]) -> CorsLayer {
@@ -98,6 +167,7 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
             header::AUTHORIZATION,
             HeaderName::from_static("last-event-id"),
         ])
+        .expose_headers([header::RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(600));
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())

@@ -3,12 +3,19 @@
 
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use herald_core::UserId;
 use herald_core::duration::parse_duration;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, form_pairs};
+
+use crate::auth::Caller;
+
+/// Presence and control need the publish key or an admin token.
+fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    app.auth.caller(headers)?.require_admin()
+}
 
 const PAGE_DEFAULT: usize = 100;
 const PAGE_MAX: usize = 1000;
@@ -20,7 +27,12 @@ pub(crate) fn user_from_path(
     UserId::new(&raw).map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))
 }
 
-pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn users(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
     let mut limit = PAGE_DEFAULT;
     let mut after = None;
     for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
@@ -34,12 +46,23 @@ pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<
             _ => {}
         }
     }
-    let count = app.hub.stats().users;
-    let page: Vec<Value> = app
-        .hub
-        .users(after.as_ref(), limit)
+    let (count, page): (usize, Vec<(String, usize)>) = match &app.cluster {
+        Some(cluster) => cluster
+            .users(after.as_ref(), limit)
+            .await
+            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+        None => (
+            app.hub.stats().users,
+            app.hub
+                .users(after.as_ref(), limit)
+                .into_iter()
+                .map(|(u, n)| (u.as_str().to_string(), n))
+                .collect(),
+        ),
+    };
+    let page: Vec<Value> = page
         .into_iter()
-        .map(|(id, connections)| json!({ "id": id.as_str(), "connections": connections }))
+        .map(|(id, connections)| json!({ "id": id, "connections": connections }))
         .collect();
     Ok(Json(json!({ "count": count, "users": page })))
 }
@@ -49,9 +72,15 @@ pub(crate) async fn users(State(app): State<AppState>, uri: Uri) -> Result<Json<
 pub(crate) async fn messages(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
     let user = user_from_path(path)?;
+    // A user may read back their own messages with their own token.
+    match app.auth.caller(&headers)? {
+        Caller::Token(t) if t.user.as_ref() == Some(&user) => {}
+        other => other.require_admin()?,
+    }
     let mut start = herald_core::Start::All;
     let mut limit = PAGE_DEFAULT;
     for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
@@ -102,9 +131,17 @@ fn parse_limit(value: &str) -> Result<usize, ApiError> {
 pub(crate) async fn user(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
     let user = user_from_path(path)?;
-    let connections = app.hub.connections_of(&user);
+    let connections = match &app.cluster {
+        Some(cluster) => cluster
+            .connections_of(&user)
+            .await
+            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+        None => app.hub.connections_of(&user),
+    };
     Ok(Json(json!({
         "id": user.as_str(),
         "online": connections > 0,
@@ -116,8 +153,10 @@ pub(crate) async fn user(
 pub(crate) async fn close(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
     let user = user_from_path(path)?;
     let mut block = None;
     let mut reason = "closed".to_string();
@@ -141,13 +180,29 @@ pub(crate) async fn close(
             _ => {}
         }
     }
-    let closed = app.hub.close_user(&user, &reason, block);
+    let closed = match &app.cluster {
+        Some(cluster) => cluster
+            .close_user(&user, &reason, block)
+            .await
+            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+        None => app.hub.close_user(&user, &reason, block),
+    };
     Ok(Json(json!({ "closed": closed })))
 }
 
-pub(crate) async fn stats(State(app): State<AppState>) -> Json<Value> {
-    let s = app.hub.stats();
-    Json(json!({
+pub(crate) async fn stats(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
+    let s = match &app.cluster {
+        Some(cluster) => cluster
+            .stats()
+            .await
+            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+        None => app.hub.stats(),
+    };
+    Ok(Json(json!({
         "connections": s.connections,
         "users": s.users,
         "topics": s.topics,
@@ -157,9 +212,24 @@ pub(crate) async fn stats(State(app): State<AppState>) -> Json<Value> {
         "gaps": s.gaps,
         "lagging": s.lagging,
         "uptime_s": s.uptime.as_secs(),
-    }))
+    })))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 200 while this node can publish; 503 while its shared history (Redis) is
+/// unreachable, so a load balancer can route around it.
+pub(crate) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if app.hub.is_ready() {
+        Ok(Json(json!({ "ready": true })))
+    } else {
+        Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "this node cannot reach its shared history",
+        )
+        .retry_after(1))
+    }
 }

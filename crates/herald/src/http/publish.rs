@@ -2,15 +2,15 @@
 //! before anything is published, so a rejected request publishes nothing.
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{Path, State, rejection::PathRejection};
+use axum::extract::{Path, Request, State, rejection::PathRejection};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::{EventType, Message, PublishError, Targets, Topic, UserId};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ApiError, AppState, form_pairs};
+use super::{ApiError, AppState, form_pairs, limits};
+use crate::auth::Caller;
 
 /// Which targets a route takes from the body.
 #[derive(Debug, Clone)]
@@ -34,28 +34,85 @@ struct Answer {
 
 pub(crate) async fn publish(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    handle(app, Route::Publish, headers, body).await
+    handle(app, Route::Publish, request).await
 }
 
 pub(crate) async fn broadcast(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    handle(app, Route::Broadcast, headers, body).await
+    handle(app, Route::Broadcast, request).await
 }
 
 pub(crate) async fn to_user(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let user = super::presence::user_from_path(path)?;
-    handle(app, Route::User(user), headers, body).await
+    handle(app, Route::User(user), request).await
+}
+
+/// Parses a publish body as `/publish` does (`json`: JSON, else form): the messages, and whether
+/// the body was a batch. Exposed for the fuzz targets.
+pub fn parse_body(bytes: &[u8], json: bool) -> Result<(Vec<Message>, bool), ApiError> {
+    if json {
+        parse_json(bytes, &Route::Publish)
+    } else {
+        Ok((vec![parse_form(bytes, &Route::Publish)?], false))
+    }
+}
+
+/// Who may publish what: every topic covered by the caller's publish rights; users and broadcast
+/// need the publish key or admin. Also bounds the targets of each message.
+fn authorize(caller: &Caller, messages: &[Message], max_targets: usize) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate() {
+        let t = &m.targets;
+        let at = |e: ApiError| if messages.len() > 1 { e.at_index(i) } else { e };
+        if t.topics.len() + t.users.len() > max_targets {
+            return Err(at(ApiError::bad_request(
+                "too_many_targets",
+                format!("a message may have at most {max_targets} topics and users"),
+            )));
+        }
+        for topic in &t.topics {
+            caller.require_publish(topic).map_err(at)?;
+        }
+        if t.broadcast || !t.users.is_empty() {
+            caller.require_admin().map_err(at)?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes one publish from the caller's token bucket (per key, user, or else IP).
+fn rate_limit(app: &AppState, caller: &Caller, request: &Request) -> Result<(), ApiError> {
+    let Some((rate, burst)) = app.limits.publish_rate else {
+        return Ok(());
+    };
+    let key = match caller {
+        Caller::PublishKey(i) => format!("key:{i}"),
+        Caller::Token(t) if t.user.is_some() => {
+            format!("user:{}", t.user.as_ref().map_or("", |u| u.as_str()))
+        }
+        _ => match limits::client_ip(&app.limits, request.extensions(), request.headers()) {
+            Some(ip) => format!("ip:{ip}"),
+            None => return Ok(()),
+        },
+    };
+    app.publish_rate
+        .take(&key, rate, burst, std::time::Instant::now())
+        .map_err(|wait| {
+            app.metrics.limited("publish_rate");
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many publishes; retry later",
+            )
+            .retry_after(wait)
+        })
 }
 
 enum Format {
@@ -89,12 +146,18 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
     }
 }
 
-async fn handle(
-    app: AppState,
-    route: Route,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn handle(app: AppState, route: Route, request: Request) -> Result<Response, ApiError> {
+    let caller = app.auth.caller(request.headers())?;
+    if matches!(caller, Caller::Nobody) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "publishing needs a token or the publish key as Authorization: Bearer",
+        ));
+    }
+    rate_limit(&app, &caller, &request)?;
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let format = format_of(&headers)?;
     let too_large = || {
         ApiError::new(
@@ -117,6 +180,7 @@ async fn handle(
         Format::Json => parse_json(&bytes, &route)?,
         Format::Form => (vec![parse_form(&bytes, &route)?], false),
     };
+    authorize(&caller, &messages, app.limits.max_topics)?;
     let published = app.hub.publish_batch(messages).await.map_err(|e| match e {
         PublishError::NoTarget { index } => {
             ApiError::bad_request("no_target", "give topic, topics, users or broadcast")
@@ -227,6 +291,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
     let mut event = None;
     let mut retry_ms = None;
     let mut idem = None;
+    let mut private = false;
     let targets_allowed = matches!(route, Route::Publish);
     if obj.contains_key("topic") && obj.contains_key("topics") {
         return Err(ApiError::bad_request(
@@ -288,6 +353,10 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
                 Value::String(s) => idem = Some(idempotency_key(s)?),
                 _ => return Err(field_error(key, "must be a string")),
             },
+            "private" => match value {
+                Value::Bool(b) => private = *b,
+                _ => return Err(field_error(key, "must be true or false")),
+            },
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_field",
@@ -296,7 +365,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
             }
         }
     }
-    finish(route, targets, data, event, retry_ms, idem)
+    finish(route, targets, data, event, retry_ms, idem).map(|m| m.private(private))
 }
 
 /// Builds a message from form fields: topic and user repeat; data, event, retry at most once.
@@ -306,6 +375,7 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
     let mut event = None;
     let mut retry_ms = None;
     let mut idem = None;
+    let mut private = false;
     let targets_allowed = matches!(route, Route::Publish);
     for (key, value) in form_pairs(bytes)? {
         let once = |seen: bool| {
@@ -347,6 +417,13 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
                 once(idem.is_some())?;
                 idem = Some(idempotency_key(&value)?);
             }
+            "private" => {
+                private = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(field_error(&key, "must be true, 1, false or 0")),
+                }
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_field",
@@ -355,7 +432,7 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
             }
         }
     }
-    finish(route, targets, data, event, retry_ms, idem)
+    finish(route, targets, data, event, retry_ms, idem).map(|m| m.private(private))
 }
 
 fn finish(
@@ -435,6 +512,41 @@ mod tests {
         assert_eq!(code(r#"{"#), "invalid_json");
         let e = json(r#"[{"topic":"a","data":"x"},{"topic":"","data":"x"}]"#).unwrap_err();
         assert_eq!(e.index, Some(1));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// The body parsers never panic; what they accept always has a target, and private is
+            /// taken as given.
+            #[test]
+            fn publish_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..200), json in any::<bool>()) {
+                if let Ok((messages, _)) = parse_body(&body, json) {
+                    prop_assert!(messages.iter().all(|m| !m.targets.is_empty()));
+                }
+            }
+
+            #[test]
+            fn json_shaped_bodies_never_panic(body in r#"\{("(topic|topics|users|data|event|retry|private|broadcast|idempotencyKey)":("[a-z/*\n]{0,6}"|true|1|-1|null|\[\]|\["a"\]),?){0,5}\}"#) {
+                let _ = parse_body(body.as_bytes(), true);
+            }
+
+            #[test]
+            fn since_never_panics(s in "\\PC{0,20}|[0-9a-z]{0,8}") {
+                let _ = crate::http::parse_since(&s);
+            }
+        }
+    }
+
+    #[test]
+    fn private_flag() {
+        let (m, _) = parse_body(br#"{"topic":"a","data":"x","private":true}"#, true).unwrap();
+        assert!(m[0].private);
+        let (m, _) = parse_body(b"topic=a&data=x&private=1", false).unwrap();
+        assert!(m[0].private);
+        assert!(parse_body(br#"{"topic":"a","data":"x","private":"yes"}"#, true).is_err());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Black-box tests: each starts the real `herald` binary on port 0 and talks to it over TCP, reading
 //! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
 
+mod auth;
 mod cli;
+mod cluster;
 mod common;
 mod control;
 mod durable;
 mod input;
+mod limits;
 mod resume;
 mod streams;

@@ -1,0 +1,499 @@
+//! Writes BENCHMARKS.md and the SVG plots (latency percentiles against offered rate, memory per
+//! idle connection) from the JSON lines of a `scripts/bench` run and its `key=value` meta file.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::scenario::{Row, advantage, headline, table};
+
+const TARGETS: [&str; 4] = ["herald", "nchan", "baseline", "ceiling"];
+const COLORS: [&str; 4] = ["#d62728", "#1f77b4", "#2ca02c", "#7f7f7f"];
+
+pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Result<()> {
+    let rows: Vec<Row> = std::fs::read_to_string(results)
+        .with_context(|| format!("read {results}"))?
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Row::from_json(&v))
+        .collect();
+    let meta_text = std::fs::read_to_string(meta).with_context(|| format!("read {meta}"))?;
+    let mut meta: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in meta_text.lines() {
+        if let Some((k, v)) = l.split_once('=') {
+            meta.entry(k.trim().to_string())
+                .or_default()
+                .push(v.trim().to_string());
+        }
+    }
+    let m = |k: &str| {
+        meta.get(k)
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let by = |s: &str| -> Vec<Row> {
+        rows.iter()
+            .filter(|r| r.get("scenario").and_then(Value::as_str) == Some(s))
+            .cloned()
+            .collect()
+    };
+    let f = |rs: &[Row], target: &str, key: &str, pick: &dyn Fn(&Row) -> bool| -> Option<f64> {
+        rs.iter()
+            .find(|r| r.get("target").and_then(Value::as_str) == Some(target) && pick(r))
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_f64)
+    };
+    let any = |_: &Row| true;
+    let idle = by("idle");
+    let fanout = by("fanout");
+    let latency = by("latency");
+    let unicast = by("unicast");
+    let connect = by("connect");
+    let headline_rate = m("headline_rate").parse::<f64>().unwrap_or(5.0);
+    let at_rate = move |r: &Row| r.get("rate").and_then(Value::as_f64) == Some(headline_rate);
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `scripts/bench` ({}); rerun it rather than editing this file. herald, nchan, \
+         a hand-written axum baseline and a ceiling are measured side by side in the same run, \
+         each started and stopped by `herald-bench`, which talks to them only over loopback \
+         HTTP/1.1.\n",
+        m("date")
+    );
+    let _ = writeln!(md, "## Machine and versions\n");
+    for (label, key) in [
+        ("CPU", "cpu"),
+        ("cores", "cores"),
+        ("memory", "memory"),
+        ("kernel", "kernel"),
+        ("open-file limit", "nofile"),
+        ("rustc", "rustc"),
+        ("herald", "herald"),
+        ("nchan", "nchan"),
+        ("baseline", "baseline"),
+        ("ceiling", "ceiling"),
+        ("load before the run", "load_before"),
+        ("load after the run", "load_after"),
+        ("run time", "duration"),
+    ] {
+        if !m(key).is_empty() {
+            let _ = writeln!(md, "- {label}: {}", m(key));
+        }
+    }
+    for n in meta.get("note").into_iter().flatten() {
+        let _ = writeln!(md, "- note: {n}");
+    }
+    let _ = writeln!(
+        md,
+        "\nServer and load generator share the same 2 cores, so every figure includes the \
+         client's own cost; the ceiling row shows what this client and machine can do at best.\n"
+    );
+
+    // The summary: one line per figure the issue sets a target for.
+    let _ = writeln!(md, "## Summary\n");
+    let _ = writeln!(
+        md,
+        "Ratios are herald's advantage over each peer (> 1 means herald is better: more events/s \
+         or fewer bytes / milliseconds), and herald's share of the ceiling.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| figure | herald | nchan | baseline | ceiling | herald vs nchan | herald vs baseline | herald / ceiling | issue target |"
+    );
+    let _ = writeln!(md, "|:---|---:|---:|---:|---:|---:|---:|---:|:---|");
+    let mut line = |label: &str,
+                    rs: &[Row],
+                    key: &str,
+                    higher: bool,
+                    pick: &dyn Fn(&Row) -> bool,
+                    target: &str,
+                    ceiling_ratio: bool| {
+        let v: Vec<Option<f64>> = TARGETS.iter().map(|t| f(rs, t, key, pick)).collect();
+        let fmt = |x: Option<f64>| x.map_or("–".to_string(), fmt_num);
+        let ratio = |i: usize| match (v[0], v[i]) {
+            (Some(h), Some(p)) if h > 0.0 && p > 0.0 => {
+                format!("{:.2}×", advantage(h, p, higher))
+            }
+            _ => "–".into(),
+        };
+        let ceil = match (v[0], v[3]) {
+            (Some(h), Some(c)) if ceiling_ratio && h > 0.0 && c > 0.0 => {
+                format!("{:.0}%", advantage(h, c, higher) * 100.0)
+            }
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {ceil} | {target} |",
+            fmt(v[0]),
+            fmt(v[1]),
+            fmt(v[2]),
+            fmt(v[3]),
+            ratio(1),
+            ratio(2)
+        );
+    };
+    let n_idle = f(&idle, "herald", "connections", &any).unwrap_or(0.0);
+    line(
+        &format!("RSS per idle connection, bytes ({n_idle} connections)"),
+        &idle,
+        "bytes_per_conn",
+        false,
+        &any,
+        "≤ 2048",
+        false,
+    );
+    line(
+        "idle CPU with those connections, % of a core",
+        &idle,
+        "idle_cpu_pct",
+        false,
+        &any,
+        "≤ 3",
+        false,
+    );
+    line(
+        "fan-out, delivered events/s",
+        &fanout,
+        "events_per_s",
+        true,
+        &any,
+        "≥ 2× baseline, ≥ 60% of ceiling",
+        true,
+    );
+    line(
+        "fan-out, subscribers that got every message",
+        &fanout,
+        "complete_subs",
+        true,
+        &any,
+        "all",
+        false,
+    );
+    line(
+        "fan-out, publish answer p99 during the burst, ms",
+        &fanout,
+        "pub_p99_ms",
+        false,
+        &any,
+        "",
+        false,
+    );
+    line(
+        &format!("latency p50 at {headline_rate} msg/s, ms"),
+        &latency,
+        "p50_ms",
+        false,
+        &at_rate,
+        "",
+        true,
+    );
+    line(
+        &format!("latency p99 at {headline_rate} msg/s, ms"),
+        &latency,
+        "p99_ms",
+        false,
+        &at_rate,
+        "≤ 25",
+        true,
+    );
+    line(
+        &format!("latency max at {headline_rate} msg/s, ms"),
+        &latency,
+        "max_ms",
+        false,
+        &at_rate,
+        "",
+        true,
+    );
+    line(
+        &format!("publish answer p99 at {headline_rate} msg/s with fan-out running, ms"),
+        &latency,
+        "pub_p99_ms",
+        false,
+        &at_rate,
+        "≤ 2",
+        false,
+    );
+    line(
+        "unicast, delivered events/s",
+        &unicast,
+        "events_per_s",
+        true,
+        &any,
+        "",
+        true,
+    );
+    line(
+        "connections opened per second",
+        &connect,
+        "connects_per_s",
+        true,
+        &any,
+        "",
+        true,
+    );
+    let _ = writeln!(md);
+
+    let _ = writeln!(md, "## Plots\n");
+    let _ = writeln!(
+        md,
+        "![publish→receive latency against offered rate](docs/bench-latency.svg)\n\n\
+         ![server RSS per idle connection](docs/bench-memory.svg)\n"
+    );
+    let _ = writeln!(md, "## Commands\n");
+    let _ = writeln!(md, "```sh");
+    for c in meta.get("command").into_iter().flatten() {
+        let _ = writeln!(md, "{c}");
+    }
+    let _ = writeln!(md, "```\n");
+    let _ = writeln!(md, "## Every figure\n");
+    for (s, group, what) in [
+        (
+            "idle",
+            None,
+            "N idle streams; RSS summed over all of the server's processes (nginx: master and workers), measured 0.5 s after start and 2 s after the last stream opened; CPU over the window that follows.",
+        ),
+        (
+            "connect",
+            None,
+            "streams opened (request sent, response head read) per second, with a bounded number connecting at once.",
+        ),
+        (
+            "fanout",
+            None,
+            "N subscribers on one topic, M messages from concurrent publishers; events/s from the first publish to the last delivery; `complete_subs` counts subscribers that received exactly M events.",
+        ),
+        (
+            "latency",
+            Some("rate"),
+            "N subscribers on one topic; messages published at a fixed rate by 8 connections, each carrying its scheduled send time, so a server that makes publishers wait shows it as latency. Publishing stops at the end of the window (`unsent` counts what a slow target never got to).",
+        ),
+        (
+            "unicast",
+            None,
+            "N subscribers each on its own topic; messages spread over them by concurrent publishers.",
+        ),
+        (
+            "publish",
+            None,
+            "herald only (durable history, every answer means fsynced): one event per request.",
+        ),
+        (
+            "resume",
+            None,
+            "herald only: one client resuming from before all retained events.",
+        ),
+    ] {
+        let rs = by(s);
+        if rs.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "### {s}\n\n{what}\n");
+        md.push_str(&table(&rs, group));
+        let _ = writeln!(md);
+    }
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "- **herald**: `target/release/herald serve`, defaults (history in memory, 15 s heartbeat).\n\
+         - **nchan**: Debian's nginx with libnginx-mod-nchan, `worker_processes 2`, publisher \
+           `POST /pub/{{topic}}` (its answer waits for the fan-out), EventSource subscriber \
+           `GET /sub/{{topic}}`; config written by `herald-bench` (see `src/server.rs`).\n\
+         - **baseline**: `herald-bench-baseline`, axum `Sse` with one `tokio::sync::broadcast` \
+           (capacity 1024) per topic and `KeepAlive::default()`.\n\
+         - **ceiling**: `herald-bench ceiling`, a process that answers the request head, keeps \
+           the bare sockets per topic and writes each frame, encoded once, to every socket from \
+           2 writer threads, batching whatever is pending into one write per socket; no \
+           heartbeats, ids, history or queues.\n"
+    );
+    std::fs::write(out, md).with_context(|| format!("write {out}"))?;
+
+    std::fs::create_dir_all(plots)?;
+    std::fs::write(
+        format!("{plots}/bench-latency.svg"),
+        latency_svg(&latency, &m("latency_subscribers")),
+    )?;
+    std::fs::write(format!("{plots}/bench-memory.svg"), memory_svg(&idle))?;
+    let _ = headline;
+    Ok(())
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1_000_000.0 {
+        format!("{:.2}M", v / 1e6)
+    } else if v.abs() >= 10_000.0 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.abs() >= 100.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;")
+}
+
+/// p50 (dashed) and p99 (solid) against offered rate, log-scaled latency.
+fn latency_svg(rows: &[Row], subscribers: &str) -> String {
+    let (w, h, l, r, t, b) = (760.0, 460.0, 70.0, 170.0, 50.0, 60.0);
+    let pts = |target: &str, key: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|x| x.get("target").and_then(Value::as_str) == Some(target))
+            .filter_map(|x| Some((x.get("rate")?.as_f64()?, x.get(key)?.as_f64()?.max(0.01))))
+            .collect()
+    };
+    let all: Vec<(f64, f64)> = TARGETS
+        .iter()
+        .flat_map(|t| [pts(t, "p50_ms"), pts(t, "p99_ms")])
+        .flatten()
+        .collect();
+    let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let xmin = all.iter().map(|p| p.0).fold(f64::MAX, f64::min).min(xmax);
+    let (xlo, xhi) = (xmin.log10() - 0.1, xmax.log10() + 0.1);
+    let ymax = all.iter().map(|p| p.1).fold(1.0, f64::max);
+    let ymin = all.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(1.0);
+    let (lo, hi) = (ymin.log10().floor(), ymax.log10().ceil());
+    let x = |v: f64| l + (v.log10() - xlo) / (xhi - xlo) * (w - l - r);
+    let y = |v: f64| h - b - (v.log10() - lo) / (hi - lo).max(1.0) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"25\" text-anchor=\"middle\" font-size=\"15\">publish→receive latency, {} subscribers on one topic (p99 solid, p50 dashed)</text>\n",
+        w / 2.0,
+        esc(subscribers)
+    );
+    let mut d = lo;
+    while d <= hi {
+        let v = 10f64.powf(d);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{l}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{} ms</text>",
+            w - r,
+            y(v),
+            y(v),
+            l - 6.0,
+            y(v) + 4.0,
+            fmt_num(v)
+        );
+        d += 1.0;
+    }
+    let mut rates: Vec<f64> = all.iter().map(|p| p.0).collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    for v in rates {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{t}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            x(v),
+            x(v),
+            h - b,
+            x(v),
+            h - b + 16.0,
+            fmt_num(v)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">offered publish rate, messages/s, log scale (each message goes to every subscriber)</text>\n\
+         <line x1=\"{l}\" x2=\"{l}\" y1=\"{t}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{l}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        (l + w - r) / 2.0,
+        h - 20.0,
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
+    for (i, target) in TARGETS.iter().enumerate() {
+        for (key, dash) in [("p99_ms", ""), ("p50_ms", " stroke-dasharray=\"5,4\"")] {
+            let p = pts(target, key);
+            if p.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = p
+                .iter()
+                .map(|(a, v)| format!("{:.1},{:.1}", x(*a), y(*v)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+                COLORS[i],
+                path.join(" ")
+            );
+            for (a, v) in &p {
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
+                    x(*a),
+                    y(*v),
+                    COLORS[i]
+                );
+            }
+        }
+        let ly = t + 20.0 + i as f64 * 20.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{target}</text>",
+            w - r + 15.0,
+            w - r + 40.0,
+            COLORS[i],
+            w - r + 46.0,
+            ly + 4.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Bytes of server RSS per idle connection, one bar per target.
+fn memory_svg(rows: &[Row]) -> String {
+    let (w, l, bar_h) = (760.0, 90.0, 34.0);
+    let vals: Vec<(&str, f64, f64)> = TARGETS
+        .iter()
+        .filter_map(|t| {
+            let r = rows
+                .iter()
+                .find(|x| x.get("target").and_then(Value::as_str) == Some(*t))?;
+            Some((
+                *t,
+                r.get("bytes_per_conn")?.as_f64()?,
+                r.get("connections")?.as_f64()?,
+            ))
+        })
+        .collect();
+    let h = 60.0 + vals.len() as f64 * (bar_h + 14.0);
+    let max = vals.iter().map(|v| v.1).fold(1.0, f64::max);
+    let n = vals.first().map_or(0.0, |v| v.2);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"25\" text-anchor=\"middle\" font-size=\"15\">server RSS per idle SSE connection at {} connections (all processes; lower is better)</text>\n",
+        w / 2.0,
+        n
+    );
+    for (i, (t, v, _)) in vals.iter().enumerate() {
+        let y = 50.0 + i as f64 * (bar_h + 14.0);
+        let bw = (v / max * (w - l - 150.0)).max(1.0);
+        let ci = TARGETS.iter().position(|x| x == t).unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{t}</text><rect x=\"{l}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{} bytes ({:.1} KiB)</text>",
+            l - 8.0,
+            y + bar_h / 2.0 + 5.0,
+            COLORS[ci],
+            l + bw + 8.0,
+            y + bar_h / 2.0 + 5.0,
+            fmt_num(*v),
+            v / 1024.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,83 @@
+//! A tiny run of the harness against herald, the baseline and the ceiling (a few connections):
+//! every subscriber gets every message, latency rows come out, and the report is written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bench() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_herald-bench"))
+}
+
+/// herald's binary from the same build (cargo test --workspace builds it for herald's tests).
+fn herald() -> PathBuf {
+    let p = bench().with_file_name("herald");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p herald)",
+        p.display()
+    );
+    p
+}
+
+fn run(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(bench())
+        .arg("--herald")
+        .arg(herald())
+        .args(["--targets", "herald,baseline,ceiling"])
+        .args(args)
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "herald-bench {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn fanout_and_latency_deliver_everything() {
+    let rows = run(&["fanout", "-n", "20", "--messages", "5", "--publishers", "2"]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["subscribers"], 20, "{r}");
+        assert_eq!(r["received"], 100, "{r}");
+        assert_eq!(r["complete_subs"], 20, "{r}");
+        assert_eq!(r["all_delivered"], true, "{r}");
+    }
+    let lat = run(&["latency", "-n", "10", "--rates", "20", "--secs", "0.5"]);
+    assert_eq!(lat.len(), 3, "{lat:?}");
+    for r in &lat {
+        assert_eq!(r["lost"], 0, "{r}");
+        assert!(r["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let results = dir.path().join("results.jsonl");
+    let lines: Vec<String> = rows.iter().chain(&lat).map(|r| r.to_string()).collect();
+    std::fs::write(&results, lines.join("\n")).expect("write results");
+    let meta = dir.path().join("meta.txt");
+    std::fs::write(&meta, "date=now\ncommand=herald-bench fanout\n").expect("write meta");
+    let out = dir.path().join("BENCHMARKS.md");
+    let status = Command::new(bench())
+        .arg("report")
+        .arg("--results")
+        .arg(&results)
+        .arg("--meta")
+        .arg(&meta)
+        .arg("--out")
+        .arg(&out)
+        .arg("--plots")
+        .arg(dir.path())
+        .status()
+        .expect("run report");
+    assert!(status.success());
+    let md = std::fs::read_to_string(&out).expect("report written");
+    assert!(md.contains("| fan-out, delivered events/s |"), "{md}");
+    assert!(Path::new(&dir.path().join("bench-latency.svg")).exists());
+}

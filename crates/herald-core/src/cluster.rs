@@ -1,0 +1,302 @@
+//! Cluster-wide presence and control through Redis. Each node reports its users and counters every
+//! second under keys that expire with it (a dead node's share vanishes within seconds); closing a
+//! user travels to every node on a pub/sub channel. This node's own share is always read live.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde_json::json;
+
+use crate::event::now_ms;
+use crate::history::HistoryError;
+use crate::hub::{Hub, Stats};
+use crate::name::UserId;
+
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A node whose last report is older than this is gone.
+const NODE_TTL_MS: u64 = 5_000;
+
+/// This node's view of the cluster.
+pub struct Cluster {
+    hub: Hub,
+    node: String,
+    prefix: String,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HistoryError {
+    HistoryError::Unavailable(e.to_string())
+}
+
+impl Cluster {
+    /// Joins the cluster: starts reporting this hub's presence and listening for control messages.
+    pub fn start(
+        hub: Hub,
+        client: redis::Client,
+        conn: ConnectionManager,
+        prefix: &str,
+    ) -> Arc<Cluster> {
+        let node = format!("{:016x}", rand_id());
+        tracing::info!(node, "joined the cluster");
+        let cluster = Arc::new(Cluster {
+            hub,
+            node,
+            prefix: prefix.to_string(),
+            conn,
+        });
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REPORT_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(cluster) = weak.upgrade() else { break };
+                if let Err(e) = cluster.report().await {
+                    tracing::debug!(error = %e, "presence report failed");
+                }
+            }
+        });
+        tokio::spawn(listen(Arc::downgrade(&cluster), client));
+        cluster
+    }
+
+    fn key(&self, node: &str, what: &str) -> String {
+        format!("{}:node:{node}:{what}", self.prefix)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn control_channel(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// Writes this node's users and counters, refreshing their expiry.
+    async fn report(&self) -> Result<(), HistoryError> {
+        let users = self.hub.users(None, usize::MAX);
+        let s = self.hub.stats();
+        let now = now_ms();
+        let users_key = self.key(&self.node, "users");
+        let stats_key = self.key(&self.node, "stats");
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&users_key).ignore();
+        for chunk in users.chunks(1000) {
+            let fields: Vec<(&str, usize)> = chunk.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+            pipe.hset_multiple(&users_key, &fields).ignore();
+        }
+        pipe.pexpire(&users_key, NODE_TTL_MS as i64)
+            .ignore()
+            .hset_multiple(
+                &stats_key,
+                &[
+                    ("connections", s.connections as u64),
+                    ("topics", s.topics as u64),
+                    ("published", s.published),
+                    ("delivered", s.delivered),
+                    ("replayed", s.replayed),
+                    ("gaps", s.gaps),
+                    ("lagging", s.lagging as u64),
+                ],
+            )
+            .ignore()
+            .pexpire(&stats_key, NODE_TTL_MS as i64)
+            .ignore()
+            .zadd(self.nodes_key(), &self.node, now)
+            .ignore()
+            .zrembyscore(self.nodes_key(), 0, now.saturating_sub(NODE_TTL_MS))
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// The other live nodes.
+    async fn peers(&self) -> Result<Vec<String>, HistoryError> {
+        let mut conn = self.conn.clone();
+        let since = now_ms().saturating_sub(NODE_TTL_MS);
+        let nodes: Vec<String> = conn
+            .zrangebyscore(self.nodes_key(), since, "+inf")
+            .await
+            .map_err(unavailable)?;
+        Ok(nodes.into_iter().filter(|n| *n != self.node).collect())
+    }
+
+    /// Every online user with connection counts summed over the nodes.
+    async fn all_users(&self) -> Result<BTreeMap<String, usize>, HistoryError> {
+        let mut merged: BTreeMap<String, usize> = self
+            .hub
+            .users(None, usize::MAX)
+            .into_iter()
+            .map(|(u, n)| (u.as_str().to_string(), n))
+            .collect();
+        let peers = self.peers().await?;
+        if peers.is_empty() {
+            return Ok(merged);
+        }
+        let mut pipe = redis::pipe();
+        for p in &peers {
+            pipe.hgetall(self.key(p, "users"));
+        }
+        let mut conn = self.conn.clone();
+        let shares: Vec<BTreeMap<String, usize>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        for share in shares {
+            for (user, n) in share {
+                *merged.entry(user).or_default() += n;
+            }
+        }
+        Ok(merged)
+    }
+
+    /// `(count of online users, the page after `after`)`, cluster-wide.
+    pub async fn users(
+        &self,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<(usize, Vec<(String, usize)>), HistoryError> {
+        let all = self.all_users().await?;
+        let lower = after.map(|u| u.as_str().to_string());
+        let page = all
+            .iter()
+            .filter(|(u, _)| lower.as_ref().is_none_or(|l| *u > l))
+            .take(limit)
+            .map(|(u, n)| (u.clone(), *n))
+            .collect();
+        Ok((all.len(), page))
+    }
+
+    /// Connections of `user` on every node.
+    pub async fn connections_of(&self, user: &UserId) -> Result<usize, HistoryError> {
+        Ok(self.hub.connections_of(user) + self.remote_connections_of(user).await?)
+    }
+
+    async fn remote_connections_of(&self, user: &UserId) -> Result<usize, HistoryError> {
+        let peers = self.peers().await?;
+        if peers.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for p in &peers {
+            pipe.hget(self.key(p, "users"), user.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<Option<usize>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(counts.into_iter().flatten().sum())
+    }
+
+    /// Counters summed over the nodes (`published` and `topics` are the largest any node saw:
+    /// every node fans out every event).
+    pub async fn stats(&self) -> Result<Stats, HistoryError> {
+        let mut total = self.hub.stats();
+        total.users = self.all_users().await?.len();
+        let peers = self.peers().await?;
+        if peers.is_empty() {
+            return Ok(total);
+        }
+        let mut pipe = redis::pipe();
+        for p in &peers {
+            pipe.hgetall(self.key(p, "stats"));
+        }
+        let mut conn = self.conn.clone();
+        let shares: Vec<BTreeMap<String, u64>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        for s in shares {
+            let get = |k: &str| s.get(k).copied().unwrap_or(0);
+            total.connections += get("connections") as usize;
+            total.topics = total.topics.max(get("topics") as usize);
+            total.published = total.published.max(get("published"));
+            total.delivered += get("delivered");
+            total.replayed += get("replayed");
+            total.gaps += get("gaps");
+            total.lagging += get("lagging") as usize;
+        }
+        Ok(total)
+    }
+
+    /// Ends `user`'s streams on every node (and blocks new ones for `block`). Returns how many
+    /// streams that was: this node's, plus the other nodes' last reported counts.
+    pub async fn close_user(
+        &self,
+        user: &UserId,
+        reason: &str,
+        block: Option<Duration>,
+    ) -> Result<usize, HistoryError> {
+        let remote = self.remote_connections_of(user).await?;
+        let message = json!({
+            "op": "close",
+            "from": self.node,
+            "user": user.as_str(),
+            "reason": reason,
+            "block_ms": block.map(|b| b.as_millis() as u64),
+        });
+        let mut conn = self.conn.clone();
+        conn.publish::<_, _, ()>(self.control_channel(), message.to_string())
+            .await
+            .map_err(unavailable)?;
+        Ok(self.hub.close_user(user, reason, block) + remote)
+    }
+
+    fn apply(&self, payload: &str) {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(payload) else {
+            tracing::warn!("ignoring an unreadable control message");
+            return;
+        };
+        if msg["from"].as_str() == Some(self.node.as_str()) || msg["op"] != "close" {
+            return;
+        }
+        let Some(user) = msg["user"].as_str().and_then(|u| UserId::new(u).ok()) else {
+            return;
+        };
+        let reason = msg["reason"].as_str().unwrap_or("closed");
+        let block = msg["block_ms"].as_u64().map(Duration::from_millis);
+        let closed = self.hub.close_user(&user, reason, block);
+        tracing::debug!(%user, closed, "closed by another node");
+    }
+}
+
+/// Listens for control messages; resubscribes after Redis comes back.
+async fn listen(cluster: std::sync::Weak<Cluster>, client: redis::Client) {
+    loop {
+        let channel = match cluster.upgrade() {
+            Some(c) => c.control_channel(),
+            None => return,
+        };
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(&channel).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Some(cluster) = cluster.upgrade() else {
+                            return;
+                        };
+                        if let Ok(payload) = msg.get_payload::<String>() {
+                            cluster.apply(&payload);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "control channel unavailable"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A node id: time and process id, unique enough to tell nodes apart.
+fn rand_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 40)
+}

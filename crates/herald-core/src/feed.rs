@@ -1,0 +1,175 @@
+//! Cluster mode: publishes go to a shared history, and every hub fans out what it reads back from
+//! that log, in log order and its own events included. A publisher is answered once its events
+//! have been fanned out here, so `delivered` still counts this node's connections.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::event::{EventId, Message};
+use crate::history::SharedHistory;
+use crate::hub::{Inner, Job, PublishError, Published};
+
+/// Per-event local delivery counts kept for publishers still waiting for their answer.
+const RECENT: usize = 65_536;
+/// How long a publisher waits for the follower before it is answered with `delivered: 0`.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub(crate) struct Feed {
+    /// The newest id fanned out on this hub.
+    watermark: watch::Sender<u64>,
+    delivered: Mutex<VecDeque<(EventId, usize)>>,
+    /// The shared history answered the last time it was asked.
+    ready: AtomicBool,
+}
+
+impl Feed {
+    pub(crate) fn new() -> Self {
+        Feed {
+            watermark: watch::Sender::new(0),
+            delivered: Mutex::new(VecDeque::new()),
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        if self.ready.swap(ready, Ordering::Relaxed) != ready {
+            if ready {
+                tracing::info!("shared history reachable again");
+            } else {
+                tracing::warn!(
+                    "shared history unreachable: publishing answers 503 until it returns"
+                );
+            }
+        }
+    }
+
+    fn record(&self, ids: impl Iterator<Item = EventId>, counts: &[usize]) {
+        let mut recent = self.delivered.lock();
+        for (id, n) in ids.zip(counts) {
+            recent.push_back((id, *n));
+        }
+        while recent.len() > RECENT {
+            recent.pop_front();
+        }
+    }
+
+    fn delivered(&self, id: EventId) -> usize {
+        let recent = self.delivered.lock();
+        match recent.binary_search_by_key(&id, |(i, _)| *i) {
+            Ok(i) => recent[i].1,
+            Err(_) => 0,
+        }
+    }
+}
+
+/// Appends a group of publishes to the shared history, then answers each publisher once the
+/// follower has fanned its events out (without holding up the next group).
+pub(crate) async fn commit_shared(
+    inner: &Arc<Inner>,
+    shared: &Arc<dyn SharedHistory>,
+    jobs: Vec<Job>,
+) {
+    let mut sizes = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut messages: Vec<Message> = Vec::new();
+    for job in jobs {
+        sizes.push(job.messages.len());
+        messages.extend(job.messages);
+        replies.push(job.reply);
+    }
+    let stored = match shared.append_claiming(messages).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            inner.feed.set_ready(false);
+            for reply in replies {
+                let _ = reply.send(Err(PublishError::Store(e.clone())));
+            }
+            return;
+        }
+    };
+    inner.feed.set_ready(true);
+    let newest = stored
+        .iter()
+        .filter(|s| s.event.is_some())
+        .map(|s| s.id)
+        .max();
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        if let Some(newest) = newest {
+            let mut seen = inner.feed.watermark.subscribe();
+            let _ = tokio::time::timeout(ANSWER_WAIT, seen.wait_for(|w| *w >= newest.0)).await;
+        }
+        let mut answers = stored.into_iter().map(|s| Published {
+            id: s.id,
+            delivered: if s.event.is_some() {
+                inner.feed.delivered(s.id)
+            } else {
+                0
+            },
+            duplicate: s.event.is_none(),
+        });
+        for (size, reply) in sizes.into_iter().zip(replies) {
+            let _ = reply.send(Ok(answers.by_ref().take(size).collect()));
+        }
+    });
+}
+
+/// Follows the shared history from its newest event and fans out everything that arrives, in
+/// order. When the history is unreachable it retries from where it stopped, so nothing is
+/// skipped; if events were trimmed before this hub read them, every connection catches up from
+/// history itself (and learns of the gap).
+pub(crate) async fn follow(hub: Weak<Inner>, shared: Arc<dyn SharedHistory>) {
+    let mut cursor = loop {
+        match shared.newest().await {
+            Ok(newest) => break newest,
+            Err(e) => {
+                let Some(inner) = hub.upgrade() else { return };
+                tracing::debug!(error = %e, "waiting for the shared history");
+                inner.feed.set_ready(false);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if let (Some(c), Some(inner)) = (cursor, hub.upgrade()) {
+        inner.start_at(c);
+        inner.feed.watermark.send_replace(c.0);
+    }
+    loop {
+        let result = shared.follow(cursor, 512).await;
+        let Some(inner) = hub.upgrade() else { return };
+        match result {
+            Ok(chunk) => {
+                inner.feed.set_ready(true);
+                if chunk.gap.is_some() {
+                    tracing::warn!(after = ?cursor, "events were trimmed before this node read them");
+                    inner.lag_everyone();
+                }
+                let Some(last) = chunk.events.last().map(|e| e.id) else {
+                    continue;
+                };
+                let counts = inner.fan_out(&chunk.events);
+                inner
+                    .feed
+                    .record(chunk.events.iter().map(|e| e.id), &counts);
+                cursor = Some(last);
+                inner.feed.watermark.send_replace(last.0);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "following the shared history failed");
+                inner.feed.set_ready(false);
+                drop(inner);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! History in a Redis Stream shared by every node of a cluster. Redis assigns the ids (`ms-seq`, so
+//! they increase in publish order cluster-wide); Lua scripts make appends with idempotency keys and
+//! gap-checked reads atomic. Nodes learn of new events, their own included, by following the stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Script, Value};
+
+use super::durable::{decode_row, encode_row};
+use super::{Chunk, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use crate::event::{Event, EventId, Message, now_ms};
+
+/// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
+const SEQ_BITS: u32 = 20;
+
+/// The Redis stream id of an event id.
+pub(crate) fn stream_id(id: EventId) -> String {
+    format!("{}-{}", id.0 >> SEQ_BITS, id.0 & ((1 << SEQ_BITS) - 1))
+}
+
+/// The event id of a Redis stream id (`ms-seq`).
+pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
+    let (ms, seq) = stream_id.split_once('-')?;
+    let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
+    if seq >= 1 << SEQ_BITS || ms >= 1 << (64 - SEQ_BITS) {
+        return None;
+    }
+    Some(EventId((ms << SEQ_BITS) | seq))
+}
+
+/// Appends messages in order; a message whose idempotency key is already claimed returns the
+/// claiming event's id instead. Then trims to maxlen, remembering the newest dropped id (Redis
+/// 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker; ARGV:
+/// maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (key, row) pairs. Returns id,
+/// duplicate-flag pairs.
+const APPEND: &str = r#"
+local out = {}
+local n = tonumber(ARGV[5])
+for i = 1, n do
+  local key = ARGV[4 + 2 * i]
+  local row = ARGV[5 + 2 * i]
+  local existing = false
+  if key ~= '' then existing = redis.call('GET', ARGV[3] .. key) end
+  if existing then
+    out[#out + 1] = existing
+    out[#out + 1] = 1
+  else
+    local id = redis.call('XADD', KEYS[1], '*', 'm', row)
+    if key ~= '' then redis.call('SET', ARGV[3] .. key, id, 'PX', ARGV[2]) end
+    out[#out + 1] = id
+    out[#out + 1] = 0
+  end
+end
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  redis.call('SET', KEYS[2], dropped[#dropped][1])
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[1])
+end
+if ARGV[4] ~= '0' then
+  local older = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[4] .. '-0', '-', 'COUNT', 1)
+  if #older == 1 then
+    redis.call('SET', KEYS[2], older[1][1])
+    redis.call('XTRIM', KEYS[1], 'MINID', ARGV[4] .. '-0')
+  end
+end
+return out
+"#;
+
+/// Drops entries older than a time, remembering the newest dropped id. KEYS: stream,
+/// dropped-marker; ARGV: cutoff ms.
+const TRIM_AGE: &str = r#"
+local older = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '-', 'COUNT', 1)
+if #older == 1 then
+  redis.call('SET', KEYS[2], older[1][1])
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1] .. '-0')
+end
+return #older
+"#;
+
+/// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker; ARGV: mode (after|since|oldest),
+/// position (a stream id, or ms for since), count. Returns {gap 0/1, oldest id or '', entries}.
+const READ: &str = r#"
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function lt(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local first, last = false, '0-0'
+local maxdel = redis.call('GET', KEYS[2]) or '0-0'
+local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
+if ok then
+  for i = 1, #info, 2 do
+    local k = info[i]
+    if k == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
+    if k == 'last-generated-id' then last = info[i + 1] end
+  end
+end
+local mode, pos, count = ARGV[1], ARGV[2], ARGV[3]
+local gap = 0
+if mode == 'after' then
+  if last == '0-0' or lt(last, pos) or lt(pos, maxdel) then
+    gap = 1
+  elseif first and lt(pos, first) then
+    if not (pos == maxdel and maxdel ~= '0-0') then gap = 1 end
+  elseif first and #redis.call('XRANGE', KEYS[1], pos, pos) == 0 and pos ~= last then
+    gap = 1
+  end
+elseif mode == 'since' then
+  local dm = parse(maxdel)
+  if maxdel ~= '0-0' and dm >= tonumber(pos) then gap = 1 end
+end
+local range
+if gap == 1 or mode == 'oldest' then
+  range = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+elseif mode == 'after' then
+  range = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', count)
+else
+  range = redis.call('XRANGE', KEYS[1], pos .. '-0', '+', 'COUNT', count)
+end
+return {gap, first or '', range}
+"#;
+
+/// Settings of a Redis-backed history.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port/db` or `rediss://…`.
+    pub url: String,
+    /// Prefix of every key, so several hubs can share one Redis.
+    pub prefix: String,
+    pub retention: Retention,
+    pub idempotency_window: Duration,
+}
+
+/// History in a Redis Stream, shared by the nodes of a cluster.
+pub struct RedisHistory {
+    stream: String,
+    /// Holds the newest id dropped by retention.
+    dropped: String,
+    key_prefix: String,
+    retention: Retention,
+    window_ms: u64,
+    /// For appends and reads; reconnects by itself.
+    conn: ConnectionManager,
+    /// For the blocking `XREAD` that follows the stream: a blocked command must not hold up others.
+    follower: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    client: Client,
+    append: Script,
+    read: Script,
+    trim_age: Script,
+}
+
+impl std::fmt::Debug for RedisHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisHistory")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HistoryError {
+    HistoryError::Unavailable(e.to_string())
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// Decodes XRANGE/XREAD entries: `[[id, [field, value, …]], …]`.
+fn entries(v: &Value) -> Result<Vec<Arc<Event>>, HistoryError> {
+    let bad = |what: &str| HistoryError::Unavailable(format!("unexpected Redis reply: {what}"));
+    let Value::Array(items) = v else {
+        return Err(bad("entries"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(pair) = item else {
+            return Err(bad("entry"));
+        };
+        let [id, Value::Array(fields)] = pair.as_slice() else {
+            return Err(bad("entry shape"));
+        };
+        let sid = text(id).ok_or_else(|| bad("entry id"))?;
+        let id = event_id(&sid).ok_or_else(|| bad("entry id"))?;
+        let row = fields
+            .chunks(2)
+            .find(|kv| kv.first().and_then(text).as_deref() == Some("m"))
+            .and_then(|kv| kv.get(1))
+            .and_then(bytes)
+            .ok_or_else(|| bad("entry row"))?;
+        let mut event = decode_row(id.0, row)?;
+        // Redis's clock stamped the id; that is the publish time every node agrees on.
+        event.published_at_ms = id.0 >> SEQ_BITS;
+        out.push(Arc::new(event));
+    }
+    Ok(out)
+}
+
+impl RedisHistory {
+    /// Connects to Redis; fails at once when it is unreachable, so startup reports it.
+    pub async fn connect(options: RedisOptions) -> Result<Self, HistoryError> {
+        let client = Client::open(options.url.as_str()).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(unavailable)?;
+        Ok(RedisHistory {
+            stream: format!("{}:events", options.prefix),
+            dropped: format!("{}:dropped", options.prefix),
+            key_prefix: format!("{}:idem:", options.prefix),
+            retention: options.retention,
+            window_ms: options.idempotency_window.as_millis().max(1) as u64,
+            conn,
+            follower: tokio::sync::Mutex::new(None),
+            client,
+            append: Script::new(APPEND),
+            read: Script::new(READ),
+            trim_age: Script::new(TRIM_AGE),
+        })
+    }
+
+    /// The client, for the cluster's presence and control channel.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .read
+            .key(&self.stream)
+            .key(&self.dropped)
+            .arg(mode)
+            .arg(pos)
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = &reply else {
+            return Err(unavailable("unexpected read reply"));
+        };
+        let [gap, oldest, range] = parts.as_slice() else {
+            return Err(unavailable("unexpected read reply"));
+        };
+        let gap = matches!(gap, Value::Int(1));
+        let oldest = text(oldest).and_then(|s| event_id(&s));
+        Ok(Chunk {
+            gap: gap.then_some(oldest),
+            events: entries(range)?,
+        })
+    }
+}
+
+#[async_trait]
+impl History for RedisHistory {
+    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError> {
+        let stored = self.append_claiming(messages).await?;
+        Ok(stored.into_iter().filter_map(|s| s.event).collect())
+    }
+
+    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        match from {
+            ReadFrom::Oldest => self.run_read("oldest", String::new(), limit).await,
+            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit).await,
+            ReadFrom::Since(ms) => self.run_read("since", ms.to_string(), limit).await,
+        }
+    }
+
+    async fn maintain(&self) -> Result<(), HistoryError> {
+        let Some(cutoff) = self.retention.cutoff_ms(now_ms()) else {
+            return Ok(());
+        };
+        let mut conn = self.conn.clone();
+        self.trim_age
+            .key(&self.stream)
+            .key(&self.dropped)
+            .arg(cutoff)
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl SharedHistory for RedisHistory {
+    async fn append_claiming(&self, messages: Vec<Message>) -> Result<Vec<Stored>, HistoryError> {
+        let mut invocation = self.append.key(&self.stream);
+        invocation.key(&self.dropped);
+        invocation
+            .arg(self.retention.max_events)
+            .arg(self.window_ms)
+            .arg(&self.key_prefix)
+            .arg(self.retention.cutoff_ms(now_ms()).unwrap_or(0))
+            .arg(messages.len());
+        let mut row = Vec::new();
+        for m in &messages {
+            row.clear();
+            encode_row(&mut row, 0, m);
+            invocation
+                .arg(m.idempotency_key.as_deref().unwrap_or(""))
+                .arg(row.as_slice());
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if reply.len() != messages.len() * 2 {
+            return Err(unavailable("unexpected append reply"));
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, pair) in messages.into_iter().zip(reply.chunks(2)) {
+            let id = text(&pair[0])
+                .and_then(|s| event_id(&s))
+                .ok_or_else(|| unavailable("unexpected id in append reply"))?;
+            let duplicate = matches!(pair[1], Value::Int(1));
+            out.push(Stored {
+                id,
+                event: (!duplicate).then(|| Arc::new(Event::new(id, m, id.0 >> SEQ_BITS))),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn follow(&self, after: Option<EventId>, limit: usize) -> Result<Chunk, HistoryError> {
+        let mut slot = self.follower.lock().await;
+        // After a (re)connection, read once with the gap check, so a trim during an outage is
+        // noticed; from then on a blocking XREAD returns whatever follows, one command a wake-up.
+        if slot.is_none() {
+            let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
+            let chunk = self.read(from, limit).await?;
+            if chunk.gap.is_some() || !chunk.events.is_empty() {
+                return Ok(chunk);
+            }
+        }
+        if slot.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)));
+            let conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(unavailable)?;
+            *slot = Some(conn);
+        }
+        let conn = slot.as_mut().expect("just set");
+        let position = after.map_or_else(|| "0-0".to_string(), stream_id);
+        let reply: Result<Value, _> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(limit)
+            .arg("BLOCK")
+            .arg(2000)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(position)
+            .query_async(conn)
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                *slot = None;
+                return Err(unavailable(e));
+            }
+        };
+        // `[[stream, entries]]`, or nil on timeout.
+        let events = match &reply {
+            Value::Array(streams) => match streams.first() {
+                Some(Value::Array(pair)) if pair.len() == 2 => entries(&pair[1])?,
+                _ => Vec::new(),
+            },
+            Value::Map(streams) => match streams.first() {
+                Some((_, v)) => entries(v)?,
+                None => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        Ok(Chunk { gap: None, events })
+    }
+
+    async fn newest(&self) -> Result<Option<EventId>, HistoryError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.stream)
+            .query_async(&mut conn)
+            .await
+            .or_else(|e| {
+                if e.to_string().contains("no such key") {
+                    Ok(Value::Nil)
+                } else {
+                    Err(unavailable(e))
+                }
+            })?;
+        let pairs: Vec<(String, Value)> = match reply {
+            Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| Some((text(&kv[0])?, kv.get(1)?.clone())))
+                .collect(),
+            Value::Map(items) => items
+                .into_iter()
+                .filter_map(|(k, v)| Some((text(&k)?, v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(pairs
+            .iter()
+            .find(|(k, _)| k == "last-generated-id")
+            .and_then(|(_, v)| text(v))
+            .and_then(|s| event_id(&s))
+            .filter(|id| id.0 != 0))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A real `redis-server` on a free port, stopped when dropped. Fails the test when Redis is
+    /// not installed: the test command installs it.
+    pub(crate) struct RedisServer {
+        child: std::process::Child,
+        pub(crate) url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl RedisServer {
+        pub(crate) fn start() -> RedisServer {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "no", "--dir", dir.path().to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/test installs it)");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            RedisServer {
+                child,
+                url: format!("redis://127.0.0.1:{port}/0"),
+                _dir: dir,
+            }
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn conformance() {
+        let redis = RedisServer::start();
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let make = |retention: Retention, _first: u64| {
+            let prefix = format!("t{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let url = redis.url.clone();
+            async move {
+                let h = RedisHistory::connect(RedisOptions {
+                    url,
+                    prefix,
+                    retention,
+                    idempotency_window: Duration::from_secs(60),
+                })
+                .await
+                .unwrap();
+                Arc::new(h) as Arc<dyn History>
+            }
+        };
+        super::super::conformance::run_without_byte_limit(&make).await;
+    }
+
+    #[tokio::test]
+    async fn keys_are_claimed_once_and_followers_see_every_event() {
+        let redis = RedisServer::start();
+        let node = || async {
+            RedisHistory::connect(RedisOptions {
+                url: redis.url.clone(),
+                prefix: "claims".into(),
+                retention: Retention::default(),
+                idempotency_window: Duration::from_secs(60),
+            })
+            .await
+            .unwrap()
+        };
+        let h = node().await;
+        assert_eq!(h.newest().await.unwrap(), None);
+        let m = |d: &str, k: &str| Message::broadcast().data(d).idempotency_key(k);
+        let first = h
+            .append_claiming(vec![m("a", "k1"), m("b", "k1"), m("c", "k2")])
+            .await
+            .unwrap();
+        assert!(first[0].event.is_some() && first[1].event.is_none() && first[2].event.is_some());
+        assert_eq!(
+            first[1].id, first[0].id,
+            "a repeat in the same batch gets the first id"
+        );
+        let again = h.append_claiming(vec![m("d", "k2")]).await.unwrap();
+        assert_eq!((again[0].id, again[0].event.is_none()), (first[2].id, true));
+        assert_eq!(h.newest().await.unwrap(), Some(first[2].id));
+        let chunk = h.follow(Some(first[0].id), 10).await.unwrap();
+        assert_eq!(chunk.events.len(), 1);
+        assert_eq!(chunk.events[0].data, "c");
+        // Caught up: follow waits for the next event.
+        let waiting = tokio::spawn(async move {
+            let chunk = h.follow(Some(first[2].id), 10).await.unwrap();
+            chunk
+                .events
+                .iter()
+                .map(|e| e.data.clone())
+                .collect::<Vec<_>>()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let other = node().await;
+        other
+            .append(vec![Message::broadcast().data("from another node")])
+            .await
+            .unwrap();
+        assert_eq!(
+            waiting.await.unwrap(),
+            vec!["from another node".to_string()]
+        );
+    }
+
+    #[test]
+    fn ids_map_both_ways() {
+        assert_eq!(
+            event_id("1700000000000-0"),
+            Some(EventId(1_700_000_000_000 << 20))
+        );
+        let id = event_id("1700000000123-7").unwrap();
+        assert_eq!(stream_id(id), "1700000000123-7");
+        assert!(event_id("1-1048576").is_none());
+        assert!(event_id("x-1").is_none());
+        assert!(event_id("5").is_none());
+        assert!(event_id("1-2") < event_id("2-0"));
+        assert!(event_id("2-0") < event_id("2-1"));
+    }
+}

@@ -1,0 +1,416 @@
+//! Who is calling: JWT verification pinned to the configured key type, the static publish keys, and
+//! the rights a token's `herald` claim carries. HTTP handlers ask [`Auth`] for a [`Caller`].
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use herald_core::{Grant, Selector, Topic, UserId};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::http::ApiError;
+
+/// How callers are checked. [`Auth::open`] (the default) checks nothing: herald as it was.
+#[derive(Clone, Default)]
+pub struct Auth {
+    jwt: Option<Arc<Verifier>>,
+    publish_keys: Vec<Arc<str>>,
+    anonymous: bool,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.debug_struct("Auth")
+            .field("jwt", &self.jwt.as_ref().map(|v| v.algorithm))
+            .field("publish_keys", &self.publish_keys.len())
+            .field("anonymous", &self.anonymous)
+            .finish()
+    }
+}
+
+struct Verifier {
+    key: DecodingKey,
+    algorithm: Algorithm,
+    validation: Validation,
+}
+
+/// What a token's issuer, audience and timing must satisfy.
+#[derive(Debug, Clone, Default)]
+pub struct JwtChecks {
+    pub leeway: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+/// Why a key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0} holds no RSA, EC (P-256) or Ed25519 public key in PEM form (-----BEGIN PUBLIC KEY-----)"
+    )]
+    NotAKey(String),
+    #[error("the JWT secret must be at least 16 bytes")]
+    ShortSecret,
+}
+
+/// The rights of a verified token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub user: Option<UserId>,
+    pub subscribe: Vec<Selector>,
+    pub publish: Vec<Selector>,
+    pub admin: bool,
+    /// `exp`, in ms since the epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No authorization is configured: everything is allowed.
+    Open,
+    /// Authorization is on and the request carries no credentials.
+    Nobody,
+    /// A static publish key (`Authorization: Bearer`), by its position in the configured list.
+    PublishKey(usize),
+    Token(Token),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    #[serde(default)]
+    herald: Rights,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Rights {
+    subscribe: Vec<String>,
+    publish: Vec<String>,
+    admin: bool,
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+fn invalid_token(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
+}
+
+pub(crate) fn forbidden(error: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, error, message)
+}
+
+impl Auth {
+    /// No checks at all.
+    pub fn open() -> Self {
+        Auth::default()
+    }
+
+    /// HS256 with a shared secret.
+    pub fn with_secret(secret: &[u8], checks: &JwtChecks) -> Result<Self, KeyError> {
+        if secret.len() < 16 {
+            return Err(KeyError::ShortSecret);
+        }
+        Ok(Self::with_key(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            checks,
+        ))
+    }
+
+    /// A PEM public key; the algorithm follows the key: RSA → RS256, P-256 → ES256, Ed25519 → EdDSA.
+    pub fn with_public_key_file(path: &Path, checks: &JwtChecks) -> Result<Self, KeyError> {
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::with_public_key_pem(&pem, checks).ok_or(KeyError::NotAKey(shown))
+    }
+
+    pub fn with_public_key_pem(pem: &[u8], checks: &JwtChecks) -> Option<Self> {
+        let (key, algorithm) = if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+            (k, Algorithm::EdDSA)
+        } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+            (k, Algorithm::ES256)
+        } else if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+            (k, Algorithm::RS256)
+        } else {
+            return None;
+        };
+        Some(Self::with_key(key, algorithm, checks))
+    }
+
+    fn with_key(key: DecodingKey, algorithm: Algorithm, checks: &JwtChecks) -> Self {
+        // Exactly one algorithm: `none` and any other family (HS256 signed with a public key) fail.
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = checks.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.required_spec_claims = HashSet::from(["exp".to_string()]);
+        if let Some(iss) = &checks.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match &checks.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            None => validation.validate_aud = false,
+        }
+        Auth {
+            jwt: Some(Arc::new(Verifier {
+                key,
+                algorithm,
+                validation,
+            })),
+            ..Auth::default()
+        }
+    }
+
+    /// Adds static publish keys (accepted only as `Authorization: Bearer`, never to subscribe).
+    pub fn publish_keys(mut self, keys: impl IntoIterator<Item = String>) -> Self {
+        self.publish_keys.extend(keys.into_iter().map(Arc::from));
+        self
+    }
+
+    /// Lets connections without a token subscribe (they never see private events).
+    pub fn anonymous(mut self, anonymous: bool) -> Self {
+        self.anonymous = anonymous;
+        self
+    }
+
+    /// Whether tokens are checked on subscribe.
+    pub fn has_jwt(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// Whether anything at all is checked.
+    pub fn is_open(&self) -> bool {
+        self.jwt.is_none() && self.publish_keys.is_empty()
+    }
+
+    pub fn allows_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// The caller of a publish or control request: the `Authorization: Bearer` header only (a
+    /// cookie would let any page the browser visits publish as its user).
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        if self.is_open() {
+            return Ok(Caller::Open);
+        }
+        let Some(bearer) = bearer(headers)? else {
+            return Ok(Caller::Nobody);
+        };
+        if let Some(i) = self
+            .publish_keys
+            .iter()
+            .position(|k| same(k.as_bytes(), bearer.as_bytes()))
+        {
+            return Ok(Caller::PublishKey(i));
+        }
+        self.verify(bearer).map(Caller::Token)
+    }
+
+    /// The caller of `GET /events`: a bearer token, else the `herald_token` cookie, else the
+    /// `access_token` query value. Publish keys are not accepted here.
+    pub(crate) fn subscriber(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Caller, ApiError> {
+        if self.jwt.is_none() {
+            return Ok(Caller::Open);
+        }
+        let token = match bearer(headers)? {
+            Some(t) => Some(t.to_string()),
+            None => cookie(headers, "herald_token").or(query_token.map(str::to_string)),
+        };
+        match token {
+            None => Ok(Caller::Nobody),
+            Some(t) => self.verify(&t).map(Caller::Token),
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Token, ApiError> {
+        let Some(v) = &self.jwt else {
+            return Err(invalid_token(
+                "this hub accepts no tokens, only its publish keys",
+            ));
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, &v.key, &v.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            let why = match e.kind() {
+                K::ExpiredSignature => "the token has expired",
+                K::ImmatureSignature => "the token is not valid yet (nbf)",
+                K::InvalidAudience => "the token is for another audience",
+                K::InvalidIssuer => "the token is from another issuer",
+                K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+                    "the token is not signed with the algorithm this hub accepts"
+                }
+                K::InvalidSignature => "the token's signature does not verify",
+                K::MissingRequiredClaim(_) => "the token lacks a required claim (exp, iss, aud)",
+                _ => "the token is malformed",
+            };
+            invalid_token(why)
+        })?;
+        let claims = data.claims;
+        let user = claims
+            .sub
+            .map(|s| {
+                UserId::new(&s)
+                    .map_err(|e| invalid_token(format!("the token's sub is not a user id: it {e}")))
+            })
+            .transpose()?;
+        let selectors = |list: Vec<String>| {
+            list.iter()
+                .map(|s| {
+                    Selector::new(s).map_err(|e| {
+                        invalid_token(format!(
+                            "the token's herald rights hold a bad selector: {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Token {
+            user,
+            subscribe: selectors(claims.herald.subscribe)?,
+            publish: selectors(claims.herald.publish)?,
+            admin: claims.herald.admin,
+            expires_at_ms: claims.exp.map(|s| s.saturating_mul(1000)),
+        })
+    }
+}
+
+impl Caller {
+    /// Publish keys and admin tokens may send to users, broadcast, and use presence and control.
+    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Open | Caller::PublishKey(_) => Ok(()),
+            Caller::Token(t) if t.admin => Ok(()),
+            Caller::Nobody => Err(unauthorized(
+                "give the publish key or an admin token as Authorization: Bearer",
+            )),
+            Caller::Token(_) => Err(forbidden(
+                "forbidden",
+                "this needs the publish key or a token with admin rights",
+            )),
+        }
+    }
+
+    /// Whether the caller may publish to `topic`.
+    pub(crate) fn require_publish(&self, topic: &Topic) -> Result<(), ApiError> {
+        match self {
+            Caller::Open | Caller::PublishKey(_) => Ok(()),
+            Caller::Token(t) if t.admin || t.publish.iter().any(|r| r.matches(topic)) => Ok(()),
+            Caller::Nobody => Err(unauthorized(
+                "give a token or the publish key as Authorization: Bearer",
+            )),
+            Caller::Token(_) => Err(forbidden(
+                "forbidden_topic",
+                format!("the token's publish rights do not cover topic '{topic}'"),
+            )),
+        }
+    }
+
+    /// The grant a subscribing caller gets (see [`Grant`]).
+    pub(crate) fn grant(&self) -> Grant {
+        match self {
+            Caller::Open | Caller::PublishKey(_) => Grant::All,
+            Caller::Nobody => Grant::Anonymous,
+            Caller::Token(t) => Grant::rights(t.subscribe.iter().cloned()),
+        }
+    }
+}
+
+/// The bearer token of `Authorization`, if any; a malformed header is a 401.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| unauthorized("the Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(unauthorized(
+            "the Authorization header must be 'Bearer <token>'",
+        )),
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn bearer_and_cookie_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h).unwrap(), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h).unwrap(), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(bearer(&h).is_err());
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; herald_token=xyz; b=2"),
+        );
+        assert_eq!(cookie(&h, "herald_token").as_deref(), Some("xyz"));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(Auth::with_secret(b"short", &JwtChecks::default()).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! Several nodes sharing one real `redis-server` (started here on a free port): cross-node
+//! delivery with agreeing ids, a node killed mid-stream, a Redis outage, cluster-wide presence,
+//! close and idempotency.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::{PATIENCE, Server, Sse};
+
+/// A real Redis with an fsynced append-only file, so an acknowledged write survives a kill.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--dir", self.dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn node(redis: &Redis, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str(), "--heartbeat", "1s"];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+#[tokio::test]
+async fn a_publish_on_one_node_reaches_every_node_with_one_id_and_one_order() {
+    let redis = Redis::start();
+    let (a, b, c) = (
+        node(&redis, &[]).await,
+        node(&redis, &[]).await,
+        node(&redis, &[]).await,
+    );
+    let mut on_b = b.subscribe("topic=room").await;
+    let mut on_c = c.subscribe("topic=room").await;
+    on_b.opened().await;
+    on_c.opened().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let publisher = if i % 2 == 0 { &a } else { &b };
+        ids.push(
+            publisher
+                .publish(json!({"topic": "room", "data": i.to_string()}))
+                .await,
+        );
+    }
+    for sse in [&mut on_b, &mut on_c] {
+        for (i, id) in ids.iter().enumerate() {
+            let e = sse.next().await;
+            assert_eq!(
+                (e.id.as_deref(), e.data.as_str()),
+                (Some(id.as_str()), i.to_string().as_str())
+            );
+        }
+    }
+    let numeric: Vec<u128> = ids.iter().map(|i| i.parse().unwrap()).collect();
+    assert!(
+        numeric.windows(2).all(|w| w[0] < w[1]),
+        "ids increase across nodes"
+    );
+    // `delivered` counts the publishing node's own connections.
+    let (_, v) = b
+        .post_json("/publish", &json!({"topic": "room", "data": "x"}))
+        .await;
+    assert_eq!(v["delivered"], 1);
+}
+
+#[tokio::test]
+async fn clients_of_a_killed_node_resume_on_another_without_loss() {
+    const N: usize = 400;
+    let redis = Redis::start();
+    let a = node(&redis, &[]).await;
+    let mut b = node(&redis, &[]).await;
+    let c = node(&redis, &[]).await;
+    let mut sse = b.subscribe("topic=jobs").await;
+    sse.opened().await;
+    let url = a.url.clone();
+    let publisher = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        for i in 0..N {
+            let r = http
+                .post(format!("{url}/publish"))
+                .json(&json!({"topic": "jobs", "data": i.to_string()}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    });
+    let mut got = Vec::new();
+    let mut last = None;
+    while got.len() < 100 {
+        let e = sse.next().await;
+        got.push(e.data);
+        last = e.id;
+    }
+    b.signal("KILL");
+    b.wait_exit(PATIENCE).await;
+    drop(sse);
+    let last = last.unwrap();
+    let mut resumed = c
+        .subscribe_with("topic=jobs", &[("last-event-id", &last)])
+        .await;
+    while got.len() < N {
+        let e = resumed.next().await;
+        assert_ne!(e.event_type, "herald.gap");
+        got.push(e.data);
+    }
+    publisher.await.unwrap();
+    let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every event exactly once, in order");
+}
+
+#[tokio::test]
+async fn a_redis_outage_gives_503s_then_everything_accepted_arrives_once() {
+    let mut redis = Redis::start();
+    let a = node(&redis, &[]).await;
+    let b = node(&redis, &[]).await;
+    let mut subs: Vec<Sse> = vec![a.subscribe("topic=o").await, b.subscribe("topic=o").await];
+    for s in &mut subs {
+        s.opened().await;
+    }
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused = Arc::new(Mutex::new(0usize));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (url, acked, refused, stop) =
+            (a.url.clone(), acked.clone(), refused.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .post(format!("{url}/publish"))
+                    .json(&json!({"topic": "o", "data": i.to_string()}))
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status() {
+                    StatusCode::OK => {
+                        let v: Value = r.json().await.unwrap();
+                        acked
+                            .lock()
+                            .unwrap()
+                            .push(v["id"].as_str().unwrap().to_string());
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => *refused.lock().unwrap() += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    let (status, _) = {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (status, v) = a.get("/readyz").await;
+            if status == StatusCode::SERVICE_UNAVAILABLE || tokio::time::Instant::now() > deadline {
+                break (status, v);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/readyz reports the outage"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    a.eventually("/readyz", |v| v["ready"] == true).await;
+    b.eventually("/readyz", |v| v["ready"] == true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        *refused.lock().unwrap() > 0,
+        "publishes during the outage were refused"
+    );
+    assert!(acked.len() > 20);
+    let last = acked.last().unwrap().clone();
+    for sse in &mut subs {
+        let mut seen = Vec::new();
+        loop {
+            let e = sse.next().await;
+            assert_ne!(e.event_type, "herald.gap");
+            let id = e.id.unwrap();
+            let done = id == last;
+            seen.push(id);
+            if done {
+                break;
+            }
+        }
+        let unique: HashSet<&String> = seen.iter().collect();
+        assert_eq!(unique.len(), seen.len(), "nothing twice");
+        for id in &acked {
+            assert!(
+                unique.contains(id),
+                "accepted event {id} reached the subscriber"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_and_close_are_cluster_wide() {
+    let redis = Redis::start();
+    let (a, b, c) = (
+        node(&redis, &[]).await,
+        node(&redis, &[]).await,
+        node(&redis, &[]).await,
+    );
+    let mut streams = [
+        a.subscribe("user=u").await,
+        a.subscribe("user=u").await,
+        b.subscribe("user=u").await,
+        b.subscribe("user=w").await,
+    ];
+    c.eventually("/users/u", |v| v["connections"] == 3).await;
+    let v = c.eventually("/users", |v| v["count"] == 2).await;
+    assert_eq!(v["users"][0], json!({"id": "u", "connections": 3}));
+    c.eventually("/stats", |v| v["connections"] == 4).await;
+    let (status, v) = c.delete("/users/u/connections?reason=logout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["closed"], 3);
+    for sse in streams.iter_mut().take(3) {
+        let e = sse.next().await;
+        assert_eq!(e.event_type, "herald.close");
+    }
+    a.eventually("/users/u", |v| v["online"] == false).await;
+    c.eventually("/users/u", |v| v["online"] == false).await;
+    c.eventually("/users", |v| v["count"] == 1).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_hold_across_nodes() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]).await, node(&redis, &[]).await);
+    let body = json!({"topic": "pay", "data": "charge", "idempotencyKey": "order-7"});
+    let (_, first) = a.post_json("/publish", &body).await;
+    let (_, again) = b.post_json("/publish", &body).await;
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(again["duplicate"], true);
+    assert!(first.get("duplicate").is_none());
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_stops_startup() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &format!("redis://127.0.0.1:{port}/0"),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Redis"));
+}
