@@ -195,8 +195,10 @@ pub fn ratios(rows: &[Row], scenario: &str, group: Option<&str>) -> String {
         for r in &in_group {
             let t = r.get("target").and_then(Value::as_str).unwrap_or("");
             let Some(p) = get(r) else { continue };
-            // The ceiling keeps only a socket per idle connection: no useful ratio there.
-            if t == "herald" || p == 0.0 || h == 0.0 || (t == "ceiling" && scenario == "idle") {
+            // The ceiling keeps only a socket per idle connection and spends a thread on each
+            // new connection's head: no useful ratio for memory or connection rate.
+            let no_ceiling = matches!(scenario, "idle" | "connect");
+            if t == "herald" || p == 0.0 || h == 0.0 || (t == "ceiling" && no_ceiling) {
                 continue;
             }
             if t == "ceiling" {
