@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -620,6 +621,7 @@ impl Inner {
     pub(crate) fn fan_out(&self, events: &[Arc<Event>]) -> Vec<usize> {
         let reg = self.registry.read();
         let mut counts = Vec::with_capacity(events.len());
+        let mut wakers = Vec::new();
         for event in events {
             self.last_fanned_out.store(event.id.0, Ordering::Release);
             let mut delivered = 0;
@@ -627,7 +629,7 @@ impl Inner {
                 if !sub.may_see(event) {
                     return;
                 }
-                match sub.offer(event, self.queue_capacity) {
+                match sub.offer(event, self.queue_capacity, &mut wakers) {
                     Offer::Skipped => {}
                     Offer::Queued | Offer::Lagging => delivered += 1,
                     Offer::Overflowed => {
@@ -651,6 +653,8 @@ impl Inner {
             counts.push(delivered);
         }
         drop(reg);
+        // Wake after the whole group is queued, outside the registry lock.
+        wakers.into_iter().for_each(Waker::wake);
         let c = &self.counters;
         c.published
             .fetch_add(events.len() as u64, Ordering::Relaxed);

@@ -96,7 +96,15 @@ impl Subscriber {
         event.is_for(&self.selectors, self.user.as_ref()) && self.may_see(event)
     }
 
-    pub(crate) fn offer(&self, event: &Arc<Event>, capacity: usize) -> Offer {
+    /// Queues `event` unless already offered. The writer's waker, if it was waiting, goes to
+    /// `wakers`: the caller wakes everyone once a whole group is queued, so each writer finds
+    /// the group together and writes it with one `writev`.
+    pub(crate) fn offer(
+        &self,
+        event: &Arc<Event>,
+        capacity: usize,
+        wakers: &mut Vec<Waker>,
+    ) -> Offer {
         let mut inbox = self.inbox.lock();
         if inbox.last_offered.is_some_and(|id| id >= event.id) || inbox.ending.is_some() {
             return Offer::Skipped;
@@ -112,10 +120,8 @@ impl Subscriber {
             inbox.events.push_back(event.clone());
             Offer::Queued
         };
-        let waker = inbox.waker.take();
-        drop(inbox);
-        if let Some(w) = waker {
-            w.wake();
+        if let Some(w) = inbox.waker.take() {
+            wakers.push(w);
         }
         offer
     }

@@ -130,6 +130,20 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let here = tokio::runtime::Handle::current();
+    serve_split(listener, node, config, shutdown, here).await
+}
+
+/// As [`serve`], with the open event streams written on the runtime `streams`. The binary runs
+/// requests, the committer and timers on a runtime of their own, so that a publish is answered in
+/// milliseconds even while thousands of stream tasks are busy writing a fan-out.
+pub async fn serve_split(
+    listener: tokio::net::TcpListener,
+    node: Node,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    streams: tokio::runtime::Handle,
+) -> Result<(), ServeError> {
     let hub = node.hub.clone();
     let options = HttpOptions {
         max_body: config.max_body,
@@ -175,6 +189,14 @@ pub async fn serve(
         tracing::info!("shutting down: ending streams");
         hub.shutdown();
     };
-    listen::serve(listener, app, settings, stop, config.shutdown_timeout).await;
+    listen::serve(
+        listener,
+        app,
+        settings,
+        stop,
+        config.shutdown_timeout,
+        streams,
+    )
+    .await;
     Ok(())
 }

@@ -34,6 +34,7 @@ pub(crate) async fn serve(
     settings: ConnectionSettings,
     stop: impl Future<Output = ()>,
     grace: Duration,
+    streams: tokio::runtime::Handle,
 ) {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -64,6 +65,7 @@ pub(crate) async fn serve(
         let app = app.clone();
         let http = http.clone();
         let watcher = graceful.watcher();
+        let streams = streams.clone();
         tokio::spawn(async move {
             let mut tcp = tcp;
             // A connection that opens with `GET /events` is written by the lean stream path;
@@ -73,8 +75,8 @@ pub(crate) async fn serve(
                     .await
                 {
                     stream_conn::First::Stream(request) => {
-                        // A task of its own, so the stream holds none of this task's state.
-                        tokio::spawn(stream_conn::serve(tcp, peer, app, request));
+                        // A task of its own, on the streams' runtime, holding none of this task's state.
+                        streams.spawn(stream_conn::serve(tcp, peer, app, request));
                         return;
                     }
                     stream_conn::First::Other(prefix) => prefix,

@@ -33,16 +33,30 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+    // Two runtimes: one thread for requests, the committer and timers, and one per core for
+    // writing event streams, so a busy fan-out never queues a publish behind thousands of writes.
+    let runtimes = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("herald-api")
+        .enable_all()
+        .build()
+        .and_then(|api| {
+            let streams = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("herald-stream")
+                .enable_all()
+                .build()?;
+            Ok((api, streams))
+        });
+    let (api, streams) = match runtimes {
+        Ok(pair) => pair,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    let result = api.block_on(async {
         match cli.command {
-            Command::Serve(raw) => serve(*raw).await,
+            Command::Serve(raw) => serve(*raw, streams.handle().clone()).await,
             Command::Pub(args) => herald::client::publish(args).await,
             Command::Sub(args) => herald::client::subscribe(args).await,
         }
@@ -56,7 +70,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(raw: RawConfig) -> anyhow::Result<()> {
+async fn serve(raw: RawConfig, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
     // rustls (for rediss://) needs one process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -78,7 +92,7 @@ async fn serve(raw: RawConfig) -> anyhow::Result<()> {
         max_connections = config.max_connections,
         "herald started"
     );
-    herald::serve(listener, node, config, shutdown_signal()).await?;
+    herald::serve_split(listener, node, config, shutdown_signal(), streams).await?;
     tracing::info!("herald stopped");
     Ok(())
 }
