@@ -157,7 +157,9 @@ pub(crate) async fn follow(hub: Weak<Inner>, shared: Arc<dyn SharedHistory>) {
                 let Some(last) = chunk.events.last().map(|e| e.id) else {
                     continue;
                 };
-                let counts = inner.fan_out(&chunk.events);
+                let mut wakers = Vec::new();
+                let counts = inner.fan_out(&chunk.events, &mut wakers);
+                wakers.into_iter().for_each(std::task::Waker::wake);
                 inner
                     .feed
                     .record(chunk.events.iter().map(|e| e.id), &counts);

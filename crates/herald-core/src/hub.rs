@@ -578,9 +578,10 @@ impl Inner {
         } else {
             self.history.append(fresh).await
         };
+        let mut wakers = Vec::new();
         let (events, delivered) = match appended {
             Ok(events) => {
-                let delivered = self.fan_out(&events);
+                let delivered = self.fan_out(&events, &mut wakers);
                 for event in &events {
                     if let Some(key) = &event.idempotency_key {
                         keys.insert(key.clone(), event.id, event.published_at_ms);
@@ -615,13 +616,15 @@ impl Inner {
             // The publisher may have gone away; the events are published all the same.
             let _ = reply.send(answer);
         }
+        // Publishers first: waking thousands of writers can wait until they have their answer.
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// Queues each event for every matching connection; returns how many connections per event.
-    pub(crate) fn fan_out(&self, events: &[Arc<Event>]) -> Vec<usize> {
+    /// The writers to wake go to `wakers`: the caller wakes them once the group is queued.
+    pub(crate) fn fan_out(&self, events: &[Arc<Event>], wakers: &mut Vec<Waker>) -> Vec<usize> {
         let reg = self.registry.read();
         let mut counts = Vec::with_capacity(events.len());
-        let mut wakers = Vec::new();
         for event in events {
             self.last_fanned_out.store(event.id.0, Ordering::Release);
             let mut delivered = 0;
@@ -629,7 +632,7 @@ impl Inner {
                 if !sub.may_see(event) {
                     return;
                 }
-                match sub.offer(event, self.queue_capacity, &mut wakers) {
+                match sub.offer(event, self.queue_capacity, wakers) {
                     Offer::Skipped => {}
                     Offer::Queued | Offer::Lagging => delivered += 1,
                     Offer::Overflowed => {
@@ -653,8 +656,6 @@ impl Inner {
             counts.push(delivered);
         }
         drop(reg);
-        // Wake after the whole group is queued, outside the registry lock.
-        wakers.into_iter().for_each(Waker::wake);
         let c = &self.counters;
         c.published
             .fetch_add(events.len() as u64, Ordering::Relaxed);
