@@ -331,6 +331,10 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
            `GET /sub/{{topic}}`; config written by `herald-bench` (see `src/server.rs`).\n\
          - **baseline**: `herald-bench-baseline`, axum `Sse` with one `tokio::sync::broadcast` \
            (capacity 1024) per topic and `KeepAlive::default()`.\n\
+         - **herald-redis**, **herald-redis3**: one and three herald nodes with `--redis` on one \
+           `redis-server` (no persistence), subscribers and publishers spread over the nodes; \
+           `events_per_s_per_node` and `redis_cmds_per_msg` (every Redis command in the run, \
+           presence reports included, per published message) show how the cluster scales.\n\
          - **ceiling**: `herald-bench ceiling`, a process that answers the request head, keeps \
            the bare sockets per topic and writes each frame, encoded once, to every socket from \
            2 writer threads, batching whatever is pending into one write per socket; no \

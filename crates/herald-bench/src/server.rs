@@ -16,6 +16,10 @@ use tokio::process::{Child, Command};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Herald,
+    /// One herald node in cluster mode, with its own Redis.
+    HeraldRedis,
+    /// Three herald nodes sharing one Redis; subscribers and publishers spread over them.
+    HeraldRedis3,
     Nchan,
     Baseline,
     Ceiling,
@@ -25,6 +29,8 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Herald => "herald",
+            Kind::HeraldRedis => "herald-redis",
+            Kind::HeraldRedis3 => "herald-redis3",
             Kind::Nchan => "nchan",
             Kind::Baseline => "baseline",
             Kind::Ceiling => "ceiling",
@@ -34,10 +40,14 @@ impl Kind {
     pub fn parse(s: &str) -> anyhow::Result<Kind> {
         Ok(match s {
             "herald" => Kind::Herald,
+            "herald-redis" => Kind::HeraldRedis,
+            "herald-redis3" => Kind::HeraldRedis3,
             "nchan" => Kind::Nchan,
             "baseline" => Kind::Baseline,
             "ceiling" => Kind::Ceiling,
-            _ => bail!("unknown target {s} (herald, nchan, baseline, ceiling)"),
+            _ => bail!(
+                "unknown target {s} (herald, herald-redis, herald-redis3, nchan, baseline, ceiling)"
+            ),
         })
     }
 }
@@ -72,6 +82,12 @@ impl Bins {
 pub struct Server {
     pub kind: Kind,
     pub addr: SocketAddr,
+    /// Every node to connect to (the first is `addr`); one for all but a herald cluster.
+    pub nodes: Vec<SocketAddr>,
+    /// The other nodes of a herald cluster.
+    others: Vec<Server>,
+    /// The Redis of a herald cluster, and its port.
+    redis: Option<(Child, u16)>,
     /// The server's main process (nginx: the master); its descendants count too.
     pub pid: u32,
     child: Option<Child>,
@@ -113,7 +129,88 @@ impl Server {
                 Self::spawn(kind, &bins.me.to_string_lossy(), &args).await
             }
             Kind::Nchan => Self::start_nchan().await,
+            Kind::HeraldRedis | Kind::HeraldRedis3 => {
+                let nodes = if kind == Kind::HeraldRedis3 { 3 } else { 1 };
+                Self::start_cluster(kind, bins, herald_args, nodes).await
+            }
         }
+    }
+
+    /// A Redis on a free port and `nodes` herald nodes sharing it.
+    async fn start_cluster(
+        kind: Kind,
+        bins: &Bins,
+        herald_args: &[String],
+        nodes: usize,
+    ) -> anyhow::Result<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let redis = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--maxclients", "1000"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start redis-server (apt-get install redis-server)")?;
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("redis-server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--redis".into(),
+            format!("redis://127.0.0.1:{port}/0"),
+        ];
+        args.extend_from_slice(herald_args);
+        let mut servers = Vec::with_capacity(nodes);
+        for _ in 0..nodes {
+            servers.push(Self::spawn(kind, &bins.herald, &args).await?);
+        }
+        let mut first = servers.remove(0);
+        first.nodes = std::iter::once(first.addr)
+            .chain(servers.iter().map(|s| s.addr))
+            .collect();
+        first.others = servers;
+        first.redis = Some((redis, port));
+        Ok(first)
+    }
+
+    /// The node the `i`-th connection goes to.
+    pub fn node(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()]
+    }
+
+    /// Commands Redis has executed so far (a herald cluster only).
+    pub async fn redis_commands(&self) -> Option<u64> {
+        let (_, port) = self.redis.as_ref()?;
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Some(
+            text.lines()
+                .filter_map(|l| l.split("calls=").nth(1))
+                .filter_map(|v| v.split(',').next()?.parse::<u64>().ok())
+                .sum(),
+        )
     }
 
     /// Starts a program that prints `... listening on http://ADDR` as its first stdout line.
@@ -139,6 +236,9 @@ impl Server {
         Ok(Server {
             kind,
             addr,
+            nodes: vec![addr],
+            others: Vec::new(),
+            redis: None,
             pid,
             child: Some(child),
             nginx_dir: None,
@@ -191,6 +291,9 @@ impl Server {
         Ok(Server {
             kind: Kind::Nchan,
             addr,
+            nodes: vec![addr],
+            others: Vec::new(),
+            redis: None,
             pid,
             child: None,
             nginx_dir: Some(dir),
@@ -200,7 +303,9 @@ impl Server {
     /// The path a subscriber GETs for `topic`.
     pub fn sub_path(&self, topic: &str) -> String {
         match self.kind {
-            Kind::Herald | Kind::Baseline => format!("/events?topic={topic}"),
+            Kind::Herald | Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::Baseline => {
+                format!("/events?topic={topic}")
+            }
             Kind::Nchan | Kind::Ceiling => format!("/sub/{topic}"),
         }
     }
@@ -209,7 +314,7 @@ impl Server {
     /// backslashes) to `topic`.
     pub fn publish_request(&self, topic: &str, data: &str) -> (String, &'static str, Vec<u8>) {
         match self.kind {
-            Kind::Herald | Kind::Baseline => (
+            Kind::Herald | Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::Baseline => (
                 "/publish".into(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}","data":"{data}"}}"#).into_bytes(),
@@ -222,12 +327,13 @@ impl Server {
         }
     }
 
-    /// RSS in bytes of the server's process and all its descendants.
+    /// RSS in bytes of the server's process and all its descendants (every node of a cluster).
     pub fn rss(&self) -> u64 {
         tree(self.pid)
             .iter()
             .map(|p| status_kb(*p, "VmRSS:").unwrap_or(0) * 1024)
-            .sum()
+            .sum::<u64>()
+            + self.others.iter().map(Server::rss).sum::<u64>()
     }
 
     /// The number of processes counted by `rss`.
@@ -245,6 +351,12 @@ impl Server {
     pub async fn stop(mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
+        }
+        for other in std::mem::take(&mut self.others) {
+            Box::pin(other.stop()).await;
+        }
+        if let Some((mut redis, _)) = self.redis.take() {
+            let _ = redis.kill().await;
         }
         if self.nginx_dir.is_some() {
             let pids = tree(self.pid);

@@ -192,7 +192,7 @@ impl Subscribers {
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
             let path = server.sub_path(&topic(i));
-            let (shared, gate, addr) = (shared.clone(), gate.clone(), server.addr);
+            let (shared, gate, addr) = (shared.clone(), gate.clone(), server.node(i));
             tasks.push(tokio::spawn(async move {
                 let permit = gate.acquire_owned().await;
                 let opened = async {

@@ -37,10 +37,11 @@ pub async fn fanout(
         let issued = Arc::new(AtomicU64::new(0));
         let t0 = mono_ns();
         let mut tasks = Vec::new();
-        for _ in 0..publishers {
+        let redis_before = server.redis_commands().await;
+        for p in 0..publishers {
             let (issued, server) = (issued.clone(), server.clone());
             tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::connect(server.addr).await?;
+                let mut conn = Conn::connect(server.node(p)).await?;
                 let mut answers = Histogram::<u64>::new(3)?;
                 loop {
                     let seq = issued.fetch_add(1, Ordering::Relaxed) + 1;
@@ -99,6 +100,14 @@ pub async fn fanout(
         r.insert("seconds", num(elapsed));
         r.insert("events_per_s", num(received as f64 / elapsed));
         r.insert("publishes_per_s", num(published as f64 / publish_s));
+        cluster_figures(
+            &mut r,
+            &server,
+            redis_before,
+            published,
+            received as f64 / elapsed,
+        )
+        .await;
         r.insert("pub_p50_ms", num(ms(&answers, 0.5)));
         r.insert("pub_p99_ms", num(ms(&answers, 0.99)));
         if let Some(e) = subs.first_error() {
@@ -133,10 +142,11 @@ pub async fn unicast(
         let issued = Arc::new(AtomicU64::new(0));
         let t0 = mono_ns();
         let mut tasks = Vec::new();
-        for _ in 0..publishers {
+        let redis_before = server.redis_commands().await;
+        for p in 0..publishers {
             let (issued, server) = (issued.clone(), server.clone());
             tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::connect(server.addr).await?;
+                let mut conn = Conn::connect(server.node(p)).await?;
                 loop {
                     let j = issued.fetch_add(1, Ordering::Relaxed);
                     if j >= m {
@@ -190,6 +200,7 @@ pub async fn unicast(
         r.insert("seconds", num(elapsed));
         r.insert("events_per_s", num(received as f64 / elapsed));
         r.insert("publishes_per_s", num(m as f64 / publish_s));
+        cluster_figures(&mut r, &server, redis_before, m, received as f64 / elapsed).await;
         if let Some(e) = subs.first_error() {
             r.insert("error", e);
         }
@@ -201,4 +212,27 @@ pub async fn unicast(
         drop(subs);
     }
     Ok(rows)
+}
+
+/// For a herald cluster: nodes, delivered events/s per node, and Redis commands per published
+/// message (what decides how a cluster scales on real machines).
+async fn cluster_figures(
+    r: &mut Row,
+    server: &Server,
+    redis_before: Option<u64>,
+    published: u64,
+    rate: f64,
+) {
+    let Some(before) = redis_before else { return };
+    let nodes = server.nodes.len();
+    r.insert("nodes", nodes);
+    r.insert("events_per_s_per_node", num(rate / nodes as f64));
+    if let Some(after) = server.redis_commands().await {
+        // The INFO call itself counts once.
+        let commands = after.saturating_sub(before + 1);
+        r.insert(
+            "redis_cmds_per_msg",
+            num(commands as f64 / published.max(1) as f64),
+        );
+    }
 }
