@@ -10,9 +10,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::commit::Job;
 use crate::event::{EventId, Message};
 use crate::history::SharedHistory;
-use crate::hub::{Inner, Job, PublishError, Published};
+use crate::hub::{Inner, PublishError, Published};
 
 /// Per-event local delivery counts kept for publishers still waiting for their answer.
 const RECENT: usize = 65_536;

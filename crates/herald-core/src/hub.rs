@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::commit::Job;
 use crate::event::{Event, EventId, Message, now_ms};
 use crate::feed::Feed;
 use crate::grant::{Expiries, Grant};
@@ -147,7 +148,7 @@ impl HubBuilder {
             counters: Counters::default(),
             started: Instant::now(),
         });
-        runtime.spawn(commit_loop(
+        runtime.spawn(crate::commit::commit_loop(
             Arc::downgrade(&inner),
             job_rx,
             Keys::new(self.idempotency_window),
@@ -239,21 +240,6 @@ pub struct UserMessages {
     pub events: Vec<Arc<Event>>,
 }
 
-pub(crate) struct Job {
-    pub(crate) messages: Vec<Message>,
-    pub(crate) reply: oneshot::Sender<Result<Vec<Published>, PublishError>>,
-}
-
-/// How a message of a commit group is answered.
-enum Slot {
-    /// Appended now, at this index of the group.
-    New(usize),
-    /// Repeats the key of the message appended at this index of the group.
-    Repeat(usize),
-    /// Repeats a key already published as this event.
-    Existing(EventId),
-}
-
 /// Counts since start, for `/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -288,7 +274,7 @@ pub struct Hub {
 pub(crate) struct Inner {
     pub(crate) history: Arc<dyn History>,
     /// Set in cluster mode: publishes go here and are fanned out by the follower.
-    shared: Option<Arc<dyn SharedHistory>>,
+    pub(crate) shared: Option<Arc<dyn SharedHistory>>,
     pub(crate) feed: Feed,
     /// Publishes wait here for the committer, which appends whole groups at once.
     jobs: mpsc::Sender<Job>,
@@ -545,81 +531,6 @@ impl Hub {
 }
 
 impl Inner {
-    /// Appends a group of publishes as one history write, then fans the events out in id order.
-    async fn commit(&self, jobs: Vec<Job>, keys: &mut Keys) {
-        let now = now_ms();
-        keys.expire(now);
-        let mut fresh = Vec::new();
-        let mut in_group: HashMap<String, usize> = HashMap::new();
-        let mut plans = Vec::with_capacity(jobs.len());
-        let mut replies = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut plan = Vec::with_capacity(job.messages.len());
-            for message in job.messages {
-                if let Some(key) = &message.idempotency_key {
-                    if let Some(id) = keys.get(key) {
-                        plan.push(Slot::Existing(id));
-                        continue;
-                    }
-                    if let Some(&i) = in_group.get(key) {
-                        plan.push(Slot::Repeat(i));
-                        continue;
-                    }
-                    in_group.insert(key.clone(), fresh.len());
-                }
-                plan.push(Slot::New(fresh.len()));
-                fresh.push(message);
-            }
-            plans.push(plan);
-            replies.push(job.reply);
-        }
-        let appended = if fresh.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.history.append(fresh).await
-        };
-        let mut wakers = Vec::new();
-        let (events, delivered) = match appended {
-            Ok(events) => {
-                let delivered = self.fan_out(&events, &mut wakers);
-                for event in &events {
-                    if let Some(key) = &event.idempotency_key {
-                        keys.insert(key.clone(), event.id, event.published_at_ms);
-                    }
-                }
-                (Ok(events), delivered)
-            }
-            Err(e) => (Err(e), Vec::new()),
-        };
-        for (plan, reply) in plans.into_iter().zip(replies) {
-            let answer = plan
-                .iter()
-                .map(|slot| match (slot, &events) {
-                    (Slot::Existing(id), _) => Ok(Published {
-                        id: *id,
-                        delivered: 0,
-                        duplicate: true,
-                    }),
-                    (Slot::New(i), Ok(events)) => Ok(Published {
-                        id: events[*i].id,
-                        delivered: delivered[*i],
-                        duplicate: false,
-                    }),
-                    (Slot::Repeat(i), Ok(events)) => Ok(Published {
-                        id: events[*i].id,
-                        delivered: 0,
-                        duplicate: true,
-                    }),
-                    (_, Err(e)) => Err(PublishError::Store(e.clone())),
-                })
-                .collect::<Result<Vec<_>, _>>();
-            // The publisher may have gone away; the events are published all the same.
-            let _ = reply.send(answer);
-        }
-        // Publishers first: waking thousands of writers can wait until they have their answer.
-        wakers.into_iter().for_each(Waker::wake);
-    }
-
     /// Queues each event for every matching connection; returns how many connections per event.
     /// The writers to wake go to `wakers`: the caller wakes them once the group is queued.
     pub(crate) fn fan_out(&self, events: &[Arc<Event>], wakers: &mut Vec<Waker>) -> Vec<usize> {
@@ -711,26 +622,6 @@ impl Inner {
         }
         drop(reg);
         tracing::debug!(key = sub.key, user = ?sub.user, "connection closed");
-    }
-}
-
-/// The committer: takes whatever publishes are waiting and commits them as one group, in order.
-/// It first reloads the idempotency keys still in their window from history (a shared history
-/// keeps the keys itself).
-async fn commit_loop(hub: Weak<Inner>, mut jobs: mpsc::Receiver<Job>, mut keys: Keys) {
-    if let Some(inner) = hub.upgrade()
-        && inner.shared.is_none()
-    {
-        keys.load(&*inner.history).await;
-    }
-    let mut group = Vec::with_capacity(64);
-    while jobs.recv_many(&mut group, 512).await > 0 {
-        let Some(inner) = hub.upgrade() else { break };
-        let group = std::mem::take(&mut group);
-        match &inner.shared {
-            Some(shared) => crate::feed::commit_shared(&inner, shared, group).await,
-            None => inner.commit(group, &mut keys).await,
-        }
     }
 }
 

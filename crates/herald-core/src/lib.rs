@@ -2,6 +2,7 @@
 //! selector index, per-connection inboxes, history stores and the `Hub`. No HTTP here.
 
 mod cluster;
+mod commit;
 pub mod duration;
 pub mod event;
 mod feed;
