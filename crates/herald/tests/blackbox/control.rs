@@ -161,24 +161,27 @@ async fn idle_streams_get_heartbeat_comments() {
     );
 }
 
-/// A client that vanishes is noticed by a failed heartbeat write and leaves presence.
-#[tokio::test]
-async fn dead_connections_leave_presence_within_two_heartbeats() {
-    let s = Server::start(&["--heartbeat", "200ms"]).await;
+/// Opens a raw stream as `user` and waits until presence shows it.
+async fn raw_stream(s: &Server, user: &str) -> tokio::net::TcpStream {
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
         .await
         .unwrap();
-    tcp.write_all(
-        b"GET /events?user=ghost HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let request =
+        format!("GET /events?user={user} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut buf = [0u8; 1024];
     let n = tcp.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    s.eventually("/users/ghost", |v| v["online"] == true).await;
-    // Vanish. The server learns it from the peer's close or, at the latest, from the second
-    // heartbeat write (the first draws a reset from the closed socket).
+    s.eventually(&format!("/users/{user}"), |v| v["online"] == true)
+        .await;
+    tcp
+}
+
+/// A client that closes its socket leaves presence at once.
+#[tokio::test]
+async fn closed_connections_leave_presence_at_once() {
+    let s = Server::start(&["--heartbeat", "200ms"]).await;
+    let tcp = raw_stream(&s, "ghost").await;
     drop(tcp);
     let started = tokio::time::Instant::now();
     s.eventually("/users/ghost", |v| v["online"] == false).await;
@@ -187,6 +190,56 @@ async fn dead_connections_leave_presence_within_two_heartbeats() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// A client that vanishes without a FIN or a reset (its packets are dropped by the firewall, as
+/// with a pulled cable) leaves presence once heartbeats stay unacknowledged for two intervals.
+/// Without `TCP_USER_TIMEOUT` it would stay for TCP's full retransmission time (~15 minutes).
+/// Needs root and iptables (scripts/test installs it).
+#[tokio::test]
+async fn vanished_connections_leave_presence_within_a_few_heartbeats() {
+    let s = Server::start(&["--heartbeat", "300ms"]).await;
+    let tcp = raw_stream(&s, "vanished").await;
+    let client_port = tcp.local_addr().unwrap().port().to_string();
+    let rule = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--sport",
+        &client_port,
+        "--dport",
+        &s.port.to_string(),
+        "-j",
+        "DROP",
+    ];
+    let added = std::process::Command::new("iptables")
+        .arg("-I")
+        .args(rule)
+        .status()
+        .expect("iptables must be installed (scripts/test installs it)");
+    assert!(
+        added.success(),
+        "adding the iptables rule failed: this test needs root"
+    );
+    struct Remove(Vec<String>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("iptables")
+                .arg("-D")
+                .args(&self.0)
+                .status();
+        }
+    }
+    let _remove = Remove(rule.iter().map(|s| s.to_string()).collect());
+    let started = tokio::time::Instant::now();
+    s.eventually("/users/vanished", |v| v["online"] == false)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(tcp);
 }
 
 #[tokio::test]
