@@ -32,7 +32,8 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 }
 
 /// Appends messages in order; a message whose idempotency key is already claimed returns the
-/// claiming event's id instead. Then trims to maxlen, remembering the newest dropped id (Redis
+/// claiming event's id instead. Then trims to maxlen and the age cutoff (also called with no
+/// messages, for trimming alone), remembering the newest dropped id (Redis
 /// 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker; ARGV:
 /// maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (key, row) pairs. Returns id,
 /// duplicate-flag pairs.
@@ -68,17 +69,6 @@ if ARGV[4] ~= '0' then
   end
 end
 return out
-"#;
-
-/// Drops entries older than a time, remembering the newest dropped id. KEYS: stream,
-/// dropped-marker; ARGV: cutoff ms.
-const TRIM_AGE: &str = r#"
-local older = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '-', 'COUNT', 1)
-if #older == 1 then
-  redis.call('SET', KEYS[2], older[1][1])
-  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1] .. '-0')
-end
-return #older
 "#;
 
 /// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker; ARGV: mode (after|since|oldest),
@@ -154,7 +144,6 @@ pub struct RedisHistory {
     client: Client,
     append: Script,
     read: Script,
-    trim_age: Script,
 }
 
 impl std::fmt::Debug for RedisHistory {
@@ -237,7 +226,6 @@ impl RedisHistory {
             client,
             append: Script::new(APPEND),
             read: Script::new(READ),
-            trim_age: Script::new(TRIM_AGE),
         })
     }
 
@@ -293,17 +281,11 @@ impl History for RedisHistory {
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {
-        let Some(cutoff) = self.retention.cutoff_ms(now_ms()) else {
-            return Ok(());
-        };
-        let mut conn = self.conn.clone();
-        self.trim_age
-            .key(&self.stream)
-            .key(&self.dropped)
-            .arg(cutoff)
-            .invoke_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)
+        // An append of nothing applies the retention limits (the script trims after appending).
+        if self.retention.max_age.is_some() {
+            self.append_claiming(Vec::new()).await?;
+        }
+        Ok(())
     }
 }
 
