@@ -284,98 +284,119 @@ fn strings<'a>(field: &str, v: &'a Value) -> Result<Vec<&'a str>, ApiError> {
     }
 }
 
+/// The fields of one message as they are parsed, before the route adds its target.
+#[derive(Default)]
+struct Draft {
+    targets: Targets,
+    data: Option<String>,
+    event: Option<EventType>,
+    retry_ms: Option<u32>,
+    idempotency_key: Option<String>,
+    private: bool,
+}
+
+impl Draft {
+    fn finish(self, route: &Route) -> Result<Message, ApiError> {
+        let mut targets = self.targets;
+        match route {
+            Route::Publish => {}
+            Route::User(u) => targets.users.push(u.clone()),
+            Route::Broadcast => targets.broadcast = true,
+        }
+        let data = self
+            .data
+            .ok_or_else(|| ApiError::bad_request("missing_data", "'data' is required"))?;
+        if targets.is_empty() {
+            return Err(ApiError::bad_request(
+                "no_target",
+                "give topic, topics, users or broadcast",
+            ));
+        }
+        let mut message = Message::to_targets(targets).data(data);
+        message.event_type = self.event;
+        message.retry_ms = self.retry_ms;
+        message.idempotency_key = self.idempotency_key;
+        Ok(message.private(self.private))
+    }
+}
+
+fn target_not_taken(field: &str) -> ApiError {
+    field_error(field, "is not taken here: this route sets the target")
+}
+
+fn unknown_field(field: &str) -> ApiError {
+    ApiError::bad_request("unknown_field", format!("unknown field '{field}'"))
+}
+
 /// Builds a message from a JSON object; every field is checked, unknown fields are refused.
 fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message, ApiError> {
-    let mut targets = Targets::default();
-    let mut data = None;
-    let mut event = None;
-    let mut retry_ms = None;
-    let mut idem = None;
-    let mut private = false;
+    let mut d = Draft::default();
     let targets_allowed = matches!(route, Route::Publish);
-    if obj.contains_key("topic") && obj.contains_key("topics") {
-        return Err(ApiError::bad_request(
-            "conflicting_fields",
-            "give 'topic' or 'topics', not both",
-        ));
+    for (one, many) in [("topic", "topics"), ("user", "users")] {
+        if obj.contains_key(one) && obj.contains_key(many) {
+            return Err(ApiError::bad_request(
+                "conflicting_fields",
+                format!("give '{one}' or '{many}', not both"),
+            ));
+        }
     }
-    if obj.contains_key("user") && obj.contains_key("users") {
-        return Err(ApiError::bad_request(
-            "conflicting_fields",
-            "give 'user' or 'users', not both",
-        ));
-    }
+    let boolean = |key: &str, value: &Value| {
+        value
+            .as_bool()
+            .ok_or_else(|| field_error(key, "must be true or false"))
+    };
     for (key, value) in obj {
         match key.as_str() {
             "topic" | "topics" | "user" | "users" | "broadcast" if !targets_allowed => {
-                return Err(field_error(
-                    key,
-                    "is not taken here: this route sets the target",
-                ));
+                return Err(target_not_taken(key));
             }
             "topic" => match value {
-                Value::String(s) => targets.topics.push(topic(key, s)?),
+                Value::String(s) => d.targets.topics.push(topic(key, s)?),
                 _ => return Err(field_error(key, "must be a string")),
             },
             "topics" => match value {
                 Value::Array(_) => {
                     for s in strings(key, value)? {
-                        targets.topics.push(topic(key, s)?);
+                        d.targets.topics.push(topic(key, s)?);
                     }
                 }
                 _ => return Err(field_error(key, "must be an array of strings")),
             },
             "user" | "users" => {
                 for s in strings(key, value)? {
-                    targets.users.push(user(key, s)?);
+                    d.targets.users.push(user(key, s)?);
                 }
             }
-            "broadcast" => match value {
-                Value::Bool(b) => targets.broadcast = *b,
-                _ => return Err(field_error(key, "must be true or false")),
-            },
+            "broadcast" => d.targets.broadcast = boolean(key, value)?,
             "data" => {
-                data = Some(match value {
+                d.data = Some(match value {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 })
             }
             "event" => match value {
-                Value::String(s) => event = Some(event_type(s)?),
+                Value::String(s) => d.event = Some(event_type(s)?),
                 Value::Null => {}
                 _ => return Err(field_error(key, "must be a string")),
             },
             "retry" => match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
-                Some(ms) => retry_ms = Some(ms),
+                Some(ms) => d.retry_ms = Some(ms),
                 None => return Err(field_error(key, "must be a whole number of milliseconds")),
             },
             "idempotencyKey" => match value {
-                Value::String(s) => idem = Some(idempotency_key(s)?),
+                Value::String(s) => d.idempotency_key = Some(idempotency_key(s)?),
                 _ => return Err(field_error(key, "must be a string")),
             },
-            "private" => match value {
-                Value::Bool(b) => private = *b,
-                _ => return Err(field_error(key, "must be true or false")),
-            },
-            other => {
-                return Err(ApiError::bad_request(
-                    "unknown_field",
-                    format!("unknown field '{other}'"),
-                ));
-            }
+            "private" => d.private = boolean(key, value)?,
+            other => return Err(unknown_field(other)),
         }
     }
-    finish(route, targets, data, event, retry_ms, idem).map(|m| m.private(private))
+    d.finish(route)
 }
 
 /// Builds a message from form fields: topic and user repeat; data, event, retry at most once.
 fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
-    let mut targets = Targets::default();
-    let mut data = None;
-    let mut event = None;
-    let mut retry_ms = None;
-    let mut idem = None;
-    let mut private = false;
+    let mut d = Draft::default();
     let targets_allowed = matches!(route, Route::Publish);
     for (key, value) in form_pairs(bytes)? {
         let once = |seen: bool| {
@@ -385,81 +406,39 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
                 Ok(())
             }
         };
+        let flag = || match value.as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(field_error(&key, "must be true, 1, false or 0")),
+        };
         match key.as_str() {
             "topic" | "user" | "broadcast" if !targets_allowed => {
-                return Err(field_error(
-                    &key,
-                    "is not taken here: this route sets the target",
-                ));
+                return Err(target_not_taken(&key));
             }
-            "topic" => targets.topics.push(topic(&key, &value)?),
-            "user" => targets.users.push(user(&key, &value)?),
-            "broadcast" => {
-                targets.broadcast = match value.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(field_error(&key, "must be true, 1, false or 0")),
-                }
-            }
+            "topic" => d.targets.topics.push(topic(&key, &value)?),
+            "user" => d.targets.users.push(user(&key, &value)?),
+            "broadcast" => d.targets.broadcast = flag()?,
+            "private" => d.private = flag()?,
             "data" => {
-                once(data.is_some())?;
-                data = Some(value);
+                once(d.data.is_some())?;
+                d.data = Some(value);
             }
             "event" => {
-                once(event.is_some())?;
-                event = Some(event_type(&value)?);
+                once(d.event.is_some())?;
+                d.event = Some(event_type(&value)?);
             }
             "retry" => {
-                once(retry_ms.is_some())?;
-                retry_ms = Some(retry(&value)?);
+                once(d.retry_ms.is_some())?;
+                d.retry_ms = Some(retry(&value)?);
             }
             "idempotencyKey" => {
-                once(idem.is_some())?;
-                idem = Some(idempotency_key(&value)?);
+                once(d.idempotency_key.is_some())?;
+                d.idempotency_key = Some(idempotency_key(&value)?);
             }
-            "private" => {
-                private = match value.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(field_error(&key, "must be true, 1, false or 0")),
-                }
-            }
-            other => {
-                return Err(ApiError::bad_request(
-                    "unknown_field",
-                    format!("unknown field '{other}'"),
-                ));
-            }
+            other => return Err(unknown_field(other)),
         }
     }
-    finish(route, targets, data, event, retry_ms, idem).map(|m| m.private(private))
-}
-
-fn finish(
-    route: &Route,
-    mut targets: Targets,
-    data: Option<String>,
-    event: Option<EventType>,
-    retry_ms: Option<u32>,
-    idempotency_key: Option<String>,
-) -> Result<Message, ApiError> {
-    match route {
-        Route::Publish => {}
-        Route::User(u) => targets.users.push(u.clone()),
-        Route::Broadcast => targets.broadcast = true,
-    }
-    let data = data.ok_or_else(|| ApiError::bad_request("missing_data", "'data' is required"))?;
-    if targets.is_empty() {
-        return Err(ApiError::bad_request(
-            "no_target",
-            "give topic, topics, users or broadcast",
-        ));
-    }
-    let mut message = Message::to_targets(targets).data(data);
-    message.event_type = event;
-    message.retry_ms = retry_ms;
-    message.idempotency_key = idempotency_key;
-    Ok(message)
+    d.finish(route)
 }
 
 #[cfg(test)]
