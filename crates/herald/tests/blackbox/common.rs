@@ -181,6 +181,17 @@ impl Server {
     }
 }
 
+/// Asserts that `answer` is the error a client would see: this status and this `error` code.
+#[track_caller]
+pub fn expect_error(answer: (StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(
+        (answer.0, answer.1["error"].as_str()),
+        (status, Some(code)),
+        "answer: {}",
+        answer.1
+    );
+}
+
 pub async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
     let text = r.text().await.expect("body");

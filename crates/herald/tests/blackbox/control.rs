@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, expect_error};
 
 #[tokio::test]
 async fn presence_follows_connections_as_they_come_and_go() {
@@ -75,10 +75,10 @@ async fn users_are_paged_in_id_order() {
     assert_eq!(ids, ["c", "d"]);
     let (_, v) = s.get("/users?after=d").await;
     assert_eq!(v["users"], json!([{"id": "e", "connections": 1}]));
-    let (status, v) = s.get("/users?limit=0").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_limit"))
+    expect_error(
+        s.get("/users?limit=0").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
     );
 }
 
@@ -139,10 +139,10 @@ async fn a_blocked_user_gets_204_until_the_block_expires() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r = s.open_events("user=u", &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let (status, v) = s.delete("/users/u/connections?block=soon").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_block"))
+    expect_error(
+        s.delete("/users/u/connections?block=soon").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_block",
     );
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, expect_error};
 
 fn dir_arg(dir: &std::path::Path) -> String {
     dir.to_str().unwrap().to_string()
@@ -311,10 +311,10 @@ async fn since_replays_by_id_duration_or_all() {
         .await;
     assert_eq!(header.next().await.data, "recent");
     let r = s.open_events("topic=s&since=yesterday", &[]).await;
-    let (status, v) = crate::common::json_of(r).await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_since"))
+    expect_error(
+        crate::common::json_of(r).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_since",
     );
 }
 
@@ -360,10 +360,10 @@ async fn a_users_messages_as_json() {
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
     let (_, v) = s.get("/users/u1/messages?since=1h").await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 2);
-    let (status, v) = s.get("/users/u1/messages?limit=0").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_limit"))
+    expect_error(
+        s.get("/users/u1/messages?limit=0").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
     );
 }
 

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::Server;
+use crate::common::{Server, expect_error};
 
 async fn raw_post(
     s: &Server,
@@ -76,32 +76,29 @@ async fn bad_publish_bodies_are_refused_and_publish_nothing() {
         assert_eq!(v["error"], code, "{body} -> {v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    let (status, v) = raw_post(
-        &s,
-        "/publish",
-        Some("application/json"),
-        b"{\"topic\":".to_vec(),
-    )
-    .await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_json"))
-    );
-    let (status, v) = raw_post(&s, "/publish", Some("text/plain"), b"hello".to_vec()).await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Some("unsupported_media_type")
+    expect_error(
+        raw_post(
+            &s,
+            "/publish",
+            Some("application/json"),
+            b"{\"topic\":".to_vec(),
         )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    expect_error(
+        raw_post(&s, "/publish", Some("text/plain"), b"hello".to_vec()).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
     );
     let (status, _) = raw_post(&s, "/publish", None, b"{}".to_vec()).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let big = json!({"topic": "a", "data": "x".repeat(2000)});
-    let (status, v) = s.post_json("/publish", &big).await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    expect_error(
+        s.post_json("/publish", &big).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
     );
     let form_cases: Vec<(Vec<u8>, &str)> = vec![
         (b"topic=a".to_vec(), "missing_data"),
@@ -124,19 +121,17 @@ async fn bad_publish_bodies_are_refused_and_publish_nothing() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{shown}");
         assert_eq!(v["error"], code, "{shown} -> {v}");
     }
-    let (status, v) = s
-        .post_json("/users/u/messages", &json!({"topic": "t", "data": "x"}))
-        .await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_field"))
+    expect_error(
+        s.post_json("/users/u/messages", &json!({"topic": "t", "data": "x"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
     );
-    let (status, v) = s
-        .post_json("/broadcast", &json!({"users": ["u"], "data": "x"}))
-        .await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_field"))
+    expect_error(
+        s.post_json("/broadcast", &json!({"users": ["u"], "data": "x"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
     );
     let (_, stats) = s.get("/stats").await;
     assert_eq!(
@@ -171,24 +166,20 @@ async fn bad_subscriptions_are_refused() {
 #[tokio::test]
 async fn bad_paths_and_methods_answer_json() {
     let s = Server::start(&[]).await;
-    let (status, v) = s.get("/nope").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
+    expect_error(s.get("/nope").await, StatusCode::NOT_FOUND, "not_found");
+    expect_error(
+        s.delete("/publish").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
     );
-    let (status, v) = s.delete("/publish").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    expect_error(
+        s.get(&format!("/users/{}", "u".repeat(129))).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_user",
     );
-    let (status, v) = s.get(&format!("/users/{}", "u".repeat(129))).await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_user"))
-    );
-    let (status, v) = s.get("/users/a%0Ab").await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_user"))
+    expect_error(
+        s.get("/users/a%0Ab").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_user",
     );
 }
