@@ -100,6 +100,11 @@ impl Inner {
             let _ = reply.send(answer);
         }
         // Publishers first: waking thousands of writers can wait until they have their answer.
+        // Yielding lets the request tasks just woken by the replies write their answers before
+        // this thread spends its time on the wakes.
+        if !wakers.is_empty() {
+            tokio::task::yield_now().await;
+        }
         wakers.into_iter().for_each(Waker::wake);
     }
 }

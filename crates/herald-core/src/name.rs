@@ -157,6 +157,10 @@ impl Selector {
 
     /// Whether `topic` is matched by this selector.
     pub fn matches(&self, topic: &Topic) -> bool {
+        // Most selectors are plain topics; a topic never holds `*`, so equal strings decide.
+        if !self.0.contains('*') {
+            return *self.0 == *topic.0;
+        }
         let mut topic_segs = topic.segments();
         for sel in self.segments() {
             match sel {
