@@ -121,6 +121,20 @@ enum Scenario {
         #[arg(long)]
         memory: bool,
     },
+    /// No server: what the kernel alone costs to write one event to each of N loopback sockets
+    /// while this process reads them (the floor under every target's latency at N subscribers).
+    Floor {
+        /// Connections; both ends are in this process, so 2N must fit under its open-file limit.
+        #[arg(long, short, default_value_t = 9_000)]
+        n: usize,
+        /// Threads writing (one per core is the most a server can use).
+        #[arg(long, default_value_t = 2)]
+        writers: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, short, default_value_t = 64)]
+        size: usize,
+    },
     /// Writes BENCHMARKS.md and the plots from the JSON lines of a run.
     Report {
         /// JSON lines written by the scenarios.
@@ -158,6 +172,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.scenario {
         Scenario::Ceiling { listen, writers } => ceiling::run(listen, *writers),
+        Scenario::Floor {
+            n,
+            writers,
+            rounds,
+            size,
+        } => {
+            let r = scenario::floor::floor(*n, *writers, *rounds, *size)?;
+            println!("\nfloor: no server, one {size}-byte event to each of {n} loopback sockets\n");
+            print!("{}", scenario::table(&[r], None));
+            Ok(())
+        }
         Scenario::Report {
             results,
             meta,
@@ -279,7 +304,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None,
             )
         }
-        Scenario::Report { .. } | Scenario::Ceiling { .. } => unreachable!("handled in main"),
+        Scenario::Report { .. } | Scenario::Ceiling { .. } | Scenario::Floor { .. } => {
+            unreachable!("handled in main")
+        }
     };
     println!("\n{title}\n");
     print!("{}", scenario::table(&rows, group));

@@ -242,14 +242,61 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
     let _ = writeln!(md);
 
     let _ = writeln!(md, "## Reading these figures\n");
+    let floor = by("floor");
+    let fl = |key: &str| f(&floor, "kernel", key, &any);
+    let herald_p99 = f(&latency, "herald", "p99_ms", &at_rate);
+    let subscribers = m("latency_subscribers").parse::<f64>().unwrap_or(10_000.0);
+    if let (Some(sockets), Some(per_write), Some(p99), Some(writers)) = (
+        fl("sockets"),
+        fl("write_us_per_socket"),
+        fl("p99_ms"),
+        fl("writers"),
+    ) {
+        // One event's fan-out time grows linearly with the sockets written.
+        let scaled = p99 * subscribers / sockets;
+        let vs = herald_p99.map_or(String::new(), |h| {
+            format!(
+                " herald's p99 there is {} ms, {:.2}× that floor.",
+                fmt_num(h),
+                h / scaled
+            )
+        });
+        let budget = 2.0 * 25_000.0 / subscribers;
+        let below = if budget < per_write {
+            ", less than one loopback `write` costs on this machine"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            md,
+            "- The kernel's floor: with no server at all (`herald-bench floor`), writing one \
+             {size}-byte event to each of {sockets} loopback sockets from {writers} threads, \
+             while one thread reads them, took {per_write} µs of a writer's time per socket, and \
+             the p99 arrival was {p99} ms: about {scaled} ms at {n} subscribers by linear \
+             scaling.{vs} A p99 of 25 ms at {n} subscribers leaves {budget:.1} µs per delivered \
+             event across both cores{below}.",
+            n = fmt_num(subscribers),
+            size = fl("size").unwrap_or(64.0),
+            sockets = fmt_num(sockets),
+            per_write = fmt_num(per_write),
+            p99 = fmt_num(p99),
+            scaled = fmt_num(scaled),
+        );
+    }
+    if let Some(c) = f(&latency, "ceiling", "pub_p99_ms", &at_rate) {
+        let _ = writeln!(
+            md,
+            "- Publish answers while a fan-out runs: the ceiling, which only hands a frame to its \
+             writer threads, answers with a p99 of {} ms in the same conditions. With the \
+             server's writer threads, the client's readers and the publisher sharing 2 cores, a \
+             woken thread waits milliseconds for a core whatever the server does; herald answers \
+             before it wakes any writer.",
+            fmt_num(c)
+        );
+    }
     let _ = writeln!(
         md,
-        "- The load generator runs on the same 2 cores. Reading one event from each of 10k \
-           sockets costs the client itself tens of milliseconds (epoll, a task wake-up and a \
-           `read` per socket), so at 10k subscribers the latency percentiles of every target, \
-           the ceiling included, sit on that floor; the ceiling is a throughput ceiling \
-           (batched writes), not a latency floor, and herald can come out ahead of it there.\n\
-         - nchan's publish request is answered only after its fan-out, so at 10k subscribers it \
+        "- nchan's publish request is answered only after its fan-out, so at 10k subscribers it \
            cannot publish more than a few messages per second; in the latency sweep the \
            messages it never got to are counted as `unsent`, and its latency includes the wait.\n\
          - herald and the baseline listen with the 128-deep accept queue that std and tokio \
@@ -297,6 +344,11 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
             "latency",
             Some("rate"),
             "N subscribers on one topic; messages published at a fixed rate by 8 connections, each carrying its scheduled send time, so a server that makes publishers wait shows it as latency. Publishing stops at the end of the window (`unsent` counts what a slow target never got to).",
+        ),
+        (
+            "floor",
+            None,
+            "no server: what the kernel alone costs to write one event to each of N loopback sockets (writer threads) while one thread reads them; `p50_ms`/`p99_ms` are arrival times from the start of a round, `span` the time until the last socket was read.",
         ),
         (
             "unicast",

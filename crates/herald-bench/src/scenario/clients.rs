@@ -36,6 +36,24 @@ pub fn mono_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// The runtime publishers run on: one thread of its own, so that the time a publish answer
+/// takes is the server's, not the wait behind thousands of subscriber tasks of this process.
+pub fn publisher_runtime() -> &'static tokio::runtime::Handle {
+    static HANDLE: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("publisher runtime");
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name("publishers".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .expect("publisher thread");
+        handle
+    })
+}
+
 /// Connections opened so far by this process: each set of subscribers continues on fresh source
 /// addresses, away from the TIME_WAIT sockets of the previous target.
 static OPENED: AtomicUsize = AtomicUsize::new(0);

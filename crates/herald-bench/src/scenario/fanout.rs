@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use super::clients::{Subscribers, bar, mono_ns, ms, now_us, payload};
+use super::clients::{Subscribers, bar, mono_ns, ms, now_us, payload, publisher_runtime};
 use super::{Ctx, Row, emit, num, row};
 use crate::http::Conn;
 use crate::server::Server;
@@ -40,7 +40,7 @@ pub async fn fanout(
         let redis_before = server.redis_commands().await;
         for p in 0..publishers {
             let (issued, server) = (issued.clone(), server.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.push(publisher_runtime().spawn(async move {
                 let mut conn = Conn::connect(server.node(p)).await?;
                 let mut answers = Histogram::<u64>::new(3)?;
                 loop {

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, mpsc};
-use tokio::time::MissedTickBehavior;
 
-use super::clients::{Latency, Subscribers, bar, ms, now_us, payload};
+use super::clients::{Latency, Subscribers, bar, ms, now_us, payload, publisher_runtime};
 use super::{Ctx, Row, emit, num, row};
 use crate::http::Conn;
 use crate::server::Server;
@@ -51,7 +50,7 @@ pub async fn latency(
                 let (rx, server, answers) = (rx.clone(), server.clone(), answers.clone());
                 let (published, failed) = (published.clone(), failed.clone());
                 let unsent = unsent.clone();
-                tasks.push(tokio::spawn(async move {
+                tasks.push(publisher_runtime().spawn(async move {
                     let mut conn = Conn::connect(server.addr).await?;
                     loop {
                         let Some((seq, ts)) = rx.lock().await.recv().await else {
@@ -79,17 +78,23 @@ pub async fn latency(
                 &format!("{} latency {rate}/s", kind.name()),
             );
             // The schedule: message k is due at start + k/rate; its payload carries that time.
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-            let (base_inst, base_us) = (tokio::time::Instant::now(), now_us());
-            for seq in 1..=count {
-                let due = tick.tick().await;
-                let ts = base_us + due.saturating_duration_since(base_inst).as_micros() as u64;
-                let _ = tx.send((seq, ts));
-                pb.set_position(subs.total());
-            }
-            drop(tx);
+            // A thread of its own keeps it with `thread::sleep` (tens of µs late at most; a tokio
+            // interval fires up to a millisecond late, which would show as latency).
+            let (shared, bar) = (subs.shared.clone(), pb.clone());
+            let (base_inst, base_us) = (Instant::now(), now_us());
+            tokio::task::spawn_blocking(move || {
+                let period = Duration::from_secs_f64(1.0 / rate);
+                for seq in 1..=count {
+                    let offset = period.mul_f64((seq - 1) as f64);
+                    let due = base_inst + offset;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let _ = tx.send((seq, base_us + offset.as_micros() as u64));
+                    bar.set_position(shared.total.load(Ordering::Relaxed));
+                }
+            })
+            .await?;
             for t in tasks {
                 t.await??;
             }

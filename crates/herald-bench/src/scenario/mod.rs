@@ -4,6 +4,7 @@
 pub mod clients;
 pub mod durable;
 pub mod fanout;
+pub mod floor;
 pub mod idle;
 pub mod latency;
 
