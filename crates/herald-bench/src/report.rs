@@ -213,7 +213,10 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         true,
     );
     line(
-        &format!("publish answer p99 at {headline_rate} msg/s with fan-out running, ms"),
+        &format!(
+            "publish answer p99 at {headline_rate} msg/s with fan-out running, ms ({} answers)",
+            f(&latency, "herald", "published", &at_rate).map_or("–".into(), fmt_num)
+        ),
         &latency,
         "pub_p99_ms",
         false,
@@ -256,7 +259,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         let scaled = p99 * subscribers / sockets;
         let vs = herald_p99.map_or(String::new(), |h| {
             format!(
-                " herald's p99 there is {} ms, {:.2}× that floor.",
+                " herald's p99 there is {} ms, {:.2}× that.",
                 fmt_num(h),
                 h / scaled
             )
@@ -269,7 +272,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         };
         let _ = writeln!(
             md,
-            "- The kernel's floor: with no server at all (`herald-bench floor`), writing one \
+            "- The kernel's own cost: with no server at all (`herald-bench floor`), writing one \
              {size}-byte event to each of {sockets} loopback sockets from {writers} threads, \
              while one thread reads them, took {per_write} µs of a writer's time per socket, and \
              the p99 arrival was {p99} ms: about {scaled} ms at {n} subscribers by linear \
@@ -284,14 +287,30 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         );
     }
     if let Some(c) = f(&latency, "ceiling", "pub_p99_ms", &at_rate) {
+        // Each rate has only rate × seconds answers, so the whole sweep is shown.
+        let sweep = |target: &str| {
+            latency
+                .iter()
+                .filter(|r| r.get("target").and_then(Value::as_str) == Some(target))
+                .filter_map(|r| {
+                    let rate = r.get("rate").and_then(Value::as_f64)?;
+                    let p99 = r.get("pub_p99_ms").and_then(Value::as_f64)?;
+                    Some(format!("{} ({}/s)", fmt_num(p99), fmt_num(rate)))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = writeln!(
             md,
             "- Publish answers while a fan-out runs: the ceiling, which only hands a frame to its \
              writer threads, answers with a p99 of {} ms in the same conditions. With the \
              server's writer threads, the client's readers and the publisher sharing 2 cores, a \
              woken thread waits milliseconds for a core whatever the server does; herald answers \
-             before it wakes any writer.",
-            fmt_num(c)
+             before it wakes any writer. Publish answer p99 in ms at each rate of the sweep, \
+             herald: {}; ceiling: {}.",
+            fmt_num(c),
+            sweep("herald"),
+            sweep("ceiling")
         );
     }
     let _ = writeln!(
