@@ -57,9 +57,33 @@ fn fanout_and_latency_deliver_everything() {
         assert!(r["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{r}");
     }
 
+    // No server: every one of the sockets is read in every round.
+    let floor = Command::new(bench())
+        .args(["floor", "-n", "50", "--rounds", "3"])
+        .output()
+        .expect("run floor");
+    assert!(floor.status.success(), "{floor:?}");
+    let floor: Vec<serde_json::Value> = String::from_utf8_lossy(&floor.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect();
+    assert_eq!(floor.len(), 1, "{floor:?}");
+    assert_eq!(floor[0]["sockets"], 50, "{}", floor[0]);
+    assert!(
+        floor[0]["write_us_per_socket"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+    );
+
     let dir = tempfile::tempdir().expect("tempdir");
     let results = dir.path().join("results.jsonl");
-    let lines: Vec<String> = rows.iter().chain(&lat).map(|r| r.to_string()).collect();
+    let lines: Vec<String> = rows
+        .iter()
+        .chain(&lat)
+        .chain(&floor)
+        .map(|r| r.to_string())
+        .collect();
     std::fs::write(&results, lines.join("\n")).expect("write results");
     let meta = dir.path().join("meta.txt");
     std::fs::write(&meta, "date=now\ncommand=herald-bench fanout\n").expect("write meta");
@@ -79,5 +103,6 @@ fn fanout_and_latency_deliver_everything() {
     assert!(status.success());
     let md = std::fs::read_to_string(&out).expect("report written");
     assert!(md.contains("| fan-out, delivered events/s |"), "{md}");
+    assert!(md.contains("The kernel's own cost"), "{md}");
     assert!(Path::new(&dir.path().join("bench-latency.svg")).exists());
 }

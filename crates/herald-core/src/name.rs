@@ -302,6 +302,12 @@ mod tests {
         assert!(!sel("chat/**").matches(&t("chatter/a")));
         assert!(sel("chat").matches(&t("chat")));
         assert!(!sel("chat").matches(&t("chat/a")));
+        assert!(!sel("chat/a").matches(&t("chat")));
+        assert!(!sel("chat/a").matches(&t("chat/b")));
+        // A `*` inside a segment is a literal, in selectors and in topics alike.
+        assert!(sel("a*b/c").matches(&t("a*b/c")));
+        assert!(!sel("a*b/c").matches(&t("axb/c")));
+        assert!(sel("a*b/*").matches(&t("a*b/c")));
         assert!(sel("*/b").matches(&t("a/b")));
         assert!(!sel("*/b").matches(&t("a/c")));
         assert!(sel("**").matches(&t("x")));
