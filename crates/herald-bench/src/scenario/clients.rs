@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::{Row, emit};
 use crate::http::Conn;
 use crate::server::Server;
 use crate::sse::{Parser, field};
@@ -344,6 +345,22 @@ impl Subscribers {
             .map(|a| a.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    }
+
+    /// Adds the first subscriber error (if any) to `r`, prints it as a JSON line and keeps it.
+    pub fn report(&self, mut r: Row, rows: &mut Vec<Row>) {
+        if let Some(e) = self.first_error() {
+            r.insert("error", e);
+        }
+        emit(&r);
+        rows.push(r);
+    }
+
+    /// Stops `server`, then closes the streams: the server closes first, so the TIME_WAIT
+    /// sockets are on its side.
+    pub async fn close_after(self, server: Server) {
+        server.stop().await;
+        drop(self);
     }
 
     pub fn reset_counts(&self) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::clients::{Subscribers, bar, mono_ns, ms, now_us, payload, publisher_runtime};
-use super::{Ctx, Row, emit, num, row};
+use super::{Ctx, Row, num, row};
 use crate::http::Conn;
 use crate::server::Server;
 
@@ -110,16 +110,10 @@ pub async fn fanout(
         .await;
         r.insert("pub_p50_ms", num(ms(&answers, 0.5)));
         r.insert("pub_p99_ms", num(ms(&answers, 0.99)));
-        if let Some(e) = subs.first_error() {
-            r.insert("error", e);
-        }
-        emit(&r);
-        rows.push(r);
-        // The server closes first, so the TIME_WAIT sockets are on its side.
+        subs.report(r, &mut rows);
         if let Ok(server) = Arc::try_unwrap(server) {
-            server.stop().await;
+            subs.close_after(server).await;
         }
-        drop(subs);
     }
     Ok(rows)
 }
@@ -201,15 +195,10 @@ pub async fn unicast(
         r.insert("events_per_s", num(received as f64 / elapsed));
         r.insert("publishes_per_s", num(m as f64 / publish_s));
         cluster_figures(&mut r, &server, redis_before, m, received as f64 / elapsed).await;
-        if let Some(e) = subs.first_error() {
-            r.insert("error", e);
-        }
-        emit(&r);
-        rows.push(r);
+        subs.report(r, &mut rows);
         if let Ok(server) = Arc::try_unwrap(server) {
-            server.stop().await;
+            subs.close_after(server).await;
         }
-        drop(subs);
     }
     Ok(rows)
 }

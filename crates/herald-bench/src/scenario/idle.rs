@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::clients::Subscribers;
-use super::{Ctx, Row, emit, num, row};
+use super::{Ctx, Row, num, row};
 use crate::server::Server;
 
 pub async fn idle(
@@ -48,14 +48,8 @@ pub async fn idle(
             "connects_per_s",
             num(ready as f64 / subs.connect_elapsed.as_secs_f64()),
         );
-        if let Some(e) = subs.first_error() {
-            r.insert("error", e);
-        }
-        emit(&r);
-        rows.push(r);
-        // The server closes first, so the TIME_WAIT sockets are on its side.
-        server.stop().await;
-        drop(subs);
+        subs.report(r, &mut rows);
+        subs.close_after(server).await;
     }
     Ok(rows)
 }
@@ -76,14 +70,8 @@ pub async fn connect(ctx: &Ctx, n: usize, concurrency: usize) -> anyhow::Result<
             "connects_per_s",
             num(ready as f64 / subs.connect_elapsed.as_secs_f64()),
         );
-        if let Some(e) = subs.first_error() {
-            r.insert("error", e);
-        }
-        emit(&r);
-        rows.push(r);
-        // The server closes first, so the TIME_WAIT sockets are on its side.
-        server.stop().await;
-        drop(subs);
+        subs.report(r, &mut rows);
+        subs.close_after(server).await;
     }
     Ok(rows)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc};
 
 use super::clients::{Latency, Subscribers, bar, ms, now_us, payload, publisher_runtime};
-use super::{Ctx, Row, emit, num, row};
+use super::{Ctx, Row, num, row};
 use crate::http::Conn;
 use crate::server::Server;
 
@@ -132,16 +132,11 @@ pub async fn latency(
             r.insert("pub_p50_ms", num(ms(&a, 0.5)));
             r.insert("pub_p99_ms", num(ms(&a, 0.99)));
             r.insert("pub_max_ms", num(a.max() as f64 / 1000.0));
-            if let Some(e) = subs.first_error() {
-                r.insert("error", e);
-            }
-            emit(&r);
-            rows.push(r);
+            subs.report(r, &mut rows);
         }
         if let Ok(server) = Arc::try_unwrap(server) {
-            server.stop().await;
+            subs.close_after(server).await;
         }
-        drop(subs);
     }
     Ok(rows)
 }
