@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod clients;
 mod cluster;
 mod common;
 mod control;
