@@ -155,6 +155,18 @@ pub(crate) async fn follow(hub: Weak<Inner>, shared: Arc<dyn SharedHistory>) {
                     tracing::warn!(after = ?cursor, "events were trimmed before this node read them");
                     inner.lag_everyone();
                 }
+                if let Some(&skipped) = chunk.skipped.last() {
+                    // Unreadable entries (logged by the store): anyone's events may be in them, so
+                    // every connection catches up from history, which reports them as a gap; the
+                    // follower goes on after them.
+                    inner
+                        .counters
+                        .unreadable
+                        .fetch_add(chunk.skipped.len() as u64, Ordering::Relaxed);
+                    inner.lag_everyone();
+                    cursor = Some(skipped);
+                    inner.feed.watermark.send_replace(skipped.0);
+                }
                 let Some(last) = chunk.events.last().map(|e| e.id) else {
                     continue;
                 };

@@ -251,6 +251,8 @@ pub struct Stats {
     pub delivered: u64,
     pub replayed: u64,
     pub gaps: u64,
+    /// Entries of the shared history (cluster) skipped because they could not be read.
+    pub unreadable: u64,
     /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
     pub uptime: Duration,
@@ -262,6 +264,8 @@ pub(crate) struct Counters {
     pub(crate) delivered: AtomicU64,
     pub(crate) replayed: AtomicU64,
     pub(crate) gaps: AtomicU64,
+    /// Events of the shared history skipped because they could not be read.
+    pub(crate) unreadable: AtomicU64,
     pub(crate) lagging: AtomicUsize,
 }
 
@@ -436,11 +440,14 @@ impl Hub {
                     out.gap = Some(chunk.events.first().map(|e| e.id));
                 }
                 first = false;
+            } else if chunk.gap.is_some() && out.gap.is_none() {
+                // Unreadable events further on (a damaged row): some of the user's may be missing.
+                out.gap = chunk.gap;
             }
             let Some(last) = chunk.events.last().map(|e| e.id) else {
                 return Ok(out);
             };
-            let full = chunk.events.len() == 512;
+            let full = chunk.events.len() == 512 || chunk.cut_short;
             for event in chunk.events {
                 if event.targets.users.contains(user) {
                     out.events.push(event);
@@ -506,6 +513,7 @@ impl Hub {
             delivered: c.delivered.load(Ordering::Relaxed),
             replayed: c.replayed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
+            unreadable: c.unreadable.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
             uptime: inner.started.elapsed(),
         }

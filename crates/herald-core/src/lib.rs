@@ -20,8 +20,8 @@ pub use cluster::Cluster;
 pub use event::{Event, EventId, Message, Targets};
 pub use grant::Grant;
 pub use history::{
-    Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom, RedisHistory,
-    RedisOptions, Retention, SharedHistory, Stored,
+    CheckReport, Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom,
+    RedisHistory, RedisOptions, Retention, SharedHistory, Stored,
 };
 pub use hub::{
     Hub, HubBuilder, HubError, PublishError, Published, Start, Stats, SubscribeError,

@@ -150,7 +150,7 @@ impl EventStream {
         if let Some(c) = self.cursor {
             replay.from = ReadFrom::After(c);
         }
-        chunk.events.len() < REPLAY_CHUNK
+        !chunk.cut_short && chunk.events.len() < REPLAY_CHUNK
     }
 
     fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {

@@ -19,6 +19,9 @@ pub struct Auth {
     jwt: Option<Arc<Verifier>>,
     publish_keys: Vec<Arc<str>>,
     anonymous: bool,
+    /// With publish keys and no JWT key: token-less subscribers may name any user and receive
+    /// private events (`--open-subscribe`). Off, they are anonymous.
+    open_subscribe: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -28,6 +31,7 @@ impl std::fmt::Debug for Auth {
             .field("jwt", &self.jwt.as_ref().map(|v| v.algorithm))
             .field("publish_keys", &self.publish_keys.len())
             .field("anonymous", &self.anonymous)
+            .field("open_subscribe", &self.open_subscribe)
             .finish()
     }
 }
@@ -58,6 +62,10 @@ pub enum KeyError {
         "{0} holds no RSA, EC (P-256) or Ed25519 public key in PEM form (-----BEGIN PUBLIC KEY-----)"
     )]
     NotAKey(String),
+    #[error(
+        "{0} holds a private key: give the public key (e.g. `openssl pkey -in {0} -pubout`); the private key stays with the token issuer"
+    )]
+    PrivateKey(String),
     #[error("the JWT secret must be at least 16 bytes")]
     ShortSecret,
 }
@@ -138,6 +146,10 @@ impl Auth {
             path: shown.clone(),
             source,
         })?;
+        // jsonwebtoken takes a private RSA key as a decoding key and then refuses every token.
+        if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(KeyError::PrivateKey(shown));
+        }
         Self::with_public_key_pem(&pem, checks).ok_or(KeyError::NotAKey(shown))
     }
 
@@ -203,8 +215,22 @@ impl Auth {
         self.jwt.is_none() && self.publish_keys.is_empty()
     }
 
+    /// Whether a token-less subscriber may connect (anonymously: no user, no private events).
+    /// Always so without a JWT key, where there are no tokens to show.
     pub fn allows_anonymous(&self) -> bool {
-        self.anonymous
+        self.anonymous || self.jwt.is_none()
+    }
+
+    /// Lets token-less subscribers of a hub with publish keys and no JWT key name any user and
+    /// receive private events, as on an open hub.
+    pub fn open_subscribe(mut self, open: bool) -> Self {
+        self.open_subscribe = open;
+        self
+    }
+
+    /// Whether subscribing is unchecked: no keys at all, or `--open-subscribe`.
+    pub fn subscribe_is_open(&self) -> bool {
+        self.jwt.is_none() && (self.publish_keys.is_empty() || self.open_subscribe)
     }
 
     /// The caller of a publish or control request: the `Authorization: Bearer` header only (a
@@ -234,7 +260,13 @@ impl Auth {
         query_token: Option<&str>,
     ) -> Result<Caller, ApiError> {
         if self.jwt.is_none() {
-            return Ok(Caller::Open);
+            // With publish keys, a token-less subscriber is anonymous unless openness was asked
+            // for: otherwise anyone could connect as `user=alice` and read her private events.
+            return Ok(if self.subscribe_is_open() {
+                Caller::Open
+            } else {
+                Caller::Nobody
+            });
         }
         let token = match bearer(headers)? {
             Some(t) => Some(t.to_string()),

@@ -94,6 +94,11 @@ pub struct RawConfig {
     #[arg(long, env = "HERALD_ANONYMOUS")]
     #[serde(default)]
     pub anonymous: bool,
+    /// With --publish-key and no JWT key: let token-less connections name any user and receive
+    /// private events (otherwise they are anonymous). Only for a hub behind a trusted gateway.
+    #[arg(long, env = "HERALD_OPEN_SUBSCRIBE")]
+    #[serde(default)]
+    pub open_subscribe: bool,
     /// Static key for publishing, presence and control, as `Authorization: Bearer` (repeatable).
     #[arg(
         long = "publish-key",
@@ -225,6 +230,7 @@ impl RawConfig {
             jwt_issuer: self.jwt_issuer.or(fallback.jwt_issuer),
             jwt_audience: self.jwt_audience.or(fallback.jwt_audience),
             anonymous: self.anonymous || fallback.anonymous,
+            open_subscribe: self.open_subscribe || fallback.open_subscribe,
             publish_key: if self.publish_key.is_empty() {
                 fallback.publish_key
             } else {
@@ -392,10 +398,10 @@ impl RawConfig {
             (None, Some(path)) => Auth::with_public_key_file(path, &checks)
                 .map_err(|e| invalid("jwt-public-key", e.to_string()))?,
             (None, None) => {
-                if self.anonymous {
+                if self.anonymous && self.publish_key.is_empty() {
                     return Err(invalid(
                         "anonymous",
-                        "only means something with --jwt-secret or --jwt-public-key",
+                        "only means something with --jwt-secret, --jwt-public-key or --publish-key",
                     ));
                 }
                 Auth::open()
@@ -407,9 +413,16 @@ impl RawConfig {
                 format!("a key of {} bytes is too short: use at least 16", k.len()),
             ));
         }
+        if self.open_subscribe && (auth.has_jwt() || self.publish_key.is_empty()) {
+            return Err(invalid(
+                "open-subscribe",
+                "only means something with --publish-key and no JWT key",
+            ));
+        }
         let auth = auth
             .publish_keys(self.publish_key)
-            .anonymous(self.anonymous);
+            .anonymous(self.anonymous)
+            .open_subscribe(self.open_subscribe);
         if auth.has_jwt() && self.cors_origin.iter().any(|o| o == "*") {
             return Err(invalid(
                 "cors-origin",
@@ -475,6 +488,13 @@ impl RawConfig {
         };
         if limits.header_timeout.is_zero() {
             return Err(invalid("header-timeout", "must be greater than zero"));
+        }
+        // A stored event counts its topics and users in 16 bits (durable rows, Redis entries).
+        if limits.max_topics > usize::from(u16::MAX) {
+            return Err(invalid(
+                "max-topics",
+                format!("at most {} (what a stored event can hold)", u16::MAX),
+            ));
         }
         Ok(Config {
             listen,

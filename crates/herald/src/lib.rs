@@ -169,10 +169,10 @@ pub async fn serve_split(
                 %local,
                 "herald runs open on a non-loopback address: anyone who can reach it may subscribe, publish and control; configure --jwt-secret/--jwt-public-key and --publish-key"
             );
-        } else if !config.auth.has_jwt() {
+        } else if config.auth.subscribe_is_open() {
             tracing::warn!(
                 %local,
-                "no JWT key: anyone who can reach herald may subscribe, and private messages reach every matching connection"
+                "--open-subscribe: anyone who can reach herald may subscribe as any user and read private messages"
             );
         }
     }

@@ -130,7 +130,12 @@ impl History for MemoryHistory {
             }
         };
         let events = ring.events.iter().skip(skip).take(limit).cloned().collect();
-        Ok(Chunk { gap, events })
+        Ok(Chunk {
+            gap,
+            events,
+            cut_short: false,
+            skipped: Vec::new(),
+        })
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {

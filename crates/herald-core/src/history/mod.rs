@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::event::{Event, EventId, Message};
 
-pub use durable::{DurableHistory, OpenError};
+pub use durable::{CheckReport, DurableHistory, OpenError};
 pub use memory::MemoryHistory;
 pub use redis::{RedisHistory, RedisOptions};
 
@@ -26,6 +26,12 @@ pub enum HistoryError {
     Unavailable(String),
     #[error("history store holds an unreadable event {id}: {reason}")]
     Corrupt { id: u64, reason: String },
+    /// A repaired store's marker where a damaged event was.
+    #[error("event {id} was lost (its damaged row was repaired)")]
+    Lost { id: u64 },
+    /// The message does not fit the stored row layout; nothing was written.
+    #[error("cannot store this message: {0}")]
+    Unstorable(String),
 }
 
 /// Where a read starts.
@@ -48,6 +54,12 @@ pub struct Chunk {
     pub gap: Option<Option<EventId>>,
     /// Events in id order.
     pub events: Vec<Arc<Event>>,
+    /// The read stopped before `limit` at an event it cannot read (damaged, or written in a
+    /// format this herald does not know): more events follow, and the next read, after the last
+    /// of `events`, skips the unreadable ones and reports them as a gap.
+    pub cut_short: bool,
+    /// Ids of unreadable events this read passed over, before `events` (their place is the gap).
+    pub skipped: Vec<EventId>,
 }
 
 /// What a store keeps. Whichever limit is reached first drops the oldest events.

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
-use super::durable::{decode_row, encode_row};
+use super::durable::{decode_body, encode_row};
 use super::{Chunk, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
 
@@ -49,7 +49,7 @@ for i = 1, n do
     out[#out + 1] = existing
     out[#out + 1] = 1
   else
-    local id = redis.call('XADD', KEYS[1], '*', 'm', row)
+    local id = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', row)
     if key ~= '' then redis.call('SET', ARGV[3] .. key, id, 'PX', ARGV[2]) end
     out[#out + 1] = id
     out[#out + 1] = 0
@@ -175,7 +175,16 @@ fn bytes(v: &Value) -> Option<&[u8]> {
 }
 
 /// Decodes XRANGE/XREAD entries: `[[id, [field, value, …]], …]`.
-fn entries(v: &Value) -> Result<Vec<Arc<Event>>, HistoryError> {
+/// The row format this herald writes in an entry's `v` field (the `'2'` in `APPEND`), and the only one it reads (an entry
+/// without `v` was written before it was versioned, in this same format). A node that meets
+/// another version (a newer herald in a rolling upgrade) skips the entry with a gap, never halts.
+const ROW_FORMAT: &str = "2";
+
+/// One stream entry: its event, or the id of an entry that cannot be read and why.
+type Entry = Result<Arc<Event>, (EventId, String)>;
+
+/// The entries of a reply. A malformed reply is an error; a malformed entry is only that entry's.
+fn entries(v: &Value) -> Result<Vec<Entry>, HistoryError> {
     let bad = |what: &str| HistoryError::Unavailable(format!("unexpected Redis reply: {what}"));
     let Value::Array(items) = v else {
         return Err(bad("entries"));
@@ -190,18 +199,60 @@ fn entries(v: &Value) -> Result<Vec<Arc<Event>>, HistoryError> {
         };
         let sid = text(id).ok_or_else(|| bad("entry id"))?;
         let id = event_id(&sid).ok_or_else(|| bad("entry id"))?;
-        let row = fields
-            .chunks(2)
-            .find(|kv| kv.first().and_then(text).as_deref() == Some("m"))
-            .and_then(|kv| kv.get(1))
-            .and_then(bytes)
-            .ok_or_else(|| bad("entry row"))?;
-        let mut event = decode_row(id.0, row)?;
-        // Redis's clock stamped the id; that is the publish time every node agrees on.
-        event.published_at_ms = id.0 >> SEQ_BITS;
-        out.push(Arc::new(event));
+        out.push(entry(id, fields).map_err(|reason| (id, reason)));
     }
     Ok(out)
+}
+
+fn entry(id: EventId, fields: &[Value]) -> Result<Arc<Event>, String> {
+    let field = |name: &str| {
+        fields
+            .chunks(2)
+            .find(|kv| kv.first().and_then(text).as_deref() == Some(name))
+            .and_then(|kv| kv.get(1))
+    };
+    if let Some(v) = field("v").map(|v| text(v).unwrap_or_default())
+        && v != ROW_FORMAT
+    {
+        return Err(format!(
+            "row format {v:?}; this herald reads format {ROW_FORMAT} (upgrade every node)"
+        ));
+    }
+    let row = field("m")
+        .and_then(bytes)
+        .ok_or_else(|| "no `m` field".to_string())?;
+    let mut event = decode_body(id.0, row).map_err(|e| e.to_string())?;
+    // Redis's clock stamped the id; that is the publish time every node agrees on.
+    event.published_at_ms = id.0 >> SEQ_BITS;
+    Ok(Arc::new(event))
+}
+
+/// A read's chunk from its entries: leading unreadable entries are skipped (and make it a gap);
+/// one after readable events ends the chunk there (`cut_short`), for the next read to skip.
+fn chunk_of(gap: Option<Option<EventId>>, entries: Vec<Entry>) -> Chunk {
+    let mut chunk = Chunk {
+        gap,
+        events: Vec::with_capacity(entries.len()),
+        cut_short: false,
+        skipped: Vec::new(),
+    };
+    for entry in entries {
+        match entry {
+            Ok(event) => chunk.events.push(event),
+            Err(_) if !chunk.events.is_empty() => {
+                chunk.cut_short = true;
+                break;
+            }
+            Err((id, reason)) => {
+                tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history");
+                chunk.skipped.push(id);
+            }
+        }
+    }
+    if !chunk.skipped.is_empty() {
+        chunk.gap = Some(chunk.events.first().map(|e| e.id));
+    }
+    chunk
 }
 
 impl RedisHistory {
@@ -258,10 +309,7 @@ impl RedisHistory {
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
-        Ok(Chunk {
-            gap: gap.then_some(oldest),
-            events: entries(range)?,
-        })
+        Ok(chunk_of(gap.then_some(oldest), entries(range)?))
     }
 }
 
@@ -303,7 +351,7 @@ impl SharedHistory for RedisHistory {
         let mut row = Vec::new();
         for m in &messages {
             row.clear();
-            encode_row(&mut row, 0, m);
+            encode_row(&mut row, 0, m)?;
             invocation
                 .arg(m.idempotency_key.as_deref().unwrap_or(""))
                 .arg(row.as_slice());
@@ -383,7 +431,11 @@ impl SharedHistory for RedisHistory {
             },
             _ => Vec::new(),
         };
-        Ok(Chunk { gap: None, events })
+        // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
+        // lets every connection learn of it from history (see `feed::follow`).
+        let mut chunk = chunk_of(None, events);
+        chunk.gap = None;
+        Ok(chunk)
     }
 
     async fn newest(&self) -> Result<Option<EventId>, HistoryError> {

@@ -210,6 +210,7 @@ pub(crate) async fn stats(
         "delivered": s.delivered,
         "replayed": s.replayed,
         "gaps": s.gaps,
+        "unreadable": s.unreadable,
         "lagging": s.lagging,
         "uptime_s": s.uptime.as_secs(),
     })))

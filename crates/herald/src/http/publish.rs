@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, Request, State, rejection::PathRejection};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::{EventType, Message, PublishError, Targets, Topic, UserId};
+use herald_core::{EventType, HistoryError, Message, PublishError, Targets, Topic, UserId};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -187,6 +187,9 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
                 .at_index(index)
         }
         PublishError::EmptyBatch => ApiError::bad_request("empty_batch", "the batch is empty"),
+        PublishError::Store(HistoryError::Unstorable(reason)) => {
+            ApiError::bad_request("unstorable", reason)
+        }
         PublishError::Store(e) => ApiError::unavailable("store_unavailable", &e),
     })?;
     let answers: Vec<Answer> = published

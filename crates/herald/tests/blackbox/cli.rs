@@ -158,3 +158,26 @@ async fn pub_and_sub_clients_work_against_a_running_hub() {
         .unwrap();
     assert!(status.success(), "sub stops on herald.close");
 }
+
+/// Reproduces issue 12 (defect 11 and misleading errors): `--max-topics` above 65,535 started (and
+/// then stored rows it could not read back); `--data-dir` naming a file said "File exists"; a
+/// private key given to `--jwt-public-key` started and then refused every token.
+#[tokio::test]
+async fn settings_the_hub_cannot_honour_are_refused_at_startup_by_name() {
+    let too_many = refused(&["--max-topics", "70000"]).await;
+    assert!(
+        too_many.contains("max-topics") && too_many.contains("65535"),
+        "{too_many}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let not_dir = refused(&["--data-dir", file.to_str().unwrap()]).await;
+    assert!(not_dir.contains("is a file, not a folder"), "{not_dir}");
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    for private in ["rsa.pem", "ec.pem", "ed.pem"] {
+        let path = keys.join(private);
+        let err = refused(&["--jwt-public-key", path.to_str().unwrap()]).await;
+        assert!(err.contains("holds a private key"), "{private}: {err}");
+    }
+}

@@ -31,6 +31,17 @@ impl Server {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(args, env, Stdio::inherit()).await
+    }
+
+    /// As [`start`](Self::start), with herald's stderr (its log) piped: read it from the child.
+    pub async fn start_logging(args: &[&str]) -> (Server, tokio::process::ChildStderr) {
+        let mut s = Self::spawn(args, &[], Stdio::piped()).await;
+        let stderr = s.child.stderr.take().expect("stderr");
+        (s, stderr)
+    }
+
+    async fn spawn(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.arg("serve")
             .arg("--listen")
@@ -38,7 +49,7 @@ impl Server {
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
