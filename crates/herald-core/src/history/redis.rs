@@ -228,8 +228,9 @@ fn entry(id: EventId, fields: &[Value]) -> Result<Arc<Event>, String> {
 }
 
 /// A read's chunk from its entries: leading unreadable entries are skipped (and make it a gap);
-/// one after readable events ends the chunk there (`cut_short`), for the next read to skip.
-fn chunk_of(gap: Option<Option<EventId>>, entries: Vec<Entry>) -> Chunk {
+/// one after readable events ends the chunk there (`cut_short`), for the next read to skip. The
+/// follower logs what it skips (once per node); a reader's catch-up only at debug level.
+fn chunk_of(gap: Option<Option<EventId>>, entries: Vec<Entry>, following: bool) -> Chunk {
     let mut chunk = Chunk {
         gap,
         events: Vec::with_capacity(entries.len()),
@@ -244,7 +245,11 @@ fn chunk_of(gap: Option<Option<EventId>>, entries: Vec<Entry>) -> Chunk {
                 break;
             }
             Err((id, reason)) => {
-                tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history");
+                if following {
+                    tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history; readers get a herald.gap there");
+                } else {
+                    tracing::debug!(id = %id, %reason, "unreadable entry skipped by a catch-up");
+                }
                 chunk.skipped.push(id);
             }
         }
@@ -309,7 +314,7 @@ impl RedisHistory {
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
-        Ok(chunk_of(gap.then_some(oldest), entries(range)?))
+        Ok(chunk_of(gap.then_some(oldest), entries(range)?, false))
     }
 }
 
@@ -433,7 +438,7 @@ impl SharedHistory for RedisHistory {
         };
         // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
         // lets every connection learn of it from history (see `feed::follow`).
-        let mut chunk = chunk_of(None, events);
+        let mut chunk = chunk_of(None, events, true);
         chunk.gap = None;
         Ok(chunk)
     }

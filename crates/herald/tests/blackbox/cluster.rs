@@ -332,3 +332,53 @@ async fn an_unreachable_redis_stops_startup() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Redis"));
 }
+
+/// Adds an entry to the shared stream by hand, as `redis-cli` would.
+fn xadd(redis: &Redis, fields: &[&str]) {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XADD", "herald:events", "*"])
+        .args(fields)
+        .output()
+        .expect("redis-cli (from redis-server's package)");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Reproduces issue 12 (defect 9): one undecodable entry in the Redis stream (`XADD herald:events
+/// '*' m garbage`) halted fan-out on every node: publishes answered `delivered:0` after 5 s and
+/// were never delivered, and `/readyz` blamed Redis. Now each node skips (and counts) it, every
+/// reader gets a `herald.gap` where it was, and later events flow; an entry in a row format this
+/// herald does not know (a newer node in a rolling upgrade) is skipped the same way.
+#[tokio::test]
+async fn an_undecodable_stream_entry_is_skipped_with_a_gap_and_fan_out_goes_on() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]).await, node(&redis, &[]).await);
+    let mut on_a = a.subscribe("topic=room").await;
+    let mut on_b = b.subscribe("topic=room").await;
+    on_a.opened().await;
+    on_b.opened().await;
+    a.publish(json!({"topic": "room", "data": "before"})).await;
+    xadd(&redis, &["m", "garbage"]);
+    b.publish(json!({"topic": "room", "data": "middle"})).await;
+    xadd(&redis, &["v", "9", "m", "from a newer herald"]);
+    a.publish(json!({"topic": "room", "data": "after"})).await;
+    for sse in [&mut on_a, &mut on_b] {
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("after") {
+            let e = sse.next().await;
+            seen.push(if e.event_type == "herald.gap" {
+                "gap".to_string()
+            } else {
+                e.data
+            });
+        }
+        // A reader may learn of one gap twice (each node's follower and its own catch-up race).
+        seen.dedup();
+        assert_eq!(seen, ["before", "gap", "middle", "gap", "after"]);
+    }
+    for node in [&a, &b] {
+        let (status, v) = node.get("/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, stats) = node.get("/stats").await;
+        assert_eq!(stats["unreadable"], 2, "{stats}");
+    }
+}
