@@ -125,6 +125,16 @@ pub struct RawConfig {
     )]
     #[serde(default)]
     pub trusted_proxy: Vec<String>,
+    /// Host name a request may name in `Host` (repeatable; `*.example.com` for subdomains, `*` for
+    /// any): guards a hub on a private address against DNS rebinding [default: on a loopback
+    /// listener, localhost, *.localhost, 127.0.0.1 and ::1 only; elsewhere any].
+    #[arg(
+        long = "allowed-host",
+        env = "HERALD_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allowed_host: Vec<String>,
     /// Publish requests per second per key, user or IP (token bucket) [default: no limit].
     #[arg(long, env = "HERALD_PUBLISH_RATE")]
     pub publish_rate: Option<f64>,
@@ -243,6 +253,11 @@ impl RawConfig {
             max_connections_per_user: self
                 .max_connections_per_user
                 .or(fallback.max_connections_per_user),
+            allowed_host: if self.allowed_host.is_empty() {
+                fallback.allowed_host
+            } else {
+                self.allowed_host
+            },
             trusted_proxy: if self.trusted_proxy.is_empty() {
                 fallback.trusted_proxy
             } else {
@@ -463,6 +478,19 @@ impl RawConfig {
                 self.max_connections_per_user,
                 usize::MAX,
             )?,
+            allowed_hosts: if self.allowed_host.is_empty() {
+                None
+            } else {
+                Some(
+                    self.allowed_host
+                        .iter()
+                        .map(|h| {
+                            crate::http::HostPattern::parse(h)
+                                .map_err(|why| invalid("allowed-host", format!("{h:?} {why}")))
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+            },
             trusted_proxies: self
                 .trusted_proxy
                 .iter()

@@ -145,12 +145,19 @@ pub async fn serve_split(
     streams: tokio::runtime::Handle,
 ) -> Result<(), ServeError> {
     let hub = node.hub.clone();
+    let local = listener.local_addr()?;
+    let mut limits = config.limits.clone();
+    if limits.allowed_hosts.is_none() && listen::is_loopback(local) {
+        // DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 reaches a
+        // loopback hub, but its requests still say `Host: evil.example`.
+        limits.allowed_hosts = Some(http::HostPattern::loopback());
+    }
     let options = HttpOptions {
         max_body: config.max_body,
         cors_origins: config.cors_origins.clone(),
         cluster: node.cluster.clone(),
         auth: config.auth.clone(),
-        limits: config.limits.clone(),
+        limits,
         metrics_route: config.metrics_listen.is_none(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
@@ -162,7 +169,6 @@ pub async fn serve_split(
             }
         });
     }
-    let local = listener.local_addr()?;
     if !listen::is_loopback(local) {
         if config.auth.is_open() {
             tracing::warn!(

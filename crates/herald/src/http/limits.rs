@@ -27,6 +27,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_url: usize,
     pub max_topics: usize,
+    /// Names a request's `Host` may give; `None`: any (`--allowed-host`).
+    pub allowed_hosts: Option<Vec<HostPattern>>,
 }
 
 impl Default for Limits {
@@ -40,8 +42,57 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_url: 8 * 1024,
             max_topics: 64,
+            allowed_hosts: None,
         }
     }
+}
+
+/// A host name a request may give in `Host`: exact, `*.suffix` for its subdomains, or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern(String);
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = s.strip_prefix("*.").unwrap_or(&s);
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_');
+        if s != "*" && (name.is_empty() || !name.chars().all(plain)) {
+            return Err("is not a host name (without port or scheme), *.suffix or *");
+        }
+        Ok(HostPattern(s))
+    }
+
+    /// What a loopback listener accepts when `--allowed-host` is not given.
+    pub fn loopback() -> Vec<HostPattern> {
+        ["localhost", "*.localhost", "127.0.0.1", "::1"]
+            .into_iter()
+            .map(|h| HostPattern(h.to_string()))
+            .collect()
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self.0.strip_prefix("*.") {
+            _ if self.0 == "*" => true,
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|rest| rest.ends_with('.')),
+            None => host == self.0,
+        }
+    }
+}
+
+/// The host name of a `Host` header value: lowercased, without port, brackets or final dot.
+pub(crate) fn host_name(value: &str) -> String {
+    let value = value.trim();
+    let name = if let Some(rest) = value.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match value.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => value,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// An address block such as `10.0.0.0/8`, or one address.
@@ -252,6 +303,18 @@ pub(crate) async fn check_head(
     next: Next,
 ) -> Response {
     let limits = &app.limits;
+    if let (Some(allowed), Some(host)) = (&limits.allowed_hosts, request.headers().get("host")) {
+        let name = host_name(host.to_str().unwrap_or(""));
+        if !allowed.iter().any(|p| p.matches(&name)) {
+            app.metrics.limited("host_not_allowed");
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "host_not_allowed",
+                format!("this hub does not answer for host '{name}' (see --allowed-host)"),
+            )
+            .into_response();
+        }
+    }
     let url = request.uri().to_string().len();
     if url > limits.max_url {
         app.metrics.limited("url_too_long");

@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::Auth;
 pub use error::ApiError;
 pub use events::parse_since;
-pub use limits::Limits;
+pub use limits::{HostPattern, Limits};
 pub use metrics::Metrics;
 pub use publish::parse_body as parse_publish_body;
 
@@ -64,6 +64,8 @@ pub(crate) struct AppState {
     pub connections: Arc<limits::Connections>,
     pub publish_rate: Arc<limits::PublishRate>,
     pub cluster: Option<Arc<herald_core::Cluster>>,
+    /// `--cors-origin`: also the origins whose browser form posts are accepted.
+    pub cors_origins: Arc<[HeaderValue]>,
 }
 
 /// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
@@ -112,6 +114,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         connections: Arc::default(),
         publish_rate: Arc::default(),
         cluster: options.cluster,
+        cors_origins: options.cors_origins.clone().into(),
     };
     let metrics_only = Router::new()
         .route("/metrics", get(metrics::render))

@@ -115,6 +115,38 @@ fn rate_limit(app: &AppState, caller: &Caller, request: &Request) -> Result<(), 
         })
 }
 
+/// Refuses a form post a browser sent from another site: forms need no CORS preflight, so on an
+/// open hub any page a visitor opens could publish. Allowed: no `Origin` (not a browser, or a
+/// same-origin navigation of an old one), the hub's own origin, and `--cors-origin` origins.
+fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if app.cors_origins.iter().any(|o| o == "*" || o == origin) {
+        return Ok(());
+    }
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, authority)| authority.to_ascii_lowercase());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    if authority.is_some() && authority == host {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "cross_origin_form",
+        format!(
+            "a form post from origin {} is refused: add it with --cors-origin to allow it",
+            String::from_utf8_lossy(origin.as_bytes())
+        ),
+    ))
+}
+
 enum Format {
     Json,
     Form,
@@ -159,6 +191,9 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let format = format_of(&headers)?;
+    if matches!(format, Format::Form) {
+        cross_site_form(&app, &headers)?;
+    }
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
