@@ -20,8 +20,9 @@ pub use cluster::Cluster;
 pub use event::{Event, EventId, Message, Targets};
 pub use grant::Grant;
 pub use history::{
-    CheckReport, Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom,
-    RedisHistory, RedisOptions, Retention, SharedHistory, Stored,
+    CheckReport, Chunk, DEFAULT_HISTORY_BYTES, DurableHistory, History, HistoryError,
+    MemoryHistory, OpenError, ReadFrom, RedisHistory, RedisOptions, Retention, SharedHistory,
+    Stored,
 };
 pub use hub::{
     Hub, HubBuilder, HubError, PublishError, Published, Start, Stats, SubscribeError,

@@ -39,7 +39,8 @@ pub struct RawConfig {
     /// Drop events older than this, e.g. 24h [default: no age limit].
     #[arg(long, env = "HERALD_HISTORY_AGE")]
     pub history_age: Option<String>,
-    /// Drop the oldest events when history holds more than this many bytes [default: no limit].
+    /// Drop the oldest events when history holds more than this many bytes [default: 268435456
+    /// (256 MiB); not available with Redis].
     #[arg(long, env = "HERALD_HISTORY_BYTES")]
     pub history_bytes: Option<u64>,
     /// How long an idempotency key makes repeats of a publish no-ops [default: 5m].
@@ -127,7 +128,7 @@ pub struct RawConfig {
     pub trusted_proxy: Vec<String>,
     /// Host name a request may name in `Host` (repeatable; `*.example.com` for subdomains, `*` for
     /// any): guards a hub on a private address against DNS rebinding [default: on a loopback
-    /// listener, localhost, *.localhost, 127.0.0.1 and ::1 only; elsewhere any].
+    /// listener, localhost, *.localhost, IP literals and single-label names; elsewhere any].
     #[arg(
         long = "allowed-host",
         env = "HERALD_ALLOWED_HOST",
@@ -325,7 +326,12 @@ impl RawConfig {
         let retention = Retention {
             max_events: self.history.unwrap_or(10_000),
             max_age: history_age,
-            max_bytes: self.history_bytes,
+            // Redis streams cannot bound bytes: there only an explicit value is refused.
+            max_bytes: match (&self.history_bytes, &self.redis) {
+                (Some(n), _) => Some(*n),
+                (None, None) => Some(herald_core::DEFAULT_HISTORY_BYTES),
+                (None, Some(_)) => None,
+            },
         };
         let idempotency_window = duration(
             "idempotency-window",
@@ -576,6 +582,8 @@ mod tests {
         assert_eq!(c.max_body, 1 << 20);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
         assert!(c.max_connections >= 1);
+        // Issue 12 (weak spot): history had no byte bound by default (~20 GB possible).
+        assert_eq!(c.retention.max_bytes, Some(256 * 1024 * 1024));
     }
 
     #[test]

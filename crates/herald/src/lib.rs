@@ -48,6 +48,12 @@ pub mod http;
 mod listen;
 mod stream_conn;
 
+/// Entry points for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::stream_conn::check_stream_head;
+}
+
 use std::future::Future;
 
 pub use config::{Config, ConfigError, RawConfig};

@@ -75,14 +75,14 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
 
 /// Whether `buf` holds a blank line (`\r\n\r\n`), searching only from `*scanned` on (less the 3
 /// bytes a terminator may straddle), and remembering how far it looked.
-fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
+pub(crate) fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
     let from = scanned.saturating_sub(3);
     *scanned = buf.len();
     buf[from..].windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 /// The request, if `head` is exactly one bodiless HTTP/1.1 `GET /events` and nothing after it.
-fn stream_request(head: &[u8]) -> Option<Request<Body>> {
+pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(len) = parsed.parse(head).ok()? else {
@@ -360,6 +360,27 @@ impl AsyncWrite for Prefixed {
     }
 }
 
+/// What the lean path promises for any head (used by the proptest and the `stream_head` fuzz
+/// target): the incremental scan agrees with a full one however the head is dripped, and only a
+/// plain `GET /events` is taken.
+#[doc(hidden)]
+pub fn check_stream_head(head: &[u8], step: usize) {
+    let mut scanned = 0;
+    let mut found = false;
+    let mut end = 0;
+    while end < head.len() {
+        end = (end + step.max(1)).min(head.len());
+        found |= head_ends(&head[..end], &mut scanned);
+    }
+    assert_eq!(found, head.windows(4).any(|w| w == b"\r\n\r\n"));
+    if let Some(request) = stream_request(head) {
+        assert_eq!(request.method(), Method::GET);
+        let path = request.uri().path();
+        assert_eq!(path, "/events");
+        assert!(!request.headers().contains_key("transfer-encoding"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +446,19 @@ mod tests {
         assert!(!head_ends(b"GET / HTTP/1.1\r\n\r", &mut scanned));
         assert_eq!(scanned, 17);
         assert!(head_ends(b"GET / HTTP/1.1\r\n\r\n", &mut scanned));
+    }
+
+    proptest::proptest! {
+        /// The property `fuzz/fuzz_targets/stream_head.rs` fuzzes, run in every `cargo test`:
+        /// dripped in any pieces, the incremental scan finds the head's end exactly when a full
+        /// scan does, and the lean path takes only a plain `GET /events`, never panicking.
+        #[test]
+        fn dripped_heads_are_scanned_once_and_parsed_safely(
+            head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            step in 1usize..40,
+        ) {
+            check_stream_head(&head, step);
+        }
     }
 
     /// Reproduces issue 12 (defect 12): the lean path's unsized body was close-delimited

@@ -49,34 +49,57 @@ impl Default for Limits {
 
 /// A host name a request may give in `Host`: exact, `*.suffix` for its subdomains, or `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPattern(String);
+pub struct HostPattern(Pattern);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Exact(String),
+    /// `*.suffix`: held as `.suffix`.
+    Subdomains(String),
+    /// Names DNS rebinding cannot use: IP literals (the page's origin is then that address, so the
+    /// same-origin policy holds) and single-label names (no public DNS name has one label).
+    NotRebindable,
+}
 
 impl HostPattern {
     pub fn parse(s: &str) -> Result<Self, &'static str> {
         let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
-        let name = s.strip_prefix("*.").unwrap_or(&s);
+        if s == "*" {
+            return Ok(HostPattern(Pattern::Any));
+        }
+        let (name, sub) = match s.strip_prefix("*.") {
+            Some(name) => (name, true),
+            None => (s.as_str(), false),
+        };
         let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_');
-        if s != "*" && (name.is_empty() || !name.chars().all(plain)) {
+        if name.is_empty() || !name.chars().all(plain) {
             return Err("is not a host name (without port or scheme), *.suffix or *");
         }
-        Ok(HostPattern(s))
+        Ok(HostPattern(if sub {
+            Pattern::Subdomains(format!(".{name}"))
+        } else {
+            Pattern::Exact(name.to_string())
+        }))
     }
 
-    /// What a loopback listener accepts when `--allowed-host` is not given.
+    /// What a loopback listener accepts when `--allowed-host` is not given: `localhost` and its
+    /// subdomains, IP literals and single-label names; any other name may be an attacker's that
+    /// now resolves to 127.0.0.1.
     pub fn loopback() -> Vec<HostPattern> {
-        ["localhost", "*.localhost", "127.0.0.1", "::1"]
-            .into_iter()
-            .map(|h| HostPattern(h.to_string()))
-            .collect()
+        vec![
+            HostPattern(Pattern::Exact("localhost".into())),
+            HostPattern(Pattern::Subdomains(".localhost".into())),
+            HostPattern(Pattern::NotRebindable),
+        ]
     }
 
     fn matches(&self, host: &str) -> bool {
-        match self.0.strip_prefix("*.") {
-            _ if self.0 == "*" => true,
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|rest| rest.ends_with('.')),
-            None => host == self.0,
+        match &self.0 {
+            Pattern::Any => true,
+            Pattern::Exact(name) => host == name,
+            Pattern::Subdomains(suffix) => host.ends_with(suffix.as_str()),
+            Pattern::NotRebindable => host.parse::<IpAddr>().is_ok() || !host.contains('.'),
         }
     }
 }

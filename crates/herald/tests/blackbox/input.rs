@@ -235,6 +235,8 @@ async fn cross_site_forms_and_foreign_hosts_are_refused() {
         format!("localhost:{port}"),
         format!("[::1]:{port}"),
         "app.localhost".into(),
+        "10.1.2.3".into(),
+        "x".into(),
     ] {
         assert_eq!(
             status_for_host(&s, "/healthz", &host).await,
