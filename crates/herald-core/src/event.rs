@@ -1,5 +1,6 @@
 //! Messages (what a publisher asks for) and events (a message with its id and its SSE frame).
-//! An event's frame is encoded exactly once, into shared `Bytes` that every connection writes.
+//! An event's frame is encoded exactly once, into shared `Bytes` that every connection writes; its
+//! data, when it has no line break, is a slice of that frame, so history keeps one copy.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,13 +130,72 @@ impl Message {
     }
 }
 
+/// An event's data as published (valid UTF-8). Without a line break it is the slice of the
+/// event's frame that already holds it, so an event keeps one copy of its data, not two.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EventData(Bytes);
+
+impl EventData {
+    pub fn as_str(&self) -> &str {
+        // Built only from a `String` or a slice of one (see `Event::new`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Bytes held besides `frame` (0 when the data is a slice of it).
+    fn own_bytes(&self, frame: &Bytes) -> usize {
+        let range = frame.as_ptr_range();
+        if self.0.is_empty() || range.contains(&self.0.as_ptr()) {
+            0
+        } else {
+            self.0.len()
+        }
+    }
+}
+
+impl std::ops::Deref for EventData {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for EventData {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<String> for EventData {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for EventData {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A published event: immutable, shared by history and every queue it is in.
 #[derive(Debug)]
 pub struct Event {
     pub id: EventId,
     pub targets: Targets,
     pub event_type: Option<EventType>,
-    pub data: String,
+    pub data: EventData,
     pub retry_ms: Option<u32>,
     pub idempotency_key: Option<String>,
     /// Published with `"private": true`.
@@ -154,17 +214,30 @@ impl Event {
             message.retry_ms,
             &message.data,
         );
+        // Without a line break the frame ends with `data: <data>\n\n`: share those bytes.
+        let data = if message.data.contains(['\n', '\r']) {
+            EventData(Bytes::from(message.data))
+        } else {
+            let end = frame.len() - 2;
+            EventData(frame.slice(end - message.data.len()..end))
+        };
+        debug_assert_eq!(data.as_str().len(), data.0.len());
         Event {
             id,
             targets: message.targets,
             event_type: message.event_type,
-            data: message.data,
+            data,
             retry_ms: message.retry_ms,
             idempotency_key: message.idempotency_key,
             private: message.private,
             published_at_ms,
             frame,
         }
+    }
+
+    /// Bytes this event holds: its frame, plus its data when that is not a slice of the frame.
+    pub fn stored_bytes(&self) -> usize {
+        self.frame.len() + self.data.own_bytes(&self.frame)
     }
 
     /// Private events reach only connections whose rights match one of their topics (or, for a
@@ -244,6 +317,29 @@ pub fn encode_frame(
 /// A hub control event (`herald.gap`, `herald.close`): no `id:` line, so it never moves a client's last id.
 pub(crate) fn control_frame(event_type: &EventType, json: &serde_json::Value) -> Bytes {
     encode_frame(None, Some(event_type.as_str()), None, &json.to_string())
+}
+
+#[cfg(test)]
+mod one_copy {
+    use super::*;
+
+    /// Reproduces issue 12 (weak spot): history kept an event's data and its frame both (2 MiB for
+    /// a 1 MiB body). Data without line breaks is now a slice of the frame.
+    #[test]
+    fn data_without_line_breaks_is_a_slice_of_the_frame() {
+        let big = "x".repeat(1 << 20);
+        let e = Event::new(EventId(7), Message::broadcast().data(big.clone()), 1);
+        assert_eq!(e.data, big);
+        assert!(e.stored_bytes() < big.len() + 64, "{}", e.stored_bytes());
+        let lines = Event::new(EventId(8), Message::broadcast().data("a\r\nb"), 1);
+        assert_eq!(lines.data, "a\r\nb", "published data is kept as sent");
+        assert_eq!(lines.stored_bytes(), lines.frame.len() + 4);
+        let empty = Event::new(EventId(9), Message::broadcast().data(""), 1);
+        assert_eq!(
+            (empty.data.as_str(), empty.stored_bytes()),
+            ("", empty.frame.len())
+        );
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod stream;
 mod subscriber;
 
 pub use cluster::Cluster;
-pub use event::{Event, EventId, Message, Targets};
+pub use event::{Event, EventData, EventId, Message, Targets};
 pub use grant::Grant;
 pub use history::{
     CheckReport, Chunk, DEFAULT_HISTORY_BYTES, DurableHistory, History, HistoryError,

@@ -29,7 +29,7 @@ struct Ring {
 
 /// Bytes an event is counted as, for `max_bytes`.
 fn size_of(e: &Event) -> u64 {
-    (e.data.len() + e.frame.len() + 128) as u64
+    (e.stored_bytes() + 128) as u64
 }
 
 /// Microseconds since the Unix epoch: the first id of a fresh store.

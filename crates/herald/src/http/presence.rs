@@ -102,7 +102,7 @@ pub(crate) async fn messages(
             json!({
                 "id": e.id.to_string(),
                 "event": e.event_type.as_ref().map(|t| t.as_str()),
-                "data": e.data,
+                "data": e.data.as_str(),
                 "published_at_ms": e.published_at_ms,
             })
         })
