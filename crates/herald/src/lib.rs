@@ -191,10 +191,7 @@ pub async fn serve_split(
     let settings = listen::ConnectionSettings {
         header_timeout: config.limits.header_timeout,
         max_head: config.limits.max_header_bytes * 2,
-        // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel
-        // drops the connection once they stay so for two heartbeat intervals, and the stream
-        // leaves presence.
-        user_timeout: config.heartbeat * 2,
+        user_timeout: listen::user_timeout(config.heartbeat),
     };
     let stop = async move {
         shutdown.await;

@@ -106,7 +106,39 @@ pub(crate) async fn serve(
     }
 }
 
+/// A connection's `TCP_USER_TIMEOUT`. A peer that vanishes without a reset leaves heartbeat bytes
+/// unacknowledged: the kernel drops the connection once they stay so for two heartbeat intervals,
+/// and the stream leaves presence. Never under a second, so a tiny `--heartbeat` (10ms) does not
+/// drop healthy peers whose acknowledgements a loaded host delays (TCP's own minimum
+/// retransmission timeout is 200 ms).
+pub(crate) fn user_timeout(heartbeat: Duration) -> Duration {
+    (heartbeat * 2).max(Duration::from_secs(1))
+}
+
 /// Whether `addr` is reachable only from this machine.
 pub(crate) fn is_loopback(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12 (not yet tried): `--heartbeat 10ms` gave a 20 ms `TCP_USER_TIMEOUT`, shorter than
+    /// one retransmission; the timeout now has a floor of a second.
+    #[test]
+    fn the_user_timeout_is_two_heartbeats_but_never_under_a_second() {
+        assert_eq!(
+            user_timeout(Duration::from_millis(10)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            user_timeout(Duration::from_millis(300)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            user_timeout(Duration::from_secs(15)),
+            Duration::from_secs(30)
+        );
+    }
 }

@@ -177,9 +177,10 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The client's address: the peer, or, when the peer is a trusted proxy, the nearest address in
-/// `X-Forwarded-For` that is not a trusted proxy. `None` when served without connection info
-/// (nested in an app): then per-IP limits do not apply.
+/// The client's address as per-IP limits count it: the peer, or, when the peer is a trusted
+/// proxy, the nearest address in `X-Forwarded-For` that is not a trusted proxy; an IPv6 address
+/// stands for its /64. `None` when served without connection info (nested in an app): then per-IP
+/// limits do not apply.
 pub(crate) fn client_ip(
     limits: &Limits,
     extensions: &Extensions,
@@ -188,7 +189,19 @@ pub(crate) fn client_ip(
     let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| canonical(c.0.ip()))?;
-    Some(forwarded_client(limits, peer, headers))
+    Some(network_of(forwarded_client(limits, peer, headers)))
+}
+
+/// An IPv4 address, or the /64 of an IPv6 one: a single subscriber line or host gets a whole /64,
+/// so rotating addresses within it must gain nothing against per-IP limits.
+fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 fn forwarded_client(limits: &Limits, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
