@@ -270,7 +270,7 @@ impl Auth {
         }
         let token = match bearer(headers)? {
             Some(t) => Some(t.to_string()),
-            None => cookie(headers, "herald_token").or(query_token.map(str::to_string)),
+            None => cookie_token(headers)?.or(query_token.map(str::to_string)),
         };
         match token {
             None => Ok(Caller::Nobody),
@@ -390,16 +390,38 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     }
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// Every non-empty value of the cookie `name`, in the order sent.
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(|(k, _)| *k == name)
         .map(|(_, v)| v.trim_matches('"').to_string())
         .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The subscribe token from a cookie. `__Host-herald_token` wins: a browser takes it only from
+/// this very host over HTTPS, so a sibling subdomain cannot set it. A `herald_token` can be tossed
+/// in by any sibling subdomain (`Domain=example.com`); two of them mean one may be an attacker's,
+/// and neither is trusted.
+fn cookie_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    for name in ["__Host-herald_token", "herald_token"] {
+        let mut values = cookies(headers, name);
+        match values.len() {
+            0 => continue,
+            1 => return Ok(values.pop()),
+            _ => {
+                return Err(invalid_token(format!(
+                    "several {name} cookies (one may have been set by another subdomain): use __Host-herald_token"
+                )));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Compares in time independent of where the inputs differ.
@@ -430,8 +452,20 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; herald_token=xyz; b=2"),
         );
-        assert_eq!(cookie(&h, "herald_token").as_deref(), Some("xyz"));
-        assert_eq!(cookie(&h, "nope"), None);
+        assert_eq!(cookie_token(&h).unwrap().as_deref(), Some("xyz"));
+        assert_eq!(cookies(&h, "nope"), Vec::<String>::new());
+        // Issue 12 (not yet tried): cookie tossing. A sibling subdomain can add a second
+        // herald_token; neither is trusted then, and __Host-herald_token (which it cannot set) wins.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("herald_token=mine; herald_token=tossed"),
+        );
+        assert_eq!(cookie_token(&h).unwrap_err().error, "invalid_token");
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("herald_token=tossed; __Host-herald_token=mine"),
+        );
+        assert_eq!(cookie_token(&h).unwrap().as_deref(), Some("mine"));
     }
 
     #[test]
