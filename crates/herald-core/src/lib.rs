@@ -2,30 +2,26 @@
 //! selector index, per-connection inboxes, history stores and the `Hub`. No HTTP here.
 
 mod cluster;
-mod commit;
 pub mod duration;
 pub mod event;
-mod feed;
+mod fanout;
 mod grant;
 pub mod history;
 mod hub;
-mod idempotency;
-mod index;
 pub mod name;
+mod publish;
 pub mod sse;
 mod stream;
-mod subscriber;
 
 pub use cluster::Cluster;
 pub use event::{Event, EventId, Message, Targets};
+pub use fanout::Stats;
 pub use grant::Grant;
 pub use history::{
     Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom, RedisHistory,
     RedisOptions, Retention, SharedHistory, Stored,
 };
-pub use hub::{
-    Hub, HubBuilder, HubError, PublishError, Published, Start, Stats, SubscribeError,
-    SubscribeRequest, UserMessages,
-};
+pub use hub::{Hub, HubBuilder, HubError, SubscribeError, SubscribeRequest, UserMessages};
 pub use name::{EventType, NameError, Selector, Topic, UserId};
-pub use stream::EventStream;
+pub use publish::{PublishError, Published};
+pub use stream::{EventStream, Start};

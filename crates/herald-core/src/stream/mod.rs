@@ -1,6 +1,8 @@
 //! One connection's outgoing SSE frames: preamble, gap notice, replay from history, then live events,
 //! heartbeats and the closing event. Frames are the events' shared `Bytes`; nothing is re-encoded.
 
+mod start;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,11 +14,10 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use crate::event::{Event, EventId, control_frame, now_ms};
-use crate::grant::TOKEN_EXPIRED;
+use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
 use crate::history::{Chunk, HistoryError, ReadFrom};
-use crate::hub::{Inner, Start};
 use crate::name::EventType;
-use crate::subscriber::{Ending, Signal, Subscriber};
+pub use start::Start;
 
 /// Events read from history per step of a replay.
 const REPLAY_CHUNK: usize = 256;
@@ -26,7 +27,7 @@ type ReadFuture = Pin<Box<dyn Future<Output = Result<Chunk, HistoryError>> + Sen
 
 /// The stream of SSE frames for one connection. Dropping it unregisters the connection.
 pub struct EventStream {
-    hub: Arc<Inner>,
+    hub: Arc<Fanout>,
     sub: Arc<Subscriber>,
     out: VecDeque<Bytes>,
     live: VecDeque<Arc<Event>>,
@@ -60,7 +61,7 @@ struct Replay {
 
 impl EventStream {
     pub(crate) fn new(
-        hub: Arc<Inner>,
+        hub: Arc<Fanout>,
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
