@@ -10,7 +10,7 @@ pub mod history;
 mod hub;
 pub mod name;
 mod publish;
-pub mod sse;
+pub mod sse_parser;
 mod stream;
 
 pub use cluster::Cluster;

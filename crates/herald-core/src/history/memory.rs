@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, continues};
+use super::{Chunk, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
 use crate::event::{Event, EventId, Message, now_ms};
 
 #[derive(Debug)]
@@ -30,15 +30,6 @@ struct Ring {
 /// Bytes an event is counted as, for `max_bytes`.
 fn size_of(e: &Event) -> u64 {
     (e.data.len() + e.frame.len() + 128) as u64
-}
-
-/// Microseconds since the Unix epoch: the first id of a fresh store.
-pub(crate) fn fresh_base() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(1)
-        .max(1)
 }
 
 impl MemoryHistory {

@@ -4,6 +4,7 @@
 mod durable;
 mod memory;
 mod redis;
+mod row;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -138,4 +139,13 @@ pub(crate) fn continues(after: u64, first_issued: u64, next: u64, oldest: Option
     let newest = next - 1;
     let floor = oldest.map_or(newest, |o| o.saturating_sub(1));
     after >= floor && after <= newest
+}
+
+/// Microseconds since the Unix epoch: the first id of a fresh store.
+pub(crate) fn fresh_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
