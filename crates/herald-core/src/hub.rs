@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::event::{Event, EventId, Message, now_ms};
+use crate::event::{Event, Message};
 use crate::fanout::{Fanout, Stats};
 use crate::grant::Grant;
-use crate::history::{History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory};
+use crate::history::{
+    Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
+};
 use crate::name::{Selector, UserId};
 use crate::publish::{Feed, Job, Keys, PublishError, Published};
-use crate::stream::{EventStream, Start};
+use crate::stream::{EventStream, FirstRead, Start};
 
 /// Settings of a hub. Build with [`Hub::builder`].
 #[derive(Clone)]
@@ -192,8 +194,8 @@ pub struct SubscribeRequest {
 /// Messages sent to one user, read from history.
 #[derive(Debug)]
 pub struct UserMessages {
-    /// Set when retention dropped events the request asked for; holds the oldest retained id.
-    pub gap: Option<Option<EventId>>,
+    /// Set when retention dropped events the request asked for.
+    pub gap: Option<Gap>,
     pub events: Vec<Arc<Event>>,
 }
 
@@ -284,21 +286,16 @@ impl Hub {
         start: &Start,
         limit: usize,
     ) -> Result<UserMessages, HistoryError> {
-        let mut from = match start {
-            Start::Live => {
-                return Ok(UserMessages {
-                    gap: None,
-                    events: Vec::new(),
-                });
-            }
-            Start::After(raw) => match EventId::parse(raw) {
-                Some(id) => ReadFrom::After(id),
-                None => ReadFrom::Oldest,
-            },
-            Start::Since(d) => ReadFrom::Since(now_ms().saturating_sub(d.as_millis() as u64)),
-            Start::All => ReadFrom::Oldest,
+        let Some(FirstRead {
+            mut from,
+            unknown_id,
+        }) = start.first_read()
+        else {
+            return Ok(UserMessages {
+                gap: None,
+                events: Vec::new(),
+            });
         };
-        let unknown_id = matches!(start, Start::After(raw) if EventId::parse(raw).is_none());
         let mut out = UserMessages {
             gap: None,
             events: Vec::new(),
@@ -309,7 +306,9 @@ impl Hub {
             if first {
                 out.gap = chunk.gap;
                 if unknown_id {
-                    out.gap = Some(chunk.events.first().map(|e| e.id));
+                    out.gap = Some(Gap {
+                        oldest: chunk.events.first().map(|e| e.id),
+                    });
                 }
                 first = false;
             }
@@ -361,9 +360,5 @@ impl Hub {
     /// False while a shared history (cluster mode) cannot be reached.
     pub fn is_ready(&self) -> bool {
         self.feed.is_ready()
-    }
-
-    pub fn history(&self) -> &Arc<dyn History> {
-        &self.inner.history
     }
 }

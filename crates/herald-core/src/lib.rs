@@ -18,8 +18,8 @@ pub use event::{Event, EventId, Message, Targets};
 pub use fanout::Stats;
 pub use grant::Grant;
 pub use history::{
-    Chunk, DurableHistory, History, HistoryError, MemoryHistory, OpenError, ReadFrom, RedisHistory,
-    RedisOptions, Retention, SharedHistory, Stored,
+    Chunk, DurableHistory, Gap, History, HistoryError, MemoryHistory, OpenError, ReadFrom,
+    RedisHistory, RedisOptions, Retention, SharedHistory, Stored,
 };
 pub use hub::{Hub, HubBuilder, HubError, SubscribeError, SubscribeRequest, UserMessages};
 pub use name::{EventType, NameError, Selector, Topic, UserId};

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::row::{decode_row, encode_row, published_at};
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
 use crate::event::{Event, EventId, Message, now_ms};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -223,12 +223,22 @@ impl DurableHistory {
                 if continues(a.0, meta.first_issued, meta.next, oldest) {
                     (None, Some(a.0 + 1))
                 } else {
-                    (Some(oldest.map(EventId)), oldest)
+                    (
+                        Some(Gap {
+                            oldest: oldest.map(EventId),
+                        }),
+                        oldest,
+                    )
                 }
             }
             ReadFrom::Since(at) => {
                 if meta.dropped_at_plus1 > at {
-                    (Some(oldest.map(EventId)), oldest)
+                    (
+                        Some(Gap {
+                            oldest: oldest.map(EventId),
+                        }),
+                        oldest,
+                    )
                 } else {
                     (
                         None,

@@ -45,10 +45,17 @@ pub enum ReadFrom {
 pub struct Chunk {
     /// Set when events the read asked for may be missing: dropped by retention, or (for
     /// [`ReadFrom::After`]) the id was never issued. Then `events` starts at the oldest retained
-    /// event; this holds that oldest id (`None` when nothing is retained).
-    pub gap: Option<Option<EventId>>,
+    /// event.
+    pub gap: Option<Gap>,
     /// Events in id order.
     pub events: Vec<Arc<Event>>,
+}
+
+/// Events a read asked for may be missing; what follows starts at the oldest retained event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// The oldest retained event's id (`None` when nothing is retained).
+    pub oldest: Option<EventId>,
 }
 
 /// What a store keeps. Whichever limit is reached first drops the oldest events.

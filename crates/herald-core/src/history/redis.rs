@@ -10,7 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
 use super::row::{decode_row, encode_row};
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
@@ -259,7 +259,7 @@ impl RedisHistory {
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
         Ok(Chunk {
-            gap: gap.then_some(oldest),
+            gap: gap.then_some(Gap { oldest }),
             events: entries(range)?,
         })
     }
