@@ -12,8 +12,9 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::event::now_ms;
+use crate::fanout::Stats;
 use crate::history::HistoryError;
-use crate::hub::{Hub, Stats};
+use crate::hub::Hub;
 use crate::name::UserId;
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);

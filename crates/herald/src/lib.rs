@@ -1,5 +1,7 @@
 //! herald: a Server-Sent Events push hub. This crate is the server around `herald-core`: the HTTP
-//! interface ([`router`]), configuration, and [`run`], the one entry point the binary and tests use.
+//! interface ([`router`]), configuration, auth, the `pub`/`sub` client, and the way to serve: the
+//! binary builds a [`Node`] with [`node_from`] and serves it with [`serve_split`]; [`run`] and
+//! [`serve`] do the same on one runtime.
 //!
 //! # Embedding herald in an axum app
 //!

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
-use super::durable::{decode_row, encode_row};
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use super::row::{decode_row, encode_row};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
@@ -259,7 +259,7 @@ impl RedisHistory {
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
         Ok(Chunk {
-            gap: gap.then_some(oldest),
+            gap: gap.then_some(Gap { oldest }),
             events: entries(range)?,
         })
     }

@@ -109,7 +109,7 @@ pub(crate) async fn messages(
         .collect();
     let gap = found
         .gap
-        .map(|oldest| json!({ "oldest": oldest.map(|o| o.to_string()) }));
+        .map(|gap| json!({ "oldest": gap.oldest.map(|o| o.to_string()) }));
     Ok(Json(
         json!({ "id": user.as_str(), "messages": messages, "gap": gap }),
     ))
