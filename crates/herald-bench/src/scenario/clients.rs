@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::{Row, emit};
 use crate::http::Conn;
 use crate::server::Server;
-use crate::sse_parser::{Parser, field};
+use crate::sse::{Parser, field};
 
 /// Connections per source address (each address has ~28k ephemeral ports).
 const PER_SOURCE: usize = 10_000;

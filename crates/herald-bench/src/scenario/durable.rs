@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::http::Conn;
 use crate::server::{Bins, Kind, Server};
-use crate::sse_parser::Counter;
+use crate::sse::Counter;
 
 pub struct PublishResult {
     pub publishers: usize,
