@@ -11,12 +11,13 @@
 //! | `name`, `duration` | validated names (topics, selectors, users, event types); durations |
 //! | `event` | [`Message`] (what is published) and [`Event`] (stored, with its SSE frame encoded once) |
 //! | `grant` | [`Grant`]: which private events a connection may see |
-//! | `history/` | the [`History`] trait and its stores: memory, durable (redb), Redis (shared); the row codec |
+//! | `history/` | the [`History`] trait and its stores: memory (always), durable (redb, feature `durable`), Redis (shared, feature `redis`); the row codec |
 //! | `fanout/` | the shared state: open connections (registry, users, selector index), their inboxes, token expiries, counters; fan-out |
 //! | `publish/` | the committer (one history write per group), idempotency keys, the cluster follower |
 //! | `stream/` | [`Start`] and [`EventStream`]: preamble, replay, live events, heartbeats, close |
 //! | `hub` | [`Hub`] and [`HubBuilder`]: builds the parts, admits connections, takes publishes |
-//! | `cluster` | [`Cluster`]: presence and closing users across nodes, through Redis |
+//! | `presence` | [`Presence`]: who is online and closing users, answered by the [`Hub`] for this node or by `Cluster` for all |
+//! | `cluster` | `Cluster` (feature `redis`): presence and closing users across nodes, through Redis |
 //! | `sse_parser` | a `text/event-stream` parser (for clients and tests; the engine encodes, never parses) |
 //!
 //! # Example
@@ -51,6 +52,7 @@
 //! # }
 //! ```
 
+#[cfg(feature = "redis")]
 mod cluster;
 pub mod duration;
 pub mod event;
@@ -59,19 +61,25 @@ mod grant;
 pub mod history;
 mod hub;
 pub mod name;
+mod presence;
 mod publish;
 pub mod sse_parser;
 mod stream;
 
+#[cfg(feature = "redis")]
 pub use cluster::Cluster;
 pub use event::{Event, EventId, Message, Targets};
 pub use fanout::Stats;
 pub use grant::Grant;
 pub use history::{
-    Chunk, DurableHistory, Gap, History, HistoryError, MemoryHistory, OpenError, ReadFrom,
-    RedisHistory, RedisOptions, Retention, SharedHistory, Stored,
+    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory, Stored,
 };
+#[cfg(feature = "durable")]
+pub use history::{DurableHistory, OpenError};
+#[cfg(feature = "redis")]
+pub use history::{RedisHistory, RedisOptions};
 pub use hub::{Hub, HubBuilder, HubError, SubscribeError, SubscribeRequest, UserMessages};
 pub use name::{EventType, NameError, Selector, Topic, UserId};
+pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};
 pub use stream::{EventStream, Start};

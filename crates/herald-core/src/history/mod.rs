@@ -1,9 +1,12 @@
 //! History: where events get their ids and are kept for replay. [`History`] is the trait every store
 //! implements (in memory, durable on disk); each must pass the conformance suite in `conformance`.
 
+#[cfg(feature = "durable")]
 mod durable;
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
+#[cfg(any(feature = "durable", feature = "redis"))]
 mod row;
 
 #[cfg(test)]
@@ -16,8 +19,10 @@ use async_trait::async_trait;
 
 use crate::event::{Event, EventId, Message};
 
+#[cfg(feature = "durable")]
 pub use durable::{DurableHistory, OpenError};
 pub use memory::MemoryHistory;
+#[cfg(feature = "redis")]
 pub use redis::{RedisHistory, RedisOptions};
 
 /// A store failure. Publishing answers 503 on it; nothing is half-applied.

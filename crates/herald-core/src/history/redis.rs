@@ -135,6 +135,7 @@ pub struct RedisHistory {
     /// Holds the newest id dropped by retention.
     dropped: String,
     key_prefix: String,
+    prefix: String,
     retention: Retention,
     window_ms: u64,
     /// For appends and reads; reconnects by itself.
@@ -219,6 +220,7 @@ impl RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
             key_prefix: format!("{}:idem:", options.prefix),
+            prefix: options.prefix.clone(),
             retention: options.retention,
             window_ms: options.idempotency_window.as_millis().max(1) as u64,
             conn,
@@ -230,12 +232,17 @@ impl RedisHistory {
     }
 
     /// The client, for the cluster's presence and control channel.
-    pub fn client(&self) -> &Client {
-        &self.client
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The prefix of every key, shared by the cluster's presence keys.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
