@@ -45,7 +45,9 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod ipnet;
 mod listen;
+pub mod settings;
 mod stream_conn;
 
 use std::future::Future;

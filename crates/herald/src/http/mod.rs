@@ -28,7 +28,7 @@ pub use publish::parse_body as parse_publish_body;
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
-    /// Largest request body accepted, in bytes (default 1 MiB).
+    /// Largest request body accepted, in bytes.
     pub max_body: usize,
     /// Origins allowed by CORS; `*` allows any origin without credentials. Empty: no CORS headers.
     pub cors_origins: Vec<HeaderValue>,
@@ -42,12 +42,14 @@ pub struct HttpOptions {
 }
 
 impl Default for HttpOptions {
+    /// The defaults of `herald serve`.
     fn default() -> Self {
+        let config = crate::Config::default();
         HttpOptions {
-            max_body: 1 << 20,
+            max_body: config.max_body,
             cors_origins: Vec::new(),
             auth: Auth::open(),
-            limits: Limits::default(),
+            limits: config.limits,
             metrics_route: true,
             cluster: None,
         }
