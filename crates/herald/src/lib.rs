@@ -44,6 +44,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod error_code;
 pub mod http;
 pub mod ipnet;
 mod listen;

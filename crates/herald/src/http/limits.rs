@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{Extensions, HeaderMap, StatusCode};
+use axum::http::{Extensions, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use herald_core::UserId;
@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 
 use super::{ApiError, AppState};
 pub use crate::config::Limits;
+use crate::error_code::ErrorCode;
 use crate::ipnet::canonical;
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest address in
@@ -170,8 +171,7 @@ pub(crate) async fn check_head(
     if url > limits.max_url {
         app.metrics.limited("url_too_long");
         return ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             format!(
                 "the URL is {url} bytes long, the limit is {}",
                 limits.max_url
@@ -188,8 +188,7 @@ pub(crate) async fn check_head(
     if head > limits.max_header_bytes {
         app.metrics.limited("header_too_large");
         return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header_too_large",
+            ErrorCode::HeaderTooLarge,
             format!(
                 "the request head is {head} bytes, the limit is {}",
                 limits.max_header_bytes

@@ -11,10 +11,11 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState, form_pairs};
 
 use crate::auth::Caller;
+use crate::error_code::ErrorCode;
 
 /// Presence and control need the publish key or an admin token.
 fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    app.auth.caller(headers)?.require_admin()
+    Ok(app.auth.caller(headers)?.require_admin()?)
 }
 
 const PAGE_DEFAULT: usize = 100;
@@ -23,8 +24,8 @@ const PAGE_MAX: usize = 1000;
 pub(crate) fn user_from_path(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<UserId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
-    UserId::new(&raw).map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))
+    let Path(raw) = path.map_err(|e| ApiError::new(ErrorCode::InvalidUser, e.body_text()))?;
+    UserId::new(&raw).map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("user id {e}")))
 }
 
 pub(crate) async fn users(
@@ -40,7 +41,7 @@ pub(crate) async fn users(
             "limit" => limit = parse_limit(&value)?,
             "after" => {
                 after = Some(UserId::new(&value).map_err(|e| {
-                    ApiError::bad_request("invalid_user", format!("'after': user id {e}"))
+                    ApiError::new(ErrorCode::InvalidUser, format!("'after': user id {e}"))
                 })?)
             }
             _ => {}
@@ -50,7 +51,7 @@ pub(crate) async fn users(
         Some(cluster) => cluster
             .users(after.as_ref(), limit)
             .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+            .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?,
         None => (
             app.hub.stats().users,
             app.hub
@@ -94,7 +95,7 @@ pub(crate) async fn messages(
         .hub
         .user_messages(&user, &start, limit)
         .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", &e))?;
+        .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
     let messages: Vec<Value> = found
         .events
         .iter()
@@ -121,8 +122,8 @@ fn parse_limit(value: &str) -> Result<usize, ApiError> {
         .ok()
         .filter(|n| (1..=PAGE_MAX).contains(n))
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_limit",
+            ApiError::new(
+                ErrorCode::InvalidLimit,
                 format!("'limit' must be a number from 1 to {PAGE_MAX}"),
             )
         })
@@ -139,7 +140,7 @@ pub(crate) async fn user(
         Some(cluster) => cluster
             .connections_of(&user)
             .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+            .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?,
         None => app.hub.connections_of(&user),
     };
     Ok(Json(json!({
@@ -165,15 +166,12 @@ pub(crate) async fn close(
             "block" => {
                 block =
                     Some(parse_duration(&value).map_err(|e| {
-                        ApiError::bad_request("invalid_block", format!("'block': {e}"))
+                        ApiError::new(ErrorCode::InvalidBlock, format!("'block': {e}"))
                     })?)
             }
             "reason" => {
                 if value.is_empty() || value.len() > 256 {
-                    return Err(ApiError::bad_request(
-                        "invalid_reason",
-                        "'reason' must be 1 to 256 bytes",
-                    ));
+                    return Err(ApiError::from(ErrorCode::InvalidReason));
                 }
                 reason = value;
             }
@@ -184,7 +182,7 @@ pub(crate) async fn close(
         Some(cluster) => cluster
             .close_user(&user, &reason, block)
             .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+            .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?,
         None => app.hub.close_user(&user, &reason, block),
     };
     Ok(Json(json!({ "closed": closed })))
@@ -199,7 +197,7 @@ pub(crate) async fn stats(
         Some(cluster) => cluster
             .stats()
             .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
+            .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?,
         None => app.hub.stats(),
     };
     Ok(Json(json!({
@@ -225,11 +223,6 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, A
     if app.hub.is_ready() {
         Ok(Json(json!({ "ready": true })))
     } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "this node cannot reach its shared history",
-        )
-        .retry_after(1))
+        Err(ApiError::from(ErrorCode::NotReady))
     }
 }
