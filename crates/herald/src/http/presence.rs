@@ -104,6 +104,8 @@ pub(crate) async fn messages(
                 "id": e.id.to_string(),
                 "event": e.event_type.as_ref().map(|t| t.as_str()),
                 "data": e.data,
+                "publishedAtMs": e.published_at_ms,
+                // The snake_case name of earlier releases, kept for one more release.
                 "published_at_ms": e.published_at_ms,
             })
         })
@@ -209,6 +211,8 @@ pub(crate) async fn stats(
         "replayed": s.replayed,
         "gaps": s.gaps,
         "lagging": s.lagging,
+        "uptimeSeconds": s.uptime.as_secs(),
+        // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
     })))
 }
