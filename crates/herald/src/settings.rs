@@ -462,11 +462,6 @@ impl RawConfig {
         self
     }
 
-    /// Whether `setting` was given at all.
-    pub fn has(&self, setting: &Setting) -> bool {
-        self.values.contains_key(setting.name)
-    }
-
     /// Reads the TOML file at `path`; its keys are the settings' names.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
