@@ -32,6 +32,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    /// The longest a stream lives, if limited, and the spread of its end.
+    pub max_stream_age: Option<Duration>,
+    pub max_stream_age_jitter: f64,
     pub auth: Auth,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
@@ -246,6 +249,8 @@ impl RawConfig {
             shutdown_timeout: self.get(&s::SHUTDOWN_TIMEOUT)?,
             max_selectors: self.get(&s::MAX_SELECTORS)?,
             queue: self.get(&s::QUEUE)?,
+            max_stream_age: self.value(&s::MAX_STREAM_AGE)?,
+            max_stream_age_jitter: self.get(&s::MAX_STREAM_AGE_JITTER)?,
             auth,
             metrics_listen: self.value(&s::METRICS_LISTEN)?,
             limits,

@@ -45,6 +45,8 @@ macro_rules! error_codes {
 error_codes! {
     /// A `topic` selector of `GET /events` is not valid.
     InvalidSelector = "invalid_selector", BAD_REQUEST, retry None, "a topic selector is not valid";
+    /// `maxAge=` is not a duration of at least 1s.
+    InvalidMaxAge = "invalid_max_age", BAD_REQUEST, retry None, "'maxAge' must be a duration of at least 1s, like 5m";
     /// A user id (in a query, a path or a body) is not valid, or given twice.
     InvalidUser = "invalid_user", BAD_REQUEST, retry None, "a user id is not valid";
     /// More topic selectors than `--max-selectors`.

@@ -122,14 +122,21 @@ impl Setting {
     /// The help, with the bounds and the default spelled out.
     pub fn long_help(&self) -> String {
         let mut help = self.help.to_string();
-        let bounds: Vec<String> = [
-            self.min.map(|m| format!("at least `{m}`")),
-            self.above.map(|m| format!("above `{m}`")),
-            self.max.map(|m| format!("at most `{m}`")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let bounds: Vec<String> = match (self.min, self.max) {
+            (Some(min), Some(max)) => vec![format!("from `{min}` to `{max}`")],
+            (min, max) => [
+                min.map(|m| format!("at least `{m}`")),
+                max.map(|m| format!("at most `{m}`")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        };
+        let bounds: Vec<String> = [self.above.map(|m| format!("above `{m}`"))]
+            .into_iter()
+            .flatten()
+            .chain(bounds)
+            .collect();
         if !bounds.is_empty() {
             help.push_str(&format!(" ({})", bounds.join(", ")));
         }
@@ -257,6 +264,21 @@ pub const QUEUE: Setting = Setting::one(
 )
 .default("1024")
 .min("1");
+pub const MAX_STREAM_AGE: Setting = Setting::one(
+    "max-stream-age",
+    "DUR",
+    "end each stream after this long, quietly, so clients reconnect with their last id; `10m` is a good value for clusters",
+)
+.unset("off")
+.min("1s");
+pub const MAX_STREAM_AGE_JITTER: Setting = Setting::one(
+    "max-stream-age-jitter",
+    "F",
+    "each stream ends at a random point in `[age × (1 − F), age]`",
+)
+.default("0.2")
+.min("0")
+.max("0.9");
 pub const JWT_SECRET: Setting = Setting::one(
     "jwt-secret",
     "S",
@@ -371,6 +393,8 @@ pub const SETTINGS: &[Setting] = &[
     SHUTDOWN_TIMEOUT,
     MAX_SELECTORS,
     QUEUE,
+    MAX_STREAM_AGE,
+    MAX_STREAM_AGE_JITTER,
     JWT_SECRET,
     JWT_PUBLIC_KEY,
     JWT_LEEWAY,
@@ -572,10 +596,14 @@ fn parse_within<T: Value>(setting: &Setting, text: &str) -> Result<T, ConfigErro
     let value = T::parse(text).map_err(|e| invalid(name, e))?;
     let bound =
         |b: &str| T::parse(b).map_err(|e| invalid(name, format!("has a bad bound '{b}': {e}")));
+    let range = |min: &str| match setting.max {
+        Some(max) => format!("must be from {min} to {max}"),
+        None => format!("must be at least {min}"),
+    };
     if let Some(min) = setting.min
         && value < bound(min)?
     {
-        return Err(invalid(name, format!("must be at least {min}")));
+        return Err(invalid(name, range(min)));
     }
     if let Some(above) = setting.above
         && value <= bound(above)?
@@ -585,7 +613,12 @@ fn parse_within<T: Value>(setting: &Setting, text: &str) -> Result<T, ConfigErro
     if let Some(max) = setting.max
         && value > bound(max)?
     {
-        return Err(invalid(name, format!("must be at most {max}")));
+        return Err(invalid(
+            name,
+            setting
+                .min
+                .map_or_else(|| format!("must be at most {max}"), range),
+        ));
     }
     Ok(value)
 }

@@ -211,6 +211,7 @@ pub(crate) async fn stats(
         "replayed": s.replayed,
         "gaps": s.gaps,
         "lagging": s.lagging,
+        "endedByAge": s.aged,
         "uptimeSeconds": s.uptime.as_secs(),
         // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
