@@ -345,7 +345,7 @@ mod one_copy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::{Parser, SseEvent};
+    use crate::sse_parser::{Parser, SseEvent};
 
     fn roundtrip(data: &str) -> Vec<SseEvent> {
         let frame = encode_frame(Some(EventId(7)), Some("t"), None, data);

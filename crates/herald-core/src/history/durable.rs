@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, continues};
-use crate::event::{Event, EventId, Message, Targets, now_ms};
-use crate::name::{EventType, Topic, UserId};
+use super::row::{decode_body, decode_row, encode_checked_row, lost_row, published_at};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
+use crate::event::{Event, EventId, Message, now_ms};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -24,9 +24,6 @@ const FILE: &str = "herald.redb";
 const FORMAT: u64 = 3;
 const FORMAT_WITHOUT_CHECKSUM: u64 = 2;
 const FORMAT_WITHOUT_PRIVATE: u64 = 1;
-/// Flags bit of a row `herald check --repair` put in place of a damaged one: "an event was lost
-/// here". Readers skip it with a `herald.gap`, as they skip a damaged row.
-const LOST: u8 = 4;
 /// Stored bytes counted per event on top of its row, for `max_bytes` (keys and B-tree overhead).
 const ROW_OVERHEAD: u64 = 32;
 
@@ -122,7 +119,7 @@ fn unavailable(e: impl std::fmt::Display) -> HistoryError {
 impl DurableHistory {
     /// Opens (or creates) the history in `dir`. Fast on a large history: reads only the counters.
     pub fn open(dir: &Path, retention: Retention) -> Result<Self, OpenError> {
-        Self::open_starting_at(dir, retention, super::memory::fresh_base())
+        Self::open_starting_at(dir, retention, fresh_base())
     }
 
     /// As [`open`](Self::open); a fresh store gives its first event id `first`.
@@ -296,12 +293,22 @@ impl DurableHistory {
                 if continues(a.0, meta.first_issued, meta.next, oldest) {
                     (None, Some(a.0 + 1))
                 } else {
-                    (Some(oldest.map(EventId)), oldest)
+                    (
+                        Some(Gap {
+                            oldest: oldest.map(EventId),
+                        }),
+                        oldest,
+                    )
                 }
             }
             ReadFrom::Since(at) => {
                 if meta.dropped_at_plus1 > at {
-                    (Some(oldest.map(EventId)), oldest)
+                    (
+                        Some(Gap {
+                            oldest: oldest.map(EventId),
+                        }),
+                        oldest,
+                    )
                 } else {
                     (
                         None,
@@ -333,7 +340,9 @@ impl DurableHistory {
         }
         if !skipped.is_empty() {
             // The read begins with damaged rows: readers learn of a gap and get what follows.
-            gap = Some(out.first().map(|e| e.id));
+            gap = Some(Gap {
+                oldest: out.first().map(|e| e.id),
+            });
         }
         Ok(Chunk {
             gap,
@@ -446,97 +455,6 @@ fn first_published_at_or_after(
     Ok((lo < next).then_some(lo))
 }
 
-// Row layout (format 2, also the Redis entry's `m`): published_at u64 | retry u32 (u32::MAX:
-// none) | flags u8 (1: broadcast, 2: private, 4: lost) | event type str16 | idempotency key str16
-// | topics u16 count of str16 | users u16 count of str16 | data (the rest). str16 is a u16 length
-// and UTF-8 bytes; integers are little-endian. A stored row (format 3) is a CRC-32 (u32) of the
-// format-2 row, then that row.
-
-/// A message the row layout cannot hold; refused before anything is written, so the store never
-/// accepts what it cannot read back.
-fn too_large(what: &str, n: usize) -> HistoryError {
-    HistoryError::Unstorable(format!(
-        "{n} {what} in one message; a stored event holds at most {}",
-        u16::MAX
-    ))
-}
-
-fn put_str(row: &mut Vec<u8>, what: &str, s: &str) -> Result<(), HistoryError> {
-    let n = u16::try_from(s.len()).map_err(|_| too_large(what, s.len()))?;
-    row.extend_from_slice(&n.to_le_bytes());
-    row.extend_from_slice(s.as_bytes());
-    Ok(())
-}
-
-fn put_count(row: &mut Vec<u8>, what: &str, n: usize) -> Result<(), HistoryError> {
-    let n16 = u16::try_from(n).map_err(|_| too_large(what, n))?;
-    row.extend_from_slice(&n16.to_le_bytes());
-    Ok(())
-}
-
-/// Encodes `m` in the format-2 layout, or refuses it (nothing appended to `row` is used then).
-pub(super) fn encode_row(
-    row: &mut Vec<u8>,
-    published_at: u64,
-    m: &Message,
-) -> Result<(), HistoryError> {
-    row.extend_from_slice(&published_at.to_le_bytes());
-    row.extend_from_slice(&m.retry_ms.unwrap_or(u32::MAX).to_le_bytes());
-    row.push(u8::from(m.targets.broadcast) | (u8::from(m.private) << 1));
-    put_str(
-        row,
-        "bytes of event type",
-        m.event_type.as_ref().map_or("", EventType::as_str),
-    )?;
-    put_str(
-        row,
-        "bytes of idempotency key",
-        m.idempotency_key.as_deref().unwrap_or(""),
-    )?;
-    put_count(row, "topics", m.targets.topics.len())?;
-    for t in &m.targets.topics {
-        put_str(row, "bytes of topic", t.as_str())?;
-    }
-    put_count(row, "users", m.targets.users.len())?;
-    for u in &m.targets.users {
-        put_str(row, "bytes of user id", u.as_str())?;
-    }
-    row.extend_from_slice(m.data.as_bytes());
-    Ok(())
-}
-
-/// Encodes `m` as a stored row: its checksum, then the format-2 row.
-fn encode_checked_row(
-    row: &mut Vec<u8>,
-    published_at: u64,
-    m: &Message,
-) -> Result<(), HistoryError> {
-    row.extend_from_slice(&[0; 4]);
-    encode_row(row, published_at, m)?;
-    let sum = crc32fast::hash(&row[4..]);
-    row[..4].copy_from_slice(&sum.to_le_bytes());
-    Ok(())
-}
-
-/// The format-2 row inside a stored row, if its checksum holds.
-fn checked(row: &[u8]) -> Option<&[u8]> {
-    let (sum, body) = row.split_at_checked(4)?;
-    (u32::from_le_bytes(sum.try_into().ok()?) == crc32fast::hash(body)).then_some(body)
-}
-
-/// A stored row marking an event lost: readers skip it with a gap. Keeps the damaged row's
-/// publish time when it is plausible, so age-based retention still trims it in turn.
-fn lost_row(published_at: u64) -> Vec<u8> {
-    let mut body = Vec::with_capacity(32);
-    body.extend_from_slice(&published_at.to_le_bytes());
-    body.extend_from_slice(&u32::MAX.to_le_bytes());
-    body.push(LOST);
-    body.extend_from_slice(&[0; 8]); // empty type, key; no topics, no users
-    let mut row = crc32fast::hash(&body).to_le_bytes().to_vec();
-    row.extend_from_slice(&body);
-    row
-}
-
 /// Rewrites every format-1/2 row as a stored (checksummed) row; a row that does not decode is
 /// marked lost.
 fn add_checksums(events: &mut redb::Table<u64, &'static [u8]>) -> Result<(), redb::StorageError> {
@@ -617,100 +535,6 @@ fn id_list(ids: &[u64]) -> String {
     s.join(", ")
 }
 
-/// The publish time of a stored (checksummed) row.
-fn published_at(row: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(row.get(4..12)?.try_into().ok()?))
-}
-
-struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.rest.len() < n {
-            return None;
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Some(head)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<&'a str> {
-        let n = self.u16()? as usize;
-        std::str::from_utf8(self.take(n)?).ok()
-    }
-}
-
-/// Decodes a stored row: checks its checksum, then its layout.
-fn decode_row(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
-    let body = checked(row).ok_or_else(|| HistoryError::Corrupt {
-        id,
-        reason: "checksum mismatch".into(),
-    })?;
-    if body.get(12).is_some_and(|flags| flags & LOST != 0) {
-        return Err(HistoryError::Lost { id });
-    }
-    decode_body(id, body)
-}
-
-/// Decodes a format-2 row (a stored row's body, or a Redis entry's `m`).
-pub(super) fn decode_body(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
-    let bad = |reason: &str| HistoryError::Corrupt {
-        id,
-        reason: reason.to_string(),
-    };
-    let mut r = Reader { rest: row };
-    let published = u64::from_le_bytes(
-        r.take(8)
-            .ok_or_else(|| bad("short"))?
-            .try_into()
-            .unwrap_or_default(),
-    );
-    let retry = u32::from_le_bytes(
-        r.take(4)
-            .ok_or_else(|| bad("short"))?
-            .try_into()
-            .unwrap_or_default(),
-    );
-    let flags = r.take(1).ok_or_else(|| bad("short"))?[0];
-    if flags > 3 {
-        return Err(bad("flags"));
-    }
-    let broadcast = flags & 1 == 1;
-    let event_type = r.str().ok_or_else(|| bad("event type"))?;
-    let key = r.str().ok_or_else(|| bad("key"))?;
-    let mut targets = Targets {
-        broadcast,
-        ..Targets::default()
-    };
-    for _ in 0..r.u16().ok_or_else(|| bad("topics"))? {
-        let t = r
-            .str()
-            .and_then(|s| Topic::new(s).ok())
-            .ok_or_else(|| bad("topic"))?;
-        targets.topics.push(t);
-    }
-    for _ in 0..r.u16().ok_or_else(|| bad("users"))? {
-        let u = r
-            .str()
-            .and_then(|s| UserId::new(s).ok())
-            .ok_or_else(|| bad("user"))?;
-        targets.users.push(u);
-    }
-    let data = std::str::from_utf8(r.rest).map_err(|_| bad("data is not UTF-8"))?;
-    let mut message = Message::to_targets(targets).data(data);
-    if !event_type.is_empty() {
-        message.event_type = Some(EventType::new(event_type).map_err(|_| bad("event type"))?);
-    }
-    message.retry_ms = (retry != u32::MAX).then_some(retry);
-    message.idempotency_key = (!key.is_empty()).then(|| key.to_string());
-    message.private = flags & 2 == 2;
-    Ok(Event::new(EventId(id), message, published))
-}
-
 #[async_trait]
 impl History for DurableHistory {
     async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError> {
@@ -754,7 +578,9 @@ impl History for DurableHistory {
 
 #[cfg(test)]
 mod tests {
+    use super::super::row::encode_row;
     use super::*;
+    use crate::name::{EventType, Topic, UserId};
 
     #[tokio::test]
     async fn conformance() {
@@ -889,7 +715,7 @@ mod tests {
             (None, vec![1, 2], true)
         );
         let next = h.read(ReadFrom::After(EventId(2)), 100).await.unwrap();
-        assert_eq!(next.gap, Some(Some(EventId(4))));
+        assert_eq!(next.gap.map(|g| g.oldest), Some(Some(EventId(4))));
         assert_eq!((ids(&next), next.cut_short), (vec![4, 5], false));
         assert_eq!(next.skipped, vec![EventId(3)]);
         // Appends go on.
@@ -911,7 +737,7 @@ mod tests {
         let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
         let next = h.read(ReadFrom::After(EventId(2)), 100).await.unwrap();
         assert_eq!(
-            (next.gap, ids(&next)),
+            (next.gap.map(|g| g.oldest), ids(&next)),
             (Some(Some(EventId(4))), vec![4, 5, 6])
         );
     }

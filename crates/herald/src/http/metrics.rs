@@ -93,6 +93,8 @@ pub(crate) async fn render(State(app): State<AppState>) -> Response {
     m.counter("herald_gaps_total", vec![]).absolute(s.gaps);
     m.counter("herald_unreadable_events_total", vec![])
         .absolute(s.unreadable);
+    m.counter("herald_streams_ended_by_age_total", vec![])
+        .absolute(s.aged);
     let mut response = m.handle.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
