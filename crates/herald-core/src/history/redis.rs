@@ -450,7 +450,7 @@ impl SharedHistory for RedisHistory {
             _ => Vec::new(),
         };
         // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
-        // lets every connection learn of it from history (see `feed::follow`).
+        // lets every connection learn of it from history (see `publish::follower`).
         let mut chunk = chunk_of(None, events, true);
         chunk.gap = None;
         Ok(chunk)
