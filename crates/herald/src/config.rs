@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
@@ -12,6 +13,7 @@ use serde::Deserialize;
 
 use crate::auth::{Auth, JwtChecks};
 use crate::http::limits::{IpNet, Limits};
+use crate::tls::{Certificates, TlsFiles};
 
 /// Settings as given; each is a flag, an env var `HERALD_<NAME>` and a key of the TOML file.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
@@ -138,6 +140,15 @@ pub struct RawConfig {
     /// Most targets (topics plus users) per published message [default: 64].
     #[arg(long, env = "HERALD_MAX_TOPICS")]
     pub max_topics: Option<usize>,
+    /// PEM certificate chain (leaf first): serve HTTPS and HTTP/2 on --listen (with --tls-key).
+    #[arg(long, env = "HERALD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (RSA, ECDSA P-256/P-384 or Ed25519).
+    #[arg(long, env = "HERALD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Most concurrent HTTP/2 streams per connection; more are refused [default: 256].
+    #[arg(long, env = "HERALD_H2_MAX_STREAMS")]
+    pub h2_max_streams: Option<u32>,
 }
 
 /// Validated settings of a running hub.
@@ -160,6 +171,10 @@ pub struct Config {
     pub auth: Auth,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
+    /// The certificate served over HTTPS; `None` serves plain HTTP.
+    pub tls: Option<Arc<Certificates>>,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +263,9 @@ impl RawConfig {
             max_header_bytes: self.max_header_bytes.or(fallback.max_header_bytes),
             max_url: self.max_url.or(fallback.max_url),
             max_topics: self.max_topics.or(fallback.max_topics),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            h2_max_streams: self.h2_max_streams.or(fallback.h2_max_streams),
         }
     }
 
@@ -476,6 +494,20 @@ impl RawConfig {
         if limits.header_timeout.is_zero() {
             return Err(invalid("header-timeout", "must be greater than zero"));
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Arc::new(
+                Certificates::open(TlsFiles { cert, key })
+                    .map_err(|e| invalid("tls-cert/tls-key", e.to_string()))?,
+            )),
+            (Some(_), None) => return Err(invalid("tls-key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
+        };
+        let h2_max_streams = match self.h2_max_streams {
+            Some(0) => return Err(invalid("h2-max-streams", "must be at least 1")),
+            Some(n) => n,
+            None => 256,
+        };
         Ok(Config {
             listen,
             heartbeat,
@@ -493,6 +525,8 @@ impl RawConfig {
             auth,
             metrics_listen,
             limits,
+            tls,
+            h2_max_streams,
         })
     }
 }

@@ -47,6 +47,7 @@ pub mod config;
 pub mod http;
 mod listen;
 mod stream_conn;
+pub mod tls;
 
 use std::future::Future;
 
@@ -183,7 +184,12 @@ pub async fn serve_split(
         // drops the connection once they stay so for two heartbeat intervals, and the stream
         // leaves presence.
         user_timeout: config.heartbeat * 2,
+        h2_max_streams: config.h2_max_streams,
     };
+    let tls = config.tls.clone().map(|certificates| {
+        certificates.clone().watch();
+        tls::server_config(certificates, &[])
+    });
     let stop = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");
@@ -193,6 +199,7 @@ pub async fn serve_split(
         listener,
         app,
         settings,
+        tls,
         stop,
         config.shutdown_timeout,
         streams,

@@ -34,6 +34,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls (HTTPS, rediss://, the https:// clients) needs one process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -78,8 +80,6 @@ fn main() -> ExitCode {
 }
 
 async fn serve(raw: RawConfig, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
-    // rustls (for rediss://) needs one process-wide crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "open-file limit");
     }
@@ -91,7 +91,12 @@ async fn serve(raw: RawConfig, streams: tokio::runtime::Handle) -> anyhow::Resul
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("herald listening on http://{addr}");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("herald listening on {scheme}://{addr}");
     tracing::info!(
         %addr,
         data_dir = ?config.data_dir,

@@ -11,3 +11,4 @@ mod input;
 mod limits;
 mod resume;
 mod streams;
+mod tls;
