@@ -50,6 +50,9 @@ impl Pki {
             &format!("/CN={name}"),
             "-addext",
             "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            // A leaf, not a CA: rustls (herald sub --ca) refuses a CA certificate as a server's.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
             "-keyout",
             key.to_str().unwrap(),
             "-out",
@@ -360,6 +363,7 @@ mod h2 {
     pub const HEADERS: u8 = 1;
     pub const RST_STREAM: u8 = 3;
     pub const SETTINGS: u8 = 4;
+    pub const PING: u8 = 6;
     pub const GOAWAY: u8 = 7;
     pub const CONTINUATION: u8 = 9;
     pub const END_STREAM: u8 = 1;
@@ -409,7 +413,8 @@ mod h2 {
         tcp
     }
 
-    /// The next frame (acknowledging the server's SETTINGS on the way), or `None` at the end.
+    /// The next frame (acknowledging the server's SETTINGS and PINGs on the way), or `None` at
+    /// the end.
     pub async fn read_frame(tcp: &mut TcpStream) -> Option<Frame> {
         loop {
             let mut head = [0u8; 9];
@@ -428,6 +433,10 @@ mod h2 {
             };
             if f.kind == SETTINGS && f.flags & ACK == 0 {
                 tcp.write_all(&frame(SETTINGS, ACK, 0, &[])).await.ok()?;
+                continue;
+            }
+            if f.kind == PING && f.flags & ACK == 0 {
+                tcp.write_all(&frame(PING, ACK, 0, &f.payload)).await.ok()?;
                 continue;
             }
             return Some(f);
@@ -615,4 +624,107 @@ async fn sighup_swaps_the_certificate_under_open_streams_and_refuses_a_bad_pair(
         .publish(json!({"topic": "reload", "data": "still"}))
         .await;
     assert_eq!(old.until(|l| l.starts_with("data:")).await, "data: still");
+}
+
+#[tokio::test]
+async fn herald_sub_and_pub_speak_https_with_a_private_ca_or_insecure() {
+    let pki = Pki::new();
+    let (cert, key) = pki.self_signed("localhost");
+    let server = Server::start(&tls_args(&cert, &key)).await;
+    let mut sub = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "sub",
+            "cli",
+            "--url",
+            &server.url,
+            "--ca",
+            cert.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+    server.eventually("/stats", |v| v["connections"] == 1).await;
+    let publish = |args: Vec<String>| async move {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("pub")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap()
+    };
+    let out = publish(vec![
+        "cli".into(),
+        "over https".into(),
+        "--url".into(),
+        server.url.clone(),
+        "--insecure".into(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("sub printed the event")
+        .unwrap()
+        .unwrap();
+    assert!(line.ends_with("\tmessage\tover https"), "{line}");
+    // Without --ca or --insecure the self-signed certificate is not trusted.
+    let out = publish(vec![
+        "cli".into(),
+        "x".into(),
+        "--url".into(),
+        server.url.clone(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the hub"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_sends_goaway_and_ends_http2_streams_without_herald_close() {
+    let mut server = Server::start(&[]).await;
+    let mut tcp = h2::connect(server.port).await;
+    tcp.write_all(&h2::frame(
+        h2::HEADERS,
+        h2::END_STREAM | h2::END_HEADERS,
+        1,
+        &h2::request_block("/events?topic=bye"),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let f = h2::read_frame(&mut tcp).await.expect("connection open");
+        if f.kind == h2::HEADERS && f.stream == 1 {
+            break;
+        }
+    }
+    server.signal("TERM");
+    let (mut goaway, mut ended, mut body) = (false, false, Vec::new());
+    while let Some(f) = h2::read_frame(&mut tcp).await {
+        match f.kind {
+            h2::GOAWAY => goaway = true,
+            h2::DATA if f.stream == 1 => {
+                body.extend_from_slice(&f.payload);
+                ended |= f.flags & h2::END_STREAM != 0;
+            }
+            h2::HEADERS if f.stream == 1 => ended |= f.flags & h2::END_STREAM != 0,
+            _ => {}
+        }
+    }
+    let body = String::from_utf8_lossy(&body);
+    assert!(goaway, "no GOAWAY");
+    assert!(ended, "the stream did not end cleanly: {body}");
+    assert!(!body.contains("herald.close"), "{body}");
+    assert!(server.wait_exit(PATIENCE).await.success());
 }
