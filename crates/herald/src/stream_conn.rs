@@ -45,7 +45,11 @@ pub(crate) async fn read_first<I: AsyncRead + Unpin>(
     let read = async {
         loop {
             match tcp.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the first request failed");
+                    return false;
+                }
                 Ok(_) => {}
             }
             if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= max_head {
@@ -57,7 +61,11 @@ pub(crate) async fn read_first<I: AsyncRead + Unpin>(
         Ok(true) => {}
         // Let hyper answer an oversized head (431) itself.
         _ if buf.len() >= max_head => return First::Other(buf.freeze()),
-        _ => return First::Gone,
+        Ok(false) => return First::Gone,
+        Err(_) => {
+            tracing::debug!(?timeout, "no whole request head in time");
+            return First::Gone;
+        }
     }
     match stream_request(&buf) {
         Some(request) => First::Stream(Box::new(request)),
