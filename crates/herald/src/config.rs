@@ -11,6 +11,7 @@ use herald_core::Retention;
 use herald_core::duration::parse_duration;
 use serde::Deserialize;
 
+use crate::acme::AcmeSettings;
 use crate::auth::{Auth, JwtChecks};
 use crate::http::limits::{IpNet, Limits};
 use crate::tls::{Certificates, TlsFiles};
@@ -157,6 +158,31 @@ pub struct RawConfig {
     /// Most concurrent HTTP/2 streams per connection; more are refused [default: 256].
     #[arg(long, env = "HERALD_H2_MAX_STREAMS")]
     pub h2_max_streams: Option<u32>,
+    /// Serve HTTPS with a certificate for this name from ACME, by TLS-ALPN-01 (repeatable).
+    #[arg(
+        long = "acme-domain",
+        env = "HERALD_ACME_DOMAIN",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub acme_domain: Vec<String>,
+    /// ACME directory URL [default: Let's Encrypt's production directory].
+    #[arg(long, env = "HERALD_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// Contact for the ACME account, e.g. mailto:admin@example.com (repeatable).
+    #[arg(
+        long = "acme-contact",
+        env = "HERALD_ACME_CONTACT",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub acme_contact: Vec<String>,
+    /// Keep the ACME account and certificates in this folder across restarts.
+    #[arg(long, env = "HERALD_ACME_CACHE")]
+    pub acme_cache: Option<PathBuf>,
+    /// PEM CA certificate to trust for the ACME directory (a private ACME server).
+    #[arg(long, env = "HERALD_ACME_CA_ROOT")]
+    pub acme_ca_root: Option<PathBuf>,
 }
 
 /// Validated settings of a running hub.
@@ -186,6 +212,8 @@ pub struct Config {
     pub tls: Option<Arc<Certificates>>,
     /// Most concurrent HTTP/2 streams per connection.
     pub h2_max_streams: u32,
+    /// Certificates from ACME instead of `tls`.
+    pub acme: Option<AcmeSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +309,19 @@ impl RawConfig {
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             h2_max_streams: self.h2_max_streams.or(fallback.h2_max_streams),
+            acme_domain: if self.acme_domain.is_empty() {
+                fallback.acme_domain
+            } else {
+                self.acme_domain
+            },
+            acme_directory: self.acme_directory.or(fallback.acme_directory),
+            acme_contact: if self.acme_contact.is_empty() {
+                fallback.acme_contact
+            } else {
+                self.acme_contact
+            },
+            acme_cache: self.acme_cache.or(fallback.acme_cache),
+            acme_ca_root: self.acme_ca_root.or(fallback.acme_ca_root),
         }
     }
 
@@ -535,6 +576,62 @@ impl RawConfig {
             (Some(_), None) => return Err(invalid("tls-key", "--tls-cert needs --tls-key")),
             (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
         };
+        let acme = if self.acme_domain.is_empty() {
+            if self.acme_directory.is_some()
+                || !self.acme_contact.is_empty()
+                || self.acme_cache.is_some()
+                || self.acme_ca_root.is_some()
+            {
+                return Err(invalid(
+                    "acme-domain",
+                    "the --acme-* settings need at least one --acme-domain",
+                ));
+            }
+            None
+        } else {
+            if tls.is_some() {
+                return Err(invalid(
+                    "acme-domain",
+                    "give --tls-cert/--tls-key or --acme-domain, not both",
+                ));
+            }
+            if let Some(d) = self
+                .acme_domain
+                .iter()
+                .find(|d| d.is_empty() || d.contains(|c: char| c.is_whitespace() || c == '/'))
+            {
+                return Err(invalid(
+                    "acme-domain",
+                    format!("'{d}' is not a domain name"),
+                ));
+            }
+            if let Some(c) = self.acme_contact.iter().find(|c| !c.contains(':')) {
+                return Err(invalid(
+                    "acme-contact",
+                    format!("'{c}' is not a URL like mailto:admin@example.com"),
+                ));
+            }
+            let directory = self
+                .acme_directory
+                .unwrap_or_else(|| crate::acme::LETS_ENCRYPT.to_string());
+            if !directory.starts_with("https://") {
+                return Err(invalid(
+                    "acme-directory",
+                    format!("'{directory}' is not an https:// URL"),
+                ));
+            }
+            let settings = AcmeSettings {
+                domains: self.acme_domain,
+                directory,
+                contacts: self.acme_contact,
+                cache: self.acme_cache,
+                ca_root: self.acme_ca_root,
+            };
+            settings
+                .validate()
+                .map_err(|e| invalid("acme-ca-root", e))?;
+            Some(settings)
+        };
         let h2_max_streams = match self.h2_max_streams {
             Some(0) => return Err(invalid("h2-max-streams", "must be at least 1")),
             Some(n) => n,
@@ -561,6 +658,7 @@ impl RawConfig {
             limits,
             tls,
             h2_max_streams,
+            acme,
         })
     }
 }

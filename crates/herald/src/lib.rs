@@ -41,6 +41,7 @@
 //! to the user who started it, chunk by chunk, ending with a final event
 //! (`cargo run -p herald --example job_stream`).
 
+pub mod acme;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -187,10 +188,17 @@ pub async fn serve_split(
         user_timeout: config.heartbeat * 2,
         h2_max_streams: config.h2_max_streams,
     };
-    let tls = config.tls.clone().map(|certificates| {
-        certificates.clone().watch();
-        tls::server_config(certificates, &[])
-    });
+    let tls = match (&config.tls, &config.acme) {
+        (Some(certificates), _) => {
+            certificates.clone().watch();
+            Some(tls::server_config(certificates.clone(), &[]))
+        }
+        (None, Some(settings)) => Some(tls::server_config(
+            acme::start(settings),
+            &[acme::ALPN_ACME],
+        )),
+        (None, None) => None,
+    };
     let stop = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::acme::ALPN_ACME;
 use crate::stream_conn;
 use crate::tls::ALPN_H2;
 
@@ -179,8 +180,11 @@ impl Connection {
                 return;
             }
         };
-        if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
-            return self.http2(tls).await;
+        match tls.get_ref().1.alpn_protocol() {
+            Some(ALPN_H2) => return self.http2(tls).await,
+            // An ACME server validating TLS-ALPN-01: the handshake was the whole answer.
+            Some(ALPN_ACME) => return,
+            _ => {}
         }
         self.after_handshake(tls).await;
     }

@@ -91,7 +91,7 @@ async fn serve(raw: RawConfig, streams: tokio::runtime::Handle) -> anyhow::Resul
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
-    let scheme = if config.tls.is_some() {
+    let scheme = if config.tls.is_some() || config.acme.is_some() {
         "https"
     } else {
         "http"

@@ -55,10 +55,12 @@ impl Server {
 
     async fn launch(args: &[&str], env: &[(&str, &str)], logged: bool) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
+        cmd.arg("serve");
+        // Any free port, unless the test names one.
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
             .env("RUST_LOG", if logged { "info" } else { "warn" })
             .stdout(Stdio::piped())
             .stderr(if logged {
