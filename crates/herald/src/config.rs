@@ -750,5 +750,56 @@ mod tests {
             "max-connections",
         );
         assert!(toml::from_str::<RawConfig>("hearbeat = \"1s\"").is_err());
+        bad(
+            RawConfig {
+                h2_max_streams: Some(0),
+                ..Default::default()
+            },
+            "h2-max-streams",
+        );
+        bad(
+            RawConfig {
+                tls_cert: Some("cert.pem".into()),
+                ..Default::default()
+            },
+            "tls-key",
+        );
+        let acme = || RawConfig {
+            acme_domain: vec!["push.example.com".into()],
+            ..Default::default()
+        };
+        bad(
+            RawConfig {
+                acme_contact: vec!["admin@example.com".into()],
+                ..acme()
+            },
+            "acme-contact",
+        );
+        bad(
+            RawConfig {
+                acme_directory: Some("http://acme.internal/dir".into()),
+                ..acme()
+            },
+            "acme-directory",
+        );
+        bad(
+            RawConfig {
+                acme_ca_root: Some("/nonexistent/ca.pem".into()),
+                ..acme()
+            },
+            "acme-ca-root",
+        );
+        bad(
+            RawConfig {
+                acme_cache: Some("/tmp/acme".into()),
+                ..Default::default()
+            },
+            "acme-domain",
+        );
+        let c = acme().validate().unwrap();
+        assert_eq!(
+            c.acme.map(|a| a.directory),
+            Some(crate::acme::LETS_ENCRYPT.to_string())
+        );
     }
 }
