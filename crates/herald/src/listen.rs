@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::acme::ALPN_ACME;
+use crate::error_code::ErrorCode;
 use crate::stream_conn;
 use crate::tls::ALPN_H2;
 
@@ -269,9 +270,11 @@ async fn refuse_plaintext(mut tcp: TcpStream, first: u8) {
     if !first.is_ascii_uppercase() {
         return;
     }
-    let body = r#"{"error":"https_required","message":"this port speaks HTTPS (TLS): use an https:// URL"}"#;
+    let code = ErrorCode::HttpsRequired;
+    let body = serde_json::json!({"error": code.as_str(), "message": code.message()}).to_string();
     let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        code.status(),
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
