@@ -17,11 +17,16 @@ use crate::event::{Event, EventId, Message, now_ms};
 use crate::feed::Feed;
 use crate::grant::{Expiries, Grant};
 use crate::history::{History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory};
-use crate::idempotency::Keys;
+use crate::idempotency::{KeyBounds, Keys};
 use crate::index::SelectorIndex;
 use crate::name::{Selector, UserId};
 use crate::stream::EventStream;
-use crate::subscriber::{Ending, Offer, Subscriber};
+use crate::subscriber::{Ending, Offer, QueueBound, Subscriber};
+
+/// Most segments of one subscribed selector.
+pub const SELECTOR_SEGMENTS_MAX: usize = 32;
+/// Most segments of all of one connection's selectors together: what it may cost the index.
+pub const CONNECTION_SEGMENTS_MAX: usize = 512;
 
 /// Settings of a hub. Build with [`Hub::builder`].
 #[derive(Clone)]
@@ -30,11 +35,15 @@ pub struct HubBuilder {
     shared: Option<Arc<dyn SharedHistory>>,
     retention: Retention,
     idempotency_window: Duration,
+    idempotency_keys: usize,
+    idempotency_bytes: usize,
     heartbeat: Duration,
     retry: Duration,
     queue_capacity: usize,
+    queue_bytes: usize,
     max_connections: usize,
     max_selectors: usize,
+    max_blocks: usize,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -42,11 +51,15 @@ impl std::fmt::Debug for HubBuilder {
         f.debug_struct("HubBuilder")
             .field("retention", &self.retention)
             .field("idempotency_window", &self.idempotency_window)
+            .field("idempotency_keys", &self.idempotency_keys)
+            .field("idempotency_bytes", &self.idempotency_bytes)
             .field("heartbeat", &self.heartbeat)
             .field("retry", &self.retry)
             .field("queue_capacity", &self.queue_capacity)
+            .field("queue_bytes", &self.queue_bytes)
             .field("max_connections", &self.max_connections)
             .field("max_selectors", &self.max_selectors)
+            .field("max_blocks", &self.max_blocks)
             .finish_non_exhaustive()
     }
 }
@@ -58,11 +71,15 @@ impl Default for HubBuilder {
             shared: None,
             retention: Retention::default(),
             idempotency_window: Duration::from_secs(300),
+            idempotency_keys: 100_000,
+            idempotency_bytes: 32 << 20,
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),
             queue_capacity: 1024,
+            queue_bytes: 1 << 20,
             max_connections: usize::MAX,
             max_selectors: 64,
+            max_blocks: 10_000,
         }
     }
 }
@@ -96,6 +113,16 @@ impl HubBuilder {
         self.idempotency_window = d;
         self
     }
+    /// Most idempotency keys remembered (default 100000); past it the oldest are forgotten early.
+    pub fn idempotency_keys(mut self, n: usize) -> Self {
+        self.idempotency_keys = n;
+        self
+    }
+    /// Most bytes of idempotency keys remembered (default 32 MiB); past it the oldest are forgotten.
+    pub fn idempotency_bytes(mut self, n: usize) -> Self {
+        self.idempotency_bytes = n;
+        self
+    }
     /// Interval of the comment line that keeps idle streams alive and finds dead ones (default 15s).
     pub fn heartbeat(mut self, d: Duration) -> Self {
         self.heartbeat = d;
@@ -111,12 +138,25 @@ impl HubBuilder {
         self.queue_capacity = n.max(1);
         self
     }
+    /// Bytes of event frames queued per connection before it counts as lagging and catches up
+    /// from history (default 1 MiB); also bounds what one step of a replay holds. One event always
+    /// fits an empty queue.
+    pub fn queue_bytes(mut self, n: usize) -> Self {
+        self.queue_bytes = n.max(1);
+        self
+    }
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
         self
     }
     pub fn max_selectors(mut self, n: usize) -> Self {
         self.max_selectors = n;
+        self
+    }
+    /// Most users blocked at once by [`Hub::close_user`] (default 10000); past it the block that
+    /// ends soonest is dropped.
+    pub fn max_blocks(mut self, n: usize) -> Self {
+        self.max_blocks = n.max(1);
         self
     }
 
@@ -137,9 +177,13 @@ impl HubBuilder {
             feed: Feed::new(),
             jobs,
             preamble: format!("retry: {retry_ms}\n: herald\n\n").into(),
-            queue_capacity: self.queue_capacity,
+            queue: QueueBound {
+                events: self.queue_capacity,
+                bytes: self.queue_bytes,
+            },
             max_connections: self.max_connections,
             max_selectors: self.max_selectors,
+            max_blocks: self.max_blocks,
             registry: RwLock::new(Registry::default()),
             last_fanned_out: AtomicU64::new(0),
             blocked: Mutex::new(HashMap::new()),
@@ -151,7 +195,11 @@ impl HubBuilder {
         runtime.spawn(crate::commit::commit_loop(
             Arc::downgrade(&inner),
             job_rx,
-            Keys::new(self.idempotency_window),
+            Keys::new(KeyBounds {
+                window: self.idempotency_window,
+                max_keys: self.idempotency_keys,
+                max_bytes: self.idempotency_bytes,
+            }),
         ));
         runtime.spawn(timers(Arc::downgrade(&inner), self.heartbeat));
         if let Some(shared) = self.shared {
@@ -175,6 +223,10 @@ pub enum HubError {
 pub enum SubscribeError {
     #[error("{given} topic selectors given, at most {max} are allowed")]
     TooManySelectors { given: usize, max: usize },
+    #[error("a topic selector has {given} segments, at most {max} are allowed")]
+    SelectorTooDeep { given: usize, max: usize },
+    #[error("the selectors have {given} segments in all, at most {max} are allowed per connection")]
+    TooManySegments { given: usize, max: usize },
     #[error("this user's connections are blocked for another {0:?}")]
     Blocked(Duration),
     #[error("the hub is at its connection limit ({0})")]
@@ -190,6 +242,10 @@ pub enum PublishError {
     NoTarget { index: usize },
     #[error("an empty batch publishes nothing")]
     EmptyBatch,
+    /// Message `index` repeats an idempotency key already used (as event `id`; 0 when it was
+    /// claimed in the same group and has no id yet) with a different payload.
+    #[error("message {index} repeats an idempotency key with a different payload")]
+    IdempotencyConflict { index: usize, id: EventId },
     #[error(transparent)]
     Store(#[from] HistoryError),
 }
@@ -279,9 +335,10 @@ pub(crate) struct Inner {
     /// Publishes wait here for the committer, which appends whole groups at once.
     jobs: mpsc::Sender<Job>,
     pub(crate) preamble: bytes::Bytes,
-    queue_capacity: usize,
+    pub(crate) queue: QueueBound,
     max_connections: usize,
     max_selectors: usize,
+    max_blocks: usize,
     registry: RwLock<Registry>,
     /// The newest id whose fan-out has started; read under the registry write lock it tells a new
     /// connection which events it will get live and which it must not.
@@ -324,6 +381,24 @@ impl Hub {
             return Err(SubscribeError::TooManySelectors {
                 given: req.selectors.len(),
                 max: inner.max_selectors,
+            });
+        }
+        // What a connection costs the selector index is bounded: each segment is a trie node.
+        let mut segments = 0;
+        for selector in &req.selectors {
+            let given = selector.segments().count();
+            if given > SELECTOR_SEGMENTS_MAX {
+                return Err(SubscribeError::SelectorTooDeep {
+                    given,
+                    max: SELECTOR_SEGMENTS_MAX,
+                });
+            }
+            segments += given;
+        }
+        if segments > CONNECTION_SEGMENTS_MAX {
+            return Err(SubscribeError::TooManySegments {
+                given: segments,
+                max: CONNECTION_SEGMENTS_MAX,
             });
         }
         if let Some(user) = &req.user {
@@ -467,6 +542,17 @@ impl Hub {
             .collect()
     }
 
+    /// How much longer `user` is blocked by [`Hub::close_user`], if at all.
+    pub fn blocked_for(&self, user: &UserId) -> Option<Duration> {
+        let now = Instant::now();
+        self.inner
+            .blocked
+            .lock()
+            .get(user)
+            .filter(|until| **until > now)
+            .map(|until| *until - now)
+    }
+
     /// Open connections of `user` on this hub.
     pub fn connections_of(&self, user: &UserId) -> usize {
         self.inner
@@ -481,15 +567,32 @@ impl Hub {
     /// `block` refuses that user's new connections for that long. Returns how many were closed.
     pub fn close_user(&self, user: &UserId, reason: &str, block: Option<Duration>) -> usize {
         if let Some(d) = block.filter(|d| !d.is_zero()) {
-            self.inner
-                .blocked
-                .lock()
-                .insert(user.clone(), Instant::now() + d);
+            let now = Instant::now();
+            let until = now
+                .checked_add(d)
+                .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+            let mut blocked = self.inner.blocked.lock();
+            if !blocked.contains_key(user) && blocked.len() >= self.inner.max_blocks {
+                blocked.retain(|_, until| *until > now);
+                if blocked.len() >= self.inner.max_blocks
+                    && let Some(soonest) = blocked
+                        .iter()
+                        .min_by_key(|(_, until)| **until)
+                        .map(|(u, _)| u.clone())
+                {
+                    tracing::warn!(user = %soonest, "too many blocked users: dropping the block that ends soonest");
+                    blocked.remove(&soonest);
+                }
+            }
+            blocked.insert(user.clone(), until);
         }
         let reg = self.inner.registry.read();
+        // Everything fanned out from here on is published after the close: none of it is
+        // delivered, live or from history.
+        let last = EventId(self.inner.last_fanned_out.load(Ordering::Acquire));
         let subs = reg.users.get(user).map_or(&[][..], Vec::as_slice);
         for sub in subs {
-            sub.end(Ending::Closed(reason.to_string()));
+            sub.close_after(last, reason.to_string());
         }
         subs.len()
     }
@@ -543,7 +646,7 @@ impl Inner {
                 if !sub.may_see(event) {
                     return;
                 }
-                match sub.offer(event, self.queue_capacity, wakers) {
+                match sub.offer(event, self.queue, wakers) {
                     Offer::Skipped => {}
                     Offer::Queued | Offer::Lagging => delivered += 1,
                     Offer::Overflowed => {

@@ -45,6 +45,13 @@ pub struct RawConfig {
     /// How long an idempotency key makes repeats of a publish no-ops [default: 5m].
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW")]
     pub idempotency_window: Option<String>,
+    /// Most idempotency keys remembered; past it the oldest are forgotten early [default: 100000].
+    #[arg(long, env = "HERALD_IDEMPOTENCY_KEYS")]
+    pub idempotency_keys: Option<usize>,
+    /// Most bytes of idempotency keys remembered; past it the oldest are forgotten early
+    /// [default: 33554432].
+    #[arg(long, env = "HERALD_IDEMPOTENCY_BYTES")]
+    pub idempotency_bytes: Option<usize>,
     /// Share history, fan-out and presence with other nodes through this Redis
     /// (`redis://host:port/db` or `rediss://…`).
     #[arg(long, env = "HERALD_REDIS")]
@@ -75,6 +82,10 @@ pub struct RawConfig {
     /// Events queued per connection before it falls back to catching up from history [default: 1024].
     #[arg(long, env = "HERALD_QUEUE")]
     pub queue: Option<usize>,
+    /// Bytes of events queued per connection before it falls back to catching up from history
+    /// [default: 1048576].
+    #[arg(long, env = "HERALD_QUEUE_BYTES")]
+    pub queue_bytes: Option<usize>,
     /// Shared secret for HS256 tokens (at least 16 bytes); turns authorization on.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -129,6 +140,9 @@ pub struct RawConfig {
     /// Time a client has to send a request head (slowloris guard) [default: 30s].
     #[arg(long, env = "HERALD_HEADER_TIMEOUT")]
     pub header_timeout: Option<String>,
+    /// Time a client has to send a whole request body once its head is in [default: 10s].
+    #[arg(long, env = "HERALD_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
     /// Largest request head (request line and headers) in bytes [default: 16384].
     #[arg(long, env = "HERALD_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -138,6 +152,13 @@ pub struct RawConfig {
     /// Most targets (topics plus users) per published message [default: 64].
     #[arg(long, env = "HERALD_MAX_TOPICS")]
     pub max_topics: Option<usize>,
+    /// Most messages in one batch publish [default: 1000].
+    #[arg(long, env = "HERALD_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Most users blocked at once with `?block=`; past it the block ending soonest is dropped
+    /// [default: 10000].
+    #[arg(long, env = "HERALD_MAX_BLOCKS")]
+    pub max_blocks: Option<usize>,
 }
 
 /// Validated settings of a running hub.
@@ -149,6 +170,9 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub retention: Retention,
     pub idempotency_window: Duration,
+    /// Most idempotency keys and their bytes kept in memory (not in Redis, which expires its own).
+    pub idempotency_keys: usize,
+    pub idempotency_bytes: usize,
     /// Redis URL and key prefix, in cluster mode.
     pub redis: Option<(String, String)>,
     pub max_connections: usize,
@@ -157,6 +181,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    pub queue_bytes: usize,
     pub auth: Auth,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
@@ -207,6 +232,8 @@ impl RawConfig {
             history_age: self.history_age.or(fallback.history_age),
             history_bytes: self.history_bytes.or(fallback.history_bytes),
             idempotency_window: self.idempotency_window.or(fallback.idempotency_window),
+            idempotency_keys: self.idempotency_keys.or(fallback.idempotency_keys),
+            idempotency_bytes: self.idempotency_bytes.or(fallback.idempotency_bytes),
             redis: self.redis.or(fallback.redis),
             redis_prefix: self.redis_prefix.or(fallback.redis_prefix),
             max_connections: self.max_connections.or(fallback.max_connections),
@@ -219,6 +246,7 @@ impl RawConfig {
             shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
             max_selectors: self.max_selectors.or(fallback.max_selectors),
             queue: self.queue.or(fallback.queue),
+            queue_bytes: self.queue_bytes.or(fallback.queue_bytes),
             jwt_secret: self.jwt_secret.or(fallback.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(fallback.jwt_public_key),
             jwt_leeway: self.jwt_leeway.or(fallback.jwt_leeway),
@@ -245,9 +273,12 @@ impl RawConfig {
             publish_rate: self.publish_rate.or(fallback.publish_rate),
             publish_burst: self.publish_burst.or(fallback.publish_burst),
             header_timeout: self.header_timeout.or(fallback.header_timeout),
+            body_timeout: self.body_timeout.or(fallback.body_timeout),
             max_header_bytes: self.max_header_bytes.or(fallback.max_header_bytes),
             max_url: self.max_url.or(fallback.max_url),
             max_topics: self.max_topics.or(fallback.max_topics),
+            max_batch: self.max_batch.or(fallback.max_batch),
+            max_blocks: self.max_blocks.or(fallback.max_blocks),
         }
     }
 
@@ -356,6 +387,10 @@ impl RawConfig {
         let queue = self.queue.unwrap_or(1024);
         if queue == 0 {
             return Err(invalid("queue", "must be at least 1"));
+        }
+        let queue_bytes = self.queue_bytes.unwrap_or(1 << 20);
+        if queue_bytes == 0 {
+            return Err(invalid("queue-bytes", "must be at least 1"));
         }
         let cors_origins = self
             .cors_origin
@@ -469,10 +504,16 @@ impl RawConfig {
                 self.header_timeout,
                 Duration::from_secs(30),
             )?,
+            body_timeout: duration("body-timeout", self.body_timeout, Duration::from_secs(10))?,
             max_header_bytes: positive("max-header-bytes", self.max_header_bytes, 16 * 1024)?,
             max_url: positive("max-url", self.max_url, 8 * 1024)?,
             max_topics: positive("max-topics", self.max_topics, 64)?,
+            max_batch: positive("max-batch", self.max_batch, 1000)?,
+            max_blocks: positive("max-blocks", self.max_blocks, 10_000)?,
         };
+        if limits.body_timeout.is_zero() {
+            return Err(invalid("body-timeout", "must be greater than zero"));
+        }
         if limits.header_timeout.is_zero() {
             return Err(invalid("header-timeout", "must be greater than zero"));
         }
@@ -483,6 +524,8 @@ impl RawConfig {
             data_dir: self.data_dir,
             retention,
             idempotency_window,
+            idempotency_keys: self.idempotency_keys.unwrap_or(100_000),
+            idempotency_bytes: self.idempotency_bytes.unwrap_or(32 << 20),
             redis,
             max_connections,
             max_body,
@@ -490,6 +533,7 @@ impl RawConfig {
             shutdown_timeout,
             max_selectors,
             queue,
+            queue_bytes,
             auth,
             metrics_listen,
             limits,

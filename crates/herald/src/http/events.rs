@@ -42,6 +42,12 @@ pub(crate) async fn subscribe(
         Err(e @ SubscribeError::TooManySelectors { .. }) => {
             return Err(ApiError::bad_request("too_many_selectors", e.to_string()));
         }
+        Err(e @ SubscribeError::SelectorTooDeep { .. }) => {
+            return Err(ApiError::bad_request("selector_too_deep", e.to_string()));
+        }
+        Err(e @ SubscribeError::TooManySegments { .. }) => {
+            return Err(ApiError::bad_request("too_many_segments", e.to_string()));
+        }
         Err(e @ SubscribeError::AtCapacity(_)) => {
             app.metrics.limited("connections");
             return Err(ApiError::new(
