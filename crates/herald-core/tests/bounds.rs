@@ -51,7 +51,9 @@ async fn deep_selectors_are_refused() {
             .collect(),
         ..SubscribeRequest::default()
     };
-    let _open = hub.subscribe(fits).expect("16 selectors of 32 segments fit");
+    let _open = hub
+        .subscribe(fits)
+        .expect("16 selectors of 32 segments fit");
     assert_eq!(hub.stats().topics, 16);
 }
 

@@ -641,11 +641,11 @@ mod tests {
 
     #[test]
     fn json_messages() {
-        let (m, batch) = json(r#"{"topic":"a/b","data":{"x":1},"event":"e","retry":5}"#).unwrap();
+        let (m, batch) = json(r#"{"topic":"a/b","data":{"x":1},"event":"e","retry":500}"#).unwrap();
         assert!(!batch);
         assert_eq!(m[0].data, r#"{"x":1}"#);
         assert_eq!(m[0].targets.topics[0].as_str(), "a/b");
-        assert_eq!(m[0].retry_ms, Some(5));
+        assert_eq!(m[0].retry_ms, Some(500));
         let (m, batch) =
             json(r#"[{"users":["u1"],"data":""},{"broadcast":true,"data":"x"}]"#).unwrap();
         assert!(batch);
