@@ -116,3 +116,33 @@ async fn nothing_published_after_a_close_is_delivered() {
         assert_eq!(last.data, r#"{"reason":"suspended"}"#);
     }
 }
+
+/// Reproduces: `?block=` entries were unbounded (100,000 distinct blocks for 999 days were all
+/// kept). Now at most `max_blocks` users are blocked; past it the block ending soonest goes.
+#[tokio::test]
+async fn blocks_are_bounded() {
+    let hub = Hub::builder().max_blocks(2).build().unwrap();
+    let user = |s: &str| UserId::new(s).unwrap();
+    let hour = Duration::from_secs(3600);
+    hub.close_user(&user("a"), "x", Some(hour));
+    hub.close_user(&user("b"), "x", Some(hour * 3));
+    hub.close_user(&user("c"), "x", Some(hour * 2));
+    assert!(
+        hub.blocked_for(&user("a")).is_none(),
+        "the block ending soonest was dropped"
+    );
+    assert!(hub.blocked_for(&user("b")).is_some());
+    assert!(hub.blocked_for(&user("c")).is_some());
+    // Blocking an already blocked user again replaces its block, dropping nothing.
+    hub.close_user(&user("c"), "x", Some(hour * 4));
+    assert!(hub.blocked_for(&user("b")).is_some());
+    assert!(hub.blocked_for(&user("c")).unwrap() > hour * 3);
+    let refused = hub.subscribe(SubscribeRequest {
+        user: Some(user("b")),
+        ..SubscribeRequest::default()
+    });
+    assert!(matches!(
+        refused,
+        Err(herald_core::SubscribeError::Blocked(_))
+    ));
+}

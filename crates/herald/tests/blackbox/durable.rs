@@ -454,10 +454,18 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     let (_, v) = s
         .post_json(
             "/publish",
-            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+            &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
         )
         .await;
     assert_eq!((v["id"].clone(), v["duplicate"].clone()), (id, json!(true)));
+    // So does what the key was used for: another payload is still a conflict.
+    let (status, _) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]

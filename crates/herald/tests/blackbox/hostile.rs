@@ -344,3 +344,46 @@ async fn hostile_body_errors_say_what_is_wrong_and_batches_count_as_events() {
         "rate_limited",
     );
 }
+
+/// Reproduces: `--metrics-listen` was served without `--header-timeout`, so a client that never
+/// finished its request head held a connection there forever.
+#[tokio::test]
+async fn hostile_slow_heads_on_the_metrics_listener_are_cut() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let _s = Server::start(&["--metrics-listen", &metrics, "--header-timeout", "1s"]).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut tcp = loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(tcp) => break tcp,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "metrics listener: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut out)).await;
+    assert!(
+        closed.is_ok(),
+        "an unfinished head must be dropped after --header-timeout"
+    );
+    // A whole request is still served there.
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("herald_connections"), "{text}");
+}
