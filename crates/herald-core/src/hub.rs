@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::age::{AgePolicy, Ages};
 use crate::commit::Job;
 use crate::event::{Event, EventId, Message, now_ms};
 use crate::feed::Feed;
@@ -44,6 +45,7 @@ pub struct HubBuilder {
     max_connections: usize,
     max_selectors: usize,
     max_blocks: usize,
+    ages: AgePolicy,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -60,6 +62,7 @@ impl std::fmt::Debug for HubBuilder {
             .field("max_connections", &self.max_connections)
             .field("max_selectors", &self.max_selectors)
             .field("max_blocks", &self.max_blocks)
+            .field("ages", &self.ages)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +83,7 @@ impl Default for HubBuilder {
             max_connections: usize::MAX,
             max_selectors: 64,
             max_blocks: 10_000,
+            ages: AgePolicy::default(),
         }
     }
 }
@@ -160,6 +164,14 @@ impl HubBuilder {
         self
     }
 
+    /// How long streams may live (default: until the client or the hub goes away). Each stream
+    /// ends quietly, without `herald.close`, at a random point in `[max × (1 − jitter), max]`, so
+    /// clients reconnect with their last id, to whichever node a load balancer picks then.
+    pub fn max_stream_age(mut self, max: Option<Duration>, jitter: f64) -> Self {
+        self.ages = AgePolicy { max, jitter };
+        self
+    }
+
     /// Builds the hub and starts its heartbeat timer. Must be called inside a Tokio runtime.
     pub fn build(self) -> Result<Hub, HubError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| HubError::NoRuntime)?;
@@ -189,6 +201,7 @@ impl HubBuilder {
             blocked: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             expiries: Expiries::default(),
+            ages: Ages::new(self.ages),
             counters: Counters::default(),
             started: Instant::now(),
         });
@@ -201,7 +214,11 @@ impl HubBuilder {
                 max_bytes: self.idempotency_bytes,
             }),
         ));
-        runtime.spawn(timers(Arc::downgrade(&inner), self.heartbeat));
+        runtime.spawn(timers(
+            Arc::downgrade(&inner),
+            inner.ages.changed.clone(),
+            self.heartbeat,
+        ));
         if let Some(shared) = self.shared {
             runtime.spawn(crate::feed::follow(Arc::downgrade(&inner), shared));
         }
@@ -276,6 +293,8 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
+    pub max_age: Option<Duration>,
 }
 
 /// The result of publishing one message.
@@ -309,6 +328,8 @@ pub struct Stats {
     pub gaps: u64,
     /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
+    /// Streams that ended because they reached their maximum age.
+    pub aged: u64,
     pub uptime: Duration,
 }
 
@@ -319,6 +340,7 @@ pub(crate) struct Counters {
     pub(crate) replayed: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) lagging: AtomicUsize,
+    pub(crate) aged: AtomicU64,
 }
 
 /// A push hub. Cheap to clone; all clones share one hub.
@@ -346,6 +368,7 @@ pub(crate) struct Inner {
     blocked: Mutex<HashMap<UserId, Instant>>,
     shutting_down: AtomicBool,
     pub(crate) expiries: Expiries,
+    pub(crate) ages: Ages,
     pub(crate) counters: Counters,
     started: Instant,
 }
@@ -430,6 +453,7 @@ impl Hub {
             selectors,
             req.grant,
             req.expires_at_ms,
+            inner.ages.plan(req.max_age),
         ));
         entry.insert(sub.clone());
         if let Some(user) = &sub.user {
@@ -444,6 +468,7 @@ impl Hub {
         };
         drop(reg);
         inner.expiries.add(&sub);
+        inner.ages.add(&sub);
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
         Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
     }
@@ -610,6 +635,7 @@ impl Hub {
             replayed: c.replayed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
+            aged: c.aged.load(Ordering::Relaxed),
             uptime: inner.started.elapsed(),
         }
     }
@@ -728,16 +754,29 @@ impl Inner {
     }
 }
 
-/// One shared timer for every connection's heartbeat, plus once-a-second housekeeping.
-async fn timers(hub: Weak<Inner>, heartbeat: Duration) {
+/// One shared timer for every connection's heartbeat, the streams' planned ends, plus
+/// once-a-second housekeeping.
+async fn timers(hub: Weak<Inner>, ages_changed: Arc<tokio::sync::Notify>, heartbeat: Duration) {
     use tokio::time::{Instant, MissedTickBehavior, interval_at};
     let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let second = Duration::from_secs(1);
     let mut chores = interval_at(Instant::now() + second, second);
     chores.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
+    while let Some(next_end) = hub.upgrade().map(|inner| inner.ages.next_due()) {
+        let ends = async {
+            match next_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = ends => match hub.upgrade() {
+                Some(inner) => inner.ages.fire(Instant::now()),
+                None => break,
+            },
+            // An earlier end was planned: sleep until that one instead.
+            _ = ages_changed.notified() => {}
             _ = beat.tick() => match hub.upgrade() {
                 Some(inner) => inner.heartbeat(),
                 None => break,

@@ -180,6 +180,7 @@ mod tests {
             Vec::new(),
             Default::default(),
             None,
+            None,
         ))
     }
 

@@ -107,6 +107,7 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .retry(config.retry)
         .queue_capacity(config.queue)
         .queue_bytes(config.queue_bytes)
+        .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
         .max_blocks(config.limits.max_blocks)
