@@ -388,3 +388,66 @@ async fn hostile_slow_heads_on_the_metrics_listener_are_cut() {
         .unwrap();
     assert!(text.contains("herald_connections"), "{text}");
 }
+
+/// Reproduces (defect 1) against the binary: with `--queue 4`, a fast publisher and a client
+/// that does not read, events published after the token's `exp` reached the client when it
+/// caught up from history. Now nothing published after `exp` is delivered, and the stream ends
+/// with `herald.close` `token_expired`.
+#[tokio::test]
+async fn hostile_a_slow_reader_gets_nothing_published_after_its_token_expired() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let s = Server::start(&["--jwt-secret", SECRET, "--publish-key", KEY, "--queue", "4"]).await;
+    let exp_s = now_ms() / 1000 + 3;
+    let reader = token(json!({"sub": "r", "exp": exp_s, "herald": {"subscribe": ["t"]}}));
+    let r = s
+        .http()
+        .get(format!("{}/events?topic=t", s.url))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Not read until the publisher is done: the socket fills, the queue overflows.
+    let mut sse = crate::common::Sse::new(r);
+    let data = "x".repeat(2048);
+    let mut late = std::collections::HashSet::new();
+    let mut published = 0;
+    while now_ms() < exp_s * 1000 + 2000 {
+        let sent_at = now_ms();
+        let batch: Vec<Value> = (0..50)
+            .map(|_| json!({"topic": "t", "data": data, "private": true}))
+            .collect();
+        let (status, answer) = post_as(&s, "/publish", KEY, &Value::Array(batch)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        published += 50;
+        if sent_at > exp_s * 1000 + 500 {
+            for a in answer.as_array().unwrap() {
+                late.insert(a["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(!late.is_empty() && published > late.len());
+    let (ended, events) = sse.ends_within(PATIENCE).await;
+    assert!(ended, "the stream of an expired token ends");
+    let delivered_late: Vec<_> = events
+        .iter()
+        .filter_map(|e| e.id.clone())
+        .filter(|id| late.contains(id))
+        .collect();
+    assert!(
+        delivered_late.is_empty(),
+        "{} events published after exp were delivered",
+        delivered_late.len()
+    );
+    let last = events.last().expect("herald.close");
+    assert_eq!(
+        (last.event_type.as_str(), last.data.as_str()),
+        ("herald.close", r#"{"reason":"token_expired"}"#)
+    );
+}
