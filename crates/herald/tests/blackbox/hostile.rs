@@ -451,3 +451,78 @@ async fn hostile_a_slow_reader_gets_nothing_published_after_its_token_expired() 
         ("herald.close", r#"{"reason":"token_expired"}"#)
     );
 }
+
+/// Reproduces (defect 1) against the binary: after `DELETE /users/{id}/connections`, a slow
+/// reader catching up from history was handed what was published after the DELETE (28,800
+/// events in the red-team run). Now it gets what came before, then `herald.close`.
+#[tokio::test]
+async fn hostile_a_slow_reader_gets_nothing_published_after_its_close() {
+    let s = Server::start(&["--jwt-secret", SECRET, "--publish-key", KEY, "--queue", "4"]).await;
+    let alice = token(json!({"sub": "alice", "herald": {"subscribe": ["t"]}}));
+    let r = s
+        .http()
+        .get(format!("{}/events?topic=t", s.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut sse = crate::common::Sse::new(r);
+    // 16 MB before the close: more than the loopback socket buffers hold, so the reader lags.
+    let data = "x".repeat(8192);
+    let batch = || {
+        Value::Array(
+            (0..50)
+                .map(|_| json!({"topic": "t", "data": data, "private": true}))
+                .collect(),
+        )
+    };
+    let mut before = Vec::new();
+    for _ in 0..40 {
+        let (status, answer) = post_as(&s, "/publish", KEY, &batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        before.extend(answer.as_array().unwrap().iter().map(|a| a["id"].clone()));
+    }
+    let closed = s
+        .http()
+        .delete(format!(
+            "{}/users/alice/connections?reason=suspended&block=1h",
+            s.url
+        ))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(closed).await.1["closed"], 1);
+    let mut after = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let (status, answer) = post_as(&s, "/publish", KEY, &batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        after.extend(
+            answer
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].as_str().unwrap().to_string()),
+        );
+    }
+    let (ended, events) = sse.ends_within(PATIENCE).await;
+    assert!(ended, "a closed stream ends");
+    // Only the events themselves: a WHATWG parser gives `herald.close` (which has no `id:`
+    // line) the last id seen.
+    let ids: Vec<String> = events
+        .iter()
+        .filter(|e| e.event_type == "message")
+        .filter_map(|e| e.id.clone())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    assert!(ids.iter().all(|id| seen.insert(id)), "each event once");
+    let late = ids.iter().filter(|id| after.contains(*id)).count();
+    assert_eq!(late, 0, "events published after the DELETE were delivered");
+    assert_eq!(ids.len(), before.len(), "everything published before it is");
+    let last = events.last().expect("herald.close");
+    assert_eq!(
+        (last.event_type.as_str(), last.data.as_str()),
+        ("herald.close", r#"{"reason":"suspended"}"#)
+    );
+}
