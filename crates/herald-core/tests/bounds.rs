@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::sse::Parser;
+use herald_core::sse_parser::Parser;
 use herald_core::{
     CONNECTION_SEGMENTS_MAX, Hub, Message, SELECTOR_SEGMENTS_MAX, Selector, SubscribeError,
     SubscribeRequest, Topic,

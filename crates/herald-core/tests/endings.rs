@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::sse::{Parser, SseEvent};
+use herald_core::sse_parser::{Parser, SseEvent};
 use herald_core::{EventStream, Hub, Message, Selector, Start, SubscribeRequest, Topic, UserId};
 
 fn topic() -> Topic {

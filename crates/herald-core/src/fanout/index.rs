@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use super::subscriber::Subscriber;
 use crate::name::{Selector, Topic};
-use crate::subscriber::Subscriber;
 
 #[derive(Debug, Default)]
 pub(crate) struct SelectorIndex {
