@@ -6,10 +6,14 @@
 //! anything else to hyper's HTTP/1.1. TLS listener: the handshake first (ALPN picks `h2` or
 //! `http/1.1`), then the same choice inside TLS. Every HTTP/2 stream is a task on the streams'
 //! runtime, so one connection carries many streams and a stalled one holds up no other.
+//!
+//! It keeps a reserve of file descriptors: near the process's open-file limit a new connection
+//! is answered `503 at_capacity` and closed instead of waiting unanswered in the backlog.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,7 +21,7 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -98,12 +102,26 @@ pub(crate) async fn serve(
         .max_send_buf_size(64 * 1024);
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::pin!(stop);
+    let open = Arc::new(AtomicUsize::new(0));
+    let most = most_connections();
+    let mut spare = Spare::open();
     loop {
+        spare.refill();
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    // Give the spare descriptor back for one accept, refuse that connection
+                    // cleanly, and take the spare again once it is closed.
+                    tracing::warn!(error = %e, "out of file descriptors: refusing new connections");
+                    spare.release();
+                    match listener.accept().await {
+                        Ok((tcp, _)) => drop(tokio::spawn(refuse(tcp))),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -111,6 +129,12 @@ pub(crate) async fn serve(
             },
             () = &mut stop => break,
         };
+        if open.load(Ordering::Relaxed) >= most {
+            tracing::debug!(%peer, "at the connection limit: refusing");
+            tokio::spawn(refuse(tcp));
+            continue;
+        }
+        let held = Held::new(&open);
         let sock = socket2::SockRef::from(&tcp);
         if let Err(e) = sock
             .set_tcp_nodelay(true)
@@ -126,6 +150,7 @@ pub(crate) async fn serve(
             h2: h2.clone(),
             watcher: graceful.watcher(),
             streams: streams.clone(),
+            held,
         };
         match &acceptor {
             None => tokio::spawn(connection.plain(tcp)),
@@ -153,6 +178,8 @@ struct Connection {
     h2: Http2,
     watcher: Watcher,
     streams: tokio::runtime::Handle,
+    /// Counts this connection against the descriptor limit until it ends.
+    held: Held,
 }
 
 impl Connection {
@@ -204,8 +231,14 @@ impl Connection {
         match first {
             stream_conn::First::Stream(request) => {
                 // A task of its own, on the streams' runtime, holding none of this task's state.
-                self.streams
-                    .spawn(stream_conn::serve(io, self.peer, self.app, request));
+                let (held, serve) = (
+                    self.held,
+                    stream_conn::serve(io, self.peer, self.app, request),
+                );
+                self.streams.spawn(async move {
+                    serve.await;
+                    drop(held);
+                });
             }
             stream_conn::First::Other(prefix) if prefix.starts_with(H2_PREFACE) => {
                 self.http2(stream_conn::Prefixed::new(prefix, io)).await;
@@ -290,4 +323,73 @@ async fn refuse_plaintext(mut tcp: TcpStream, first: u8) {
 /// Whether `addr` is reachable only from this machine.
 pub(crate) fn is_loopback(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
+}
+
+/// Descriptors kept free under the open-file limit for the store, Redis, logs and refusals.
+fn descriptor_reserve(limit: usize) -> usize {
+    (limit / 40).max(24)
+}
+
+/// Most connections served at once: the open-file limit less the reserve.
+fn most_connections() -> usize {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    soft.saturating_sub(descriptor_reserve(soft)).max(1)
+}
+
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // EMFILE (24): this process; ENFILE (23): the whole system.
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// One open connection, counted while it lives.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Held(open.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A descriptor held back so that one more connection can be accepted (and refused) when the
+/// process has run out.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Self {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+    fn refill(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+    fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
+const REFUSAL_BODY: &str = r#"{"error":"at_capacity","message":"the hub holds as many connections as it may; retry later"}"#;
+
+/// Answers `503 at_capacity` and closes, without reading the request through hyper. The request
+/// is drained briefly so that closing does not reset the connection before the answer is read.
+async fn refuse(mut tcp: TcpStream) {
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
+        REFUSAL_BODY.len()
+    );
+    let drain = async {
+        let _ = tcp.write_all(answer.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+        let mut scratch = [0u8; 1024];
+        while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(100), drain).await;
 }

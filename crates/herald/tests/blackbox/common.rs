@@ -45,16 +45,24 @@ impl Server {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        Self::launch(args, env, false).await
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_herald")), args, env, false).await
     }
 
     /// As [`Server::start`], keeping what herald logs (at info) in `log`.
     pub async fn start_logged(args: &[&str]) -> Server {
-        Self::launch(args, &[], true).await
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_herald")), args, &[], true).await
     }
 
-    async fn launch(args: &[&str], env: &[(&str, &str)], logged: bool) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    /// Starts herald with its open-file limit lowered to `nofile` (through the shell's `ulimit`).
+    pub async fn start_with_nofile(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_herald"));
+        Self::launch(cmd, args, &[], false).await
+    }
+
+    async fn launch(mut cmd: Command, args: &[&str], env: &[(&str, &str)], logged: bool) -> Server {
         cmd.arg("serve");
         // Any free port, unless the test names one.
         if !args.contains(&"--listen") {
