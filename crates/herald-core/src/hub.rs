@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, Message};
-use crate::fanout::{Fanout, Stats};
+use crate::fanout::{AgePolicy, Fanout, Stats};
 use crate::grant::Grant;
 use crate::history::{
     Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
@@ -31,6 +31,7 @@ pub struct HubBuilder {
     queue_capacity: usize,
     max_connections: usize,
     max_selectors: usize,
+    ages: AgePolicy,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -43,6 +44,7 @@ impl std::fmt::Debug for HubBuilder {
             .field("queue_capacity", &self.queue_capacity)
             .field("max_connections", &self.max_connections)
             .field("max_selectors", &self.max_selectors)
+            .field("ages", &self.ages)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +61,7 @@ impl Default for HubBuilder {
             queue_capacity: 1024,
             max_connections: usize::MAX,
             max_selectors: 64,
+            ages: AgePolicy::default(),
         }
     }
 }
@@ -116,6 +119,14 @@ impl HubBuilder {
         self
     }
 
+    /// How long streams may live (default: until the client or the hub goes away). Each stream
+    /// ends quietly, without `herald.close`, at a random point in `[max × (1 − jitter), max]`, so
+    /// clients reconnect with their last id, to whichever node a load balancer picks then.
+    pub fn max_stream_age(mut self, max: Option<Duration>, jitter: f64) -> Self {
+        self.ages = AgePolicy { max, jitter };
+        self
+    }
+
     /// Builds the hub and starts its heartbeat timer. Must be called inside a Tokio runtime.
     pub fn build(self) -> Result<Hub, HubError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| HubError::NoRuntime)?;
@@ -133,6 +144,7 @@ impl HubBuilder {
             self.queue_capacity,
             self.max_connections,
             self.max_selectors,
+            self.ages,
         ));
         let feed = Arc::new(Feed::new());
         runtime.spawn(crate::publish::commit_loop(
@@ -143,6 +155,7 @@ impl HubBuilder {
         ));
         runtime.spawn(crate::fanout::timers(
             Arc::downgrade(&inner),
+            inner.ages.changed.clone(),
             self.heartbeat,
         ));
         if let Some(shared) = self.shared {
@@ -189,6 +202,8 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
+    pub max_age: Option<Duration>,
 }
 
 /// Messages sent to one user, read from history.
@@ -246,7 +261,13 @@ impl Hub {
         };
 
         let (sub, baseline) = inner
-            .register(req.user, selectors, req.grant, req.expires_at_ms)
+            .register(
+                req.user,
+                selectors,
+                req.grant,
+                req.expires_at_ms,
+                req.max_age,
+            )
             .ok_or(SubscribeError::AtCapacity(inner.max_connections))?;
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
         Ok(EventStream::new(self.inner.clone(), sub, start, baseline))

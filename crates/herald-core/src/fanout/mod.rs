@@ -3,6 +3,7 @@
 //! event into every matching inbox and never waits on a subscriber. The committer, the cluster
 //! follower, the streams and the hub sit above this module and depend on it; it knows none of them.
 
+mod age;
 mod expiries;
 mod index;
 mod subscriber;
@@ -22,6 +23,7 @@ use crate::grant::Grant;
 use crate::history::History;
 use crate::name::{Selector, UserId};
 
+pub(crate) use age::{AgePolicy, Ages};
 pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
 pub(crate) use subscriber::{Ending, Offer, Signal, Subscriber};
@@ -39,6 +41,8 @@ pub struct Stats {
     pub gaps: u64,
     /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
+    /// Streams that ended because they reached their maximum age.
+    pub aged: u64,
     pub uptime: Duration,
 }
 
@@ -49,6 +53,7 @@ pub(crate) struct Counters {
     pub(crate) replayed: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) lagging: AtomicUsize,
+    pub(crate) aged: AtomicU64,
 }
 
 /// The state the hub's parts share. Held by the hub and by every open stream.
@@ -65,6 +70,7 @@ pub(crate) struct Fanout {
     pub(crate) blocked: Mutex<HashMap<UserId, Instant>>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) expiries: Expiries,
+    pub(crate) ages: Ages,
     pub(crate) counters: Counters,
     started: Instant,
 }
@@ -91,6 +97,7 @@ impl Fanout {
         queue_capacity: usize,
         max_connections: usize,
         max_selectors: usize,
+        ages: AgePolicy,
     ) -> Self {
         Fanout {
             history,
@@ -103,6 +110,7 @@ impl Fanout {
             blocked: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             expiries: Expiries::default(),
+            ages: Ages::new(ages),
             counters: Counters::default(),
             started: Instant::now(),
         }
@@ -116,6 +124,7 @@ impl Fanout {
         selectors: Vec<Selector>,
         grant: Grant,
         expires_at_ms: Option<u64>,
+        max_age: Option<Duration>,
     ) -> Option<(Arc<Subscriber>, Option<EventId>)> {
         let mut reg = self.registry.write();
         if reg.subs.len() >= self.max_connections {
@@ -128,6 +137,7 @@ impl Fanout {
             selectors,
             grant,
             expires_at_ms,
+            self.ages.plan(max_age),
         ));
         entry.insert(sub.clone());
         if let Some(user) = &sub.user {
@@ -142,6 +152,7 @@ impl Fanout {
         };
         drop(reg);
         self.expiries.add(&sub);
+        self.ages.add(&sub);
         Some((sub, baseline))
     }
 
@@ -187,6 +198,7 @@ impl Fanout {
             replayed: c.replayed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
+            aged: c.aged.load(Ordering::Relaxed),
             uptime: self.started.elapsed(),
         }
     }
@@ -293,16 +305,33 @@ impl Fanout {
     }
 }
 
-/// One shared timer for every connection's heartbeat, plus once-a-second housekeeping.
-pub(crate) async fn timers(hub: Weak<Fanout>, heartbeat: Duration) {
+/// One shared timer for every connection's heartbeat, the streams' planned ends, plus
+/// once-a-second housekeeping.
+pub(crate) async fn timers(
+    hub: Weak<Fanout>,
+    ages_changed: Arc<tokio::sync::Notify>,
+    heartbeat: Duration,
+) {
     use tokio::time::{Instant, MissedTickBehavior, interval_at};
     let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let second = Duration::from_secs(1);
     let mut chores = interval_at(Instant::now() + second, second);
     chores.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
+    while let Some(next_end) = hub.upgrade().map(|inner| inner.ages.next_due()) {
+        let ends = async {
+            match next_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = ends => match hub.upgrade() {
+                Some(inner) => inner.ages.fire(Instant::now()),
+                None => break,
+            },
+            // An earlier end was planned: sleep until that one instead.
+            _ = ages_changed.notified() => {}
             _ = beat.tick() => match hub.upgrade() {
                 Some(inner) => inner.heartbeat(),
                 None => break,
