@@ -353,6 +353,13 @@ async fn a_users_messages_as_json() {
     assert_eq!(messages[0]["id"], first);
     assert_eq!(messages[0]["event"], "note");
     assert_eq!(messages[1]["data"], r#"{"two":2}"#);
+    for m in messages {
+        assert!(m["publishedAtMs"].as_u64().is_some_and(|t| t > 0), "{m}");
+        assert_eq!(
+            m["published_at_ms"], m["publishedAtMs"],
+            "the old name, for one release"
+        );
+    }
     assert_eq!(v["gap"], Value::Null);
     let (_, v) = s.get(&format!("/users/u1/messages?since={first}")).await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
@@ -419,9 +426,9 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         .post_json(
             "/publish",
             &json!([
-                {"topic": "idem", "data": "form again", "idempotencyKey": "f-1"},
+                {"topic": "idem", "data": "form", "idempotencyKey": "f-1"},
                 {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
-                {"topic": "idem", "data": "fresh again", "idempotencyKey": "b-1"},
+                {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
             ]),
         )
         .await;
@@ -430,6 +437,17 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         (form_id, json!(true))
     );
     assert_eq!(v[1]["id"], v[2]["id"]);
+    // The same key with another payload is refused, not silently dropped (issue 12).
+    let (status, v) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "form again", "idempotencyKey": "f-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"].clone()),
+        (StatusCode::CONFLICT, json!("idempotency_conflict"))
+    );
     s.publish(json!({"topic": "idem", "data": "end"})).await;
     assert_eq!(
         sse.next_data(4).await,
@@ -443,10 +461,18 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     let (_, v) = s
         .post_json(
             "/publish",
-            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+            &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
         )
         .await;
     assert_eq!((v["id"].clone(), v["duplicate"].clone()), (id, json!(true)));
+    // So does what the key was used for: another payload is still a conflict.
+    let (status, _) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]
