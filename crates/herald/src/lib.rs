@@ -43,6 +43,7 @@
 //! to the user who started it, chunk by chunk, ending with a final event
 //! (`cargo run -p herald --example job_stream`).
 
+pub mod acme;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -53,6 +54,7 @@ pub mod ipnet;
 mod listen;
 pub mod settings;
 mod stream_conn;
+pub mod tls;
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
@@ -61,6 +63,7 @@ pub mod fuzzing {
 }
 
 use std::future::Future;
+use std::time::Duration;
 
 pub use config::{Config, ConfigError, RawConfig};
 pub use herald_core::{
@@ -111,12 +114,16 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
     }
     let hub = builder
         .idempotency_window(config.idempotency_window)
+        .idempotency_keys(config.idempotency_keys)
+        .idempotency_bytes(config.idempotency_bytes)
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
+        .queue_bytes(config.queue_bytes)
         .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
+        .max_blocks(config.limits.max_blocks)
         .build()?;
     let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
     Ok(Node { hub, cluster })
@@ -171,13 +178,25 @@ pub async fn serve_split(
         metrics_route: config.metrics_listen.is_none(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
+    let settings = listen::ConnectionSettings {
+        header_timeout: config.limits.header_timeout,
+        max_head: config.limits.max_header_bytes * 2,
+        user_timeout: listen::user_timeout(config.heartbeat),
+        h2_max_streams: config.h2_max_streams,
+    };
     if let Some(addr) = config.metrics_listen {
+        // The same accept loop as the main listener: head timeout, head size cap, reserve.
         let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
-                tracing::error!(error = %e, "the metrics listener failed");
-            }
-        });
+        let streams = streams.clone();
+        tokio::spawn(listen::serve(
+            metrics_listener,
+            metrics_app,
+            settings,
+            None,
+            std::future::pending(),
+            Duration::ZERO,
+            streams,
+        ));
     }
     if !listen::is_loopback(local) {
         if config.auth.is_open() {
@@ -192,10 +211,16 @@ pub async fn serve_split(
             );
         }
     }
-    let settings = listen::ConnectionSettings {
-        header_timeout: config.limits.header_timeout,
-        max_head: config.limits.max_header_bytes * 2,
-        user_timeout: listen::user_timeout(config.heartbeat),
+    let tls = match (&config.tls, &config.acme) {
+        (Some(certificates), _) => {
+            certificates.clone().watch();
+            Some(tls::server_config(certificates.clone(), &[]))
+        }
+        (None, Some(settings)) => Some(tls::server_config(
+            acme::start(settings),
+            &[acme::ALPN_ACME],
+        )),
+        (None, None) => None,
     };
     let stop = async move {
         shutdown.await;
@@ -206,6 +231,7 @@ pub async fn serve_split(
         listener,
         app,
         settings,
+        tls,
         stop,
         config.shutdown_timeout,
         streams,

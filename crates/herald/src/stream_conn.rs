@@ -1,9 +1,10 @@
-//! The lean path for event streams. A connection whose first request is `GET /events` goes through
-//! the same axum router, but its response is written here, straight to the socket, so an open
-//! stream keeps no HTTP/1 connection state (hyper's buffers): ~1 KiB a stream instead of ~13 KiB.
-//! Every other connection is handed to hyper untouched. The body is framed as chunked (one chunk
-//! per gathered write, `0\r\n\r\n` at its end), so clients that buffer a close-delimited body
-//! (urllib3, sseclient-py) hand each event over as it arrives.
+//! The lean path for event streams. A connection whose first request is `GET /events` over
+//! HTTP/1.1 (plain or inside TLS) goes through the same axum router, but its response is written
+//! here, straight to the socket, so an open stream keeps no HTTP/1 connection state (hyper's
+//! buffers): ~1 KiB a stream instead of ~13 KiB. Every other connection is handed to hyper
+//! untouched. The body is framed as chunked (one chunk per gathered write, `0\r\n\r\n` at its end),
+//! so clients that buffer a close-delimited body (urllib3, sseclient-py) hand each event over as
+//! it arrives.
 //!
 //! Written by hand because hyper cannot release a connection's buffers while a response is
 //! streaming, and memory per idle stream is what decides how many connections a node holds.
@@ -21,11 +22,13 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 /// Frames gathered into one `writev` (plus the chunk's size line and end).
 const MAX_BATCH: usize = 64;
+/// Bytes of frames taken from the stream before they are written: a reader that stalls pins no
+/// more than this here (its queue and replay are bounded by `--queue-bytes`).
+const MAX_PENDING_BYTES: usize = 256 * 1024;
 
 /// Bytes a client may send into an open stream (nothing is expected after its request head) before
 /// the stream is ended: a peer that keeps sending costs a read per buffer, not a core.
@@ -45,7 +48,11 @@ pub(crate) enum First {
 }
 
 /// Reads until the first request head is complete and decides which path serves it.
-pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Duration) -> First {
+pub(crate) async fn read_first<I: AsyncRead + Unpin>(
+    tcp: &mut I,
+    max_head: usize,
+    timeout: Duration,
+) -> First {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         // Where the search for the head's end resumes: each byte is scanned once however the
@@ -53,7 +60,11 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
         let mut scanned = 0;
         loop {
             match tcp.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the first request failed");
+                    return false;
+                }
                 Ok(_) => {}
             }
             if head_ends(&buf, &mut scanned) || buf.len() >= max_head {
@@ -65,7 +76,11 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
         Ok(true) => {}
         // Let hyper answer an oversized head (431) itself.
         _ if buf.len() >= max_head => return First::Other(buf.freeze()),
-        _ => return First::Gone,
+        Ok(false) => return First::Gone,
+        Err(_) => {
+            tracing::debug!(?timeout, "no whole request head in time");
+            return First::Gone;
+        }
     }
     match stream_request(&buf) {
         Some(request) => First::Stream(Box::new(request)),
@@ -121,9 +136,10 @@ pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     request.body(Body::empty()).ok()
 }
 
-/// Serves one stream request through `app` and writes the response to `tcp`, then closes it.
-pub(crate) async fn serve(
-    tcp: TcpStream,
+/// Serves one stream request through `app` and writes the response to `tcp` (a socket, or TLS
+/// over one), then closes it.
+pub(crate) async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
+    tcp: I,
     peer: SocketAddr,
     app: Router,
     request: Box<Request<Body>>,
@@ -143,6 +159,7 @@ pub(crate) async fn serve(
         done: false,
         chunked: length.is_none(),
         stray: 0,
+        flushed: true,
     }
     .await;
 }
@@ -161,8 +178,8 @@ async fn respond(
 /// Writes a response body to the socket: gathers every frame that is ready into one `writev`,
 /// and while idle watches the socket so a peer that leaves ends the stream at once. A hand-written
 /// future so that an open stream costs only these few fields.
-struct Writer {
-    tcp: TcpStream,
+struct Writer<I> {
+    tcp: I,
     body: Body,
     /// Frames not yet (fully) written, in order.
     pending: Vec<Bytes>,
@@ -172,9 +189,11 @@ struct Writer {
     chunked: bool,
     /// Bytes the peer sent into the open stream (read and dropped), up to `MAX_STRAY_BYTES`.
     stray: u32,
+    /// Nothing written since the last flush (TLS keeps encrypted bytes until flushed).
+    flushed: bool,
 }
 
-impl Writer {
+impl<I> Writer<I> {
     /// Drops the first `n` written bytes from `pending`.
     fn advance(&mut self, mut n: usize) {
         let whole = self.pending.iter().take_while(|b| {
@@ -196,7 +215,7 @@ impl Writer {
     }
 }
 
-impl std::future::Future for Writer {
+impl<I: AsyncRead + AsyncWrite + Unpin> std::future::Future for Writer<I> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -205,7 +224,10 @@ impl std::future::Future for Writer {
             let start = this.pending.len();
             let mut gathered = 0;
             let mut ended = false;
-            while !this.done && this.pending.len() < MAX_BATCH {
+            while !this.done
+                && this.pending.len() < MAX_BATCH
+                && this.pending.iter().map(Bytes::len).sum::<usize>() < MAX_PENDING_BYTES
+            {
                 match Pin::new(&mut this.body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         // An empty chunk would end the body: skip empty frames.
@@ -236,28 +258,32 @@ impl std::future::Future for Writer {
                 }
             }
             if this.pending.is_empty() {
-                if this.done {
-                    return Poll::Ready(());
-                }
-                // Idle: a readable socket here means the peer closed (or sent bytes to ignore).
-                match this.tcp.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(())) => {
-                        let mut scratch = [0u8; STRAY_READ];
-                        match this.tcp.try_read(&mut scratch) {
-                            Ok(0) => return Poll::Ready(()),
-                            Ok(n) => {
-                                this.stray = this.stray.saturating_add(n as u32);
-                                if this.stray > MAX_STRAY_BYTES {
-                                    return Poll::Ready(());
-                                }
-                                continue;
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                            Err(_) => return Poll::Ready(()),
-                        }
+                if !this.flushed {
+                    match Pin::new(&mut this.tcp).poll_flush(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => this.flushed = true,
                     }
+                }
+                if this.done {
+                    // TLS sends its close_notify here, so the client sees a clean end.
+                    return Pin::new(&mut this.tcp).poll_shutdown(cx).map(|_| ());
+                }
+                // Idle: readable bytes here mean the peer closed (or sent bytes to ignore, read in
+                // large buffers and only up to `MAX_STRAY_BYTES`).
+                let mut scratch = [0u8; STRAY_READ];
+                let mut scratch = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut this.tcp).poll_read(cx, &mut scratch) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if !scratch.filled().is_empty() => {
+                        let n = scratch.filled().len() as u32;
+                        this.stray = this.stray.saturating_add(n);
+                        if this.stray > MAX_STRAY_BYTES {
+                            return Poll::Ready(());
+                        }
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(()),
                 }
             }
             let mut slices = [IoSlice::new(&[]); MAX_BATCH];
@@ -268,7 +294,10 @@ impl std::future::Future for Writer {
             match Pin::new(&mut this.tcp).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(written)) => this.advance(written),
+                Poll::Ready(Ok(written)) => {
+                    this.flushed = false;
+                    this.advance(written);
+                }
             }
         }
     }
@@ -307,18 +336,18 @@ fn response_head(
 }
 
 /// The bytes read while deciding, then the socket: what hyper serves for every other connection.
-pub(crate) struct Prefixed {
+pub(crate) struct Prefixed<I> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: I,
 }
 
-impl Prefixed {
-    pub(crate) fn new(prefix: Bytes, inner: TcpStream) -> Self {
+impl<I> Prefixed<I> {
+    pub(crate) fn new(prefix: Bytes, inner: I) -> Self {
         Prefixed { prefix, inner }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -334,7 +363,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -496,7 +525,7 @@ mod tests {
     async fn the_body_is_written_as_chunks_and_ended() {
         use tokio::io::AsyncReadExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
@@ -512,6 +541,7 @@ mod tests {
             done: false,
             chunked: true,
             stray: 0,
+            flushed: true,
         }
         .await;
         let mut wire = Vec::new();
@@ -540,7 +570,7 @@ mod tests {
     async fn a_peer_that_keeps_sending_into_a_stream_is_dropped() {
         use tokio::io::AsyncWriteExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
@@ -552,6 +582,7 @@ mod tests {
             done: false,
             chunked: true,
             stray: 0,
+            flushed: true,
         });
         let junk = vec![b'x'; 1024];
         // The writer ends once more than MAX_STRAY_BYTES came; the client's writes then fail.

@@ -139,7 +139,7 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss() {
     sse.opened().await;
     let url = a.url.clone();
     let publisher = tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = crate::common::http_client();
         for i in 0..N {
             let r = http
                 .post(format!("{url}/publish"))
@@ -190,7 +190,7 @@ async fn a_redis_outage_gives_503s_then_everything_accepted_arrives_once() {
         let (url, acked, refused, stop) =
             (a.url.clone(), acked.clone(), refused.clone(), stop.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = http
@@ -309,6 +309,21 @@ async fn idempotency_keys_hold_across_nodes() {
     assert_eq!(first["id"], again["id"]);
     assert_eq!(again["duplicate"], true);
     assert!(first.get("duplicate").is_none());
+    // The same key with another payload is refused on any node, and nothing is published.
+    let changed = json!({"topic": "pay", "data": "charge twice", "idempotencyKey": "order-7"});
+    let (status, answer) = b.post_json("/publish", &changed).await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (reqwest::StatusCode::CONFLICT, json!("idempotency_conflict")),
+        "{answer}"
+    );
+    let batch = json!([{"topic": "pay", "data": "other"}, changed]);
+    let (status, answer) = a.post_json("/publish", &batch).await;
+    assert_eq!(
+        (status.as_u16(), answer["index"].clone()),
+        (409, json!(1)),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

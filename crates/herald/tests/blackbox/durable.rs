@@ -38,7 +38,7 @@ async fn every_acknowledged_event_survives_sigkill() {
         let url = s.url.clone();
         let acked = acked.clone();
         publishers.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             for i in 0.. {
                 let data = format!("p{p}-{i}");
                 let sent = http
@@ -384,7 +384,7 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     for _ in 0..20 {
         let url = s.url.clone();
         racers.push(tokio::spawn(async move {
-            let r = reqwest::Client::new()
+            let r = crate::common::http_client()
                 .post(format!("{url}/publish"))
                 .json(
                     &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
@@ -426,9 +426,9 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         .post_json(
             "/publish",
             &json!([
-                {"topic": "idem", "data": "form again", "idempotencyKey": "f-1"},
+                {"topic": "idem", "data": "form", "idempotencyKey": "f-1"},
                 {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
-                {"topic": "idem", "data": "fresh again", "idempotencyKey": "b-1"},
+                {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
             ]),
         )
         .await;
@@ -437,6 +437,17 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         (form_id, json!(true))
     );
     assert_eq!(v[1]["id"], v[2]["id"]);
+    // The same key with another payload is refused, not silently dropped (issue 12).
+    let (status, v) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "form again", "idempotencyKey": "f-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"].clone()),
+        (StatusCode::CONFLICT, json!("idempotency_conflict"))
+    );
     s.publish(json!({"topic": "idem", "data": "end"})).await;
     assert_eq!(
         sse.next_data(4).await,
@@ -450,10 +461,18 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     let (_, v) = s
         .post_json(
             "/publish",
-            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+            &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
         )
         .await;
     assert_eq!((v["id"].clone(), v["duplicate"].clone()), (id, json!(true)));
+    // So does what the key was used for: another payload is still a conflict.
+    let (status, _) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]
@@ -562,21 +581,16 @@ async fn a_damaged_row_is_reported_skipped_with_a_gap_and_repaired_by_herald_che
     assert!(!ok && report.contains("damaged: 1"), "{report}");
 
     // Startup says what is damaged (in its log, before it listens).
-    let (s, stderr) = Server::start_logging(&["--data-dir", &data_dir]).await;
-    let mut log = tokio::io::BufReader::new(stderr);
-    let mut line = String::new();
-    tokio::time::timeout(PATIENCE, async {
-        use tokio::io::AsyncBufReadExt;
-        while !line.contains("damaged event rows") {
-            line.clear();
-            assert!(log.read_line(&mut line).await.unwrap() > 0, "no report");
-        }
-    })
-    .await
-    .expect("startup reports the damaged row");
+    let s = Server::start_logged(&["--data-dir", &data_dir]).await;
+    let line = {
+        // The report is logged before herald listens, so it is in the log by now.
+        let log = s.log.lock().unwrap();
+        log.lines()
+            .find(|l| l.contains("damaged event rows"))
+            .expect("startup reports the damaged row")
+            .to_string()
+    };
     assert!(line.contains("herald check"), "{line}");
-    // Keep draining the log so herald never blocks on a full pipe.
-    tokio::spawn(async move { tokio::io::copy(&mut log, &mut tokio::io::sink()).await });
 
     let mut sse = s.subscribe("user=u&since=all").await;
     let mut got = Vec::new();
