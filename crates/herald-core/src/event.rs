@@ -2,6 +2,7 @@
 //! An event's frame is encoded exactly once, into shared `Bytes` that every connection writes.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -144,6 +145,8 @@ pub struct Event {
     pub published_at_ms: u64,
     /// The SSE frame, encoded once.
     pub frame: Bytes,
+    /// The routing lines a `route=1` stream writes just before the frame, encoded on first use.
+    route: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -164,7 +167,28 @@ impl Event {
             private: message.private,
             published_at_ms,
             frame,
+            route: OnceLock::new(),
         }
+    }
+
+    /// The lines that tell a routing client (`GET /events?route=1`) where this event was sent:
+    /// `topic: <t>` per target topic, then `broadcast: 1` for a broadcast. They are SSE fields a
+    /// WHATWG parser ignores, written before `id:` so they belong to the same event. Encoded once
+    /// per event, on first use, so streams that do not ask for them cost nothing. The users a
+    /// message was sent to are not listed: a stream adds only its own user (see [`user_line`]).
+    pub fn route_lines(&self) -> &Bytes {
+        self.route.get_or_init(|| {
+            let mut buf = BytesMut::new();
+            for topic in &self.targets.topics {
+                buf.put_slice(b"topic: ");
+                buf.put_slice(topic.as_str().as_bytes());
+                buf.put_u8(b'\n');
+            }
+            if self.targets.broadcast {
+                buf.put_slice(b"broadcast: 1\n");
+            }
+            buf.freeze()
+        })
     }
 
     /// Private events reach only connections whose rights match one of their topics (or, for a
@@ -239,6 +263,11 @@ pub fn encode_frame(
     buf.put_slice(&bytes[start..]);
     buf.put_slice(b"\n\n");
     buf.freeze()
+}
+
+/// The `user: <id>` line a routing stream of `user` writes before an event sent to that user.
+pub fn user_line(user: &UserId) -> Bytes {
+    Bytes::from(format!("user: {}\n", user.as_str()))
 }
 
 /// A hub control event (`herald.gap`, `herald.close`): no `id:` line, so it never moves a client's last id.

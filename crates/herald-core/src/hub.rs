@@ -220,6 +220,9 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// Write each event's routing lines before it (`topic:`, `broadcast:`, and `user:` for a
+    /// message to this connection's user): see [`crate::Event::route_lines`].
+    pub route: bool,
 }
 
 /// The result of publishing one message.
@@ -370,7 +373,13 @@ impl Hub {
         drop(reg);
         inner.expiries.add(&sub);
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
-        Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
+        Ok(EventStream::new(
+            self.inner.clone(),
+            sub,
+            start,
+            baseline,
+            req.route,
+        ))
     }
 
     /// Publishes one message.

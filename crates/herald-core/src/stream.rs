@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::event::{Event, EventId, control_frame, now_ms};
+use crate::event::{Event, EventId, control_frame, now_ms, user_line};
 use crate::grant::TOKEN_EXPIRED;
 use crate::history::{Chunk, HistoryError, ReadFrom};
 use crate::hub::{Inner, Start};
@@ -34,7 +34,34 @@ pub struct EventStream {
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
     replay: Option<Replay>,
+    /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]).
+    route: Option<Route>,
     done: bool,
+}
+
+/// What a routing stream writes before each event, so that a client sharing it between several
+/// consumers (herald.js' `share`) knows which of them it is for. The event's frame stays shared.
+#[derive(Debug)]
+struct Route {
+    /// `user: <id>\n` of this connection's user, written before events sent to that user.
+    user_line: Option<Bytes>,
+}
+
+impl Route {
+    fn push(route: Option<&Route>, sub: &Subscriber, event: &Event, out: &mut VecDeque<Bytes>) {
+        if let Some(route) = route {
+            let lines = event.route_lines();
+            if !lines.is_empty() {
+                out.push_back(lines.clone());
+            }
+            if let (Some(line), Some(user)) = (&route.user_line, &sub.user)
+                && event.targets.users.contains(user)
+            {
+                out.push_back(line.clone());
+            }
+        }
+        out.push_back(event.frame.clone());
+    }
 }
 
 impl std::fmt::Debug for EventStream {
@@ -64,7 +91,11 @@ impl EventStream {
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
+        route: bool,
     ) -> Self {
+        let route = route.then(|| Route {
+            user_line: sub.user.as_ref().map(user_line),
+        });
         let mut out = VecDeque::with_capacity(2);
         out.push_back(hub.preamble.clone());
         let replay = |from, report, forced| Replay {
@@ -96,6 +127,7 @@ impl EventStream {
             live: VecDeque::new(),
             cursor,
             replay,
+            route,
             done: false,
         }
     }
@@ -139,7 +171,7 @@ impl EventStream {
             }
             self.cursor = Some(event.id);
             if self.sub.wants(event) {
-                self.out.push_back(event.frame.clone());
+                Route::push(self.route.as_ref(), &self.sub, event, &mut self.out);
                 replayed += 1;
             }
         }
@@ -200,7 +232,7 @@ impl EventStream {
                 continue;
             }
             self.cursor = Some(event.id);
-            self.out.push_back(event.frame.clone());
+            Route::push(self.route.as_ref(), &self.sub, &event, &mut self.out);
         }
         // After a burst, give the memory back: idle connections should stay small.
         if self.live.capacity() > 64 {

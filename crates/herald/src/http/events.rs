@@ -163,6 +163,18 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
             "lastEventId" => query_last_id = Some(value),
             "access_token" => access_token = Some(value),
             "since" => since = Some(parse_since(&value)?),
+            "route" => {
+                request.route = match value.as_str() {
+                    "1" => true,
+                    "0" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_route",
+                            format!("'route' must be 1 or 0; got '{value}'"),
+                        ));
+                    }
+                }
+            }
             // Anything else (cache busters, later options) is ignored.
             _ => {}
         }
