@@ -862,7 +862,8 @@ class Share {
     const conn = this._conn;
     const mine =
       ev.broadcast ||
-      (ev.user !== null && ev.user === conn._user) ||
+      // The stream writes `user:` only before events sent to its own user, which is this group's.
+      ev.user !== null ||
       ev.topics.some((t) => conn._topics.some((s) => matches(s, t)));
     if (mine) conn._dispatch(ev);
   }

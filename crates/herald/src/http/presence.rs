@@ -195,14 +195,15 @@ pub(crate) async fn stats(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
-    let s = match &app.cluster {
+    let (s, nodes) = match &app.cluster {
         Some(cluster) => cluster
-            .stats()
+            .stats_by_node()
             .await
+            .map(|(s, nodes)| (s, Some(nodes)))
             .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.stats(),
+        None => (app.hub.stats(), None),
     };
-    Ok(Json(json!({
+    let mut body = json!({
         "connections": s.connections,
         "users": s.users,
         "topics": s.topics,
@@ -212,7 +213,15 @@ pub(crate) async fn stats(
         "gaps": s.gaps,
         "lagging": s.lagging,
         "uptime_s": s.uptime.as_secs(),
-    })))
+    });
+    // In cluster mode, each live node with its connections.
+    if let Some(nodes) = nodes {
+        body["nodes"] = nodes
+            .into_iter()
+            .map(|(id, connections)| json!({ "id": id, "connections": connections }))
+            .collect();
+    }
+    Ok(Json(body))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {
