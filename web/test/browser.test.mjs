@@ -1,9 +1,12 @@
 // End-to-end tests in real headless Chromium (Debian's chromium, driven by playwright-core) against
-// the real herald binary: the dashboard, publishing from the page and a POST, resume across a hub
-// restart (the browser's retry and herald.js' own), herald.close and 204, the classic script.
+// the real herald binary: the dashboard (also with auth on), publishing from the page and a POST,
+// resume across a hub restart, herald.close and 204, the classic script; and herald.js in pages of
+// another origin than the hub's: refreshed tokens, on('*'), and tabs sharing one stream.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { createServer } from 'node:http';
 import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -402,9 +405,6 @@ test('herald.global.js works from a plain script, herald.js from a module of ano
 });
 
 // ---- herald.js from a page of another origin: tokens, every type, one stream for all tabs ------
-
-import { createServer } from 'node:http';
-import { createHmac } from 'node:crypto';
 
 const SECRET = 'a-browser-test-secret-of-32-bytes';
 const KEY = 'browser-test-publish-key-0123456789';
