@@ -108,6 +108,7 @@ impl Cluster {
                     ("replayed", s.replayed),
                     ("gaps", s.gaps),
                     ("lagging", s.lagging as u64),
+                    ("aged", s.aged),
                 ],
             )
             .ignore()
@@ -228,6 +229,7 @@ impl Cluster {
             total.replayed += get("replayed");
             total.gaps += get("gaps");
             total.lagging += get("lagging") as usize;
+            total.aged += get("aged");
         }
         Ok((total, nodes))
     }

@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::age::{AgePolicy, Ages};
 use crate::commit::Job;
 use crate::event::{Event, EventId, Message, now_ms};
 use crate::feed::Feed;
@@ -35,6 +36,7 @@ pub struct HubBuilder {
     queue_capacity: usize,
     max_connections: usize,
     max_selectors: usize,
+    ages: AgePolicy,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -47,6 +49,7 @@ impl std::fmt::Debug for HubBuilder {
             .field("queue_capacity", &self.queue_capacity)
             .field("max_connections", &self.max_connections)
             .field("max_selectors", &self.max_selectors)
+            .field("ages", &self.ages)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +66,7 @@ impl Default for HubBuilder {
             queue_capacity: 1024,
             max_connections: usize::MAX,
             max_selectors: 64,
+            ages: AgePolicy::default(),
         }
     }
 }
@@ -120,6 +124,14 @@ impl HubBuilder {
         self
     }
 
+    /// How long streams may live (default: until the client or the hub goes away). Each stream
+    /// ends quietly, without `herald.close`, at a random point in `[max × (1 − jitter), max]`, so
+    /// clients reconnect with their last id, to whichever node a load balancer picks then.
+    pub fn max_stream_age(mut self, max: Option<Duration>, jitter: f64) -> Self {
+        self.ages = AgePolicy { max, jitter };
+        self
+    }
+
     /// Builds the hub and starts its heartbeat timer. Must be called inside a Tokio runtime.
     pub fn build(self) -> Result<Hub, HubError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| HubError::NoRuntime)?;
@@ -145,6 +157,7 @@ impl HubBuilder {
             blocked: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             expiries: Expiries::default(),
+            ages: Ages::new(self.ages),
             counters: Counters::default(),
             started: Instant::now(),
         });
@@ -153,7 +166,11 @@ impl HubBuilder {
             job_rx,
             Keys::new(self.idempotency_window),
         ));
-        runtime.spawn(timers(Arc::downgrade(&inner), self.heartbeat));
+        runtime.spawn(timers(
+            Arc::downgrade(&inner),
+            inner.ages.changed.clone(),
+            self.heartbeat,
+        ));
         if let Some(shared) = self.shared {
             runtime.spawn(crate::feed::follow(Arc::downgrade(&inner), shared));
         }
@@ -223,6 +240,8 @@ pub struct SubscribeRequest {
     /// Write each event's routing lines before it (`topic:`, `broadcast:`, and `user:` for a
     /// message to this connection's user): see [`crate::Event::route_lines`].
     pub route: bool,
+    /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
+    pub max_age: Option<Duration>,
 }
 
 /// The result of publishing one message.
@@ -256,6 +275,8 @@ pub struct Stats {
     pub gaps: u64,
     /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
+    /// Streams that ended because they reached their maximum age.
+    pub aged: u64,
     pub uptime: Duration,
 }
 
@@ -266,6 +287,7 @@ pub(crate) struct Counters {
     pub(crate) replayed: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) lagging: AtomicUsize,
+    pub(crate) aged: AtomicU64,
 }
 
 /// A push hub. Cheap to clone; all clones share one hub.
@@ -292,6 +314,7 @@ pub(crate) struct Inner {
     blocked: Mutex<HashMap<UserId, Instant>>,
     shutting_down: AtomicBool,
     pub(crate) expiries: Expiries,
+    pub(crate) ages: Ages,
     pub(crate) counters: Counters,
     started: Instant,
 }
@@ -358,6 +381,7 @@ impl Hub {
             selectors,
             req.grant,
             req.expires_at_ms,
+            inner.ages.plan(req.max_age),
         ));
         entry.insert(sub.clone());
         if let Some(user) = &sub.user {
@@ -372,6 +396,7 @@ impl Hub {
         };
         drop(reg);
         inner.expiries.add(&sub);
+        inner.ages.add(&sub);
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
         Ok(EventStream::new(
             self.inner.clone(),
@@ -516,6 +541,7 @@ impl Hub {
             replayed: c.replayed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
+            aged: c.aged.load(Ordering::Relaxed),
             uptime: inner.started.elapsed(),
         }
     }
@@ -634,16 +660,29 @@ impl Inner {
     }
 }
 
-/// One shared timer for every connection's heartbeat, plus once-a-second housekeeping.
-async fn timers(hub: Weak<Inner>, heartbeat: Duration) {
+/// One shared timer for every connection's heartbeat, the streams' planned ends, plus
+/// once-a-second housekeeping.
+async fn timers(hub: Weak<Inner>, ages_changed: Arc<tokio::sync::Notify>, heartbeat: Duration) {
     use tokio::time::{Instant, MissedTickBehavior, interval_at};
     let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let second = Duration::from_secs(1);
     let mut chores = interval_at(Instant::now() + second, second);
     chores.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
+    while let Some(next_end) = hub.upgrade().map(|inner| inner.ages.next_due()) {
+        let ends = async {
+            match next_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = ends => match hub.upgrade() {
+                Some(inner) => inner.ages.fire(Instant::now()),
+                None => break,
+            },
+            // An earlier end was planned: sleep until that one instead.
+            _ = ages_changed.notified() => {}
             _ = beat.tick() => match hub.upgrade() {
                 Some(inner) => inner.heartbeat(),
                 None => break,

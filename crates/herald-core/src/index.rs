@@ -143,6 +143,7 @@ mod tests {
             Vec::new(),
             Default::default(),
             None,
+            None,
         ))
     }
 

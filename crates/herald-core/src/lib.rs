@@ -1,6 +1,7 @@
 //! herald-core: the engine of the herald push hub — names, events and their SSE frames, the
 //! selector index, per-connection inboxes, history stores and the `Hub`. No HTTP here.
 
+mod age;
 mod cluster;
 mod commit;
 pub mod duration;

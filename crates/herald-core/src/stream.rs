@@ -254,8 +254,8 @@ impl Stream for EventStream {
                 return Poll::Ready(None);
             }
             if let Some(replay) = this.replay.take() {
-                // A shutdown does not wait for a long replay to finish.
-                if this.sub.is_shutting_down() {
+                // A shutdown or an aged stream does not wait for a long replay to finish.
+                if this.sub.is_ending_quietly() {
                     this.finish_replay(&replay);
                     this.done = true;
                     continue;
@@ -292,6 +292,10 @@ impl Stream for EventStream {
                     this.done = true;
                 }
                 Poll::Ready(Signal::Ending(Ending::Shutdown)) => this.done = true,
+                Poll::Ready(Signal::Ending(Ending::Aged)) => {
+                    this.hub.counters.aged.fetch_add(1, Ordering::Relaxed);
+                    this.done = true;
+                }
             }
         }
     }
@@ -300,6 +304,7 @@ impl Stream for EventStream {
 impl Drop for EventStream {
     fn drop(&mut self) {
         self.hub.expiries.remove(&self.sub);
+        self.hub.ages.remove(&self.sub);
         // Unregister first: no new overflow can be counted after this.
         self.hub.unregister(&self.sub);
         // An unfinished catch-up and an overflow not yet taken each counted once.

@@ -75,6 +75,14 @@ pub struct RawConfig {
     /// Events queued per connection before it falls back to catching up from history [default: 1024].
     #[arg(long, env = "HERALD_QUEUE")]
     pub queue: Option<usize>,
+    /// End each stream after this long, so clients reconnect (with their last id) and a load
+    /// balancer can rebalance, e.g. 10m; at least 1s [default: off].
+    #[arg(long, env = "HERALD_MAX_STREAM_AGE")]
+    pub max_stream_age: Option<String>,
+    /// Spread of stream ages: each stream ends at a random point in [age × (1 − jitter), age];
+    /// from 0 to 0.9 [default: 0.2].
+    #[arg(long, env = "HERALD_MAX_STREAM_AGE_JITTER")]
+    pub max_stream_age_jitter: Option<f64>,
     /// Shared secret for HS256 tokens (at least 16 bytes); turns authorization on.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -157,6 +165,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    /// The longest a stream lives, if limited, and the spread of its end.
+    pub max_stream_age: Option<Duration>,
+    pub max_stream_age_jitter: f64,
     pub auth: Auth,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
@@ -219,6 +230,10 @@ impl RawConfig {
             shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
             max_selectors: self.max_selectors.or(fallback.max_selectors),
             queue: self.queue.or(fallback.queue),
+            max_stream_age: self.max_stream_age.or(fallback.max_stream_age),
+            max_stream_age_jitter: self
+                .max_stream_age_jitter
+                .or(fallback.max_stream_age_jitter),
             jwt_secret: self.jwt_secret.or(fallback.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(fallback.jwt_public_key),
             jwt_leeway: self.jwt_leeway.or(fallback.jwt_leeway),
@@ -352,6 +367,23 @@ impl RawConfig {
         let max_selectors = self.max_selectors.unwrap_or(64);
         if max_selectors == 0 {
             return Err(invalid("max-selectors", "must be at least 1"));
+        }
+        let max_stream_age = match self.max_stream_age {
+            None => None,
+            Some(s) => {
+                let d = parse_duration(&s).map_err(|e| invalid("max-stream-age", e.to_string()))?;
+                if d < Duration::from_secs(1) {
+                    return Err(invalid("max-stream-age", "must be at least 1s"));
+                }
+                Some(d)
+            }
+        };
+        let max_stream_age_jitter = self.max_stream_age_jitter.unwrap_or(0.2);
+        if !(0.0..=0.9).contains(&max_stream_age_jitter) {
+            return Err(invalid(
+                "max-stream-age-jitter",
+                format!("{max_stream_age_jitter} is not a fraction from 0 to 0.9"),
+            ));
         }
         let queue = self.queue.unwrap_or(1024);
         if queue == 0 {
@@ -490,6 +522,8 @@ impl RawConfig {
             shutdown_timeout,
             max_selectors,
             queue,
+            max_stream_age,
+            max_stream_age_jitter,
             auth,
             metrics_listen,
             limits,

@@ -103,6 +103,7 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
+        .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
         .build()?;

@@ -175,6 +175,7 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
                     }
                 }
             }
+            "maxAge" => request.max_age = Some(parse_max_age(&value)?),
             // Anything else (cache busters, later options) is ignored.
             _ => {}
         }
@@ -192,6 +193,21 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
         None => since.unwrap_or(Start::Live),
     };
     Ok((request, access_token))
+}
+
+/// `maxAge=DURATION`: the longest this stream may live (the hub's own limit wins when shorter).
+fn parse_max_age(value: &str) -> Result<std::time::Duration, ApiError> {
+    let invalid = |why: &str| {
+        ApiError::bad_request(
+            "invalid_max_age",
+            format!("'maxAge' must be a duration of at least 1s, like 5m; got '{value}'{why}"),
+        )
+    };
+    let age = herald_core::duration::parse_duration(value).map_err(|_| invalid(""))?;
+    if age < std::time::Duration::from_secs(1) {
+        return Err(invalid(" (too short)"));
+    }
+    Ok(age)
 }
 
 /// `since=ID|DURATION|all`: after an event id, within a duration before now, or all retained.

@@ -212,6 +212,7 @@ pub(crate) async fn stats(
         "replayed": s.replayed,
         "gaps": s.gaps,
         "lagging": s.lagging,
+        "endedByAge": s.aged,
         "uptime_s": s.uptime.as_secs(),
     });
     // In cluster mode, each live node with its connections.
