@@ -477,7 +477,14 @@ async function startApp() {
     res.end('<!doctype html><meta charset="utf-8"><title>app</title><p>app page</p>');
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  return { url: `http://127.0.0.1:${server.address().port}`, stop: () => new Promise((r) => server.close(r)) };
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    // The browser keeps idle keep-alive connections: end them, or close() waits for them.
+    stop: () => new Promise((r) => {
+      server.close(r);
+      server.closeAllConnections();
+    }),
+  };
 }
 
 async function publishWithKey(url, body) {
@@ -709,14 +716,16 @@ test('a chat/a tab never gets chat/b events, even while a chat/b tab holds a sha
   }
 });
 
-test('with auth on, the dashboard works with a key: every type, publish, numbers, users, ending a user', async () => {
+test('with auth on, the dashboard works with a token: every type, publish, numbers, users, ending a user', async () => {
   const hub = await startHerald(['--jwt-secret', SECRET, '--publish-key', KEY]);
   const { page, errors } = await openDashboard(hub.url, '');
+  // An operator's token: ann's, with every right.
+  const token = jwt({ sub: 'ann', herald: { subscribe: ['**'], publish: ['**'], admin: true } }, 3600);
   try {
     // Without a credential the panels show the hub's refusal.
     await page.waitForFunction(() => /401/.test(document.getElementById('hub-status').textContent), null, { timeout: PATIENCE });
-    await page.fill('#credential', KEY);
-    assert.equal(await page.evaluate(() => sessionStorage.getItem('herald.credential')), KEY);
+    await page.fill('#credential', token);
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('herald.credential')), token);
     await page.fill('#user', 'ann');
     await page.fill('#topics', 'chat/*');
     await page.click('#connect');

@@ -29,8 +29,9 @@ pub struct PubArgs {
     pub credentials: Credentials,
 }
 
-/// What the client authenticates with, sent as `Authorization: Bearer`. The key wins when both
-/// are given (e.g. both variables are set).
+/// What the client authenticates with, sent as `Authorization: Bearer`. When both are given (e.g.
+/// both variables are set), `pub` sends the key and `sub` the token: a hub takes publish keys for
+/// publishing only.
 #[derive(Debug, clap::Args)]
 pub struct Credentials {
     /// A publish key of the hub (`--publish-key`).
@@ -42,11 +43,19 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.key.as_deref().or(self.token.as_deref()) {
-            Some(secret) => request.bearer_auth(secret),
-            None => request,
-        }
+    fn publisher(&self) -> Option<&str> {
+        self.key.as_deref().or(self.token.as_deref())
+    }
+
+    fn subscriber(&self) -> Option<&str> {
+        self.token.as_deref().or(self.key.as_deref())
+    }
+}
+
+fn with_bearer(request: reqwest::RequestBuilder, secret: Option<&str>) -> reqwest::RequestBuilder {
+    match secret {
+        Some(secret) => request.bearer_auth(secret),
+        None => request,
     }
 }
 
@@ -89,9 +98,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let request = reqwest::Client::new()
         .post(endpoint(&args.url, "/publish"))
         .json(&body);
-    let response = args
-        .credentials
-        .apply(request)
+    let response = with_bearer(request, args.credentials.publisher())
         .send()
         .await
         .with_context(|| format!("cannot reach the hub at {}", args.url))?;
@@ -143,11 +150,12 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
         if let Some(u) = &args.user {
             query.push(("user", u));
         }
-        let mut request = args.credentials.apply(
+        let mut request = with_bearer(
             client
                 .get(endpoint(&args.url, "/events"))
                 .query(&query)
                 .header("accept", "text/event-stream"),
+            args.credentials.subscriber(),
         );
         if let Some(id) = &last_id {
             request = request.header("last-event-id", id);
