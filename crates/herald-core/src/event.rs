@@ -314,6 +314,25 @@ mod tests {
     }
 
     #[test]
+    fn route_lines_name_topics_and_broadcast_and_are_encoded_once() {
+        let topics = Message::to_topic(Topic::new("chat/a").unwrap())
+            .topic(Topic::new("news/x").unwrap())
+            .user(UserId::new("bob").unwrap());
+        let e = Event::new(EventId(1), topics, 0);
+        assert_eq!(&e.route_lines()[..], b"topic: chat/a\ntopic: news/x\n");
+        assert_eq!(
+            e.route_lines().as_ptr(),
+            e.route_lines().as_ptr(),
+            "one encoding"
+        );
+        let b = Event::new(EventId(2), Message::broadcast(), 0);
+        assert_eq!(&b.route_lines()[..], b"broadcast: 1\n");
+        let u = Event::new(EventId(3), Message::to_user(UserId::new("ann").unwrap()), 0);
+        assert!(u.route_lines().is_empty(), "users are never listed");
+        assert_eq!(&user_line(&UserId::new("ann").unwrap())[..], b"user: ann\n");
+    }
+
+    #[test]
     fn frame_layout() {
         let f = encode_frame(Some(EventId(3)), None, Some(1500), "a\nb");
         assert_eq!(&f[..], b"id: 3\nretry: 1500\ndata: a\ndata: b\n\n");
