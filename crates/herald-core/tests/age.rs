@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::sse::Parser;
+use herald_core::sse_parser::Parser;
 use herald_core::{EventStream, Hub, Message, Selector, SubscribeRequest, Topic};
 use tokio::time::Instant;
 

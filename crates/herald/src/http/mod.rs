@@ -63,7 +63,8 @@ pub(crate) struct AppState {
     pub limits: Arc<Limits>,
     pub connections: Arc<limits::Connections>,
     pub publish_rate: Arc<limits::PublishRate>,
-    pub cluster: Option<Arc<herald_core::Cluster>>,
+    /// Presence and control: the cluster's when there is one, else this hub's.
+    pub presence: Arc<dyn herald_core::Presence>,
 }
 
 /// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
@@ -103,6 +104,10 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
 
 /// [`router_with`], plus a router serving only `/metrics` of the same hub (for `--metrics-listen`).
 pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
+    let presence: Arc<dyn herald_core::Presence> = match options.cluster {
+        Some(cluster) => cluster,
+        None => Arc::new(hub.clone()),
+    };
     let state = AppState {
         hub,
         max_body: options.max_body,
@@ -111,7 +116,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         limits: Arc::new(options.limits),
         connections: Arc::default(),
         publish_rate: Arc::default(),
-        cluster: options.cluster,
+        presence,
     };
     let metrics_only = Router::new()
         .route("/metrics", get(metrics::render))

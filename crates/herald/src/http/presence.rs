@@ -4,8 +4,8 @@
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::{HeaderMap, Uri};
-use herald_core::UserId;
 use herald_core::duration::parse_duration;
+use herald_core::{ClusterError, Online, UserId};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, form_pairs};
@@ -15,6 +15,11 @@ use crate::auth::Caller;
 /// Presence and control need the publish key or an admin token.
 fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     app.auth.caller(headers)?.require_admin()
+}
+
+/// The other nodes' shares of presence could not be read.
+fn cluster_unavailable(e: ClusterError) -> ApiError {
+    ApiError::unavailable("cluster_unavailable", &e)
 }
 
 const PAGE_DEFAULT: usize = 100;
@@ -46,20 +51,11 @@ pub(crate) async fn users(
             _ => {}
         }
     }
-    let (count, page): (usize, Vec<(String, usize)>) = match &app.cluster {
-        Some(cluster) => cluster
-            .users(after.as_ref(), limit)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => (
-            app.hub.stats().users,
-            app.hub
-                .users(after.as_ref(), limit)
-                .into_iter()
-                .map(|(u, n)| (u.as_str().to_string(), n))
-                .collect(),
-        ),
-    };
+    let Online { count, page } = app
+        .presence
+        .online(after.as_ref(), limit)
+        .await
+        .map_err(cluster_unavailable)?;
     let page: Vec<Value> = page
         .into_iter()
         .map(|(id, connections)| json!({ "id": id, "connections": connections }))
@@ -109,7 +105,7 @@ pub(crate) async fn messages(
         .collect();
     let gap = found
         .gap
-        .map(|oldest| json!({ "oldest": oldest.map(|o| o.to_string()) }));
+        .map(|gap| json!({ "oldest": gap.oldest.map(|o| o.to_string()) }));
     Ok(Json(
         json!({ "id": user.as_str(), "messages": messages, "gap": gap }),
     ))
@@ -135,13 +131,11 @@ pub(crate) async fn user(
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let user = user_from_path(path)?;
-    let connections = match &app.cluster {
-        Some(cluster) => cluster
-            .connections_of(&user)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.connections_of(&user),
-    };
+    let connections = app
+        .presence
+        .connections(&user)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(json!({
         "id": user.as_str(),
         "online": connections > 0,
@@ -180,13 +174,11 @@ pub(crate) async fn close(
             _ => {}
         }
     }
-    let closed = match &app.cluster {
-        Some(cluster) => cluster
-            .close_user(&user, &reason, block)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.close_user(&user, &reason, block),
-    };
+    let closed = app
+        .presence
+        .close(&user, &reason, block)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(json!({ "closed": closed })))
 }
 
@@ -195,14 +187,8 @@ pub(crate) async fn stats(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
-    let (s, nodes) = match &app.cluster {
-        Some(cluster) => cluster
-            .stats_by_node()
-            .await
-            .map(|(s, nodes)| (s, Some(nodes)))
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => (app.hub.stats(), None),
-    };
+    let s = app.presence.totals().await.map_err(cluster_unavailable)?;
+    let nodes = app.presence.nodes().await.map_err(cluster_unavailable)?;
     let mut body = json!({
         "connections": s.connections,
         "users": s.users,

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::subscriber::{Ending, Subscriber};
+use super::subscriber::{Ending, Subscriber};
 
 /// The hub's rule for how long a stream may live.
 #[derive(Debug, Clone, Copy, PartialEq)]
