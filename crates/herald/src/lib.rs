@@ -46,8 +46,11 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod error_code;
 pub mod http;
+pub mod ipnet;
 mod listen;
+pub mod settings;
 mod stream_conn;
 
 use std::future::Future;

@@ -11,15 +11,16 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState, form_pairs};
 
 use crate::auth::Caller;
+use crate::error_code::ErrorCode;
 
 /// Presence and control need the publish key or an admin token.
 fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    app.auth.caller(headers)?.require_admin()
+    Ok(app.auth.caller(headers)?.require_admin()?)
 }
 
 /// The other nodes' shares of presence could not be read.
 fn cluster_unavailable(e: ClusterError) -> ApiError {
-    ApiError::unavailable("cluster_unavailable", &e)
+    ApiError::unavailable(ErrorCode::ClusterUnavailable, &e)
 }
 
 const PAGE_DEFAULT: usize = 100;
@@ -28,8 +29,8 @@ const PAGE_MAX: usize = 1000;
 pub(crate) fn user_from_path(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<UserId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
-    UserId::new(&raw).map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))
+    let Path(raw) = path.map_err(|e| ApiError::new(ErrorCode::InvalidUser, e.body_text()))?;
+    UserId::new(&raw).map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("user id {e}")))
 }
 
 pub(crate) async fn users(
@@ -45,7 +46,7 @@ pub(crate) async fn users(
             "limit" => limit = parse_limit(&value)?,
             "after" => {
                 after = Some(UserId::new(&value).map_err(|e| {
-                    ApiError::bad_request("invalid_user", format!("'after': user id {e}"))
+                    ApiError::new(ErrorCode::InvalidUser, format!("'after': user id {e}"))
                 })?)
             }
             _ => {}
@@ -90,7 +91,7 @@ pub(crate) async fn messages(
         .hub
         .user_messages(&user, &start, limit)
         .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", &e))?;
+        .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
     let messages: Vec<Value> = found
         .events
         .iter()
@@ -99,6 +100,8 @@ pub(crate) async fn messages(
                 "id": e.id.to_string(),
                 "event": e.event_type.as_ref().map(|t| t.as_str()),
                 "data": e.data,
+                "publishedAtMs": e.published_at_ms,
+                // The snake_case name of earlier releases, kept for one more release.
                 "published_at_ms": e.published_at_ms,
             })
         })
@@ -117,8 +120,8 @@ fn parse_limit(value: &str) -> Result<usize, ApiError> {
         .ok()
         .filter(|n| (1..=PAGE_MAX).contains(n))
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_limit",
+            ApiError::new(
+                ErrorCode::InvalidLimit,
                 format!("'limit' must be a number from 1 to {PAGE_MAX}"),
             )
         })
@@ -159,15 +162,12 @@ pub(crate) async fn close(
             "block" => {
                 block =
                     Some(parse_duration(&value).map_err(|e| {
-                        ApiError::bad_request("invalid_block", format!("'block': {e}"))
+                        ApiError::new(ErrorCode::InvalidBlock, format!("'block': {e}"))
                     })?)
             }
             "reason" => {
                 if value.is_empty() || value.len() > 256 {
-                    return Err(ApiError::bad_request(
-                        "invalid_reason",
-                        "'reason' must be 1 to 256 bytes",
-                    ));
+                    return Err(ApiError::from(ErrorCode::InvalidReason));
                 }
                 reason = value;
             }
@@ -199,6 +199,8 @@ pub(crate) async fn stats(
         "gaps": s.gaps,
         "lagging": s.lagging,
         "endedByAge": s.aged,
+        "uptimeSeconds": s.uptime.as_secs(),
+        // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
     });
     // In cluster mode, each live node with its connections.
@@ -221,11 +223,6 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, A
     if app.hub.is_ready() {
         Ok(Json(json!({ "ready": true })))
     } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "this node cannot reach its shared history",
-        )
-        .retry_after(1))
+        Err(ApiError::from(ErrorCode::NotReady))
     }
 }
