@@ -78,7 +78,10 @@ pub use history::{
 pub use history::{DurableHistory, OpenError};
 #[cfg(feature = "redis")]
 pub use history::{RedisHistory, RedisOptions};
-pub use hub::{Hub, HubBuilder, HubError, SubscribeError, SubscribeRequest, UserMessages};
+pub use hub::{
+    CONNECTION_SEGMENTS_MAX, Hub, HubBuilder, HubError, SELECTOR_SEGMENTS_MAX, SubscribeError,
+    SubscribeRequest, UserMessages,
+};
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};

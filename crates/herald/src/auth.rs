@@ -323,6 +323,33 @@ impl Caller {
         }
     }
 
+    /// The scope of the caller's idempotency keys, so one publisher's key never matches
+    /// another's: each publish key, each token subject (tokens without `sub` share one scope).
+    /// `None` on an open hub, where every caller is the same publisher.
+    pub(crate) fn idempotency_scope(&self) -> Option<String> {
+        match self {
+            Caller::Open | Caller::Nobody => None,
+            Caller::PublishKey(i) => Some(format!("key:{i}")),
+            Caller::Token(t) => Some(match &t.user {
+                Some(u) => format!("sub:{u}"),
+                None => "token".to_string(),
+            }),
+        }
+    }
+
+    /// Whether the caller may publish anything at all: checked before a publish body is read.
+    pub(crate) fn require_some_publish(&self) -> Result<(), AuthError> {
+        match self {
+            Caller::Token(t) if !t.admin && t.publish.is_empty() => Err(AuthError::NotAdmin(
+                "the token has no publish rights".into(),
+            )),
+            Caller::Nobody => Err(unauthorized(
+                "give a token or the publish key as Authorization: Bearer",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the caller may publish to `topic`.
     pub(crate) fn require_publish(&self, topic: &Topic) -> Result<(), AuthError> {
         match self {

@@ -24,6 +24,9 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub retention: Retention,
     pub idempotency_window: Duration,
+    /// Most idempotency keys and their bytes kept in memory (not in Redis, which expires its own).
+    pub idempotency_keys: usize,
+    pub idempotency_bytes: usize,
     /// Redis URL and key prefix, in cluster mode.
     pub redis: Option<(String, String)>,
     pub max_connections: usize,
@@ -32,6 +35,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    pub queue_bytes: usize,
     /// The longest a stream lives, if limited, and the spread of its end.
     pub max_stream_age: Option<Duration>,
     pub max_stream_age_jitter: f64,
@@ -50,9 +54,15 @@ pub struct Limits {
     /// Requests per second and burst size of each publisher's token bucket.
     pub publish_rate: Option<(f64, f64)>,
     pub header_timeout: Duration,
+    /// Time a client has to send a whole request body once its head is in (slow-body guard).
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_url: usize,
     pub max_topics: usize,
+    /// Most messages in one batch publish.
+    pub max_batch: usize,
+    /// Most users blocked at once by `DELETE /users/{id}/connections?block=`.
+    pub max_blocks: usize,
 }
 
 impl Default for Limits {
@@ -231,9 +241,12 @@ impl RawConfig {
             trusted_proxies: self.list(&s::TRUSTED_PROXY)?,
             publish_rate,
             header_timeout: self.get(&s::HEADER_TIMEOUT)?,
+            body_timeout: self.get(&s::BODY_TIMEOUT)?,
             max_header_bytes: self.get(&s::MAX_HEADER_BYTES)?,
             max_url: self.get(&s::MAX_URL)?,
             max_topics: self.get(&s::MAX_TOPICS)?,
+            max_batch: self.get(&s::MAX_BATCH)?,
+            max_blocks: self.get(&s::MAX_BLOCKS)?,
         };
         Ok(Config {
             listen,
@@ -242,6 +255,8 @@ impl RawConfig {
             data_dir,
             retention,
             idempotency_window: self.get(&s::IDEMPOTENCY_WINDOW)?,
+            idempotency_keys: self.get(&s::IDEMPOTENCY_KEYS)?,
+            idempotency_bytes: self.get(&s::IDEMPOTENCY_BYTES)?,
             redis,
             max_connections,
             max_body: self.get(&s::MAX_BODY)?,
@@ -249,6 +264,7 @@ impl RawConfig {
             shutdown_timeout: self.get(&s::SHUTDOWN_TIMEOUT)?,
             max_selectors: self.get(&s::MAX_SELECTORS)?,
             queue: self.get(&s::QUEUE)?,
+            queue_bytes: self.get(&s::QUEUE_BYTES)?,
             max_stream_age: self.value(&s::MAX_STREAM_AGE)?,
             max_stream_age_jitter: self.get(&s::MAX_STREAM_AGE_JITTER)?,
             auth,

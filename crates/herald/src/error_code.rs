@@ -51,6 +51,10 @@ error_codes! {
     InvalidUser = "invalid_user", BAD_REQUEST, retry None, "a user id is not valid";
     /// More topic selectors than `--max-selectors`.
     TooManySelectors = "too_many_selectors", BAD_REQUEST, retry None, "too many topic selectors";
+    /// A selector of more than 32 segments.
+    SelectorTooDeep = "selector_too_deep", BAD_REQUEST, retry None, "a topic selector has too many segments";
+    /// A connection's selectors have more than 512 segments together.
+    TooManySegments = "too_many_segments", BAD_REQUEST, retry None, "the topic selectors have too many segments in all";
     /// `route=` is neither `1` nor `0`.
     InvalidRoute = "invalid_route", BAD_REQUEST, retry None, "'route' must be 1 or 0";
     /// `since=` is neither an event id, a duration nor `all`.
@@ -67,6 +71,8 @@ error_codes! {
     /// Both forms of one field (`topic` and `topics`, `user` and `users`).
     ConflictingFields = "conflicting_fields", BAD_REQUEST, retry None, "two fields say the same thing";
     EmptyBatch = "empty_batch", BAD_REQUEST, retry None, "the batch is empty";
+    /// The body ended early or its chunked framing is malformed.
+    IncompleteBody = "incomplete_body", BAD_REQUEST, retry None, "the body ended early or its chunked framing is malformed";
     /// A form field or query value is not UTF-8.
     InvalidEncoding = "invalid_encoding", BAD_REQUEST, retry None, "a field is not valid UTF-8";
     /// More topics and users in one message than `--max-topics`.
@@ -86,9 +92,17 @@ error_codes! {
     ForbiddenUser = "forbidden_user", FORBIDDEN, retry None, "the token is for another user";
     /// The token's subscribe rights do not cover a selector.
     ForbiddenSelector = "forbidden_selector", FORBIDDEN, retry None, "the token may not subscribe to this selector";
+    /// `GET /users/{id}/messages` with the user's own token while the user is blocked.
+    UserBlocked = "user_blocked", FORBIDDEN, retry None, "this user is blocked";
     NotFound = "not_found", NOT_FOUND, retry None, "no such route";
     MethodNotAllowed = "method_not_allowed", METHOD_NOT_ALLOWED, retry None, "this route does not take that method";
+    /// The publish body did not arrive within `--body-timeout`.
+    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, retry None, "the body did not arrive in time";
+    /// An `idempotencyKey` repeated with a different message.
+    IdempotencyConflict = "idempotency_conflict", CONFLICT, retry None, "the idempotencyKey was used with a different payload";
     PayloadTooLarge = "payload_too_large", PAYLOAD_TOO_LARGE, retry None, "the body is too large";
+    /// A batch of more than `--max-batch` messages.
+    BatchTooLarge = "batch_too_large", PAYLOAD_TOO_LARGE, retry None, "the batch has too many messages";
     UriTooLong = "uri_too_long", URI_TOO_LONG, retry None, "the URL is too long";
     UnsupportedMediaType = "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, retry None, "send application/json or application/x-www-form-urlencoded";
     /// Streams per IP or per user at their limit.

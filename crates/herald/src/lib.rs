@@ -54,6 +54,7 @@ pub mod settings;
 mod stream_conn;
 
 use std::future::Future;
+use std::time::Duration;
 
 pub use config::{Config, ConfigError, RawConfig};
 pub use herald_core::{
@@ -104,12 +105,16 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
     }
     let hub = builder
         .idempotency_window(config.idempotency_window)
+        .idempotency_keys(config.idempotency_keys)
+        .idempotency_bytes(config.idempotency_bytes)
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
+        .queue_bytes(config.queue_bytes)
         .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
+        .max_blocks(config.limits.max_blocks)
         .build()?;
     let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
     Ok(Node { hub, cluster })
@@ -157,13 +162,26 @@ pub async fn serve_split(
         metrics_route: config.metrics_listen.is_none(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
+    let settings = listen::ConnectionSettings {
+        header_timeout: config.limits.header_timeout,
+        max_head: config.limits.max_header_bytes * 2,
+        // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel
+        // drops the connection once they stay so for two heartbeat intervals, and the stream
+        // leaves presence.
+        user_timeout: config.heartbeat * 2,
+    };
     if let Some(addr) = config.metrics_listen {
+        // The same accept loop as the main listener: head timeout, head size cap, reserve.
         let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
-                tracing::error!(error = %e, "the metrics listener failed");
-            }
-        });
+        let streams = streams.clone();
+        tokio::spawn(listen::serve(
+            metrics_listener,
+            metrics_app,
+            settings,
+            std::future::pending(),
+            Duration::ZERO,
+            streams,
+        ));
     }
     let local = listener.local_addr()?;
     if !listen::is_loopback(local) {
@@ -179,14 +197,6 @@ pub async fn serve_split(
             );
         }
     }
-    let settings = listen::ConnectionSettings {
-        header_timeout: config.limits.header_timeout,
-        max_head: config.limits.max_header_bytes * 2,
-        // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel
-        // drops the connection once they stay so for two heartbeat intervals, and the stream
-        // leaves presence.
-        user_timeout: config.heartbeat * 2,
-    };
     let stop = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");

@@ -215,6 +215,20 @@ pub const IDEMPOTENCY_WINDOW: Setting = Setting::one(
     "how long an `idempotencyKey` is remembered",
 )
 .default("5m");
+pub const IDEMPOTENCY_KEYS: Setting = Setting::one(
+    "idempotency-keys",
+    "N",
+    "most idempotency keys remembered (in memory; Redis keeps its own with the window as TTL); past it the oldest are forgotten early",
+)
+.default("100000")
+.min("1");
+pub const IDEMPOTENCY_BYTES: Setting = Setting::one(
+    "idempotency-bytes",
+    "N",
+    "most bytes of idempotency keys remembered; past it the oldest are forgotten early",
+)
+.default("33554432")
+.min("1024");
 pub const REDIS: Setting = Setting::one(
     "redis",
     "URL",
@@ -263,6 +277,13 @@ pub const QUEUE: Setting = Setting::one(
     "events queued per connection before it catches up from history instead",
 )
 .default("1024")
+.min("1");
+pub const QUEUE_BYTES: Setting = Setting::one(
+    "queue-bytes",
+    "N",
+    "bytes of events queued per connection before it catches up from history instead (one event always fits); also what one step of a replay holds",
+)
+.default("1048576")
 .min("1");
 pub const MAX_STREAM_AGE: Setting = Setting::one(
     "max-stream-age",
@@ -336,7 +357,7 @@ pub const TRUSTED_PROXY: Setting = Setting::list(
 pub const PUBLISH_RATE: Setting = Setting::one(
     "publish-rate",
     "R",
-    "publish requests per second per publish key, user or IP (token bucket); beyond it 429",
+    "published events per second per publish key, user or IP (token bucket; a batch counts each message); beyond it 429",
 )
 .unset("no limit")
 .above("0");
@@ -347,9 +368,16 @@ pub const PUBLISH_BURST: Setting =
 pub const HEADER_TIMEOUT: Setting = Setting::one(
     "header-timeout",
     "DUR",
-    "time to send a request head, a slowloris guard that also ends idle keep-alive",
+    "time to send a request head, a slowloris guard that also ends idle keep-alive (also on `--metrics-listen`)",
 )
 .default("30s")
+.above("0s");
+pub const BODY_TIMEOUT: Setting = Setting::one(
+    "body-timeout",
+    "DUR",
+    "time to send a whole request body once the head is in; beyond it 408 (with `--max-body` this sets the slowest rate a full body may come at: 1 MiB in 10 s)",
+)
+.default("10s")
 .above("0s");
 pub const MAX_HEADER_BYTES: Setting = Setting::one(
     "max-header-bytes",
@@ -368,6 +396,20 @@ pub const MAX_TOPICS: Setting = Setting::one(
 )
 .default("64")
 .min("1");
+pub const MAX_BATCH: Setting = Setting::one(
+    "max-batch",
+    "N",
+    "most messages in one batch publish; beyond it 413",
+)
+.default("1000")
+.min("1");
+pub const MAX_BLOCKS: Setting = Setting::one(
+    "max-blocks",
+    "N",
+    "most users blocked at once with `?block=`; past it the block that ends soonest is dropped",
+)
+.default("10000")
+.min("1");
 pub const LOG_FORMAT: Setting = Setting::one(
     "log-format",
     "FORMAT",
@@ -385,6 +427,8 @@ pub const SETTINGS: &[Setting] = &[
     HISTORY_BYTES,
     DATA_DIR,
     IDEMPOTENCY_WINDOW,
+    IDEMPOTENCY_KEYS,
+    IDEMPOTENCY_BYTES,
     REDIS,
     REDIS_PREFIX,
     MAX_CONNECTIONS,
@@ -393,6 +437,7 @@ pub const SETTINGS: &[Setting] = &[
     SHUTDOWN_TIMEOUT,
     MAX_SELECTORS,
     QUEUE,
+    QUEUE_BYTES,
     MAX_STREAM_AGE,
     MAX_STREAM_AGE_JITTER,
     JWT_SECRET,
@@ -409,9 +454,12 @@ pub const SETTINGS: &[Setting] = &[
     PUBLISH_RATE,
     PUBLISH_BURST,
     HEADER_TIMEOUT,
+    BODY_TIMEOUT,
     MAX_HEADER_BYTES,
     MAX_URL,
     MAX_TOPICS,
+    MAX_BATCH,
+    MAX_BLOCKS,
     LOG_FORMAT,
 ];
 

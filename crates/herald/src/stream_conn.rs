@@ -24,6 +24,9 @@ use tower::ServiceExt;
 
 /// Frames gathered into one `writev`.
 const MAX_BATCH: usize = 64;
+/// Bytes of frames taken from the stream before they are written: a reader that stalls pins no
+/// more than this here (its queue and replay are bounded by `--queue-bytes`).
+const MAX_PENDING_BYTES: usize = 256 * 1024;
 
 /// What reading the first request head found.
 pub(crate) enum First {
@@ -168,7 +171,10 @@ impl std::future::Future for Writer {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         loop {
-            while !this.done && this.pending.len() < MAX_BATCH {
+            while !this.done
+                && this.pending.len() < MAX_BATCH
+                && this.pending.iter().map(Bytes::len).sum::<usize>() < MAX_PENDING_BYTES
+            {
                 match Pin::new(&mut this.body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Ok(data) = frame.into_data() {

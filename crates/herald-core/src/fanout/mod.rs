@@ -26,7 +26,7 @@ use crate::name::{Selector, UserId};
 pub(crate) use age::{AgePolicy, Ages};
 pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
-pub(crate) use subscriber::{Ending, Offer, Signal, Subscriber};
+pub(crate) use subscriber::{Ending, Offer, QueueBound, Signal, Subscriber};
 
 /// Counts since start, for `/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +60,10 @@ pub(crate) struct Counters {
 pub(crate) struct Fanout {
     pub(crate) history: Arc<dyn History>,
     pub(crate) preamble: bytes::Bytes,
-    queue_capacity: usize,
+    pub(crate) queue: QueueBound,
     pub(crate) max_connections: usize,
     pub(crate) max_selectors: usize,
+    max_blocks: usize,
     registry: RwLock<Registry>,
     /// The newest id whose fan-out has started; read under the registry write lock it tells a new
     /// connection which events it will get live and which it must not.
@@ -94,17 +95,19 @@ impl Fanout {
     pub(crate) fn new(
         history: Arc<dyn History>,
         preamble: bytes::Bytes,
-        queue_capacity: usize,
+        queue: QueueBound,
         max_connections: usize,
         max_selectors: usize,
+        max_blocks: usize,
         ages: AgePolicy,
     ) -> Self {
         Fanout {
             history,
             preamble,
-            queue_capacity,
+            queue,
             max_connections,
             max_selectors,
+            max_blocks,
             registry: RwLock::new(Registry::default()),
             last_fanned_out: AtomicU64::new(0),
             blocked: Mutex::new(HashMap::new()),
@@ -176,12 +179,32 @@ impl Fanout {
     /// `block` refuses that user's new connections for that long. Returns how many were closed.
     pub(crate) fn close_user(&self, user: &UserId, reason: &str, block: Option<Duration>) -> usize {
         if let Some(d) = block.filter(|d| !d.is_zero()) {
-            self.blocked.lock().insert(user.clone(), Instant::now() + d);
+            let now = Instant::now();
+            let until = now
+                .checked_add(d)
+                .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+            let mut blocked = self.blocked.lock();
+            if !blocked.contains_key(user) && blocked.len() >= self.max_blocks {
+                blocked.retain(|_, until| *until > now);
+                if blocked.len() >= self.max_blocks
+                    && let Some(soonest) = blocked
+                        .iter()
+                        .min_by_key(|(_, until)| **until)
+                        .map(|(u, _)| u.clone())
+                {
+                    tracing::warn!(user = %soonest, "too many blocked users: dropping the block that ends soonest");
+                    blocked.remove(&soonest);
+                }
+            }
+            blocked.insert(user.clone(), until);
         }
         let reg = self.registry.read();
+        // Everything fanned out from here on is published after the close: none of it is
+        // delivered, live or from history.
+        let last = EventId(self.last_fanned_out.load(Ordering::Acquire));
         let subs = reg.users.get(user).map_or(&[][..], Vec::as_slice);
         for sub in subs {
-            sub.end(Ending::Closed(reason.to_string()));
+            sub.close_after(last, reason.to_string());
         }
         subs.len()
     }
@@ -223,7 +246,7 @@ impl Fanout {
                 if !sub.may_see(event) {
                     return;
                 }
-                match sub.offer(event, self.queue_capacity, wakers) {
+                match sub.offer(event, self.queue, wakers) {
                     Offer::Skipped => {}
                     Offer::Queued | Offer::Lagging => delivered += 1,
                     Offer::Overflowed => {

@@ -111,8 +111,11 @@ pub trait History: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Stored {
     pub id: EventId,
-    /// `None` for a duplicate.
+    /// `None` for a duplicate or a refused message.
     pub event: Option<Arc<Event>>,
+    /// Its job repeated an idempotency key with another payload, so nothing of it was appended;
+    /// `id` is the claiming event's (0 for the job's other messages).
+    pub refused: bool,
 }
 
 /// A history shared by several hubs (a cluster). Appends claim idempotency keys atomically across
@@ -120,7 +123,13 @@ pub struct Stored {
 #[async_trait]
 pub trait SharedHistory: History {
     /// Appends the messages whose keys are unclaimed; the others get the claiming event's id.
-    async fn append_claiming(&self, messages: Vec<Message>) -> Result<Vec<Stored>, HistoryError>;
+    /// `jobs` splits `messages` into publishes, each all or none: a job that repeats a claimed
+    /// key with another payload appends nothing (its messages come back `refused`).
+    async fn append_claiming(
+        &self,
+        messages: Vec<Message>,
+        jobs: &[usize],
+    ) -> Result<Vec<Stored>, HistoryError>;
 
     /// The events after `after` (`None`: from the oldest), waiting a little when there are none
     /// yet. A gap means events after `after` were dropped before this hub saw them.

@@ -166,24 +166,38 @@ impl EventStream {
             self.out.push_back(frame);
         }
         let mut replayed = 0u64;
+        // A step of a replay holds at most the queue's byte bound; the rest is read again next step.
+        let mut budget = self.hub.queue.bytes;
+        let mut cut_short = false;
         for event in &chunk.events {
+            if budget == 0 {
+                cut_short = true;
+                break;
+            }
             if self.cursor.is_some_and(|c| event.id <= c) {
                 continue;
+            }
+            if !self.sub.deliverable(event.id) {
+                // Published after an operator closed this stream: the replay ends here.
+                self.count_replayed(replayed);
+                return true;
             }
             self.cursor = Some(event.id);
             if self.sub.wants(event) {
                 Route::push(self.route.as_deref(), &self.sub, event, &mut self.out);
+                budget = budget.saturating_sub(event.frame.len());
                 replayed += 1;
             }
         }
-        self.hub
-            .counters
-            .replayed
-            .fetch_add(replayed, Ordering::Relaxed);
+        self.count_replayed(replayed);
         if let Some(c) = self.cursor {
             replay.from = ReadFrom::After(c);
         }
-        chunk.events.len() < REPLAY_CHUNK
+        !cut_short && chunk.events.len() < REPLAY_CHUNK
+    }
+
+    fn count_replayed(&self, n: u64) {
+        self.hub.counters.replayed.fetch_add(n, Ordering::Relaxed);
     }
 
     fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
@@ -221,15 +235,36 @@ impl EventStream {
         }
     }
 
-    fn take_live(&mut self) {
-        // Between two ticks of the hub's expiry timer, an expired token gets nothing more.
-        if self.sub.expires_at_ms.is_some_and(|at| now_ms() >= at) {
-            self.live.clear();
-            self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+    /// Once the token has expired the stream gets nothing more, whatever is queued, replaying
+    /// or still to catch up: only `herald.close`. Checked before every frame, not only by the
+    /// hub's once-a-second expiry timer, so a slow reader cannot drain events past its `exp`.
+    fn end_if_expired(&mut self) {
+        if self.done || !self.sub.expired_at(now_ms()) {
             return;
         }
+        self.out.clear();
+        self.live.clear();
+        if let Some(replay) = self.replay.take() {
+            self.finish_replay(&replay);
+        }
+        self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+        if self.route.is_some() {
+            // An event's routing lines may have gone out without its frame: a blank line ends
+            // them, and a parser dispatches nothing for an event without data.
+            self.out.push_back(Bytes::from_static(b"\n"));
+        }
+        let json = serde_json::json!({ "reason": TOKEN_EXPIRED });
+        self.out
+            .push_back(control_frame(&EventType::reserved("herald.close"), &json));
+        self.done = true;
+    }
+
+    fn take_live(&mut self) {
         for event in self.live.drain(..) {
             if self.cursor.is_some_and(|c| event.id <= c) {
+                continue;
+            }
+            if !self.sub.deliverable(event.id) {
                 continue;
             }
             self.cursor = Some(event.id);
@@ -248,6 +283,9 @@ impl Stream for EventStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let this = &mut *self;
         loop {
+            if this.sub.expires_at_ms.is_some() {
+                this.end_if_expired();
+            }
             if let Some(frame) = this.out.pop_front() {
                 return Poll::Ready(Some(frame));
             }

@@ -41,6 +41,12 @@ pub(crate) async fn subscribe(
         Err(e @ SubscribeError::TooManySelectors { .. }) => {
             return Err(ApiError::new(ErrorCode::TooManySelectors, e.to_string()));
         }
+        Err(e @ SubscribeError::SelectorTooDeep { .. }) => {
+            return Err(ApiError::new(ErrorCode::SelectorTooDeep, e.to_string()));
+        }
+        Err(e @ SubscribeError::TooManySegments { .. }) => {
+            return Err(ApiError::new(ErrorCode::TooManySegments, e.to_string()));
+        }
         Err(e @ SubscribeError::AtCapacity(_)) => {
             app.metrics.limited("connections");
             return Err(ApiError::new(ErrorCode::AtCapacity, e.to_string()));

@@ -74,8 +74,20 @@ pub(crate) async fn messages(
 ) -> Result<Json<Value>, ApiError> {
     let user = user_from_path(path)?;
     // A user may read back their own messages with their own token.
+    // A user may read back their own messages with their own token, unless an operator blocked
+    // them (`DELETE /users/{id}/connections?block=`): then only an admin may.
     match app.auth.caller(&headers)? {
-        Caller::Token(t) if t.user.as_ref() == Some(&user) => {}
+        Caller::Token(t) if t.user.as_ref() == Some(&user) && !t.admin => {
+            if let Some(left) = app.hub.blocked_for(&user) {
+                return Err(ApiError::new(
+                    ErrorCode::UserBlocked,
+                    format!(
+                        "this user is blocked for another {}s",
+                        left.as_secs().max(1)
+                    ),
+                ));
+            }
+        }
         other => other.require_admin()?,
     }
     let mut start = herald_core::Start::All;

@@ -322,6 +322,21 @@ async fn idempotency_keys_hold_across_nodes() {
     assert_eq!(first["id"], again["id"]);
     assert_eq!(again["duplicate"], true);
     assert!(first.get("duplicate").is_none());
+    // The same key with another payload is refused on any node, and nothing is published.
+    let changed = json!({"topic": "pay", "data": "charge twice", "idempotencyKey": "order-7"});
+    let (status, answer) = b.post_json("/publish", &changed).await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (reqwest::StatusCode::CONFLICT, json!("idempotency_conflict")),
+        "{answer}"
+    );
+    let batch = json!([{"topic": "pay", "data": "other"}, changed]);
+    let (status, answer) = a.post_json("/publish", &batch).await;
+    assert_eq!(
+        (status.as_u16(), answer["index"].clone()),
+        (409, json!(1)),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -31,7 +31,19 @@ impl Server {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_herald")), args, env).await
+    }
+
+    /// Starts herald with its open-file limit lowered to `nofile` (through the shell's `ulimit`).
+    pub async fn start_with_nofile(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_herald"));
+        Self::launch(cmd, args, &[]).await
+    }
+
+    async fn launch(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Server {
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")

@@ -426,9 +426,9 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         .post_json(
             "/publish",
             &json!([
-                {"topic": "idem", "data": "form again", "idempotencyKey": "f-1"},
+                {"topic": "idem", "data": "form", "idempotencyKey": "f-1"},
                 {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
-                {"topic": "idem", "data": "fresh again", "idempotencyKey": "b-1"},
+                {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
             ]),
         )
         .await;
@@ -437,6 +437,17 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         (form_id, json!(true))
     );
     assert_eq!(v[1]["id"], v[2]["id"]);
+    // The same key with another payload is refused, not silently dropped (issue 12).
+    let (status, v) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "form again", "idempotencyKey": "f-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"].clone()),
+        (StatusCode::CONFLICT, json!("idempotency_conflict"))
+    );
     s.publish(json!({"topic": "idem", "data": "end"})).await;
     assert_eq!(
         sse.next_data(4).await,
@@ -450,10 +461,18 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     let (_, v) = s
         .post_json(
             "/publish",
-            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+            &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
         )
         .await;
     assert_eq!((v["id"].clone(), v["duplicate"].clone()), (id, json!(true)));
+    // So does what the key was used for: another payload is still a conflict.
+    let (status, _) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]

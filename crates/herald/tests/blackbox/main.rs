@@ -8,6 +8,7 @@ mod cluster;
 mod common;
 mod control;
 mod durable;
+mod hostile;
 mod input;
 mod limits;
 mod resume;
