@@ -1,8 +1,10 @@
-//! `herald pub` and `herald sub`: small command-line clients of a running hub, over plain HTTP.
+//! `herald pub` and `herald sub`: small command-line clients of a running hub, over HTTP or HTTPS
+//! (a private CA with `--ca`, or no verification with `--insecure`), with a token or publish key.
 //! `sub` reconnects like a browser's `EventSource`, with its last event id, until interrupted; it
 //! prints what the hub sends with every control character escaped, so a stream cannot drive the
 //! terminal.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -25,6 +27,12 @@ pub struct PubArgs {
     /// Base URL of the hub.
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Trust this PEM CA certificate (or self-signed certificate) for an https:// hub.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Accept any certificate from an https:// hub (testing only).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
     #[command(flatten)]
     pub credentials: Credentials,
 }
@@ -72,8 +80,33 @@ pub struct SubArgs {
     /// Base URL of the hub.
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Trust this PEM CA certificate (or self-signed certificate) for an https:// hub.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Accept any certificate from an https:// hub (testing only).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
     #[command(flatten)]
     pub credentials: Credentials,
+}
+
+/// An HTTP client trusting what `ca` and `insecure` say (the system's roots otherwise).
+fn http_client(ca: Option<&PathBuf>, insecure: bool) -> anyhow::Result<reqwest::Client> {
+    // reqwest uses the process's rustls provider: ring, as the server does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .with_context(|| format!("{} holds no PEM certificate", path.display()))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    if insecure {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    builder.build().context("cannot set up the HTTP client")
 }
 
 fn endpoint(base: &str, path: &str) -> String {
@@ -95,7 +128,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if !args.user.is_empty() {
         body["users"] = json!(args.user);
     }
-    let request = reqwest::Client::new()
+    let request = http_client(args.ca.as_ref(), args.insecure)?
         .post(endpoint(&args.url, "/publish"))
         .json(&body);
     let response = with_bearer(request, args.credentials.publisher())
@@ -138,7 +171,7 @@ pub fn escape(text: &str) -> String {
 }
 
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = http_client(args.ca.as_ref(), args.insecure)?;
     let mut last_id = args.last_event_id.clone();
     let mut retry = Duration::from_secs(3);
     loop {

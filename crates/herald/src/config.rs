@@ -5,15 +5,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
 use herald_core::Retention;
 
+use crate::acme::AcmeSettings;
 use crate::auth::{Auth, JwtChecks};
 use crate::ipnet::IpNet;
 use crate::settings::{self as s, Value, invalid};
 pub use crate::settings::{ConfigError, RawConfig};
+use crate::tls::{Certificates, TlsFiles};
 
 /// Validated settings of a running hub.
 #[derive(Debug, Clone)]
@@ -43,6 +46,12 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
     pub log_format: LogFormat,
+    /// The certificate served over HTTPS; `None` serves plain HTTP (or ACME's, with `acme`).
+    pub tls: Option<Arc<Certificates>>,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
+    /// Certificates from ACME instead of `tls`.
+    pub acme: Option<AcmeSettings>,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -248,6 +257,7 @@ impl RawConfig {
             max_batch: self.get(&s::MAX_BATCH)?,
             max_blocks: self.get(&s::MAX_BLOCKS)?,
         };
+        let (tls, acme) = self.tls_and_acme()?;
         Ok(Config {
             listen,
             heartbeat,
@@ -271,7 +281,83 @@ impl RawConfig {
             metrics_listen: self.value(&s::METRICS_LISTEN)?,
             limits,
             log_format: self.get(&s::LOG_FORMAT)?,
+            tls,
+            h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
+            acme,
         })
+    }
+
+    /// The source of HTTPS certificates, if any: files (loaded and checked here) or ACME.
+    fn tls_and_acme(
+        &self,
+    ) -> Result<(Option<Arc<Certificates>>, Option<AcmeSettings>), ConfigError> {
+        let cert: Option<PathBuf> = self.value(&s::TLS_CERT)?;
+        let key: Option<PathBuf> = self.value(&s::TLS_KEY)?;
+        let tls = match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Arc::new(
+                Certificates::open(TlsFiles { cert, key })
+                    .map_err(|e| invalid("tls-cert/tls-key", e.to_string()))?,
+            )),
+            (Some(_), None) => return Err(invalid("tls-key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
+        };
+        let domains: Vec<String> = self.list(&s::ACME_DOMAIN)?;
+        let contacts: Vec<String> = self.list(&s::ACME_CONTACT)?;
+        let cache: Option<PathBuf> = self.value(&s::ACME_CACHE)?;
+        let ca_root: Option<PathBuf> = self.value(&s::ACME_CA_ROOT)?;
+        if domains.is_empty() {
+            if self.given(&s::ACME_DIRECTORY)
+                || !contacts.is_empty()
+                || cache.is_some()
+                || ca_root.is_some()
+            {
+                return Err(invalid(
+                    "acme-domain",
+                    "the --acme-* settings need at least one --acme-domain",
+                ));
+            }
+            return Ok((tls, None));
+        }
+        if tls.is_some() {
+            return Err(invalid(
+                "acme-domain",
+                "give --tls-cert/--tls-key or --acme-domain, not both",
+            ));
+        }
+        if let Some(d) = domains
+            .iter()
+            .find(|d| d.is_empty() || d.contains(|c: char| c.is_whitespace() || c == '/'))
+        {
+            return Err(invalid(
+                "acme-domain",
+                format!("'{d}' is not a domain name"),
+            ));
+        }
+        if let Some(c) = contacts.iter().find(|c| !c.contains(':')) {
+            return Err(invalid(
+                "acme-contact",
+                format!("'{c}' is not a URL like mailto:admin@example.com"),
+            ));
+        }
+        let directory: String = self.get(&s::ACME_DIRECTORY)?;
+        if !directory.starts_with("https://") {
+            return Err(invalid(
+                "acme-directory",
+                format!("'{directory}' is not an https:// URL"),
+            ));
+        }
+        let settings = AcmeSettings {
+            domains,
+            directory,
+            contacts,
+            cache,
+            ca_root,
+        };
+        settings
+            .validate()
+            .map_err(|e| invalid("acme-ca-root", e))?;
+        Ok((None, Some(settings)))
     }
 }
 
@@ -343,5 +429,27 @@ mod tests {
         bad(raw().set(&s::ANONYMOUS, "maybe"), "anonymous");
         bad(raw().set(&s::LOG_FORMAT, "xml"), "log-format");
         bad(raw().set(&s::TRUSTED_PROXY, "proxy"), "trusted-proxy");
+        bad(raw().set(&s::H2_MAX_STREAMS, "0"), "h2-max-streams");
+        bad(raw().set(&s::TLS_CERT, "cert.pem"), "tls-key");
+        let acme = || raw().set(&s::ACME_DOMAIN, "push.example.com");
+        bad(
+            acme().set(&s::ACME_CONTACT, "admin@example.com"),
+            "acme-contact",
+        );
+        bad(
+            acme().set(&s::ACME_DIRECTORY, "http://acme.internal/dir"),
+            "acme-directory",
+        );
+        bad(
+            acme().set(&s::ACME_CA_ROOT, "/nonexistent/ca.pem"),
+            "acme-ca-root",
+        );
+        bad(raw().set(&s::ACME_CACHE, "/tmp/acme"), "acme-domain");
+        let c = acme().validate().unwrap();
+        assert_eq!(
+            c.acme.map(|a| a.directory),
+            Some(crate::acme::LETS_ENCRYPT.to_string())
+        );
+        assert_eq!(Config::default().h2_max_streams, 256);
     }
 }

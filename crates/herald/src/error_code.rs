@@ -80,6 +80,8 @@ error_codes! {
     InvalidLimit = "invalid_limit", BAD_REQUEST, retry None, "'limit' is not valid";
     InvalidBlock = "invalid_block", BAD_REQUEST, retry None, "'block' is not a duration";
     InvalidReason = "invalid_reason", BAD_REQUEST, retry None, "'reason' must be 1 to 256 bytes";
+    /// Plain HTTP sent to the HTTPS port (answered in plain HTTP, then the connection closes).
+    HttpsRequired = "https_required", BAD_REQUEST, retry None, "this port speaks HTTPS (TLS): use an https:// URL";
     /// No credentials where they are needed, or a malformed `Authorization` header.
     Unauthorized = "unauthorized", UNAUTHORIZED, retry None, "this needs credentials";
     /// A token that does not verify, has expired, or carries bad claims.

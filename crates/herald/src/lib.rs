@@ -43,6 +43,7 @@
 //! to the user who started it, chunk by chunk, ending with a final event
 //! (`cargo run -p herald --example job_stream`).
 
+pub mod acme;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -52,6 +53,7 @@ pub mod ipnet;
 mod listen;
 pub mod settings;
 mod stream_conn;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
@@ -169,6 +171,7 @@ pub async fn serve_split(
         // drops the connection once they stay so for two heartbeat intervals, and the stream
         // leaves presence.
         user_timeout: config.heartbeat * 2,
+        h2_max_streams: config.h2_max_streams,
     };
     if let Some(addr) = config.metrics_listen {
         // The same accept loop as the main listener: head timeout, head size cap, reserve.
@@ -178,6 +181,7 @@ pub async fn serve_split(
             metrics_listener,
             metrics_app,
             settings,
+            None,
             std::future::pending(),
             Duration::ZERO,
             streams,
@@ -197,6 +201,17 @@ pub async fn serve_split(
             );
         }
     }
+    let tls = match (&config.tls, &config.acme) {
+        (Some(certificates), _) => {
+            certificates.clone().watch();
+            Some(tls::server_config(certificates.clone(), &[]))
+        }
+        (None, Some(settings)) => Some(tls::server_config(
+            acme::start(settings),
+            &[acme::ALPN_ACME],
+        )),
+        (None, None) => None,
+    };
     let stop = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");
@@ -206,6 +221,7 @@ pub async fn serve_split(
         listener,
         app,
         settings,
+        tls,
         stop,
         config.shutdown_timeout,
         streams,

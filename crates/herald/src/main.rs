@@ -37,6 +37,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls (HTTPS, rediss://, the https:// clients) needs one process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The configuration is read before logging starts, since it says how to log; a bad one is
     // reported in the format the flags and env vars asked for, else as text.
     let (command, format) = match cli.command {
@@ -114,8 +116,6 @@ fn start_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
-    // rustls (for rediss://) needs one process-wide crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "open-file limit");
     }
@@ -126,7 +126,12 @@ async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Resul
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("herald listening on http://{addr}");
+    let scheme = if config.tls.is_some() || config.acme.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("herald listening on {scheme}://{addr}");
     tracing::info!(
         %addr,
         data_dir = ?config.data_dir,

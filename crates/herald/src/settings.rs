@@ -417,6 +417,49 @@ pub const LOG_FORMAT: Setting = Setting::one(
 )
 .default("text");
 
+pub const TLS_CERT: Setting = Setting::one(
+    "tls-cert",
+    "FILE",
+    "PEM certificate chain, leaf first; with `--tls-key`, `--listen` serves HTTPS with HTTP/2 and HTTP/1.1 (ALPN); reloaded on SIGHUP or when the files change",
+)
+.unset("none: plain HTTP");
+pub const TLS_KEY: Setting = Setting::one(
+    "tls-key",
+    "FILE",
+    "PEM private key of `--tls-cert` (RSA, ECDSA P-256/P-384 or Ed25519; PKCS#8, PKCS#1 or SEC1)",
+);
+pub const H2_MAX_STREAMS: Setting = Setting::one(
+    "h2-max-streams",
+    "N",
+    "most concurrent streams on one HTTP/2 connection; the client's next ones are refused (`REFUSED_STREAM`), not the connection",
+)
+.default("256")
+.min("1");
+pub const ACME_DOMAIN: Setting = Setting::list(
+    "acme-domain",
+    "NAME",
+    "serve HTTPS with a certificate for NAME from ACME (TLS-ALPN-01 on `--listen`); repeatable; not with `--tls-cert`",
+);
+pub const ACME_DIRECTORY: Setting = Setting::one("acme-directory", "URL", "ACME directory URL")
+    .default("https://acme-v02.api.letsencrypt.org/directory");
+pub const ACME_CONTACT: Setting = Setting::list(
+    "acme-contact",
+    "URL",
+    "contact of the ACME account, e.g. `mailto:admin@example.com`; repeatable",
+);
+pub const ACME_CACHE: Setting = Setting::one(
+    "acme-cache",
+    "DIR",
+    "keep the ACME account and certificates here across restarts",
+)
+.unset("none: order anew at each start");
+pub const ACME_CA_ROOT: Setting = Setting::one(
+    "acme-ca-root",
+    "FILE",
+    "PEM CA to trust for a private ACME server",
+)
+.unset("the web's roots");
+
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
@@ -461,6 +504,14 @@ pub const SETTINGS: &[Setting] = &[
     MAX_BATCH,
     MAX_BLOCKS,
     LOG_FORMAT,
+    TLS_CERT,
+    TLS_KEY,
+    H2_MAX_STREAMS,
+    ACME_DOMAIN,
+    ACME_DIRECTORY,
+    ACME_CONTACT,
+    ACME_CACHE,
+    ACME_CA_ROOT,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a
@@ -607,6 +658,10 @@ impl RawConfig {
     }
 
     /// The value of `setting`: as given, else its default, else `None`; checked against its bounds.
+    /// Whether a value was given (by flag, env var or file), not taken from the default.
+    pub fn given(&self, setting: &Setting) -> bool {
+        self.values.contains_key(setting.name)
+    }
     pub fn value<T: Value>(&self, setting: &Setting) -> Result<Option<T>, ConfigError> {
         debug_assert!(
             find(setting.name).is_some(),
@@ -793,7 +848,10 @@ mod tests {
         assert_eq!(names.len(), SETTINGS.len());
         for s in SETTINGS {
             assert!(
-                s.name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                // Digits too: `h2-max-streams`.
+                s.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
                 "{}",
                 s.name
             );

@@ -1,7 +1,8 @@
-//! The lean path for event streams. A connection whose first request is `GET /events` goes through
-//! the same axum router, but its response is written here, straight to the socket, so an open
-//! stream keeps no HTTP/1 connection state (hyper's buffers) and no chunked framing: ~1 KiB a
-//! stream instead of ~13 KiB. Every other connection is handed to hyper untouched.
+//! The lean path for event streams. A connection whose first request is `GET /events` over
+//! HTTP/1.1 (plain or inside TLS) goes through the same axum router, but its response is written
+//! here, straight to the socket, so an open stream keeps no HTTP/1 connection state (hyper's
+//! buffers) and no chunked framing: ~1 KiB a stream instead of ~13 KiB. Every other connection is
+//! handed to hyper untouched.
 //!
 //! Written by hand because hyper cannot release a connection's buffers while a response is
 //! streaming, and memory per idle stream is what decides how many connections a node holds.
@@ -19,7 +20,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 /// Frames gathered into one `writev`.
@@ -39,12 +39,20 @@ pub(crate) enum First {
 }
 
 /// Reads until the first request head is complete and decides which path serves it.
-pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Duration) -> First {
+pub(crate) async fn read_first<I: AsyncRead + Unpin>(
+    tcp: &mut I,
+    max_head: usize,
+    timeout: Duration,
+) -> First {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
             match tcp.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the first request failed");
+                    return false;
+                }
                 Ok(_) => {}
             }
             if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= max_head {
@@ -56,7 +64,11 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
         Ok(true) => {}
         // Let hyper answer an oversized head (431) itself.
         _ if buf.len() >= max_head => return First::Other(buf.freeze()),
-        _ => return First::Gone,
+        Ok(false) => return First::Gone,
+        Err(_) => {
+            tracing::debug!(?timeout, "no whole request head in time");
+            return First::Gone;
+        }
     }
     match stream_request(&buf) {
         Some(request) => First::Stream(Box::new(request)),
@@ -97,9 +109,10 @@ fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     request.body(Body::empty()).ok()
 }
 
-/// Serves one stream request through `app` and writes the response to `tcp`, then closes it.
-pub(crate) async fn serve(
-    tcp: TcpStream,
+/// Serves one stream request through `app` and writes the response to `tcp` (a socket, or TLS
+/// over one), then closes it.
+pub(crate) async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
+    tcp: I,
     peer: SocketAddr,
     app: Router,
     request: Box<Request<Body>>,
@@ -116,6 +129,7 @@ pub(crate) async fn serve(
         body,
         pending: vec![Bytes::from(head)],
         done: false,
+        flushed: true,
     }
     .await;
 }
@@ -134,16 +148,18 @@ async fn respond(
 /// Writes a response body to the socket: gathers every frame that is ready into one `writev`,
 /// and while idle watches the socket so a peer that leaves ends the stream at once. A hand-written
 /// future so that an open stream costs only these few fields.
-struct Writer {
-    tcp: TcpStream,
+struct Writer<I> {
+    tcp: I,
     body: Body,
     /// Frames not yet (fully) written, in order.
     pending: Vec<Bytes>,
     /// The body has ended: flush what is pending, then close.
     done: bool,
+    /// Nothing written since the last flush (TLS keeps encrypted bytes until flushed).
+    flushed: bool,
 }
 
-impl Writer {
+impl<I> Writer<I> {
     /// Drops the first `n` written bytes from `pending`.
     fn advance(&mut self, mut n: usize) {
         let whole = self.pending.iter().take_while(|b| {
@@ -165,7 +181,7 @@ impl Writer {
     }
 }
 
-impl std::future::Future for Writer {
+impl<I: AsyncRead + AsyncWrite + Unpin> std::future::Future for Writer<I> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -186,22 +202,24 @@ impl std::future::Future for Writer {
                 }
             }
             if this.pending.is_empty() {
-                if this.done {
-                    return Poll::Ready(());
-                }
-                // Idle: a readable socket here means the peer closed (or sent bytes to ignore).
-                match this.tcp.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(())) => {
-                        let mut scratch = [0u8; 64];
-                        match this.tcp.try_read(&mut scratch) {
-                            Ok(0) => return Poll::Ready(()),
-                            Ok(_) => continue,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                            Err(_) => return Poll::Ready(()),
-                        }
+                if !this.flushed {
+                    match Pin::new(&mut this.tcp).poll_flush(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => this.flushed = true,
                     }
+                }
+                if this.done {
+                    // TLS sends its close_notify here, so the client sees a clean end.
+                    return Pin::new(&mut this.tcp).poll_shutdown(cx).map(|_| ());
+                }
+                // Idle: readable bytes here mean the peer closed (or sent bytes to ignore).
+                let mut scratch = [0u8; 64];
+                let mut scratch = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut this.tcp).poll_read(cx, &mut scratch) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if !scratch.filled().is_empty() => continue,
+                    Poll::Ready(_) => return Poll::Ready(()),
                 }
             }
             let mut slices = [IoSlice::new(&[]); MAX_BATCH];
@@ -212,7 +230,10 @@ impl std::future::Future for Writer {
             match Pin::new(&mut this.tcp).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(written)) => this.advance(written),
+                Poll::Ready(Ok(written)) => {
+                    this.flushed = false;
+                    this.advance(written);
+                }
             }
         }
     }
@@ -250,18 +271,18 @@ fn response_head(
 }
 
 /// The bytes read while deciding, then the socket: what hyper serves for every other connection.
-pub(crate) struct Prefixed {
+pub(crate) struct Prefixed<I> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: I,
 }
 
-impl Prefixed {
-    pub(crate) fn new(prefix: Bytes, inner: TcpStream) -> Self {
+impl<I> Prefixed<I> {
+    pub(crate) fn new(prefix: Bytes, inner: I) -> Self {
         Prefixed { prefix, inner }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -277,7 +298,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -139,7 +139,7 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss() {
     sse.opened().await;
     let url = a.url.clone();
     let publisher = tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = crate::common::http_client();
         for i in 0..N {
             let r = http
                 .post(format!("{url}/publish"))
@@ -190,7 +190,7 @@ async fn a_redis_outage_gives_503s_then_everything_accepted_arrives_once() {
         let (url, acked, refused, stop) =
             (a.url.clone(), acked.clone(), refused.clone(), stop.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = http

@@ -38,7 +38,7 @@ async fn every_acknowledged_event_survives_sigkill() {
         let url = s.url.clone();
         let acked = acked.clone();
         publishers.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             for i in 0.. {
                 let data = format!("p{p}-{i}");
                 let sent = http
@@ -384,7 +384,7 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     for _ in 0..20 {
         let url = s.url.clone();
         racers.push(tokio::spawn(async move {
-            let r = reqwest::Client::new()
+            let r = crate::common::http_client()
                 .post(format!("{url}/publish"))
                 .json(
                     &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),

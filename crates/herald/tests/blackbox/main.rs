@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real `herald` binary on port 0 and talks to it over TCP, reading
 //! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
 
+mod acme;
 mod age;
 mod auth;
 mod cli;
@@ -13,3 +14,4 @@ mod input;
 mod limits;
 mod resume;
 mod streams;
+mod tls;
