@@ -3,6 +3,7 @@
 //! data, when it has no line break, is a slice of that frame, so history keeps one copy.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -204,6 +205,8 @@ pub struct Event {
     pub published_at_ms: u64,
     /// The SSE frame, encoded once.
     pub frame: Bytes,
+    /// The routing lines a `route=1` stream writes just before the frame, encoded on first use.
+    route: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -232,12 +235,33 @@ impl Event {
             private: message.private,
             published_at_ms,
             frame,
+            route: OnceLock::new(),
         }
     }
 
     /// Bytes this event holds: its frame, plus its data when that is not a slice of the frame.
     pub fn stored_bytes(&self) -> usize {
         self.frame.len() + self.data.own_bytes(&self.frame)
+    }
+
+    /// The lines that tell a routing client (`GET /events?route=1`) where this event was sent:
+    /// `topic: <t>` per target topic, then `broadcast: 1` for a broadcast. They are SSE fields a
+    /// WHATWG parser ignores, written before `id:` so they belong to the same event. Encoded once
+    /// per event, on first use, so streams that do not ask for them cost nothing. The users a
+    /// message was sent to are not listed: a stream adds only its own user (see [`user_line`]).
+    pub fn route_lines(&self) -> &Bytes {
+        self.route.get_or_init(|| {
+            let mut buf = BytesMut::new();
+            for topic in &self.targets.topics {
+                buf.put_slice(b"topic: ");
+                buf.put_slice(topic.as_str().as_bytes());
+                buf.put_u8(b'\n');
+            }
+            if self.targets.broadcast {
+                buf.put_slice(b"broadcast: 1\n");
+            }
+            buf.freeze()
+        })
     }
 
     /// Private events reach only connections whose rights match one of their topics (or, for a
@@ -375,6 +399,11 @@ pub fn encode_frame(
     buf.freeze()
 }
 
+/// The `user: <id>` line a routing stream of `user` writes before an event sent to that user.
+pub fn user_line(user: &UserId) -> Bytes {
+    Bytes::from(format!("user: {}\n", user.as_str()))
+}
+
 /// A hub control event (`herald.gap`, `herald.close`): no `id:` line, so it never moves a client's last id.
 pub(crate) fn control_frame(event_type: &EventType, json: &serde_json::Value) -> Bytes {
     encode_frame(None, Some(event_type.as_str()), None, &json.to_string())
@@ -439,6 +468,25 @@ mod tests {
             assert_eq!(events[0].id.as_deref(), Some("7"));
             assert_eq!(events[0].event_type, "t");
         }
+    }
+
+    #[test]
+    fn route_lines_name_topics_and_broadcast_and_are_encoded_once() {
+        let topics = Message::to_topic(Topic::new("chat/a").unwrap())
+            .topic(Topic::new("news/x").unwrap())
+            .user(UserId::new("bob").unwrap());
+        let e = Event::new(EventId(1), topics, 0);
+        assert_eq!(&e.route_lines()[..], b"topic: chat/a\ntopic: news/x\n");
+        assert_eq!(
+            e.route_lines().as_ptr(),
+            e.route_lines().as_ptr(),
+            "one encoding"
+        );
+        let b = Event::new(EventId(2), Message::broadcast(), 0);
+        assert_eq!(&b.route_lines()[..], b"broadcast: 1\n");
+        let u = Event::new(EventId(3), Message::to_user(UserId::new("ann").unwrap()), 0);
+        assert!(u.route_lines().is_empty(), "users are never listed");
+        assert_eq!(&user_line(&UserId::new("ann").unwrap())[..], b"user: ann\n");
     }
 
     #[test]

@@ -254,6 +254,9 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// Write each event's routing lines before it (`topic:`, `broadcast:`, and `user:` for a
+    /// message to this connection's user): see [`crate::Event::route_lines`].
+    pub route: bool,
     /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
     pub max_age: Option<Duration>,
 }
@@ -340,7 +343,13 @@ impl Hub {
             )
             .ok_or(SubscribeError::AtCapacity(inner.max_connections))?;
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
-        Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
+        Ok(EventStream::new(
+            self.inner.clone(),
+            sub,
+            start,
+            baseline,
+            req.route,
+        ))
     }
 
     /// Publishes one message.

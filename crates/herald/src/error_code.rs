@@ -55,6 +55,8 @@ error_codes! {
     SelectorTooDeep = "selector_too_deep", BAD_REQUEST, retry None, "a topic selector has too many segments";
     /// A connection's selectors have more than 512 segments together.
     TooManySegments = "too_many_segments", BAD_REQUEST, retry None, "the topic selectors have too many segments in all";
+    /// `route=` is neither `1` nor `0`.
+    InvalidRoute = "invalid_route", BAD_REQUEST, retry None, "'route' must be 1 or 0";
     /// `since=` is neither an event id, a duration nor `all`.
     InvalidSince = "invalid_since", BAD_REQUEST, retry None, "'since' must be an event id, a duration like 1h, or all";
     /// A publish body is not JSON, or not an object or an array of objects.

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::event::{Event, EventId, control_frame, now_ms};
+use crate::event::{Event, EventId, control_frame, now_ms, user_line};
 use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
 use crate::history::{Chunk, Gap, HistoryError, ReadFrom};
 use crate::name::EventType;
@@ -36,7 +36,35 @@ pub struct EventStream {
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
     replay: Option<Replay>,
+    /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
+    /// streams without it stay one pointer bigger, not a `Bytes` bigger.
+    route: Option<Box<Route>>,
     done: bool,
+}
+
+/// What a routing stream writes before each event, so that a client sharing it between several
+/// consumers (herald.js' `share`) knows which of them it is for. The event's frame stays shared.
+#[derive(Debug)]
+struct Route {
+    /// `user: <id>\n` of this connection's user, written before events sent to that user.
+    user_line: Option<Bytes>,
+}
+
+impl Route {
+    fn push(route: Option<&Route>, sub: &Subscriber, event: &Event, out: &mut VecDeque<Bytes>) {
+        if let Some(route) = route {
+            let lines = event.route_lines();
+            if !lines.is_empty() {
+                out.push_back(lines.clone());
+            }
+            if let (Some(line), Some(user)) = (&route.user_line, &sub.user)
+                && event.targets.users.contains(user)
+            {
+                out.push_back(line.clone());
+            }
+        }
+        out.push_back(event.frame.clone());
+    }
 }
 
 impl std::fmt::Debug for EventStream {
@@ -66,7 +94,13 @@ impl EventStream {
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
+        route: bool,
     ) -> Self {
+        let route = route.then(|| {
+            Box::new(Route {
+                user_line: sub.user.as_ref().map(user_line),
+            })
+        });
         let mut out = VecDeque::with_capacity(2);
         out.push_back(hub.preamble.clone());
         let replay = |from, report, forced| Replay {
@@ -99,6 +133,7 @@ impl EventStream {
             live: VecDeque::new(),
             cursor,
             replay,
+            route,
             done: false,
         }
     }
@@ -149,7 +184,7 @@ impl EventStream {
             }
             self.cursor = Some(event.id);
             if self.sub.wants(event) {
-                self.out.push_back(event.frame.clone());
+                Route::push(self.route.as_deref(), &self.sub, event, &mut self.out);
                 budget = budget.saturating_sub(event.frame.len());
                 replayed += 1;
             }
@@ -213,6 +248,11 @@ impl EventStream {
             self.finish_replay(&replay);
         }
         self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+        if self.route.is_some() {
+            // An event's routing lines may have gone out without its frame: a blank line ends
+            // them, and a parser dispatches nothing for an event without data.
+            self.out.push_back(Bytes::from_static(b"\n"));
+        }
         let json = serde_json::json!({ "reason": TOKEN_EXPIRED });
         self.out
             .push_back(control_frame(&EventType::reserved("herald.close"), &json));
@@ -228,7 +268,7 @@ impl EventStream {
                 continue;
             }
             self.cursor = Some(event.id);
-            self.out.push_back(event.frame.clone());
+            Route::push(self.route.as_deref(), &self.sub, &event, &mut self.out);
         }
         // After a burst, give the memory back: idle connections should stay small.
         if self.live.capacity() > 64 {

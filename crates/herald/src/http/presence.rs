@@ -200,7 +200,8 @@ pub(crate) async fn stats(
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let s = app.presence.totals().await.map_err(cluster_unavailable)?;
-    Ok(Json(json!({
+    let nodes = app.presence.nodes().await.map_err(cluster_unavailable)?;
+    let mut body = json!({
         "connections": s.connections,
         "users": s.users,
         "topics": s.topics,
@@ -214,7 +215,15 @@ pub(crate) async fn stats(
         "uptimeSeconds": s.uptime.as_secs(),
         // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
-    })))
+    });
+    // In cluster mode, each live node with its connections.
+    if let Some(nodes) = nodes {
+        body["nodes"] = nodes
+            .into_iter()
+            .map(|(id, connections)| json!({ "id": id, "connections": connections }))
+            .collect();
+    }
+    Ok(Json(body))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

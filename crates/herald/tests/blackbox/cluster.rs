@@ -286,7 +286,20 @@ async fn presence_and_close_are_cluster_wide() {
     c.eventually("/users/u", |v| v["connections"] == 3).await;
     let v = c.eventually("/users", |v| v["count"] == 2).await;
     assert_eq!(v["users"][0], json!({"id": "u", "connections": 3}));
-    c.eventually("/stats", |v| v["connections"] == 4).await;
+    let v = c.eventually("/stats", |v| v["connections"] == 4).await;
+    // Each node with its connections, the asking node first.
+    let mut counts: Vec<u64> = v["nodes"]
+        .as_array()
+        .expect("nodes in cluster mode")
+        .iter()
+        .map(|n| {
+            assert!(n["id"].as_str().is_some_and(|id| !id.is_empty()), "{n}");
+            n["connections"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(counts[0], 0, "c holds no stream: {v}");
+    counts.sort_unstable();
+    assert_eq!(counts, [0, 2, 2]);
     let (status, v) = c.delete("/users/u/connections?reason=logout").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["closed"], 3);
