@@ -486,6 +486,49 @@ async fn streams_past_h2_max_streams_are_refused_and_the_connection_stays() {
     assert_eq!(got, vec![1, 3]);
 }
 
+/// Issue 21: over HTTP/2 a stream that reaches its maximum age ends (END_STREAM), while the
+/// connection and its other streams go on.
+#[tokio::test]
+async fn over_http2_an_aged_stream_ends_and_the_connection_stays() {
+    let server = Server::start(&[]).await;
+    let mut tcp = h2::connect(server.port).await;
+    for (stream, path) in [(1, "/events?topic=age&maxAge=1s"), (3, "/events?topic=age")] {
+        tcp.write_all(&h2::frame(
+            h2::HEADERS,
+            h2::END_STREAM | h2::END_HEADERS,
+            stream,
+            &h2::request_block(path),
+        ))
+        .await
+        .unwrap();
+    }
+    // Stream 1 ends by its age: a frame with END_STREAM, and no GOAWAY or reset.
+    loop {
+        let f = h2::read_frame(&mut tcp).await.expect("connection open");
+        assert_ne!(f.kind, h2::GOAWAY, "the whole connection was closed");
+        assert_ne!(f.kind, h2::RST_STREAM, "a stream was reset, not ended");
+        if f.stream == 1 && f.flags & h2::END_STREAM != 0 {
+            break;
+        }
+        assert!(
+            !(f.stream == 3 && f.flags & h2::END_STREAM != 0),
+            "the stream without an age ended"
+        );
+    }
+    // The same connection still carries stream 3.
+    server
+        .publish(json!({"topic": "age", "data": "after the end"}))
+        .await;
+    loop {
+        let f = h2::read_frame(&mut tcp).await.expect("connection open");
+        assert_ne!(f.kind, h2::GOAWAY);
+        if f.kind == h2::DATA && String::from_utf8_lossy(&f.payload).contains("after the end") {
+            assert_eq!(f.stream, 3);
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_header_flood_is_cut_off_and_disturbs_nothing() {
     let server = Server::start(&[]).await;
