@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::defaults;
 use crate::event::{Event, Message};
 use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
@@ -68,16 +69,16 @@ impl Default for HubBuilder {
             history: None,
             shared: None,
             retention: Retention::default(),
-            idempotency_window: Duration::from_secs(300),
-            idempotency_keys: 100_000,
-            idempotency_bytes: 32 << 20,
-            heartbeat: Duration::from_secs(15),
-            retry: Duration::from_secs(3),
-            queue_capacity: 1024,
-            queue_bytes: 1 << 20,
+            idempotency_window: defaults::IDEMPOTENCY_WINDOW,
+            idempotency_keys: defaults::IDEMPOTENCY_KEYS,
+            idempotency_bytes: defaults::IDEMPOTENCY_BYTES,
+            heartbeat: defaults::HEARTBEAT,
+            retry: defaults::RETRY,
+            queue_capacity: defaults::QUEUE_EVENTS,
+            queue_bytes: defaults::QUEUE_BYTES,
             max_connections: usize::MAX,
-            max_selectors: 64,
-            max_blocks: 10_000,
+            max_selectors: defaults::MAX_SELECTORS,
+            max_blocks: defaults::MAX_BLOCKS,
             ages: AgePolicy::default(),
         }
     }

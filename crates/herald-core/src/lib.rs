@@ -54,6 +54,7 @@
 
 #[cfg(feature = "redis")]
 mod cluster;
+pub mod defaults;
 pub mod duration;
 pub mod event;
 mod fanout;

@@ -853,6 +853,48 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The server's defaults are the engine's (`herald_core::defaults`): an embedding app and
+    /// `herald serve` with no flags behave alike, and a default changed in one place fails here.
+    #[test]
+    fn defaults_are_the_engines() {
+        use herald_core::defaults as core;
+        fn default_of<T: Value>(s: &Setting) -> T {
+            T::parse(
+                s.default
+                    .unwrap_or_else(|| panic!("{} has no default", s.name)),
+            )
+            .unwrap()
+        }
+        assert_eq!(default_of::<Duration>(&HEARTBEAT), core::HEARTBEAT);
+        assert_eq!(default_of::<Duration>(&RETRY), core::RETRY);
+        assert_eq!(default_of::<usize>(&HISTORY), core::HISTORY_EVENTS);
+        assert!(
+            HISTORY_BYTES
+                .unset
+                .starts_with(&format!("`{}`", core::HISTORY_BYTES))
+        );
+        assert_eq!(
+            default_of::<Duration>(&IDEMPOTENCY_WINDOW),
+            core::IDEMPOTENCY_WINDOW
+        );
+        assert_eq!(
+            default_of::<usize>(&IDEMPOTENCY_KEYS),
+            core::IDEMPOTENCY_KEYS
+        );
+        assert_eq!(
+            default_of::<usize>(&IDEMPOTENCY_BYTES),
+            core::IDEMPOTENCY_BYTES
+        );
+        assert_eq!(default_of::<usize>(&QUEUE), core::QUEUE_EVENTS);
+        assert_eq!(default_of::<usize>(&QUEUE_BYTES), core::QUEUE_BYTES);
+        assert_eq!(default_of::<usize>(&MAX_SELECTORS), core::MAX_SELECTORS);
+        assert_eq!(default_of::<usize>(&MAX_BLOCKS), core::MAX_BLOCKS);
+        assert_eq!(
+            default_of::<f64>(&MAX_STREAM_AGE_JITTER),
+            core::STREAM_AGE_JITTER
+        );
+    }
+
     #[test]
     fn names_are_unique_and_flags_look_alike() {
         let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();

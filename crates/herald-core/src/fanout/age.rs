@@ -29,7 +29,7 @@ impl Default for AgePolicy {
     fn default() -> Self {
         AgePolicy {
             max: None,
-            jitter: 0.2,
+            jitter: crate::defaults::STREAM_AGE_JITTER,
         }
     }
 }

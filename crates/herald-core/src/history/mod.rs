@@ -85,12 +85,12 @@ pub struct Retention {
 
 /// The byte bound of a history when none is given: without it, 10,000 events of 1 MiB (the
 /// largest body) would be ~20 GB. Stores that cannot bound bytes (Redis) ignore it.
-pub const DEFAULT_HISTORY_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_HISTORY_BYTES: u64 = crate::defaults::HISTORY_BYTES;
 
 impl Default for Retention {
     fn default() -> Self {
         Retention {
-            max_events: 10_000,
+            max_events: crate::defaults::HISTORY_EVENTS,
             max_age: None,
             max_bytes: Some(DEFAULT_HISTORY_BYTES),
         }
