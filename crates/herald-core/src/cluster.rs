@@ -195,8 +195,8 @@ impl Cluster {
         Ok(counts.into_iter().flatten().sum())
     }
 
-    /// Counters summed over the nodes (`published` and `topics` are the largest any node saw:
-    /// every node fans out every event).
+    /// Counters summed over the nodes (each node counts the publishes it accepted and the
+    /// deliveries it made; `topics` is the largest any node has).
     pub async fn stats(&self) -> Result<Stats, HistoryError> {
         let mut total = self.hub.stats();
         total.users = self.all_users().await?.len();
@@ -215,7 +215,7 @@ impl Cluster {
             let get = |k: &str| s.get(k).copied().unwrap_or(0);
             total.connections += get("connections") as usize;
             total.topics = total.topics.max(get("topics") as usize);
-            total.published = total.published.max(get("published"));
+            total.published += get("published");
             total.delivered += get("delivered");
             total.replayed += get("replayed");
             total.gaps += get("gaps");

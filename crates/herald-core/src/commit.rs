@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Weak;
+use std::sync::atomic::Ordering;
 use std::task::Waker;
 
 use tokio::sync::{mpsc, oneshot};
@@ -64,6 +65,9 @@ impl Inner {
         let mut wakers = Vec::new();
         let (events, delivered) = match appended {
             Ok(events) => {
+                self.counters
+                    .published
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
                 let delivered = self.fan_out(&events, &mut wakers);
                 for event in &events {
                     if let Some(key) = &event.idempotency_key {

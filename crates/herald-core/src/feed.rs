@@ -1,6 +1,8 @@
 //! Cluster mode: publishes go to a shared history, and every hub fans out what it reads back from
 //! that log, in log order and its own events included. A publisher is answered once its events
-//! have been fanned out here, so `delivered` still counts this node's connections.
+//! have been fanned out here, so `delivered` still counts this node's connections. `published`
+//! counts on the node that accepted the publish, `delivered` on the node that queued the event, so
+//! a sum over nodes counts each once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +101,12 @@ pub(crate) async fn commit_shared(
         }
     };
     inner.feed.set_ready(true);
+    // Counted here, on the node that accepted them; every node fans them out (and counts that).
+    let accepted = stored.iter().filter(|s| s.event.is_some()).count();
+    inner
+        .counters
+        .published
+        .fetch_add(accepted as u64, Ordering::Relaxed);
     let newest = stored
         .iter()
         .filter(|s| s.event.is_some())

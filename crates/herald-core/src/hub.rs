@@ -220,6 +220,18 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// Told how many events the start's replay sent, once it is over (not called for `Live`).
+    pub on_replayed: Option<ReplayObserver>,
+}
+
+/// Called with the number of events a connection's replay from history sent (for metrics).
+#[derive(Clone)]
+pub struct ReplayObserver(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for ReplayObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayObserver")
+    }
 }
 
 /// The result of publishing one message.
@@ -240,7 +252,8 @@ pub struct UserMessages {
     pub events: Vec<Arc<Event>>,
 }
 
-/// Counts since start, for `/stats` and `/metrics`.
+/// Counts since start, for `/stats` and `/metrics`. `published` counts the events this node
+/// accepted; `delivered` the queueings this node made (in a cluster, a sum over nodes is the total).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub connections: usize,
@@ -370,7 +383,13 @@ impl Hub {
         drop(reg);
         inner.expiries.add(&sub);
         tracing::debug!(key = sub.key, user = ?sub.user, selectors = ?sub.selectors, start = ?start, "connection opened");
-        Ok(EventStream::new(self.inner.clone(), sub, start, baseline))
+        Ok(EventStream::new(
+            self.inner.clone(),
+            sub,
+            start,
+            baseline,
+            req.on_replayed,
+        ))
     }
 
     /// Publishes one message.
@@ -567,10 +586,8 @@ impl Inner {
             counts.push(delivered);
         }
         drop(reg);
-        let c = &self.counters;
-        c.published
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        c.delivered
+        self.counters
+            .delivered
             .fetch_add(counts.iter().sum::<usize>() as u64, Ordering::Relaxed);
         counts
     }

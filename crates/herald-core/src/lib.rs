@@ -24,8 +24,8 @@ pub use history::{
     RedisOptions, Retention, SharedHistory, Stored,
 };
 pub use hub::{
-    Hub, HubBuilder, HubError, PublishError, Published, Start, Stats, SubscribeError,
-    SubscribeRequest, UserMessages,
+    Hub, HubBuilder, HubError, PublishError, Published, ReplayObserver, Start, Stats,
+    SubscribeError, SubscribeRequest, UserMessages,
 };
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use stream::EventStream;

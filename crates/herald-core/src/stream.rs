@@ -14,7 +14,7 @@ use futures_util::Stream;
 use crate::event::{Event, EventId, control_frame, now_ms};
 use crate::grant::TOKEN_EXPIRED;
 use crate::history::{Chunk, HistoryError, ReadFrom};
-use crate::hub::{Inner, Start};
+use crate::hub::{Inner, ReplayObserver, Start};
 use crate::name::EventType;
 use crate::subscriber::{Ending, Signal, Subscriber};
 
@@ -34,6 +34,8 @@ pub struct EventStream {
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
     replay: Option<Replay>,
+    /// Told the length of the start's replay when it is over.
+    on_replayed: Option<ReplayObserver>,
     done: bool,
 }
 
@@ -55,6 +57,8 @@ struct Replay {
     forced: bool,
     /// Catching up after a queue overflow (the connection counts in the `lagging` gauge until done).
     lagging: bool,
+    /// Events this replay has sent so far.
+    sent: u64,
     read: Option<ReadFuture>,
 }
 
@@ -64,6 +68,7 @@ impl EventStream {
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
+        on_replayed: Option<ReplayObserver>,
     ) -> Self {
         let mut out = VecDeque::with_capacity(2);
         out.push_back(hub.preamble.clone());
@@ -72,6 +77,7 @@ impl EventStream {
             report,
             forced,
             lagging: false,
+            sent: 0,
             read: None,
         };
         let (cursor, replay) = match start {
@@ -96,6 +102,7 @@ impl EventStream {
             live: VecDeque::new(),
             cursor,
             replay,
+            on_replayed,
             done: false,
         }
     }
@@ -147,6 +154,7 @@ impl EventStream {
             .counters
             .replayed
             .fetch_add(replayed, Ordering::Relaxed);
+        replay.sent += replayed;
         if let Some(c) = self.cursor {
             replay.from = ReadFrom::After(c);
         }
@@ -182,9 +190,11 @@ impl EventStream {
         }
     }
 
-    fn finish_replay(&self, replay: &Replay) {
+    fn finish_replay(&mut self, replay: &Replay) {
         if replay.lagging {
             self.hub.counters.lagging.fetch_sub(1, Ordering::Relaxed);
+        } else if let Some(observer) = self.on_replayed.take() {
+            (observer.0)(replay.sent);
         }
     }
 
@@ -249,6 +259,7 @@ impl Stream for EventStream {
                             report: None,
                             forced: false,
                             lagging: true,
+                            sent: 0,
                             read: None,
                         });
                     }

@@ -147,6 +147,7 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
 }
 
 async fn handle(app: AppState, route: Route, request: Request) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let caller = app.auth.caller(request.headers())?;
     if matches!(caller, Caller::Nobody) {
         return Err(ApiError::new(
@@ -189,6 +190,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
         PublishError::EmptyBatch => ApiError::bad_request("empty_batch", "the batch is empty"),
         PublishError::Store(e) => ApiError::unavailable("store_unavailable", &e),
     })?;
+    app.metrics.published(arrived);
     let answers: Vec<Answer> = published
         .into_iter()
         .map(|p| Answer {

@@ -13,14 +13,14 @@ use serde_json::{Value, json};
 use crate::common::{PATIENCE, Server, Sse};
 
 /// A real Redis with an fsynced append-only file, so an acknowledged write survives a kill.
-struct Redis {
+pub(crate) struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 impl Redis {
-    fn start() -> Redis {
+    pub(crate) fn start() -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -79,7 +79,7 @@ impl Drop for Redis {
     }
 }
 
-async fn node(redis: &Redis, extra: &[&str]) -> Server {
+pub(crate) async fn node(redis: &Redis, extra: &[&str]) -> Server {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str(), "--heartbeat", "1s"];
     args.extend_from_slice(extra);

@@ -9,5 +9,6 @@ mod control;
 mod durable;
 mod input;
 mod limits;
+mod metrics;
 mod resume;
 mod streams;
