@@ -10,5 +10,6 @@ mod durable;
 mod input;
 mod limits;
 mod metrics;
+mod readme_tour;
 mod resume;
 mod streams;
