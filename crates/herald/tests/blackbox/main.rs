@@ -8,6 +8,7 @@ mod common;
 mod control;
 mod durable;
 mod input;
+mod languages;
 mod limits;
 mod metrics;
 mod readme_tour;
