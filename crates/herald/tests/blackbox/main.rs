@@ -2,6 +2,7 @@
 //! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
 
 mod auth;
+mod behind_nginx;
 mod cli;
 mod cluster;
 mod common;
