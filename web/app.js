@@ -270,7 +270,7 @@ async function poll() {
     for (const key of ['connections', 'users', 'topics', 'published', 'delivered']) {
       $(`stat-${key}`).textContent = number.format(stats[key]);
     }
-    $('stat-uptime').textContent = fmtUptime(stats.uptime_s);
+    $('stat-uptime').textContent = fmtUptime(stats.uptimeSeconds);
     if (previous && stats.published >= previous.published) {
       const seconds = Math.max(0.001, (now - previous.at) / 1000);
       push('published', (stats.published - previous.published) / seconds);
@@ -284,7 +284,7 @@ async function poll() {
     showUsers(users);
     const hub = $('hub-status');
     hub.dataset.up = 'true';
-    hub.textContent = `hub up ${fmtUptime(stats.uptime_s)}`;
+    hub.textContent = `hub up ${fmtUptime(stats.uptimeSeconds)}`;
   } catch (err) {
     const hub = $('hub-status');
     hub.dataset.up = 'false';

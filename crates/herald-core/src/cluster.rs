@@ -12,9 +12,11 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::event::now_ms;
-use crate::history::HistoryError;
-use crate::hub::{Hub, Stats};
+use crate::fanout::Stats;
+use crate::history::RedisHistory;
+use crate::hub::Hub;
 use crate::name::UserId;
+use crate::presence::{ClusterError, Online, Presence};
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A node whose last report is older than this is gone.
@@ -36,18 +38,15 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> HistoryError {
-    HistoryError::Unavailable(e.to_string())
+fn unavailable(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Unavailable(e.to_string())
 }
 
 impl Cluster {
-    /// Joins the cluster: starts reporting this hub's presence and listening for control messages.
-    pub fn start(
-        hub: Hub,
-        client: redis::Client,
-        conn: ConnectionManager,
-        prefix: &str,
-    ) -> Arc<Cluster> {
+    /// Joins the cluster whose shared history is `store` (the one `hub` was built with): starts
+    /// reporting this hub's presence and listening for control messages, on `store`'s Redis.
+    pub fn start(hub: Hub, store: &RedisHistory) -> Arc<Cluster> {
+        let (client, conn, prefix) = (store.client(), store.connection(), store.prefix());
         let node = format!("{:016x}", rand_id());
         tracing::info!(node, "joined the cluster");
         let cluster = Arc::new(Cluster {
@@ -84,7 +83,7 @@ impl Cluster {
     }
 
     /// Writes this node's users and counters, refreshing their expiry.
-    async fn report(&self) -> Result<(), HistoryError> {
+    async fn report(&self) -> Result<(), ClusterError> {
         let users = self.hub.users(None, usize::MAX);
         let s = self.hub.stats();
         let now = now_ms();
@@ -108,6 +107,7 @@ impl Cluster {
                     ("replayed", s.replayed),
                     ("gaps", s.gaps),
                     ("lagging", s.lagging as u64),
+                    ("aged", s.aged),
                 ],
             )
             .ignore()
@@ -122,7 +122,7 @@ impl Cluster {
     }
 
     /// The other live nodes.
-    async fn peers(&self) -> Result<Vec<String>, HistoryError> {
+    async fn peers(&self) -> Result<Vec<String>, ClusterError> {
         let mut conn = self.conn.clone();
         let since = now_ms().saturating_sub(NODE_TTL_MS);
         let nodes: Vec<String> = conn
@@ -133,7 +133,7 @@ impl Cluster {
     }
 
     /// Every online user with connection counts summed over the nodes.
-    async fn all_users(&self) -> Result<BTreeMap<String, usize>, HistoryError> {
+    async fn all_users(&self) -> Result<BTreeMap<String, usize>, ClusterError> {
         let mut merged: BTreeMap<String, usize> = self
             .hub
             .users(None, usize::MAX)
@@ -160,11 +160,11 @@ impl Cluster {
     }
 
     /// `(count of online users, the page after `after`)`, cluster-wide.
-    pub async fn users(
+    async fn users(
         &self,
         after: Option<&UserId>,
         limit: usize,
-    ) -> Result<(usize, Vec<(String, usize)>), HistoryError> {
+    ) -> Result<(usize, Vec<(String, usize)>), ClusterError> {
         let all = self.all_users().await?;
         let lower = after.map(|u| u.as_str().to_string());
         let page = all
@@ -177,11 +177,11 @@ impl Cluster {
     }
 
     /// Connections of `user` on every node.
-    pub async fn connections_of(&self, user: &UserId) -> Result<usize, HistoryError> {
+    async fn connections_of(&self, user: &UserId) -> Result<usize, ClusterError> {
         Ok(self.hub.connections_of(user) + self.remote_connections_of(user).await?)
     }
 
-    async fn remote_connections_of(&self, user: &UserId) -> Result<usize, HistoryError> {
+    async fn remote_connections_of(&self, user: &UserId) -> Result<usize, ClusterError> {
         let peers = self.peers().await?;
         if peers.is_empty() {
             return Ok(0);
@@ -197,7 +197,7 @@ impl Cluster {
 
     /// Counters summed over the nodes (each node counts the publishes it accepted and the
     /// deliveries it made; `topics` is the largest any node has).
-    pub async fn stats(&self) -> Result<Stats, HistoryError> {
+    async fn stats(&self) -> Result<Stats, ClusterError> {
         let mut total = self.hub.stats();
         total.users = self.all_users().await?.len();
         let peers = self.peers().await?;
@@ -220,18 +220,19 @@ impl Cluster {
             total.replayed += get("replayed");
             total.gaps += get("gaps");
             total.lagging += get("lagging") as usize;
+            total.aged += get("aged");
         }
         Ok(total)
     }
 
     /// Ends `user`'s streams on every node (and blocks new ones for `block`). Returns how many
     /// streams that was: this node's, plus the other nodes' last reported counts.
-    pub async fn close_user(
+    async fn close_user(
         &self,
         user: &UserId,
         reason: &str,
         block: Option<Duration>,
-    ) -> Result<usize, HistoryError> {
+    ) -> Result<usize, ClusterError> {
         let remote = self.remote_connections_of(user).await?;
         let message = json!({
             "op": "close",
@@ -262,6 +263,32 @@ impl Cluster {
         let block = msg["block_ms"].as_u64().map(Duration::from_millis);
         let closed = self.hub.close_user(&user, reason, block);
         tracing::debug!(%user, closed, "closed by another node");
+    }
+}
+
+/// Every node: this one's share read live, the others' from their last reports.
+#[async_trait::async_trait]
+impl Presence for Cluster {
+    async fn online(&self, after: Option<&UserId>, limit: usize) -> Result<Online, ClusterError> {
+        let (count, page) = self.users(after, limit).await?;
+        Ok(Online { count, page })
+    }
+
+    async fn connections(&self, user: &UserId) -> Result<usize, ClusterError> {
+        self.connections_of(user).await
+    }
+
+    async fn close(
+        &self,
+        user: &UserId,
+        reason: &str,
+        block: Option<Duration>,
+    ) -> Result<usize, ClusterError> {
+        self.close_user(user, reason, block).await
+    }
+
+    async fn totals(&self) -> Result<Stats, ClusterError> {
+        self.stats().await
     }
 }
 

@@ -249,7 +249,7 @@ pub(crate) fn control_frame(event_type: &EventType, json: &serde_json::Value) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::{Parser, SseEvent};
+    use crate::sse_parser::{Parser, SseEvent};
 
     fn roundtrip(data: &str) -> Vec<SseEvent> {
         let frame = encode_frame(Some(EventId(7)), Some("t"), None, data);

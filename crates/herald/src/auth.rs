@@ -6,12 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use herald_core::{Grant, Selector, Topic, UserId};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-
-use crate::http::ApiError;
 
 /// How callers are checked. [`Auth::open`] (the default) checks nothing: herald as it was.
 #[derive(Clone, Default)]
@@ -101,16 +99,29 @@ struct Rights {
     admin: bool,
 }
 
-fn unauthorized(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+/// Why a caller is refused. The HTTP layer answers each with its error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials where they are needed, or a malformed `Authorization` header.
+    #[error("{0}")]
+    NoCredentials(String),
+    /// A token that does not verify, has expired, or carries bad claims.
+    #[error("{0}")]
+    InvalidToken(String),
+    /// Needs the publish key or an admin token.
+    #[error("{0}")]
+    NotAdmin(String),
+    /// The token's publish rights do not cover a topic.
+    #[error("{0}")]
+    TopicNotCovered(String),
 }
 
-fn invalid_token(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
+fn unauthorized(message: impl Into<String>) -> AuthError {
+    AuthError::NoCredentials(message.into())
 }
 
-pub(crate) fn forbidden(error: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, error, message)
+fn invalid_token(message: impl Into<String>) -> AuthError {
+    AuthError::InvalidToken(message.into())
 }
 
 impl Auth {
@@ -209,7 +220,7 @@ impl Auth {
 
     /// The caller of a publish or control request: the `Authorization: Bearer` header only (a
     /// cookie would let any page the browser visits publish as its user).
-    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         if self.is_open() {
             return Ok(Caller::Open);
         }
@@ -232,7 +243,7 @@ impl Auth {
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<Caller, AuthError> {
         if self.jwt.is_none() {
             return Ok(Caller::Open);
         }
@@ -246,7 +257,7 @@ impl Auth {
         }
     }
 
-    fn verify(&self, token: &str) -> Result<Token, ApiError> {
+    fn verify(&self, token: &str) -> Result<Token, AuthError> {
         let Some(v) = &self.jwt else {
             return Err(invalid_token(
                 "this hub accepts no tokens, only its publish keys",
@@ -299,32 +310,30 @@ impl Auth {
 
 impl Caller {
     /// Publish keys and admin tokens may send to users, broadcast, and use presence and control.
-    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_admin(&self) -> Result<(), AuthError> {
         match self {
             Caller::Open | Caller::PublishKey(_) => Ok(()),
             Caller::Token(t) if t.admin => Ok(()),
             Caller::Nobody => Err(unauthorized(
                 "give the publish key or an admin token as Authorization: Bearer",
             )),
-            Caller::Token(_) => Err(forbidden(
-                "forbidden",
-                "this needs the publish key or a token with admin rights",
+            Caller::Token(_) => Err(AuthError::NotAdmin(
+                "this needs the publish key or a token with admin rights".into(),
             )),
         }
     }
 
     /// Whether the caller may publish to `topic`.
-    pub(crate) fn require_publish(&self, topic: &Topic) -> Result<(), ApiError> {
+    pub(crate) fn require_publish(&self, topic: &Topic) -> Result<(), AuthError> {
         match self {
             Caller::Open | Caller::PublishKey(_) => Ok(()),
             Caller::Token(t) if t.admin || t.publish.iter().any(|r| r.matches(topic)) => Ok(()),
             Caller::Nobody => Err(unauthorized(
                 "give a token or the publish key as Authorization: Bearer",
             )),
-            Caller::Token(_) => Err(forbidden(
-                "forbidden_topic",
-                format!("the token's publish rights do not cover topic '{topic}'"),
-            )),
+            Caller::Token(_) => Err(AuthError::TopicNotCovered(format!(
+                "the token's publish rights do not cover topic '{topic}'"
+            ))),
         }
     }
 
@@ -339,7 +348,7 @@ impl Caller {
 }
 
 /// The bearer token of `Authorization`, if any; a malformed header is a 401.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use herald_core::sse::{Parser, SseEvent};
+use herald_core::sse_parser::{Parser, SseEvent};
 use serde_json::{Value, json};
 
 #[derive(Debug, clap::Args)]

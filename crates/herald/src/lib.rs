@@ -1,5 +1,7 @@
 //! herald: a Server-Sent Events push hub. This crate is the server around `herald-core`: the HTTP
-//! interface ([`router`]), configuration, and [`run`], the one entry point the binary and tests use.
+//! interface ([`router`]), configuration, auth, the `pub`/`sub` client, and the way to serve: the
+//! binary builds a [`Node`] with [`node_from`] and serves it with [`serve_split`]; [`run`] and
+//! [`serve`] do the same on one runtime.
 //!
 //! # Embedding herald in an axum app
 //!
@@ -44,8 +46,11 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod error_code;
 pub mod http;
+pub mod ipnet;
 mod listen;
+pub mod settings;
 mod stream_conn;
 
 use std::future::Future;
@@ -90,10 +95,9 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         })
         .await
         .map_err(|e| ServeError::Redis(e.to_string()))?;
-        let client = store.client().clone();
-        let conn = store.connection();
-        builder = builder.shared_history(std::sync::Arc::new(store));
-        redis = Some((client, conn, prefix.clone()));
+        let store = std::sync::Arc::new(store);
+        builder = builder.shared_history(store.clone());
+        redis = Some(store);
     } else if let Some(dir) = &config.data_dir {
         let store = herald_core::DurableHistory::open(dir, config.retention)?;
         builder = builder.history(std::sync::Arc::new(store));
@@ -103,12 +107,11 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
+        .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
         .build()?;
-    let cluster = redis.map(|(client, conn, prefix)| {
-        herald_core::Cluster::start(hub.clone(), client, conn, &prefix)
-    });
+    let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
     Ok(Node { hub, cluster })
 }
 

@@ -1,11 +1,14 @@
 //! The `herald` command: `serve` runs the hub; `pub` and `sub` are small clients of a running hub.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herald::RawConfig;
 use herald::client::{PubArgs, SubArgs};
+use herald::config::LogFormat;
+use herald::settings::LOG_FORMAT;
+use herald::{Config, ConfigError, RawConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -34,12 +37,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The configuration is read before logging starts, since it says how to log; a bad one is
+    // reported in the format the flags and env vars asked for, else as text.
+    let (command, format) = match cli.command {
+        Command::Serve(raw) => {
+            let format = raw.get(&LOG_FORMAT).unwrap_or(LogFormat::Text);
+            match raw.load() {
+                Ok(config) => {
+                    let format = config.log_format;
+                    (Run::Serve(Box::new(config)), format)
+                }
+                Err(e) => (Run::Refuse(e), format),
+            }
+        }
+        Command::Pub(args) => (Run::Pub(args), LogFormat::Text),
+        Command::Sub(args) => (Run::Sub(args), LogFormat::Text),
+    };
+    start_logging(format);
     // Two runtimes: one thread for requests, the committer and timers, and one per core for
     // writing event streams, so a busy fan-out never queues a publish behind thousands of writes.
     let runtimes = tokio::runtime::Builder::new_multi_thread()
@@ -62,10 +76,11 @@ fn main() -> ExitCode {
         }
     };
     let result = api.block_on(async {
-        match cli.command {
-            Command::Serve(raw) => serve(*raw, streams.handle().clone()).await,
-            Command::Pub(args) => herald::client::publish(args).await,
-            Command::Sub(args) => herald::client::subscribe(args).await,
+        match command {
+            Run::Serve(config) => serve(*config, streams.handle().clone()).await,
+            Run::Refuse(e) => Err(anyhow::Error::new(e).context("configuration")),
+            Run::Pub(args) => herald::client::publish(args).await,
+            Run::Sub(args) => herald::client::subscribe(args).await,
         }
     });
     match result {
@@ -77,13 +92,33 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(raw: RawConfig, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
+/// What `main` runs, once the configuration is read.
+enum Run {
+    Serve(Box<Config>),
+    Refuse(ConfigError),
+    Pub(PubArgs),
+    Sub(SubArgs),
+}
+
+/// Logs to stderr at `RUST_LOG`'s level (default `info`): text, coloured only when stderr is a
+/// terminal, or one JSON object per line.
+fn start_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
     // rustls (for rediss://) needs one process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "open-file limit");
     }
-    let config = raw.load().context("configuration")?;
     // Open the store before listening: a bad data dir stops startup with its own message.
     let node = herald::node_from(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)

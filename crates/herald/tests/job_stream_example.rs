@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::sse::{Parser, SseEvent};
+use herald_core::sse_parser::{Parser, SseEvent};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

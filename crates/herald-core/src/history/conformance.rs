@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Chunk, History, ReadFrom, Retention};
+use super::{Chunk, Gap, History, ReadFrom, Retention};
 use crate::event::{Event, EventId, Message};
 use crate::name::{EventType, Topic, UserId};
 
@@ -89,7 +89,7 @@ where
 
 async fn empty_store_knows_no_id(h: &Arc<dyn History>) {
     let c = h.read(ReadFrom::After(EventId(99)), 10).await.unwrap();
-    assert_eq!((c.gap, c.events.len()), (Some(None), 0));
+    assert_eq!((c.gap, c.events.len()), (Some(Gap { oldest: None }), 0));
     let c = h.read(ReadFrom::Oldest, 10).await.unwrap();
     assert_eq!((c.gap, c.events.len()), (None, 0));
     let c = h.read(ReadFrom::Since(0), 10).await.unwrap();
@@ -139,17 +139,32 @@ async fn window_and_gap_rules(h: &Arc<dyn History>) {
     let c = h.read(ReadFrom::After(id(0)), 10).await.unwrap();
     assert_eq!(
         (c.gap, ids(&c)),
-        (Some(Some(id(2))), vec![id(2), id(3), id(4)])
+        (
+            Some(Gap {
+                oldest: Some(id(2))
+            }),
+            vec![id(2), id(3), id(4)]
+        )
     );
     // Never issued (newer than the newest).
     let c = h
         .read(ReadFrom::After(EventId(id(4).0 + 1)), 10)
         .await
         .unwrap();
-    assert_eq!(c.gap, Some(Some(id(2))));
+    assert_eq!(
+        c.gap,
+        Some(Gap {
+            oldest: Some(id(2))
+        })
+    );
     // Since the epoch: events were dropped, so that is a gap.
     let c = h.read(ReadFrom::Since(0), 10).await.unwrap();
-    assert_eq!(c.gap, Some(Some(id(2))));
+    assert_eq!(
+        c.gap,
+        Some(Gap {
+            oldest: Some(id(2))
+        })
+    );
 }
 
 async fn age_retention_and_since(h: &Arc<dyn History>) {
@@ -176,7 +191,7 @@ async fn age_retention_and_since(h: &Arc<dyn History>) {
         .unwrap();
     assert_eq!(
         c.gap,
-        Some(Some(b.id)),
+        Some(Gap { oldest: Some(b.id) }),
         "an event in the window was dropped"
     );
     // With nothing published, maintenance applies the age limit.
@@ -191,7 +206,7 @@ async fn age_retention_and_since(h: &Arc<dyn History>) {
         "the newest id still continues"
     );
     let c = h.read(ReadFrom::After(a.id), 10).await.unwrap();
-    assert_eq!(c.gap, Some(None));
+    assert_eq!(c.gap, Some(Gap { oldest: None }));
 }
 
 async fn byte_retention(h: &Arc<dyn History>) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, continues};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
 use crate::event::{Event, EventId, Message, now_ms};
 
 #[derive(Debug)]
@@ -32,24 +32,7 @@ fn size_of(e: &Event) -> u64 {
     (e.data.len() + e.frame.len() + 128) as u64
 }
 
-/// Microseconds since the Unix epoch: the first id of a fresh store.
-pub(crate) fn fresh_base() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(1)
-        .max(1)
-}
-
 impl MemoryHistory {
-    /// Keeps the last `capacity` events.
-    pub fn new(capacity: usize) -> Self {
-        Self::with_retention(Retention {
-            max_events: capacity,
-            ..Retention::default()
-        })
-    }
-
     pub fn with_retention(retention: Retention) -> Self {
         Self::starting_at(retention, fresh_base())
     }
@@ -115,12 +98,12 @@ impl History for MemoryHistory {
                     let skip = oldest.map_or(0, |o| (a.0 + 1).saturating_sub(o.0) as usize);
                     (None, skip)
                 } else {
-                    (Some(oldest), 0)
+                    (Some(Gap { oldest }), 0)
                 }
             }
             ReadFrom::Since(at) => {
                 if ring.dropped_at_ms.is_some_and(|d| d >= at) {
-                    (Some(oldest), 0)
+                    (Some(Gap { oldest }), 0)
                 } else {
                     (
                         None,

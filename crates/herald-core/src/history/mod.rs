@@ -1,9 +1,13 @@
 //! History: where events get their ids and are kept for replay. [`History`] is the trait every store
 //! implements (in memory, durable on disk); each must pass the conformance suite in `conformance`.
 
+#[cfg(feature = "durable")]
 mod durable;
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
+#[cfg(any(feature = "durable", feature = "redis"))]
+mod row;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -15,8 +19,10 @@ use async_trait::async_trait;
 
 use crate::event::{Event, EventId, Message};
 
+#[cfg(feature = "durable")]
 pub use durable::{DurableHistory, OpenError};
 pub use memory::MemoryHistory;
+#[cfg(feature = "redis")]
 pub use redis::{RedisHistory, RedisOptions};
 
 /// A store failure. Publishing answers 503 on it; nothing is half-applied.
@@ -44,10 +50,17 @@ pub enum ReadFrom {
 pub struct Chunk {
     /// Set when events the read asked for may be missing: dropped by retention, or (for
     /// [`ReadFrom::After`]) the id was never issued. Then `events` starts at the oldest retained
-    /// event; this holds that oldest id (`None` when nothing is retained).
-    pub gap: Option<Option<EventId>>,
+    /// event.
+    pub gap: Option<Gap>,
     /// Events in id order.
     pub events: Vec<Arc<Event>>,
+}
+
+/// Events a read asked for may be missing; what follows starts at the oldest retained event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// The oldest retained event's id (`None` when nothing is retained).
+    pub oldest: Option<EventId>,
 }
 
 /// What a store keeps. Whichever limit is reached first drops the oldest events.
@@ -138,4 +151,13 @@ pub(crate) fn continues(after: u64, first_issued: u64, next: u64, oldest: Option
     let newest = next - 1;
     let floor = oldest.map_or(newest, |o| o.saturating_sub(1));
     after >= floor && after <= newest
+}
+
+/// Microseconds since the Unix epoch: the first id of a fresh store.
+pub(crate) fn fresh_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1)
 }

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
-use super::durable::{decode_row, encode_row};
-use super::{Chunk, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use super::row::{decode_row, encode_row};
+use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
@@ -135,6 +135,7 @@ pub struct RedisHistory {
     /// Holds the newest id dropped by retention.
     dropped: String,
     key_prefix: String,
+    prefix: String,
     retention: Retention,
     window_ms: u64,
     /// For appends and reads; reconnects by itself.
@@ -219,6 +220,7 @@ impl RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
             key_prefix: format!("{}:idem:", options.prefix),
+            prefix: options.prefix.clone(),
             retention: options.retention,
             window_ms: options.idempotency_window.as_millis().max(1) as u64,
             conn,
@@ -230,12 +232,17 @@ impl RedisHistory {
     }
 
     /// The client, for the cluster's presence and control channel.
-    pub fn client(&self) -> &Client {
-        &self.client
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The prefix of every key, shared by the cluster's presence keys.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
@@ -259,7 +266,7 @@ impl RedisHistory {
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
         Ok(Chunk {
-            gap: gap.then_some(oldest),
+            gap: gap.then_some(Gap { oldest }),
             events: entries(range)?,
         })
     }

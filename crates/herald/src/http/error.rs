@@ -1,38 +1,42 @@
-//! The one HTTP error type: a status, a stable machine code and a human message as a JSON body.
-//! Server-side causes are logged here and never leak into the body.
+//! The one HTTP error type: an [`ErrorCode`] (which fixes the status), a human message as a JSON
+//! body, and the mapping of the auth layer's refusals. Server-side causes are logged here and
+//! never leak into the body.
 
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+use crate::auth::AuthError;
+use crate::error_code::ErrorCode;
+
+#[derive(Debug)]
 pub struct ApiError {
-    #[serde(skip)]
-    pub status: StatusCode,
-    pub error: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// The failing element of a batch.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
-    /// Seconds for a `Retry-After` header.
-    #[serde(skip)]
+    /// Seconds for a `Retry-After` header (the code's own, unless set).
     pub retry_after: Option<u64>,
 }
 
+/// The JSON body.
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
-            error,
+            code,
             message: message.into(),
             index: None,
-            retry_after: None,
+            retry_after: code.retry_after(),
         }
-    }
-
-    pub fn bad_request(error: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, error, message)
     }
 
     pub fn at_index(mut self, index: usize) -> Self {
@@ -45,24 +49,41 @@ impl ApiError {
         self
     }
 
-    /// A failure of ours: logs `cause`, answers 503 with a safe message.
-    pub fn unavailable(error: &'static str, cause: &dyn std::fmt::Display) -> Self {
-        tracing::error!(%cause, error, "request failed");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            error,
-            "the hub cannot do this right now; retry later",
-        )
-        .retry_after(1)
+    /// A failure of ours: logs `cause`, answers with the code's safe message.
+    pub fn unavailable(code: ErrorCode, cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%cause, error = code.as_str(), "request failed");
+        Self::from(code)
+    }
+}
+
+impl From<ErrorCode> for ApiError {
+    /// The code with its general message.
+    fn from(code: ErrorCode) -> Self {
+        ApiError::new(code, code.message())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = match &e {
+            AuthError::NoCredentials(_) => ErrorCode::Unauthorized,
+            AuthError::InvalidToken(_) => ErrorCode::InvalidToken,
+            AuthError::NotAdmin(_) => ErrorCode::Forbidden,
+            AuthError::TopicNotCovered(_) => ErrorCode::ForbiddenTopic,
+        };
+        ApiError::new(code, e.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status;
-        let retry_after = self.retry_after;
-        let mut response = (status, Json(self)).into_response();
-        if let Some(s) = retry_after {
+        let body = Body {
+            error: self.code.as_str(),
+            message: &self.message,
+            index: self.index,
+        };
+        let mut response = (self.code.status(), Json(body)).into_response();
+        if let Some(s) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -14,7 +14,8 @@ use herald_core::{
 };
 
 use super::{ApiError, AppState, form_pairs, limits};
-use crate::auth::{Caller, forbidden};
+use crate::auth::Caller;
+use crate::error_code::ErrorCode;
 
 pub(crate) async fn subscribe(
     State(app): State<AppState>,
@@ -32,37 +33,25 @@ pub(crate) async fn subscribe(
         .map_err(|limit| {
             app.metrics.limited(limit);
             ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
+                ErrorCode::TooManyConnections,
                 match limit {
                     "connections_per_ip" => "this address holds as many streams as it may",
                     _ => "this user holds as many streams as it may",
                 },
             )
-            .retry_after(5)
         })?;
     let stream = match app.hub.subscribe(request) {
         Ok(stream) => stream,
         Err(SubscribeError::Blocked(_)) => return Ok(StatusCode::NO_CONTENT.into_response()),
         Err(e @ SubscribeError::TooManySelectors { .. }) => {
-            return Err(ApiError::bad_request("too_many_selectors", e.to_string()));
+            return Err(ApiError::new(ErrorCode::TooManySelectors, e.to_string()));
         }
         Err(e @ SubscribeError::AtCapacity(_)) => {
             app.metrics.limited("connections");
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "at_capacity",
-                e.to_string(),
-            )
-            .retry_after(5));
+            return Err(ApiError::new(ErrorCode::AtCapacity, e.to_string()));
         }
         Err(e @ SubscribeError::ShuttingDown) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                e.to_string(),
-            )
-            .retry_after(1));
+            return Err(ApiError::new(ErrorCode::ShuttingDown, e.to_string()));
         }
     };
     // The slot goes back when hyper drops the body, that is when the stream ends.
@@ -94,16 +83,14 @@ fn authorize(
         Caller::Open | Caller::PublishKey(_) => return Ok(()),
         Caller::Nobody if !app.auth.allows_anonymous() => {
             return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "subscribing needs a token (Authorization: Bearer, the herald_token cookie or access_token)",
             ));
         }
         Caller::Nobody => {
             if request.user.is_some() {
                 return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "naming a user needs that user's token",
                 ));
             }
@@ -111,14 +98,14 @@ fn authorize(
         Caller::Token(token) => {
             match (&request.user, &token.user) {
                 (Some(asked), Some(sub)) if asked != sub => {
-                    return Err(forbidden(
-                        "forbidden_user",
+                    return Err(ApiError::new(
+                        ErrorCode::ForbiddenUser,
                         format!("the token is for another user than '{asked}'"),
                     ));
                 }
                 (Some(asked), None) => {
-                    return Err(forbidden(
-                        "forbidden_user",
+                    return Err(ApiError::new(
+                        ErrorCode::ForbiddenUser,
                         format!("the token names no user, so it cannot connect as '{asked}'"),
                     ));
                 }
@@ -129,8 +116,8 @@ fn authorize(
     }
     let grant = caller.grant();
     if let Some(s) = request.selectors.iter().find(|s| !grant.covers(s)) {
-        return Err(forbidden(
-            "forbidden_selector",
+        return Err(ApiError::new(
+            ErrorCode::ForbiddenSelector,
             format!("the token's subscribe rights do not cover '{s}'"),
         ));
     }
@@ -150,8 +137,8 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
         match key.as_str() {
             "topic" => {
                 let selector = Selector::new(&value).map_err(|e| {
-                    ApiError::bad_request(
-                        "invalid_selector",
+                    ApiError::new(
+                        ErrorCode::InvalidSelector,
                         format!("topic selector '{value}' {e}"),
                     )
                 })?;
@@ -159,15 +146,16 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
             }
             "user" => {
                 if request.user.is_some() {
-                    return Err(ApiError::bad_request("invalid_user", "give user once"));
+                    return Err(ApiError::new(ErrorCode::InvalidUser, "give user once"));
                 }
                 let user = UserId::new(&value)
-                    .map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))?;
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("user id {e}")))?;
                 request.user = Some(user);
             }
             "lastEventId" => query_last_id = Some(value),
             "access_token" => access_token = Some(value),
             "since" => since = Some(parse_since(&value)?),
+            "maxAge" => request.max_age = Some(parse_max_age(&value)?),
             // Anything else (cache busters, later options) is ignored.
             _ => {}
         }
@@ -187,6 +175,21 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
     Ok((request, access_token))
 }
 
+/// `maxAge=DURATION`: the longest this stream may live (the hub's own limit wins when shorter).
+fn parse_max_age(value: &str) -> Result<std::time::Duration, ApiError> {
+    let invalid = |why: &str| {
+        ApiError::new(
+            ErrorCode::InvalidMaxAge,
+            format!("'maxAge' must be a duration of at least 1s, like 5m; got '{value}'{why}"),
+        )
+    };
+    let age = herald_core::duration::parse_duration(value).map_err(|_| invalid(""))?;
+    if age < std::time::Duration::from_secs(1) {
+        return Err(invalid(" (too short)"));
+    }
+    Ok(age)
+}
+
 /// `since=ID|DURATION|all`: after an event id, within a duration before now, or all retained.
 pub fn parse_since(value: &str) -> Result<Start, ApiError> {
     if value == "all" {
@@ -198,8 +201,8 @@ pub fn parse_since(value: &str) -> Result<Start, ApiError> {
     herald_core::duration::parse_duration(value)
         .map(Start::Since)
         .map_err(|_| {
-            ApiError::bad_request(
-                "invalid_since",
+            ApiError::new(
+                ErrorCode::InvalidSince,
                 format!("'since' must be an event id, a duration like 1h, or all; got '{value}'"),
             )
         })

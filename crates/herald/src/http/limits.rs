@@ -4,104 +4,19 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{Extensions, HeaderMap, StatusCode};
+use axum::http::{Extensions, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use herald_core::UserId;
 use parking_lot::Mutex;
 
 use super::{ApiError, AppState};
-
-/// The limits in force (all off by default, except the head and URL sizes).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub per_ip: usize,
-    pub per_user: usize,
-    pub trusted_proxies: Vec<IpNet>,
-    /// Requests per second and burst size of each publisher's token bucket.
-    pub publish_rate: Option<(f64, f64)>,
-    pub header_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_url: usize,
-    pub max_topics: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            per_ip: usize::MAX,
-            per_user: usize::MAX,
-            trusted_proxies: Vec::new(),
-            publish_rate: None,
-            header_timeout: Duration::from_secs(30),
-            max_header_bytes: 16 * 1024,
-            max_url: 8 * 1024,
-            max_topics: 64,
-        }
-    }
-}
-
-/// An address block such as `10.0.0.0/8`, or one address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for IpNet {
-    type Err = &'static str;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| "is not an IP address or CIDR block")?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or("has a bad prefix length")?,
-        };
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses count as the IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
+pub use crate::config::Limits;
+use crate::error_code::ErrorCode;
+use crate::ipnet::canonical;
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest address in
 /// `X-Forwarded-For` that is not a trusted proxy. `None` when served without connection info
@@ -256,8 +171,7 @@ pub(crate) async fn check_head(
     if url > limits.max_url {
         app.metrics.limited("url_too_long");
         return ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             format!(
                 "the URL is {url} bytes long, the limit is {}",
                 limits.max_url
@@ -274,8 +188,7 @@ pub(crate) async fn check_head(
     if head > limits.max_header_bytes {
         app.metrics.limited("header_too_large");
         return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header_too_large",
+            ErrorCode::HeaderTooLarge,
             format!(
                 "the request head is {head} bytes, the limit is {}",
                 limits.max_header_bytes
@@ -290,21 +203,7 @@ pub(crate) async fn check_head(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-
-    #[test]
-    fn ip_nets() {
-        let n: IpNet = "10.0.0.0/8".parse().unwrap();
-        assert!(n.contains("10.1.2.3".parse().unwrap()));
-        assert!(!n.contains("11.0.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.0.0.1".parse().unwrap()));
-        let one: IpNet = "::1".parse().unwrap();
-        assert!(one.contains("::1".parse().unwrap()));
-        assert!(!one.contains("::2".parse().unwrap()));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("1.2.3.4".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
-        assert!("proxy".parse::<IpNet>().is_err());
-    }
+    use std::time::Duration;
 
     #[test]
     fn forwarded_for_is_read_only_from_trusted_proxies() {

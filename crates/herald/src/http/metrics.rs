@@ -229,6 +229,8 @@ pub(crate) async fn render(State(app): State<AppState>) -> Response {
     m.counter("herald_replayed_total", vec![])
         .absolute(s.replayed);
     m.counter("herald_gaps_total", vec![]).absolute(s.gaps);
+    m.counter("herald_streams_ended_by_age_total", vec![])
+        .absolute(s.aged);
     let mut response = m.handle.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -13,12 +13,13 @@ mod web;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{delete, get, post};
 use herald_core::Hub;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Auth;
+use crate::error_code::ErrorCode;
 pub use error::ApiError;
 pub use events::parse_since;
 pub use limits::Limits;
@@ -28,7 +29,7 @@ pub use publish::parse_body as parse_publish_body;
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
-    /// Largest request body accepted, in bytes (default 1 MiB).
+    /// Largest request body accepted, in bytes.
     pub max_body: usize,
     /// Origins allowed by CORS; `*` allows any origin without credentials. Empty: no CORS headers.
     pub cors_origins: Vec<HeaderValue>,
@@ -42,12 +43,14 @@ pub struct HttpOptions {
 }
 
 impl Default for HttpOptions {
+    /// The defaults of `herald serve`.
     fn default() -> Self {
+        let config = crate::config::Config::default();
         HttpOptions {
-            max_body: 1 << 20,
+            max_body: config.max_body,
             cors_origins: Vec::new(),
             auth: Auth::open(),
-            limits: Limits::default(),
+            limits: config.limits,
             metrics_route: true,
             cluster: None,
         }
@@ -63,7 +66,8 @@ pub(crate) struct AppState {
     pub limits: Arc<Limits>,
     pub connections: Arc<limits::Connections>,
     pub publish_rate: Arc<limits::PublishRate>,
-    pub cluster: Option<Arc<herald_core::Cluster>>,
+    /// Presence and control: the cluster's when there is one, else this hub's.
+    pub presence: Arc<dyn herald_core::Presence>,
 }
 
 /// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
@@ -103,6 +107,10 @@ pub fn router_with(hub: Hub, options: HttpOptions) -> Router {
 
 /// [`router_with`], plus a router serving only `/metrics` of the same hub (for `--metrics-listen`).
 pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
+    let presence: Arc<dyn herald_core::Presence> = match options.cluster {
+        Some(cluster) => cluster,
+        None => Arc::new(hub.clone()),
+    };
     let state = AppState {
         hub,
         max_body: options.max_body,
@@ -111,7 +119,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         limits: Arc::new(options.limits),
         connections: Arc::default(),
         publish_rate: Arc::default(),
-        cluster: options.cluster,
+        presence,
     };
     let metrics_only = Router::new()
         .route("/metrics", get(metrics::render))
@@ -136,14 +144,8 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
     }
     let mut app = app
         .merge(web::routes())
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+        .fallback(|| async { ApiError::from(ErrorCode::NotFound) })
+        .method_not_allowed_fallback(|| async { ApiError::from(ErrorCode::MethodNotAllowed) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::check_head,
@@ -189,7 +191,7 @@ pub(crate) fn form_pairs(input: &[u8]) -> Result<Vec<(String, String)>, ApiError
         percent_encoding::percent_decode(&plus)
             .decode_utf8()
             .map(|s| s.into_owned())
-            .map_err(|_| ApiError::bad_request("invalid_encoding", "a field is not valid UTF-8"))
+            .map_err(|_| ApiError::from(ErrorCode::InvalidEncoding))
     };
     input
         .split(|&b| b == b'&')
@@ -221,8 +223,8 @@ mod tests {
             ]
         );
         assert_eq!(
-            form_pairs(b"data=%FF").unwrap_err().error,
-            "invalid_encoding"
+            form_pairs(b"data=%FF").unwrap_err().code,
+            ErrorCode::InvalidEncoding
         );
     }
 }

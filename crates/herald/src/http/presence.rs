@@ -4,17 +4,23 @@
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::{HeaderMap, Uri};
-use herald_core::UserId;
 use herald_core::duration::parse_duration;
+use herald_core::{ClusterError, Online, UserId};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, form_pairs};
 
 use crate::auth::Caller;
+use crate::error_code::ErrorCode;
 
 /// Presence and control need the publish key or an admin token.
 fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    app.auth.caller(headers)?.require_admin()
+    Ok(app.auth.caller(headers)?.require_admin()?)
+}
+
+/// The other nodes' shares of presence could not be read.
+fn cluster_unavailable(e: ClusterError) -> ApiError {
+    ApiError::unavailable(ErrorCode::ClusterUnavailable, &e)
 }
 
 const PAGE_DEFAULT: usize = 100;
@@ -23,8 +29,8 @@ const PAGE_MAX: usize = 1000;
 pub(crate) fn user_from_path(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<UserId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
-    UserId::new(&raw).map_err(|e| ApiError::bad_request("invalid_user", format!("user id {e}")))
+    let Path(raw) = path.map_err(|e| ApiError::new(ErrorCode::InvalidUser, e.body_text()))?;
+    UserId::new(&raw).map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("user id {e}")))
 }
 
 pub(crate) async fn users(
@@ -40,26 +46,17 @@ pub(crate) async fn users(
             "limit" => limit = parse_limit(&value)?,
             "after" => {
                 after = Some(UserId::new(&value).map_err(|e| {
-                    ApiError::bad_request("invalid_user", format!("'after': user id {e}"))
+                    ApiError::new(ErrorCode::InvalidUser, format!("'after': user id {e}"))
                 })?)
             }
             _ => {}
         }
     }
-    let (count, page): (usize, Vec<(String, usize)>) = match &app.cluster {
-        Some(cluster) => cluster
-            .users(after.as_ref(), limit)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => (
-            app.hub.stats().users,
-            app.hub
-                .users(after.as_ref(), limit)
-                .into_iter()
-                .map(|(u, n)| (u.as_str().to_string(), n))
-                .collect(),
-        ),
-    };
+    let Online { count, page } = app
+        .presence
+        .online(after.as_ref(), limit)
+        .await
+        .map_err(cluster_unavailable)?;
     let page: Vec<Value> = page
         .into_iter()
         .map(|(id, connections)| json!({ "id": id, "connections": connections }))
@@ -94,7 +91,7 @@ pub(crate) async fn messages(
         .hub
         .user_messages(&user, &start, limit)
         .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", &e))?;
+        .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
     let messages: Vec<Value> = found
         .events
         .iter()
@@ -103,13 +100,15 @@ pub(crate) async fn messages(
                 "id": e.id.to_string(),
                 "event": e.event_type.as_ref().map(|t| t.as_str()),
                 "data": e.data,
+                "publishedAtMs": e.published_at_ms,
+                // The snake_case name of earlier releases, kept for one more release.
                 "published_at_ms": e.published_at_ms,
             })
         })
         .collect();
     let gap = found
         .gap
-        .map(|oldest| json!({ "oldest": oldest.map(|o| o.to_string()) }));
+        .map(|gap| json!({ "oldest": gap.oldest.map(|o| o.to_string()) }));
     Ok(Json(
         json!({ "id": user.as_str(), "messages": messages, "gap": gap }),
     ))
@@ -121,8 +120,8 @@ fn parse_limit(value: &str) -> Result<usize, ApiError> {
         .ok()
         .filter(|n| (1..=PAGE_MAX).contains(n))
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_limit",
+            ApiError::new(
+                ErrorCode::InvalidLimit,
                 format!("'limit' must be a number from 1 to {PAGE_MAX}"),
             )
         })
@@ -135,13 +134,11 @@ pub(crate) async fn user(
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let user = user_from_path(path)?;
-    let connections = match &app.cluster {
-        Some(cluster) => cluster
-            .connections_of(&user)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.connections_of(&user),
-    };
+    let connections = app
+        .presence
+        .connections(&user)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(json!({
         "id": user.as_str(),
         "online": connections > 0,
@@ -165,28 +162,23 @@ pub(crate) async fn close(
             "block" => {
                 block =
                     Some(parse_duration(&value).map_err(|e| {
-                        ApiError::bad_request("invalid_block", format!("'block': {e}"))
+                        ApiError::new(ErrorCode::InvalidBlock, format!("'block': {e}"))
                     })?)
             }
             "reason" => {
                 if value.is_empty() || value.len() > 256 {
-                    return Err(ApiError::bad_request(
-                        "invalid_reason",
-                        "'reason' must be 1 to 256 bytes",
-                    ));
+                    return Err(ApiError::from(ErrorCode::InvalidReason));
                 }
                 reason = value;
             }
             _ => {}
         }
     }
-    let closed = match &app.cluster {
-        Some(cluster) => cluster
-            .close_user(&user, &reason, block)
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.close_user(&user, &reason, block),
-    };
+    let closed = app
+        .presence
+        .close(&user, &reason, block)
+        .await
+        .map_err(cluster_unavailable)?;
     Ok(Json(json!({ "closed": closed })))
 }
 
@@ -195,13 +187,7 @@ pub(crate) async fn stats(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
-    let s = match &app.cluster {
-        Some(cluster) => cluster
-            .stats()
-            .await
-            .map_err(|e| ApiError::unavailable("cluster_unavailable", &e))?,
-        None => app.hub.stats(),
-    };
+    let s = app.presence.totals().await.map_err(cluster_unavailable)?;
     Ok(Json(json!({
         "connections": s.connections,
         "users": s.users,
@@ -211,6 +197,9 @@ pub(crate) async fn stats(
         "replayed": s.replayed,
         "gaps": s.gaps,
         "lagging": s.lagging,
+        "endedByAge": s.aged,
+        "uptimeSeconds": s.uptime.as_secs(),
+        // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
     })))
 }
@@ -225,11 +214,6 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, A
     if app.hub.is_ready() {
         Ok(Json(json!({ "ready": true })))
     } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "this node cannot reach its shared history",
-        )
-        .retry_after(1))
+        Err(ApiError::from(ErrorCode::NotReady))
     }
 }

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, Request, State, rejection::PathRejection};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::{EventType, Message, PublishError, Targets, Topic, UserId};
 use serde::Serialize;
@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use super::{ApiError, AppState, form_pairs, limits};
 use crate::auth::Caller;
+use crate::error_code::ErrorCode;
 
 /// Which targets a route takes from the body.
 #[derive(Debug, Clone)]
@@ -72,16 +73,16 @@ fn authorize(caller: &Caller, messages: &[Message], max_targets: usize) -> Resul
         let t = &m.targets;
         let at = |e: ApiError| if messages.len() > 1 { e.at_index(i) } else { e };
         if t.topics.len() + t.users.len() > max_targets {
-            return Err(at(ApiError::bad_request(
-                "too_many_targets",
+            return Err(at(ApiError::new(
+                ErrorCode::TooManyTargets,
                 format!("a message may have at most {max_targets} topics and users"),
             )));
         }
         for topic in &t.topics {
-            caller.require_publish(topic).map_err(at)?;
+            caller.require_publish(topic).map_err(|e| at(e.into()))?;
         }
         if t.broadcast || !t.users.is_empty() {
-            caller.require_admin().map_err(at)?;
+            caller.require_admin().map_err(|e| at(e.into()))?;
         }
     }
     Ok(())
@@ -106,12 +107,7 @@ fn rate_limit(app: &AppState, caller: &Caller, request: &Request) -> Result<(), 
         .take(&key, rate, burst, std::time::Instant::now())
         .map_err(|wait| {
             app.metrics.limited("publish_rate");
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many publishes; retry later",
-            )
-            .retry_after(wait)
+            ApiError::from(ErrorCode::RateLimited).retry_after(wait)
         })
 }
 
@@ -121,13 +117,7 @@ enum Format {
 }
 
 fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
-    let unsupported = || {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send application/json or application/x-www-form-urlencoded",
-        )
-    };
+    let unsupported = || ApiError::from(ErrorCode::UnsupportedMediaType);
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -151,8 +141,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     let caller = app.auth.caller(request.headers())?;
     if matches!(caller, Caller::Nobody) {
         return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "publishing needs a token or the publish key as Authorization: Bearer",
         ));
     }
@@ -162,8 +151,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     let format = format_of(&headers)?;
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("the body is larger than {} bytes", app.max_body),
         )
     };
@@ -183,12 +171,9 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     };
     authorize(&caller, &messages, app.limits.max_topics)?;
     let published = app.hub.publish_batch(messages).await.map_err(|e| match e {
-        PublishError::NoTarget { index } => {
-            ApiError::bad_request("no_target", "give topic, topics, users or broadcast")
-                .at_index(index)
-        }
-        PublishError::EmptyBatch => ApiError::bad_request("empty_batch", "the batch is empty"),
-        PublishError::Store(e) => ApiError::unavailable("store_unavailable", &e),
+        PublishError::NoTarget { index } => ApiError::from(ErrorCode::NoTarget).at_index(index),
+        PublishError::EmptyBatch => ApiError::from(ErrorCode::EmptyBatch),
+        PublishError::Store(e) => ApiError::unavailable(ErrorCode::StoreUnavailable, &e),
     })?;
     app.metrics.published(arrived);
     let answers: Vec<Answer> = published
@@ -208,20 +193,18 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
 
 fn parse_json(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiError> {
     let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))?;
     match value {
         Value::Object(obj) => Ok((vec![message_from_json(&obj, route)?], false)),
-        Value::Array(items) if items.is_empty() => {
-            Err(ApiError::bad_request("empty_batch", "the batch is empty"))
-        }
+        Value::Array(items) if items.is_empty() => Err(ApiError::from(ErrorCode::EmptyBatch)),
         Value::Array(items) => {
             let messages = items
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
                     Value::Object(obj) => message_from_json(obj, route).map_err(|e| e.at_index(i)),
-                    _ => Err(ApiError::bad_request(
-                        "invalid_json",
+                    _ => Err(ApiError::new(
+                        ErrorCode::InvalidJson,
                         format!("batch element {i} is not a JSON object"),
                     )
                     .at_index(i)),
@@ -229,29 +212,33 @@ fn parse_json(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiEr
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((messages, true))
         }
-        _ => Err(ApiError::bad_request(
-            "invalid_json",
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidJson,
             "the body must be a JSON object or an array of objects",
         )),
     }
 }
 
 fn field_error(field: &str, problem: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request("invalid_field", format!("'{field}' {problem}"))
+    ApiError::new(ErrorCode::InvalidField, format!("'{field}' {problem}"))
 }
 
 fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
-    Topic::new(s)
-        .map_err(|e| ApiError::bad_request("invalid_topic", format!("'{field}': topic '{s}' {e}")))
+    Topic::new(s).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidTopic,
+            format!("'{field}': topic '{s}' {e}"),
+        )
+    })
 }
 
 fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
     UserId::new(s)
-        .map_err(|e| ApiError::bad_request("invalid_user", format!("'{field}': user id {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("'{field}': user id {e}")))
 }
 
 fn event_type(s: &str) -> Result<EventType, ApiError> {
-    EventType::new(s).map_err(|e| ApiError::bad_request("invalid_event", format!("'event' {e}")))
+    EventType::new(s).map_err(|e| ApiError::new(ErrorCode::InvalidEvent, format!("'event' {e}")))
 }
 
 fn idempotency_key(s: &str) -> Result<String, ApiError> {
@@ -307,12 +294,9 @@ impl Draft {
         }
         let data = self
             .data
-            .ok_or_else(|| ApiError::bad_request("missing_data", "'data' is required"))?;
+            .ok_or_else(|| ApiError::from(ErrorCode::MissingData))?;
         if targets.is_empty() {
-            return Err(ApiError::bad_request(
-                "no_target",
-                "give topic, topics, users or broadcast",
-            ));
+            return Err(ApiError::from(ErrorCode::NoTarget));
         }
         let mut message = Message::to_targets(targets).data(data);
         message.event_type = self.event;
@@ -327,7 +311,7 @@ fn target_not_taken(field: &str) -> ApiError {
 }
 
 fn unknown_field(field: &str) -> ApiError {
-    ApiError::bad_request("unknown_field", format!("unknown field '{field}'"))
+    ApiError::new(ErrorCode::UnknownField, format!("unknown field '{field}'"))
 }
 
 /// Builds a message from a JSON object; every field is checked, unknown fields are refused.
@@ -336,8 +320,8 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
     let targets_allowed = matches!(route, Route::Publish);
     for (one, many) in [("topic", "topics"), ("user", "users")] {
         if obj.contains_key(one) && obj.contains_key(many) {
-            return Err(ApiError::bad_request(
-                "conflicting_fields",
+            return Err(ApiError::new(
+                ErrorCode::ConflictingFields,
                 format!("give '{one}' or '{many}', not both"),
             ));
         }
@@ -467,7 +451,7 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_problem() {
-        let code = |body: &str| json(body).unwrap_err().error;
+        let code = |body: &str| json(body).unwrap_err().code.as_str();
         assert_eq!(
             code(r#"{"topic":"a","topics":["b"],"data":""}"#),
             "conflicting_fields"
@@ -541,13 +525,13 @@ mod tests {
         assert!(m.targets.broadcast);
         assert_eq!(m.data, "hi");
         let e = parse_form(b"topic=a&data=1&data=2", &Route::Publish).unwrap_err();
-        assert_eq!(e.error, "invalid_field");
+        assert_eq!(e.code, ErrorCode::InvalidField);
         let route = Route::User(UserId::new("u").unwrap());
         let m = parse_form(b"data=x&event=e", &route).unwrap();
         assert_eq!(m.targets.users[0].as_str(), "u");
         assert_eq!(
-            parse_form(b"data=x&topic=a", &route).unwrap_err().error,
-            "invalid_field"
+            parse_form(b"data=x&topic=a", &route).unwrap_err().code,
+            ErrorCode::InvalidField
         );
     }
 }

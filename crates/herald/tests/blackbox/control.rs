@@ -275,10 +275,14 @@ async fn stats_health_and_metrics() {
         "topics",
         "published",
         "delivered",
-        "uptime_s",
+        "uptimeSeconds",
     ] {
         assert!(v[key].is_u64(), "{key} in {v}");
     }
+    assert_eq!(
+        v["uptime_s"], v["uptimeSeconds"],
+        "the old name, for one release"
+    );
     assert_eq!(
         (v["published"].as_u64(), v["delivered"].as_u64()),
         (Some(2), Some(1))

@@ -353,6 +353,13 @@ async fn a_users_messages_as_json() {
     assert_eq!(messages[0]["id"], first);
     assert_eq!(messages[0]["event"], "note");
     assert_eq!(messages[1]["data"], r#"{"two":2}"#);
+    for m in messages {
+        assert!(m["publishedAtMs"].as_u64().is_some_and(|t| t > 0), "{m}");
+        assert_eq!(
+            m["published_at_ms"], m["publishedAtMs"],
+            "the old name, for one release"
+        );
+    }
     assert_eq!(v["gap"], Value::Null);
     let (_, v) = s.get(&format!("/users/u1/messages?since={first}")).await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);

@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real `herald` binary on port 0 and talks to it over TCP, reading
 //! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
 
+mod age;
 mod auth;
 mod behind_nginx;
 mod cli;

@@ -1,7 +1,7 @@
 //! README's "A tour with curl", executed: every `sh` block of that section runs in order against a
 //! fresh hub (the real binary, on a free port), and every output shown after a command, or marked
 //! as a subscriber's stream, must be what the commands print. Normalised: event ids (compared as
-//! offsets from the first id, so their order and spacing count), `date:` headers, `uptime_s`, and
+//! offsets from the first id, so their order and spacing count), `date:` headers, uptimes, and
 //! heartbeat comments. Markers are HTML comments, invisible on GitHub:
 //! `<!-- tour: background NAME -->` before a command that keeps running (a subscriber),
 //! `<!-- tour: stream NAME -->` before what that subscriber has printed so far, and
@@ -113,7 +113,7 @@ impl Normaliser {
                 out.push_str(&rest[..i]);
                 let digits: String = rest[i..].chars().take_while(char::is_ascii_digit).collect();
                 rest = &rest[i + digits.len()..];
-                if out.ends_with("\"uptime_s\":") {
+                if out.ends_with("\"uptime_s\":") || out.ends_with("\"uptimeSeconds\":") {
                     out.push_str("<n>");
                 } else if digits.len() >= 15 {
                     let id: u128 = digits.parse().unwrap();

@@ -1,6 +1,8 @@
 //! One connection's outgoing SSE frames: preamble, gap notice, replay from history, then live events,
 //! heartbeats and the closing event. Frames are the events' shared `Bytes`; nothing is re-encoded.
 
+mod start;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,11 +14,11 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use crate::event::{Event, EventId, control_frame, now_ms};
-use crate::grant::TOKEN_EXPIRED;
-use crate::history::{Chunk, HistoryError, ReadFrom};
-use crate::hub::{Inner, ReplayObserver, Start};
+use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
+use crate::history::{Chunk, Gap, HistoryError, ReadFrom};
 use crate::name::EventType;
-use crate::subscriber::{Ending, Signal, Subscriber};
+pub(crate) use start::FirstRead;
+pub use start::Start;
 
 /// Events read from history per step of a replay.
 const REPLAY_CHUNK: usize = 256;
@@ -24,9 +26,20 @@ static HEARTBEAT: &[u8] = b":\n\n";
 
 type ReadFuture = Pin<Box<dyn Future<Output = Result<Chunk, HistoryError>> + Send>>;
 
+/// Called with the number of events a connection's replay from history sent, once that replay is
+/// over (for metrics; never for a live start or a catch-up after a queue overflow).
+#[derive(Clone)]
+pub struct ReplayObserver(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for ReplayObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayObserver")
+    }
+}
+
 /// The stream of SSE frames for one connection. Dropping it unregisters the connection.
 pub struct EventStream {
-    hub: Arc<Inner>,
+    hub: Arc<Fanout>,
     sub: Arc<Subscriber>,
     out: VecDeque<Bytes>,
     live: VecDeque<Arc<Event>>,
@@ -64,7 +77,7 @@ struct Replay {
 
 impl EventStream {
     pub(crate) fn new(
-        hub: Arc<Inner>,
+        hub: Arc<Fanout>,
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
@@ -80,20 +93,21 @@ impl EventStream {
             sent: 0,
             read: None,
         };
-        let (cursor, replay) = match start {
-            Start::Live => (baseline, None),
-            Start::After(raw) => match EventId::parse(&raw) {
-                Some(id) => (
-                    Some(id),
-                    Some(replay(ReadFrom::After(id), Some(Some(raw)), false)),
-                ),
-                None => (None, Some(replay(ReadFrom::Oldest, Some(Some(raw)), true))),
-            },
-            Start::Since(d) => {
-                let at = now_ms().saturating_sub(d.as_millis().min(u128::from(u64::MAX)) as u64);
-                (None, Some(replay(ReadFrom::Since(at), Some(None), false)))
+        let (cursor, replay) = match start.first_read() {
+            None => (baseline, None),
+            Some(read) => {
+                // A gap names the client's raw id, or no id for a time.
+                let report = match start {
+                    Start::After(raw) => Some(Some(raw)),
+                    Start::Since(_) => Some(None),
+                    Start::Live | Start::All => None,
+                };
+                let cursor = match read.from {
+                    ReadFrom::After(id) => Some(id),
+                    ReadFrom::Oldest | ReadFrom::Since(_) => None,
+                };
+                (cursor, Some(replay(read.from, report, read.unknown_id)))
             }
-            Start::All => (None, Some(replay(ReadFrom::Oldest, None, false))),
         };
         EventStream {
             hub,
@@ -105,11 +119,6 @@ impl EventStream {
             on_replayed,
             done: false,
         }
-    }
-
-    /// The user this connection belongs to, if any.
-    pub fn user(&self) -> Option<&crate::name::UserId> {
-        self.sub.user.as_ref()
     }
 
     fn gap_frame(&self, last_event_id: Option<&str>, oldest: Option<EventId>) -> Bytes {
@@ -125,7 +134,7 @@ impl EventStream {
     fn apply_chunk(&mut self, replay: &mut Replay, chunk: Chunk) -> bool {
         let report = replay.report.take();
         let forced = std::mem::take(&mut replay.forced);
-        if let Some(oldest) = chunk.gap {
+        if let Some(Gap { oldest }) = chunk.gap {
             let shown = report.unwrap_or_else(|| match replay.from {
                 ReadFrom::After(a) => Some(a.to_string()),
                 _ => None,
@@ -232,8 +241,8 @@ impl Stream for EventStream {
                 return Poll::Ready(None);
             }
             if let Some(replay) = this.replay.take() {
-                // A shutdown does not wait for a long replay to finish.
-                if this.sub.is_shutting_down() {
+                // A shutdown or an aged stream does not wait for a long replay to finish.
+                if this.sub.is_ending_quietly() {
                     this.finish_replay(&replay);
                     this.done = true;
                     continue;
@@ -271,6 +280,10 @@ impl Stream for EventStream {
                     this.done = true;
                 }
                 Poll::Ready(Signal::Ending(Ending::Shutdown)) => this.done = true,
+                Poll::Ready(Signal::Ending(Ending::Aged)) => {
+                    this.hub.counters.aged.fetch_add(1, Ordering::Relaxed);
+                    this.done = true;
+                }
             }
         }
     }
@@ -279,6 +292,7 @@ impl Stream for EventStream {
 impl Drop for EventStream {
     fn drop(&mut self) {
         self.hub.expiries.remove(&self.sub);
+        self.hub.ages.remove(&self.sub);
         // Unregister first: no new overflow can be counted after this.
         self.hub.unregister(&self.sub);
         // An unfinished catch-up and an overflow not yet taken each counted once.

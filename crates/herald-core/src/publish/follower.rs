@@ -12,10 +12,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::commit::Job;
+use super::job::{Job, PublishError, Published};
 use crate::event::{EventId, Message};
+use crate::fanout::Fanout;
 use crate::history::SharedHistory;
-use crate::hub::{Inner, PublishError, Published};
 
 /// Per-event local delivery counts kept for publishers still waiting for their answer.
 const RECENT: usize = 65_536;
@@ -78,7 +78,8 @@ impl Feed {
 /// Appends a group of publishes to the shared history, then answers each publisher once the
 /// follower has fanned its events out (without holding up the next group).
 pub(crate) async fn commit_shared(
-    inner: &Arc<Inner>,
+    hub: &Fanout,
+    feed: &Arc<Feed>,
     shared: &Arc<dyn SharedHistory>,
     jobs: Vec<Job>,
 ) {
@@ -93,35 +94,34 @@ pub(crate) async fn commit_shared(
     let stored = match shared.append_claiming(messages).await {
         Ok(stored) => stored,
         Err(e) => {
-            inner.feed.set_ready(false);
+            feed.set_ready(false);
             for reply in replies {
                 let _ = reply.send(Err(PublishError::Store(e.clone())));
             }
             return;
         }
     };
-    inner.feed.set_ready(true);
+    feed.set_ready(true);
     // Counted here, on the node that accepted them; every node fans them out (and counts that).
     let accepted = stored.iter().filter(|s| s.event.is_some()).count();
-    inner
-        .counters
+    hub.counters
         .published
-        .fetch_add(accepted as u64, Ordering::Relaxed);
+        .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);
     let newest = stored
         .iter()
         .filter(|s| s.event.is_some())
         .map(|s| s.id)
         .max();
-    let inner = inner.clone();
+    let feed = feed.clone();
     tokio::spawn(async move {
         if let Some(newest) = newest {
-            let mut seen = inner.feed.watermark.subscribe();
+            let mut seen = feed.watermark.subscribe();
             let _ = tokio::time::timeout(ANSWER_WAIT, seen.wait_for(|w| *w >= newest.0)).await;
         }
         let mut answers = stored.into_iter().map(|s| Published {
             id: s.id,
             delivered: if s.event.is_some() {
-                inner.feed.delivered(s.id)
+                feed.delivered(s.id)
             } else {
                 0
             },
@@ -137,28 +137,30 @@ pub(crate) async fn commit_shared(
 /// order. When the history is unreachable it retries from where it stopped, so nothing is
 /// skipped; if events were trimmed before this hub read them, every connection catches up from
 /// history itself (and learns of the gap).
-pub(crate) async fn follow(hub: Weak<Inner>, shared: Arc<dyn SharedHistory>) {
+pub(crate) async fn follow(hub: Weak<Fanout>, feed: Arc<Feed>, shared: Arc<dyn SharedHistory>) {
     let mut cursor = loop {
         match shared.newest().await {
             Ok(newest) => break newest,
             Err(e) => {
-                let Some(inner) = hub.upgrade() else { return };
+                if hub.strong_count() == 0 {
+                    return;
+                }
                 tracing::debug!(error = %e, "waiting for the shared history");
-                inner.feed.set_ready(false);
+                feed.set_ready(false);
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     if let (Some(c), Some(inner)) = (cursor, hub.upgrade()) {
         inner.start_at(c);
-        inner.feed.watermark.send_replace(c.0);
+        feed.watermark.send_replace(c.0);
     }
     loop {
         let result = shared.follow(cursor, 512).await;
         let Some(inner) = hub.upgrade() else { return };
         match result {
             Ok(chunk) => {
-                inner.feed.set_ready(true);
+                feed.set_ready(true);
                 if chunk.gap.is_some() {
                     tracing::warn!(after = ?cursor, "events were trimmed before this node read them");
                     inner.lag_everyone();
@@ -169,15 +171,13 @@ pub(crate) async fn follow(hub: Weak<Inner>, shared: Arc<dyn SharedHistory>) {
                 let mut wakers = Vec::new();
                 let counts = inner.fan_out(&chunk.events, &mut wakers);
                 wakers.into_iter().for_each(std::task::Waker::wake);
-                inner
-                    .feed
-                    .record(chunk.events.iter().map(|e| e.id), &counts);
+                feed.record(chunk.events.iter().map(|e| e.id), &counts);
                 cursor = Some(last);
-                inner.feed.watermark.send_replace(last.0);
+                feed.watermark.send_replace(last.0);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "following the shared history failed");
-                inner.feed.set_ready(false);
+                feed.set_ready(false);
                 drop(inner);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

@@ -18,6 +18,17 @@ pub enum Ending {
     Closed(String),
     /// The hub is shutting down: the stream just ends, so clients reconnect with their last id.
     Shutdown,
+    /// The stream reached its maximum age: it just ends, and clients reconnect with their last
+    /// id (to whichever node the load balancer picks now).
+    Aged,
+}
+
+impl Ending {
+    /// Whether the stream ends without `herald.close` and without first catching up what an
+    /// overflow dropped: the client resumes from its last id instead.
+    pub(crate) fn is_quiet(&self) -> bool {
+        matches!(self, Ending::Shutdown | Ending::Aged)
+    }
 }
 
 #[derive(Debug)]
@@ -29,6 +40,8 @@ pub(crate) struct Subscriber {
     pub(crate) grant: Grant,
     /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
     pub(crate) expires_at_ms: Option<u64>,
+    /// When the stream reaches its maximum age (ms after the hub's `Ages` origin).
+    pub(crate) ends_at_ms: Option<u64>,
     inbox: Mutex<Inbox>,
 }
 
@@ -74,6 +87,7 @@ impl Subscriber {
         selectors: Vec<Selector>,
         grant: Grant,
         expires_at_ms: Option<u64>,
+        ends_at_ms: Option<u64>,
     ) -> Self {
         Subscriber {
             key,
@@ -81,6 +95,7 @@ impl Subscriber {
             selectors,
             grant,
             expires_at_ms,
+            ends_at_ms,
             inbox: Mutex::new(Inbox::default()),
         }
     }
@@ -148,9 +163,13 @@ impl Subscriber {
         }
     }
 
-    /// Whether the hub is shutting down this stream.
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.inbox.lock().ending == Some(Ending::Shutdown)
+    /// Whether this stream is ending quietly (shutdown or age), so a replay need not finish.
+    pub(crate) fn is_ending_quietly(&self) -> bool {
+        self.inbox
+            .lock()
+            .ending
+            .as_ref()
+            .is_some_and(Ending::is_quiet)
     }
 
     /// Makes the writer catch up from history, as after an overflow. True if it was not lagging.
@@ -186,10 +205,10 @@ impl Subscriber {
                 lagging: false,
             });
         }
-        // A closed stream first catches up what its overflow dropped; a shutdown does not wait
-        // (clients resume from their last id on the next hub).
+        // A closed stream first catches up what its overflow dropped; a quiet ending does not
+        // wait (clients resume from their last id, on the next hub after a shutdown).
         if let Some(ending) = &inbox.ending
-            && (!inbox.lagging || *ending == Ending::Shutdown)
+            && (!inbox.lagging || ending.is_quiet())
         {
             return Poll::Ready(Signal::Ending(ending.clone()));
         }

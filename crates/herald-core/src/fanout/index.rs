@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::subscriber::Subscriber;
 use crate::name::{Selector, Topic};
-use crate::subscriber::Subscriber;
 
 #[derive(Debug, Default)]
 pub(crate) struct SelectorIndex {
@@ -142,6 +142,7 @@ mod tests {
             None,
             Vec::new(),
             Default::default(),
+            None,
             None,
         ))
     }

@@ -1,0 +1,345 @@
+//! The hub's shared state, below every other part of it: the open connections (registry, users,
+//! selector index), their counters, token deadlines and admission, and fan-out, which queues an
+//! event into every matching inbox and never waits on a subscriber. The committer, the cluster
+//! follower, the streams and the hub sit above this module and depend on it; it knows none of them.
+
+mod age;
+mod expiries;
+mod index;
+mod subscriber;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use slab::Slab;
+
+use crate::event::{Event, EventId, now_ms};
+use crate::grant::Grant;
+use crate::history::History;
+use crate::name::{Selector, UserId};
+
+pub(crate) use age::{AgePolicy, Ages};
+pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
+use index::SelectorIndex;
+pub(crate) use subscriber::{Ending, Offer, Signal, Subscriber};
+
+/// Counts since start, for `/stats` and `/metrics`. `published` counts the events this node
+/// accepted (by the committer), `delivered` the queueings this node made (in `fan_out`), so in a
+/// cluster a sum over nodes is the total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub users: usize,
+    /// Distinct selectors currently subscribed.
+    pub topics: usize,
+    pub published: u64,
+    pub delivered: u64,
+    pub replayed: u64,
+    pub gaps: u64,
+    /// Connections whose queue overflowed and that have not yet caught up from history.
+    pub lagging: usize,
+    /// Streams that ended because they reached their maximum age.
+    pub aged: u64,
+    pub uptime: Duration,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) lagging: AtomicUsize,
+    pub(crate) aged: AtomicU64,
+}
+
+/// The state the hub's parts share. Held by the hub and by every open stream.
+pub(crate) struct Fanout {
+    pub(crate) history: Arc<dyn History>,
+    pub(crate) preamble: bytes::Bytes,
+    queue_capacity: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_selectors: usize,
+    registry: RwLock<Registry>,
+    /// The newest id whose fan-out has started; read under the registry write lock it tells a new
+    /// connection which events it will get live and which it must not.
+    last_fanned_out: AtomicU64,
+    pub(crate) blocked: Mutex<HashMap<UserId, Instant>>,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) expiries: Expiries,
+    pub(crate) ages: Ages,
+    pub(crate) counters: Counters,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    subs: Slab<Arc<Subscriber>>,
+    users: BTreeMap<UserId, Vec<Arc<Subscriber>>>,
+    index: SelectorIndex,
+}
+
+impl Fanout {
+    pub(crate) fn new(
+        history: Arc<dyn History>,
+        preamble: bytes::Bytes,
+        queue_capacity: usize,
+        max_connections: usize,
+        max_selectors: usize,
+        ages: AgePolicy,
+    ) -> Self {
+        Fanout {
+            history,
+            preamble,
+            queue_capacity,
+            max_connections,
+            max_selectors,
+            registry: RwLock::new(Registry::default()),
+            last_fanned_out: AtomicU64::new(0),
+            blocked: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            expiries: Expiries::default(),
+            ages: Ages::new(ages),
+            counters: Counters::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Registers a connection, unless the hub is at its connection limit. Returns it with the
+    /// newest id whose fan-out has started (the events it will not get live).
+    pub(crate) fn register(
+        &self,
+        user: Option<UserId>,
+        selectors: Vec<Selector>,
+        grant: Grant,
+        expires_at_ms: Option<u64>,
+        max_age: Option<Duration>,
+    ) -> Option<(Arc<Subscriber>, Option<EventId>)> {
+        let mut reg = self.registry.write();
+        if reg.subs.len() >= self.max_connections {
+            return None;
+        }
+        let entry = reg.subs.vacant_entry();
+        let sub = Arc::new(Subscriber::new(
+            entry.key(),
+            user,
+            selectors,
+            grant,
+            expires_at_ms,
+            self.ages.plan(max_age),
+        ));
+        entry.insert(sub.clone());
+        if let Some(user) = &sub.user {
+            reg.users.entry(user.clone()).or_default().push(sub.clone());
+        }
+        for selector in &sub.selectors {
+            reg.index.insert(selector, &sub);
+        }
+        let baseline = match self.last_fanned_out.load(Ordering::Acquire) {
+            0 => None,
+            id => Some(EventId(id)),
+        };
+        drop(reg);
+        self.expiries.add(&sub);
+        self.ages.add(&sub);
+        Some((sub, baseline))
+    }
+
+    /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.
+    pub(crate) fn users(&self, after: Option<&UserId>, limit: usize) -> Vec<(UserId, usize)> {
+        let reg = self.registry.read();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        reg.users
+            .range::<UserId, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(u, subs)| (u.clone(), subs.len()))
+            .collect()
+    }
+
+    /// Open connections of `user` on this hub.
+    pub(crate) fn connections_of(&self, user: &UserId) -> usize {
+        self.registry.read().users.get(user).map_or(0, Vec::len)
+    }
+
+    /// Ends every stream of `user` with `herald.close` (after what is already queued), and with
+    /// `block` refuses that user's new connections for that long. Returns how many were closed.
+    pub(crate) fn close_user(&self, user: &UserId, reason: &str, block: Option<Duration>) -> usize {
+        if let Some(d) = block.filter(|d| !d.is_zero()) {
+            self.blocked.lock().insert(user.clone(), Instant::now() + d);
+        }
+        let reg = self.registry.read();
+        let subs = reg.users.get(user).map_or(&[][..], Vec::as_slice);
+        for sub in subs {
+            sub.end(Ending::Closed(reason.to_string()));
+        }
+        subs.len()
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let reg = self.registry.read();
+        let c = &self.counters;
+        Stats {
+            connections: reg.subs.len(),
+            users: reg.users.len(),
+            topics: reg.index.distinct(),
+            published: c.published.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            gaps: c.gaps.load(Ordering::Relaxed),
+            lagging: c.lagging.load(Ordering::Relaxed),
+            aged: c.aged.load(Ordering::Relaxed),
+            uptime: self.started.elapsed(),
+        }
+    }
+
+    /// Refuses new connections and ends every stream without `herald.close`.
+    pub(crate) fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        for (_, sub) in self.registry.read().subs.iter() {
+            sub.end(Ending::Shutdown);
+        }
+    }
+
+    /// Queues each event for every matching connection; returns how many connections per event.
+    /// The writers to wake go to `wakers`: the caller wakes them once the group is queued.
+    pub(crate) fn fan_out(&self, events: &[Arc<Event>], wakers: &mut Vec<Waker>) -> Vec<usize> {
+        let reg = self.registry.read();
+        let mut counts = Vec::with_capacity(events.len());
+        for event in events {
+            self.last_fanned_out.store(event.id.0, Ordering::Release);
+            let mut delivered = 0;
+            let mut offer = |sub: &Arc<Subscriber>| {
+                if !sub.may_see(event) {
+                    return;
+                }
+                match sub.offer(event, self.queue_capacity, wakers) {
+                    Offer::Skipped => {}
+                    Offer::Queued | Offer::Lagging => delivered += 1,
+                    Offer::Overflowed => {
+                        self.counters.lagging.fetch_add(1, Ordering::Relaxed);
+                        delivered += 1;
+                    }
+                }
+            };
+            if event.targets.broadcast {
+                reg.subs.iter().for_each(|(_, s)| offer(s));
+            } else {
+                for topic in &event.targets.topics {
+                    reg.index.for_each_match(topic, &mut offer);
+                }
+                for user in &event.targets.users {
+                    if let Some(subs) = reg.users.get(user) {
+                        subs.iter().for_each(&mut offer);
+                    }
+                }
+            }
+            counts.push(delivered);
+        }
+        drop(reg);
+        self.counters
+            .delivered
+            .fetch_add(counts.iter().sum::<usize>() as u64, Ordering::Relaxed);
+        counts
+    }
+
+    /// The follower starts after `id`: new connections get what comes after it live.
+    pub(crate) fn start_at(&self, id: EventId) {
+        let _reg = self.registry.write();
+        self.last_fanned_out.store(id.0, Ordering::Release);
+    }
+
+    /// Every connection catches up from history on its own (used when the follower skipped events).
+    pub(crate) fn lag_everyone(&self) {
+        for (_, sub) in self.registry.read().subs.iter() {
+            if sub.mark_lagging() {
+                self.counters.lagging.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn heartbeat(&self) {
+        for (_, sub) in self.registry.read().subs.iter() {
+            sub.heartbeat();
+        }
+    }
+
+    async fn housekeeping(&self) {
+        let now = Instant::now();
+        self.blocked.lock().retain(|_, until| *until > now);
+        self.expiries.fire(now_ms());
+        if let Err(e) = self.history.maintain().await {
+            tracing::warn!(error = %e, "history maintenance failed");
+        }
+    }
+
+    /// Removes a connection from every index; called when its stream is dropped.
+    pub(crate) fn unregister(&self, sub: &Arc<Subscriber>) {
+        let mut reg = self.registry.write();
+        reg.subs.try_remove(sub.key);
+        if let Some(user) = &sub.user
+            && let Some(list) = reg.users.get_mut(user)
+        {
+            list.retain(|s| !Arc::ptr_eq(s, sub));
+            if list.is_empty() {
+                reg.users.remove(user);
+            }
+        }
+        for selector in &sub.selectors {
+            reg.index.remove(selector, sub);
+        }
+        drop(reg);
+        tracing::debug!(key = sub.key, user = ?sub.user, "connection closed");
+    }
+}
+
+/// One shared timer for every connection's heartbeat, the streams' planned ends, plus
+/// once-a-second housekeeping.
+pub(crate) async fn timers(
+    hub: Weak<Fanout>,
+    ages_changed: Arc<tokio::sync::Notify>,
+    heartbeat: Duration,
+) {
+    use tokio::time::{Instant, MissedTickBehavior, interval_at};
+    let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let second = Duration::from_secs(1);
+    let mut chores = interval_at(Instant::now() + second, second);
+    chores.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    while let Some(next_end) = hub.upgrade().map(|inner| inner.ages.next_due()) {
+        let ends = async {
+            match next_end {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ends => match hub.upgrade() {
+                Some(inner) => inner.ages.fire(Instant::now()),
+                None => break,
+            },
+            // An earlier end was planned: sleep until that one instead.
+            _ = ages_changed.notified() => {}
+            _ = beat.tick() => match hub.upgrade() {
+                Some(inner) => inner.heartbeat(),
+                None => break,
+            },
+            _ = chores.tick() => match hub.upgrade() {
+                Some(inner) => inner.housekeeping().await,
+                None => break,
+            },
+        }
+    }
+}

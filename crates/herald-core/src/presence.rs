@@ -1,0 +1,78 @@
+//! Presence and control as the HTTP layer asks for them: who is online, how many connections a
+//! user has, closing a user's streams, the counters. One trait, answered by this node's [`Hub`]
+//! alone, or across every node of a cluster by `Cluster` (feature `redis`), so callers never branch
+//! on the mode.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::fanout::Stats;
+use crate::hub::Hub;
+use crate::name::UserId;
+
+/// A cluster-wide query failed: the other nodes' shares could not be read (Redis unreachable).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster state unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Online users: how many in all, and one page of them with their connection counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    pub count: usize,
+    /// Sorted by id.
+    pub page: Vec<(String, usize)>,
+}
+
+/// Presence and control, for this node or for every node.
+#[async_trait]
+pub trait Presence: Send + Sync + std::fmt::Debug {
+    /// The online users after `after` (sorted by id), at most `limit`, and how many there are.
+    async fn online(&self, after: Option<&UserId>, limit: usize) -> Result<Online, ClusterError>;
+    /// Open connections of `user`.
+    async fn connections(&self, user: &UserId) -> Result<usize, ClusterError>;
+    /// Ends `user`'s streams with `herald.close` (and blocks new ones for `block`); returns how
+    /// many streams that was.
+    async fn close(
+        &self,
+        user: &UserId,
+        reason: &str,
+        block: Option<Duration>,
+    ) -> Result<usize, ClusterError>;
+    /// The counters.
+    async fn totals(&self) -> Result<Stats, ClusterError>;
+}
+
+/// This node alone: never fails.
+#[async_trait]
+impl Presence for Hub {
+    async fn online(&self, after: Option<&UserId>, limit: usize) -> Result<Online, ClusterError> {
+        Ok(Online {
+            count: self.stats().users,
+            page: self
+                .users(after, limit)
+                .into_iter()
+                .map(|(u, n)| (u.as_str().to_string(), n))
+                .collect(),
+        })
+    }
+
+    async fn connections(&self, user: &UserId) -> Result<usize, ClusterError> {
+        Ok(self.connections_of(user))
+    }
+
+    async fn close(
+        &self,
+        user: &UserId,
+        reason: &str,
+        block: Option<Duration>,
+    ) -> Result<usize, ClusterError> {
+        Ok(self.close_user(user, reason, block))
+    }
+
+    async fn totals(&self) -> Result<Stats, ClusterError> {
+        Ok(self.stats())
+    }
+}
