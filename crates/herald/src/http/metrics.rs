@@ -75,6 +75,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "herald.gap notices sent on this node.",
     ),
     (
+        "herald_streams_ended_by_age_total",
+        Kind::Counter,
+        "Streams on this node ended because they reached their maximum age (--max-stream-age or ?maxAge=).",
+    ),
+    (
         "herald_limited_total",
         Kind::Counter,
         "Requests refused by a limit, by limit.",
