@@ -30,7 +30,10 @@ struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM: the master stops its workers before exiting (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
         let _ = self.0.wait();
     }
 }
@@ -81,6 +84,7 @@ async fn the_readme_nginx_snippet_passes_nginx_t_and_proxies_streams() {
     let _nginx = Nginx(
         Command::new("nginx")
             .args(["-c", conf.to_str().unwrap(), "-p", &prefix])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
