@@ -1,5 +1,7 @@
-// app.js: the dashboard's behaviour — subscribe through herald.js, publish, show the live events,
-// and poll /stats and /users every second for the numbers, the online users and the chart.
+// app.js: the dashboard's behaviour — subscribe through herald.js (every event type, via on('*')),
+// publish, end a user's streams, and poll /stats and /users every second for the numbers, the
+// nodes, the online users and the chart. With auth on, every request carries the token or publish
+// key typed into the page (kept in sessionStorage, so it lasts as long as the tab).
 // Every URL is relative to this file, so the dashboard also works when herald is nested (/push/).
 import { connect } from './herald.js';
 
@@ -13,7 +15,19 @@ const CHART_SECONDS = 60;
 /** @type {import('./herald.js').Connection | null} */
 let connection = null;
 let eventCount = 0;
-const watched = new Set();
+const CREDENTIAL = 'herald.credential';
+
+/** The token or publish key typed into the page ('' for none). */
+function credential() {
+  return sessionStorage.getItem(CREDENTIAL) || '';
+}
+
+/** fetch() with the credential as `Authorization: Bearer`. */
+function hubFetch(path, init = {}) {
+  const headers = { ...(init.headers || {}) };
+  if (credential()) headers.Authorization = `Bearer ${credential()}`;
+  return fetch(api(path), { ...init, headers });
+}
 
 // ---- connection state, always visible in the top bar ------------------------------------------
 
@@ -89,21 +103,11 @@ function showLastId() {
 
 const words = (s) => s.split(/[\s,]+/).filter(Boolean);
 
-function watch(type) {
-  if (!type || watched.has(type) || !connection) return;
-  watched.add(type);
-  connection.on(type, (ev) => {
-    addRow({ id: ev.id, type: ev.type, data: ev.data });
-    showLastId();
-  });
-}
-
 function startConnection() {
   const form = /** @type {HTMLFormElement} */ ($('connect-form'));
   const user = form.user.value.trim();
   const topics = words(form.topics.value);
   const lastEventId = form.lastEventId.value.trim();
-  const types = words(form.types.value);
   stopConnection();
   $('connect-error').hidden = true;
   let h;
@@ -112,6 +116,7 @@ function startConnection() {
       topics,
       user: user || undefined,
       lastEventId: lastEventId || undefined,
+      token: () => credential() || null,
       maxBackoffMs: Number(new URLSearchParams(location.search).get('maxBackoffMs')) || undefined,
     });
   } catch (err) {
@@ -119,7 +124,6 @@ function startConnection() {
     return;
   }
   connection = h;
-  watched.clear();
   h.on('state', (state, detail) => {
     if (connection !== h) return;
     showState(state, describe(state, detail, user));
@@ -127,7 +131,11 @@ function startConnection() {
       addRow({ type: state, data: describe(state, detail, user), kind: 'system' });
     }
     if (state === 'closed') setConnected(false);
-    if (state === 'reconnecting' && detail.status && detail.status !== 204) probeReason(h.url);
+    // The hub's own reason for a refusal (503 at_capacity, 401 invalid_token ...).
+    if (detail.error) showError($('connect-error'), `${detail.status} ${detail.error.error}: ${detail.error.message}`);
+    else if (state === 'reconnecting' && detail.status && detail.status !== 204 && h.transport === 'eventsource') {
+      probeReason(h.url);
+    }
   });
   h.on('gap', (gap) => {
     const oldest = gap.oldest ? `the oldest kept is ${gap.oldest}` : 'the hub keeps none';
@@ -137,7 +145,11 @@ function startConnection() {
       kind: 'system gap',
     });
   });
-  for (const type of new Set(['message', ...types])) watch(type);
+  // Every event, whatever its type.
+  h.on('*', (ev) => {
+    addRow({ id: ev.id, type: ev.type, data: ev.data });
+    showLastId();
+  });
   showState('connecting', describe('connecting', {}, user));
   setConnected(true);
 }
@@ -145,7 +157,7 @@ function startConnection() {
 /** After a refused stream, shows the hub's own error message (EventSource hides it). */
 async function probeReason(url) {
   try {
-    const res = await fetch(url, { headers: { Accept: 'text/event-stream' } });
+    const res = await hubFetch(url, { headers: { Accept: 'text/event-stream' } });
     if (res.ok) {
       res.body && res.body.cancel();
       return;
@@ -210,17 +222,11 @@ async function publish(event) {
   else body[k] = words(form.targets.value);
   body.data = form.data.value;
   const type = form.event.value.trim();
-  if (type) {
-    body.event = type;
-    // EventSource only delivers listened-for types: listen before the event can arrive.
-    const types = /** @type {HTMLInputElement} */ ($('types'));
-    if (!words(types.value).includes(type)) types.value = `${types.value.trim()} ${type}`.trim();
-    watch(type);
-  }
+  if (type) body.event = type;
   const button = /** @type {HTMLButtonElement} */ ($('publish'));
   button.disabled = true;
   try {
-    const res = await fetch(api('publish'), {
+    const res = await hubFetch('publish', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify(body),
@@ -261,7 +267,7 @@ const number = new Intl.NumberFormat();
 
 async function poll() {
   try {
-    const [statsRes, usersRes] = await Promise.all([fetch(api('stats')), fetch(api('users?limit=100'))]);
+    const [statsRes, usersRes] = await Promise.all([hubFetch('stats'), hubFetch('users?limit=100')]);
     if (!statsRes.ok) throw new Error(await errorText(statsRes));
     if (!usersRes.ok) throw new Error(await errorText(usersRes));
     const stats = await statsRes.json();
@@ -281,6 +287,7 @@ async function poll() {
       series.delivered.length = 0;
     }
     previous = { at: now, published: stats.published, delivered: stats.delivered };
+    showNodes(stats.nodes);
     showUsers(users);
     const hub = $('hub-status');
     hub.dataset.up = 'true';
@@ -318,11 +325,58 @@ function showUsers({ count, users }) {
       const fill = document.createElement('i');
       fill.style.width = `${(100 * u.connections) / most}%`;
       bar.append(fill);
-      li.append(name, n, bar);
+      const end = Object.assign(document.createElement('button'), {
+        type: 'button',
+        className: 'ghost end',
+        textContent: 'End',
+        title: `End ${u.id}'s connections`,
+      });
+      end.addEventListener('click', () => endUser(u.id));
+      li.append(name, n, end, bar);
       return li;
     }),
   );
   $('users-empty').hidden = users.length > 0;
+}
+
+/** Ends every stream of `user` (each gets `herald.close`) and says how many it was. */
+async function endUser(user) {
+  const out = $('users-result');
+  try {
+    const res = await hubFetch(`users/${encodeURIComponent(user)}/connections?reason=${encodeURIComponent('ended from the dashboard')}`, {
+      method: 'DELETE',
+    });
+    if (!res.ok) {
+      showError(out, await errorText(res));
+      return;
+    }
+    const { closed } = await res.json();
+    out.className = 'message ok';
+    out.textContent = `Ended ${closed} connection${closed === 1 ? '' : 's'} of ${user}`;
+    out.hidden = false;
+  } catch (err) {
+    showError(out, `the hub did not answer: ${err.message}`);
+  }
+}
+
+/** Cluster mode: each node with its connections (`/stats` lists them only there). */
+function showNodes(nodes) {
+  $('nodes-block').hidden = !Array.isArray(nodes);
+  if (!Array.isArray(nodes)) return;
+  $('nodes').replaceChildren(
+    ...nodes.map((node) => {
+      const li = document.createElement('li');
+      li.dataset.node = node.id;
+      li.append(
+        Object.assign(document.createElement('span'), { className: 'name', textContent: node.id }),
+        Object.assign(document.createElement('span'), {
+          className: 'n',
+          textContent: `${node.connections} connection${node.connections === 1 ? '' : 's'}`,
+        }),
+      );
+      return li;
+    }),
+  );
 }
 
 /** A nice ceiling for the y axis: 1, 2, 5 times a power of ten. */
@@ -412,7 +466,13 @@ function init() {
   const form = /** @type {HTMLFormElement} */ ($('connect-form'));
   if (params.has('user')) form.user.value = params.get('user');
   if (params.has('topic')) form.topics.value = params.getAll('topic').join(' ');
-  if (params.has('types')) form.types.value = params.get('types');
+  const secret = /** @type {HTMLInputElement} */ ($('credential'));
+  secret.value = credential();
+  secret.addEventListener('input', () => {
+    if (secret.value) sessionStorage.setItem(CREDENTIAL, secret.value.trim());
+    else sessionStorage.removeItem(CREDENTIAL);
+    poll();
+  });
   form.addEventListener('submit', (e) => {
     e.preventDefault();
     startConnection();

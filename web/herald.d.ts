@@ -6,13 +6,18 @@ export type State = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 /** What a `state` handler gets besides the new state. */
 export interface StateDetail {
-  /** Reconnect attempt about to be made (1 for the first; 0 when the browser retries itself). */
+  /**
+   * Reconnect attempt about to be made (1 for the first failed one; 0 after an open stream ended,
+   * after a token refresh, or when the browser's EventSource retries itself).
+   */
   attempt?: number;
   /** Milliseconds until that attempt. */
   delayMs?: number;
   /** HTTP status of the failed attempt, or null when it could not be learned. */
   status?: number | null;
-  /** Why the connection closed for good. */
+  /** The hub's JSON error body, when it sent one. */
+  error?: HubError | null;
+  /** Why the connection closed for good (or why it reconnects, e.g. 'token_expired'). */
   reason?: string;
   /** Who closed it for good. */
   by?: 'client' | 'server';
@@ -28,9 +33,36 @@ export interface HeraldEvent {
   type: string;
   /** The event data, lines joined with '\n'. */
   data: string;
-  /** The native event. */
+  /** A MessageEvent of that type, data and lastEventId (the native one with EventSource). */
   raw: MessageEvent;
 }
+
+/** A hub's error answer. */
+export interface HubError {
+  /** A stable code such as 'invalid_token', 'forbidden_selector', 'at_capacity'. */
+  error: string;
+  message: string;
+}
+
+/** One event as {@link EventStreamParser} dispatches it, with herald's routing lines (`route=1`). */
+export interface ParsedEvent {
+  /** The last event id in force ('' if none was ever set). */
+  id: string;
+  type: string;
+  data: string;
+  /** The `topic:` lines: the topics the event was published to. */
+  topics: string[];
+  /** A `broadcast: 1` line. */
+  broadcast: boolean;
+  /** The `user:` line: the event was sent to the stream's own user. */
+  user: string | null;
+}
+
+/**
+ * A token, or what gives one: called before connecting and again each time the hub refuses the
+ * token in use (a 401, or `herald.close` with `token_expired`).
+ */
+export type TokenSource = string | (() => string | null | Promise<string | null>);
 
 /** The hub could not replay everything after `lastEventId`. */
 export interface Gap {
@@ -49,19 +81,31 @@ export interface ConnectOptions {
   topics?: string | string[];
   /** Connect as this user (also receives messages sent to the user). */
   user?: string;
-  /** Resume after this id. */
+  /** Resume after this id (with `share`, only for the tab that opens the shared stream). */
   lastEventId?: string;
+  /** The subscriber's token (`Authorization: Bearer` with fetch, `access_token` with EventSource). */
+  token?: TokenSource;
+  /**
+   * 'fetch' (the default where fetch() bodies stream): every event type, the token in a header.
+   * 'eventsource': the browser's EventSource.
+   */
+  transport?: 'fetch' | 'eventsource';
+  /**
+   * One stream for every tab of this origin with the same hub, user and token rights
+   * (Web Locks + BroadcastChannel). Default false; needs the fetch transport.
+   */
+  share?: boolean;
   /** Base of the exponential backoff (default 500). */
   minBackoffMs?: number;
   /** Cap of the backoff (default 30000). */
   maxBackoffMs?: number;
   /** Send cookies to another origin (default false). */
   withCredentials?: boolean;
-  /** How long to wait for the probe that tells a 204 from other failures (default 5000). */
+  /** EventSource transport: how long to wait for the probe that learns a refused stream's status (default 5000). */
   probeTimeoutMs?: number;
   /** EventSource constructor (default: the global one). */
   EventSource?: typeof EventSource;
-  /** fetch used for the probe (default: the global one; null: no probe). */
+  /** fetch (default: the global one; with EventSource, null means no probe). */
   fetch?: typeof fetch | null;
   /** Uniform random number in [0, 1) (default Math.random). */
   random?: () => number;
@@ -75,18 +119,37 @@ export declare class Connection {
   readonly state: State;
   /** The id of the last event seen, sent as `lastEventId` when reconnecting. */
   readonly lastEventId: string | null;
-  /** The URL of the current (or last) stream. */
+  /** The URL of the current (or last) stream ('' in a tab that shares another tab's). */
   readonly url: string;
+  /** The transport in use. */
+  readonly transport: 'fetch' | 'eventsource';
+  /** With `share`: whether this tab holds the shared stream. */
+  readonly leader: boolean;
   /** Every change of state, and each new reconnect attempt. Returns a function that removes it. */
   on(type: 'state', fn: (state: State, detail: StateDetail) => void): () => void;
   /** The hub could not replay everything missed. */
   on(type: 'gap', fn: (gap: Gap) => void): () => void;
-  /** Events of one type; 'message' for events without a type. */
+  /** Events of one type; 'message' for events without a type; '*' for every event. */
   on(type: string, fn: (event: HeraldEvent) => void): () => void;
   off(type: string, fn: (...args: any[]) => void): void;
-  /** Closes the connection for good. */
+  /** Closes the connection for good (with `share`, another tab takes the stream over). */
   close(): void;
 }
+
+/** The WHATWG event-stream parser herald.js reads fetch() streams with. */
+export declare class EventStreamParser {
+  /** @param lastEventId The last event id in force before this stream (a reconnect). */
+  constructor(lastEventId?: string | null);
+  /** The last event id in force. */
+  lastEventId: string;
+  /** The most recent valid `retry:` value, or null. */
+  retry: number | null;
+  /** Parses as much of `text` as forms whole lines; returns the events it completes. */
+  feed(text: string): ParsedEvent[];
+}
+
+/** Whether a topic selector matches a topic, as the hub decides it. */
+export declare function matches(selector: string, topic: string): boolean;
 
 /** Subscribes to the hub at `url` (its base URL, e.g. `https://push.example.com`). */
 export declare function connect(url: string, options?: ConnectOptions): Connection;
@@ -102,7 +165,14 @@ export declare function backoffDelay(
 /** The subscribe URL of a hub. */
 export declare function eventsUrl(
   base: string,
-  params: { topics?: string | string[]; user?: string; lastEventId?: string | null },
+  params: {
+    topics?: string | string[];
+    user?: string;
+    lastEventId?: string | null;
+    since?: string | null;
+    route?: boolean;
+    accessToken?: string | null;
+  },
 ): string;
 
 declare global {
@@ -112,6 +182,8 @@ declare global {
       connect: typeof connect;
       backoffDelay: typeof backoffDelay;
       eventsUrl: typeof eventsUrl;
+      matches: typeof matches;
+      EventStreamParser: typeof EventStreamParser;
       Connection: typeof Connection;
     };
   }

@@ -1,9 +1,12 @@
 // End-to-end tests in real headless Chromium (Debian's chromium, driven by playwright-core) against
-// the real herald binary: the dashboard, publishing from the page and a POST, resume across a hub
-// restart (the browser's retry and herald.js' own), herald.close and 204, the classic script.
+// the real herald binary: the dashboard (also with auth on), publishing from the page and a POST,
+// resume across a hub restart, herald.close and 204, the classic script; and herald.js in pages of
+// another origin than the hub's: refreshed tokens, on('*'), and tabs sharing one stream.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { createServer } from 'node:http';
 import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -202,7 +205,6 @@ test('the dashboard subscribes, shows events published from the page and from a 
       await sleep(30 + (n % 9) * 12);
     }
     await page.waitForFunction(() => Number(document.getElementById('rate-published').textContent) > 0, null, { timeout: PATIENCE });
-    await page.fill('#types', 'message chat price notice mention');
     await page.click('#connect');
     await waitState(page, 'open');
     for (const s of samples) {
@@ -383,7 +385,7 @@ test('herald.global.js works from a plain script, herald.js from a module of ano
     assert.equal(await page.evaluate(() => typeof window.herald), 'undefined');
     await page.addScriptTag({ url: `${hub.url}/herald.global.js` });
     const names = await page.evaluate(() => Object.keys(window.herald).sort());
-    assert.deepEqual(names, ['Connection', 'backoffDelay', 'connect', 'eventsUrl']);
+    assert.deepEqual(names, ['Connection', 'EventStreamParser', 'backoffDelay', 'connect', 'eventsUrl', 'matches']);
     await page.evaluate((url) => {
       window.got = [];
       const h = window.herald.connect(url, { topics: ['news/*'] });
@@ -442,6 +444,315 @@ test('streams ended by --max-stream-age resume in the browser: native EventSourc
     // herald.js went through reconnecting at most, never closed.
     assert.ok(got.lib.states.includes('reconnecting'), got.lib.states.join());
     assert.ok(!got.lib.states.includes('closed'), got.lib.states.join());
+  } finally {
+    await page.close();
+    await hub.stop();
+  }
+});
+
+// ---- herald.js from a page of another origin: tokens, every type, one stream for all tabs ------
+
+const SECRET = 'a-browser-test-secret-of-32-bytes';
+const KEY = 'browser-test-publish-key-0123456789';
+
+const b64url = (s) => Buffer.from(s).toString('base64url');
+
+/** An HS256 JWT signed with SECRET, valid for `ttl` seconds from now. */
+function jwt(claims, ttl) {
+  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = b64url(JSON.stringify({ ...claims, exp: Math.floor(Date.now() / 1000) + ttl }));
+  const sig = createHmac('sha256', SECRET).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
+/**
+ * The app's origin: a blank page, and `/token?sub=..&subscribe=a,b&ttl=3`, which hands out a
+ * fresh token the way an app's backend would.
+ */
+async function startApp() {
+  const server = createServer((req, res) => {
+    const url = new URL(req.url, 'http://app');
+    if (url.pathname === '/token') {
+      const claims = { sub: url.searchParams.get('sub'), herald: { subscribe: url.searchParams.get('subscribe').split(',') } };
+      res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
+      res.end(jwt(claims, Number(url.searchParams.get('ttl') || 3600)));
+      return;
+    }
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end('<!doctype html><meta charset="utf-8"><title>app</title><p>app page</p>');
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    // The browser keeps idle keep-alive connections: end them, or close() waits for them.
+    stop: () => new Promise((r) => {
+      server.close(r);
+      server.closeAllConnections();
+    }),
+  };
+}
+
+async function publishWithKey(url, body) {
+  const res = await fetch(url + '/publish', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
+    body: JSON.stringify(body),
+  });
+  const answer = await res.json();
+  assert.equal(res.status, 200, JSON.stringify(answer));
+  return answer;
+}
+
+async function stats(url) {
+  const res = await fetch(url + '/stats', { headers: { Authorization: `Bearer ${KEY}` } });
+  return res.json();
+}
+
+/**
+ * A tab of the app that imports herald.js from the hub and connects with `options`; with
+ * `tokenQuery` its token function fetches a fresh token from the app each time it is called.
+ * Every event it gets (through on('*')) lands in window.got, every state in window.states.
+ */
+async function openAppTab(app, hub, options, tokenQuery = null) {
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`${app.url}/`);
+  await page.evaluate(
+    async ({ hub, options, tokenQuery }) => {
+      const { connect } = await import(`${hub}/herald.js`);
+      window.got = [];
+      window.states = [];
+      window.tokens = 0;
+      const opts = { ...options };
+      if (tokenQuery) {
+        opts.token = async () => {
+          window.tokens += 1;
+          return (await fetch(`/token?${tokenQuery}`)).text();
+        };
+      }
+      window.h = connect(hub, opts);
+      window.h.on('*', (e) => window.got.push([e.id, e.type, e.data]));
+      window.h.on('state', (s, d) => window.states.push([s, d.reason || '']));
+    },
+    { hub: hub.url, options, tokenQuery },
+  );
+  return { page, errors };
+}
+
+const tabOpen = (tab) => tab.page.waitForFunction(() => window.h.state === 'open', null, { timeout: PATIENCE });
+const got = (tab) => tab.page.evaluate(() => window.got);
+
+/** Waits until the tab has `want` events, then a little longer to catch any duplicate. */
+async function expectEvents(tab, want, label) {
+  await tab.page
+    .waitForFunction((n) => window.got.length >= n, want.length, { timeout: PATIENCE })
+    .catch(() => {});
+  await sleep(300);
+  assert.deepEqual(await got(tab), want, label);
+}
+
+test('herald.js refreshes 3 s tokens across several expiries: every event once, in order', async () => {
+  const app = await startApp();
+  const hub = await startHerald(['--jwt-secret', SECRET, '--publish-key', KEY, '--jwt-leeway', '0s', '--cors-origin', app.url]);
+  const tab = await openAppTab(app, hub, { topics: ['chat/a'], maxBackoffMs: 1000 }, 'sub=ann&subscribe=chat/*&ttl=3');
+  try {
+    await tabOpen(tab);
+    assert.equal(await tab.page.evaluate(() => window.h.transport), 'fetch');
+    // Publish steadily for longer than two token lifetimes: before, across and after each expiry.
+    const want = [];
+    const until = Date.now() + 8000;
+    for (let n = 0; Date.now() < until; n++) {
+      const r = await publishWithKey(hub.url, { topic: 'chat/a', data: `e${n}`, private: n % 2 === 0 });
+      want.push([r.id, 'message', `e${n}`]);
+      await sleep(100);
+    }
+    await expectEvents(tab, want, 'every event once, in order');
+    const { tokens, states } = await tab.page.evaluate(() => ({ tokens: window.tokens, states: window.states }));
+    const expiries = states.filter(([s, reason]) => s === 'reconnecting' && reason === 'token_expired').length;
+    assert.ok(expiries >= 2, `${expiries} refreshes: ${JSON.stringify(states)}`);
+    assert.ok(tokens >= expiries + 1, `${tokens} tokens for ${expiries} refreshes`);
+    assert.equal(await tab.page.evaluate(() => window.h.state), 'open');
+    assert.deepEqual(tab.errors, []);
+  } finally {
+    await tab.page.close();
+    await hub.stop();
+    await app.stop();
+  }
+});
+
+test('a token refused twice in a row ends in closed with the hub error, without a loop', async () => {
+  const app = await startApp();
+  const hub = await startHerald(['--jwt-secret', SECRET, '--cors-origin', app.url]);
+  const page = await context.newPage();
+  const requests = [];
+  page.on('request', (r) => requests.push(r.url()));
+  try {
+    await page.goto(`${app.url}/`);
+    const detail = await page.evaluate(async (hubUrl) => {
+      const { connect } = await import(`${hubUrl}/herald.js`);
+      const h = connect(hubUrl, { topics: ['chat/a'], token: () => 'not.a.token' });
+      return new Promise((r) => h.on('state', (s, d) => s === 'closed' && r(d)));
+    }, hub.url);
+    assert.equal(detail.status, 401);
+    assert.equal(detail.error.error, 'invalid_token');
+    assert.match(detail.reason, /^invalid_token: /);
+    await sleep(1000);
+    assert.equal(requests.filter((u) => new URL(u).pathname === '/events').length, 2);
+  } finally {
+    await page.close();
+    await hub.stop();
+    await app.stop();
+  }
+});
+
+test("on('*') receives an event of a type the page never named", async () => {
+  const app = await startApp();
+  const hub = await startHerald(['--cors-origin', app.url]);
+  const tab = await openAppTab(app, hub, { topics: ['news/*'] });
+  try {
+    await tabOpen(tab);
+    const r = await post(hub.url, '/publish', { topic: 'news/x', event: 'never.named.before', data: 'surprise' });
+    await expectEvents(tab, [[r.body.id, 'never.named.before', 'surprise']]);
+  } finally {
+    await tab.page.close();
+    await hub.stop();
+    await app.stop();
+  }
+});
+
+test('6 tabs share one stream; each gets exactly its own events; the leader closes and another takes over', async () => {
+  const app = await startApp();
+  const hub = await startHerald(['--cors-origin', app.url]);
+  const tabs = [];
+  try {
+    // Tab i watches t/i; tabs 0-2 also watch group/**.
+    for (let i = 0; i < 6; i++) {
+      const topics = i < 3 ? [`t/${i}`, 'group/**'] : [`t/${i}`];
+      tabs.push(await openAppTab(app, hub, { topics, share: true }));
+    }
+    for (const tab of tabs) await tabOpen(tab);
+    const leaders = await Promise.all(tabs.map((t) => t.page.evaluate(() => window.h.leader)));
+    assert.equal(leaders.filter(Boolean).length, 1, `one leader: ${leaders}`);
+    assert.equal((await stats(hub.url)).connections, 1, 'one stream for the 6 tabs');
+
+    const want = tabs.map(() => []);
+    const publish = async (body, to) => {
+      const r = await post(hub.url, '/publish', body);
+      assert.equal(r.status, 200);
+      for (const i of to) want[i].push([r.body.id, body.event || 'message', body.data]);
+    };
+    const round = async (label) => {
+      for (let i = 0; i < 6; i++) if (tabs[i]) await publish({ topic: `t/${i}`, data: `${label} for ${i}` }, [i]);
+      await publish({ topic: 'group/x/y', event: 'grp', data: `${label} group` }, [0, 1, 2]);
+      await publish({ topic: 'nobody/here', data: `${label} for nobody` }, []);
+      await publish({ broadcast: true, data: `${label} everyone` }, [0, 1, 2, 3, 4, 5]);
+    };
+    await round('first');
+    for (let i = 0; i < 6; i++) await expectEvents(tabs[i], want[i], `tab ${i}`);
+
+    // The leader goes (as a crash would: no goodbye); publish while the others take over.
+    const gone = leaders.indexOf(true);
+    await tabs[gone].page.close();
+    tabs[gone] = null;
+    for (const w of want) w.length = 0;
+    const seen = await Promise.all(tabs.map((t) => t && got(t)));
+    await round('second');
+    await round('third');
+    for (let i = 0; i < 6; i++) {
+      if (!tabs[i]) continue;
+      const expected = [...seen[i], ...want[i].filter((e) => i !== gone)];
+      await expectEvents(tabs[i], expected, `tab ${i} after the takeover: no gap, no duplicate`);
+    }
+    const after = await Promise.all(tabs.map((t) => t && t.page.evaluate(() => window.h.leader)));
+    assert.equal(after.filter(Boolean).length, 1, `one new leader: ${after}`);
+    // The hub sees one stream again (the old one is gone with its tab).
+    let connections;
+    for (let i = 0; i < 100 && connections !== 1; i++) {
+      connections = (await stats(hub.url)).connections;
+      if (connections !== 1) await sleep(100);
+    }
+    assert.equal(connections, 1);
+    for (const t of tabs) if (t) assert.deepEqual(t.errors, []);
+  } finally {
+    for (const t of tabs) if (t) await t.page.close();
+    await hub.stop();
+    await app.stop();
+  }
+});
+
+test('a chat/a tab never gets chat/b events, even while a chat/b tab holds a shared stream', async () => {
+  const app = await startApp();
+  const hub = await startHerald(['--jwt-secret', SECRET, '--publish-key', KEY, '--cors-origin', app.url]);
+  const tabs = [];
+  try {
+    // Same user, different rights: the chat/b tab connects first and holds its stream.
+    const b = await openAppTab(app, hub, { topics: ['chat/b'], share: true }, 'sub=sam&subscribe=chat/b');
+    tabs.push(b);
+    await tabOpen(b);
+    assert.equal(await b.page.evaluate(() => window.h.leader), true);
+    const a = await openAppTab(app, hub, { topics: ['chat/a'], share: true }, 'sub=sam&subscribe=chat/a');
+    const a2 = await openAppTab(app, hub, { topics: ['chat/a'], share: true }, 'sub=sam&subscribe=chat/a');
+    tabs.push(a, a2);
+    await tabOpen(a);
+    await tabOpen(a2);
+    // Tabs with other rights never share: one stream per set of rights.
+    assert.equal((await stats(hub.url)).connections, 2);
+    const want = { a: [], b: [] };
+    for (const [topic, to, priv] of [
+      ['chat/b', 'b', true],
+      ['chat/a', 'a', true],
+      ['chat/b', 'b', false],
+      ['chat/a', 'a', false],
+    ]) {
+      const r = await publishWithKey(hub.url, { topic, data: `${topic} ${priv}`, private: priv });
+      want[to].push([r.id, 'message', `${topic} ${priv}`]);
+    }
+    const toSam = await publishWithKey(hub.url, { users: ['sam'], data: 'for sam' });
+    want.a.push([toSam.id, 'message', 'for sam']);
+    want.b.push([toSam.id, 'message', 'for sam']);
+    await expectEvents(b, want.b, 'the chat/b tab');
+    await expectEvents(a, want.a, 'the chat/a tab');
+    await expectEvents(a2, want.a, 'the second chat/a tab');
+  } finally {
+    for (const t of tabs) await t.page.close();
+    await hub.stop();
+    await app.stop();
+  }
+});
+
+test('with auth on, the dashboard works with a token: every type, publish, numbers, users, ending a user', async () => {
+  const hub = await startHerald(['--jwt-secret', SECRET, '--publish-key', KEY]);
+  const { page, errors } = await openDashboard(hub.url, '');
+  // An operator's token: ann's, with every right.
+  const token = jwt({ sub: 'ann', herald: { subscribe: ['**'], publish: ['**'], admin: true } }, 3600);
+  try {
+    // Without a credential the panels show the hub's refusal.
+    await page.waitForFunction(() => /401/.test(document.getElementById('hub-status').textContent), null, { timeout: PATIENCE });
+    await page.fill('#credential', token);
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('herald.credential')), token);
+    await page.fill('#user', 'ann');
+    await page.fill('#topics', 'chat/*');
+    await page.click('#connect');
+    await waitState(page, 'open');
+    // A type the page was never told about is shown (on('*')).
+    const typed = await publishWithKey(hub.url, { topic: 'chat/a', event: 'brand.new', data: 'typed', private: true });
+    await waitForRows(page, ['typed']);
+    assert.deepEqual((await rows(page)).at(-1), { id: typed.id, type: 'brand.new', data: 'typed' });
+    // Publishing from the page carries the key.
+    await page.fill('#targets', 'chat/b');
+    await page.fill('#data', 'from the page');
+    await page.click('#publish');
+    await page.waitForSelector('#publish-result.ok', { timeout: PATIENCE });
+    await waitForRows(page, ['from the page']);
+    // Numbers and users come through; the End button ends ann's stream.
+    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '1', null, { timeout: PATIENCE });
+    await page.waitForSelector('#users li[data-user="ann"] button.end', { timeout: PATIENCE });
+    await page.click('#users li[data-user="ann"] button.end');
+    await waitState(page, 'closed');
+    assert.equal(await page.textContent('#state-text'), 'closed · ended from the dashboard');
+    assert.equal(await page.textContent('#users-result'), 'Ended 1 connection of ann');
+    assert.deepEqual(errors, []);
   } finally {
     await page.close();
     await hub.stop();

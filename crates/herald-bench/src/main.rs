@@ -56,6 +56,15 @@ enum Scenario {
         #[arg(long, default_value_t = 16)]
         cpu_secs: u64,
     },
+    /// herald only: memory per idle stream over plain HTTP/1.1, HTTP/1.1 over TLS and HTTP/2
+    /// over TLS (`conns` connections sharing N streams), and streams set up per second on each.
+    Protocols {
+        #[arg(long, short, default_value_t = 10_000)]
+        n: usize,
+        /// HTTP/2 connections the N streams share.
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+    },
     /// Streams opened per second until N are open.
     Connect {
         #[arg(long, short, default_value_t = 10_000)]
@@ -211,6 +220,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Idle { n, cpu_secs } => (
             format!("idle: {n} streams, RSS of all server processes, CPU over {cpu_secs} s"),
             scenario::idle::idle(&ctx, n, cpu_secs, c).await?,
+            None,
+        ),
+        Scenario::Protocols { n, conns } => (
+            format!(
+                "protocols: {n} idle streams over HTTP/1.1, HTTP/1.1+TLS, HTTP/2+TLS ({conns} connections)"
+            ),
+            scenario::protocols::protocols(&ctx, n, conns, c).await?,
             None,
         ),
         Scenario::Connect { n } => (

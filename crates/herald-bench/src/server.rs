@@ -213,7 +213,8 @@ impl Server {
         )
     }
 
-    /// Starts a program that prints `... listening on http://ADDR` as its first stdout line.
+    /// Starts a program that prints `... listening on http://ADDR` (or `https://`) as its first
+    /// stdout line.
     async fn spawn(kind: Kind, bin: &str, args: &[String]) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
             .args(args)
@@ -228,7 +229,10 @@ impl Server {
             .await
             .with_context(|| format!("{bin} did not say where it listens"))??
             .with_context(|| format!("{bin} exited"))?;
-        let Some((_, url)) = line.split_once("listening on http://") else {
+        let Some((_, url)) = line
+            .split_once("listening on http://")
+            .or_else(|| line.split_once("listening on https://"))
+        else {
             bail!("unexpected first line from {bin}: {line}");
         };
         let addr = url.trim().parse()?;

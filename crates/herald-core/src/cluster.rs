@@ -197,12 +197,15 @@ impl Cluster {
 
     /// Counters summed over the nodes (each node counts the publishes it accepted and the
     /// deliveries it made; `topics` is the largest any node has).
-    async fn stats(&self) -> Result<Stats, ClusterError> {
+    /// Also each live node's id with its connections (this node first, then the others as they
+    /// last reported).
+    async fn stats(&self) -> Result<(Stats, Vec<(String, usize)>), ClusterError> {
         let mut total = self.hub.stats();
+        let mut nodes = vec![(self.node.clone(), total.connections)];
         total.users = self.all_users().await?.len();
         let peers = self.peers().await?;
         if peers.is_empty() {
-            return Ok(total);
+            return Ok((total, nodes));
         }
         let mut pipe = redis::pipe();
         for p in &peers {
@@ -211,8 +214,9 @@ impl Cluster {
         let mut conn = self.conn.clone();
         let shares: Vec<BTreeMap<String, u64>> =
             pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        for s in shares {
+        for (peer, s) in peers.into_iter().zip(shares) {
             let get = |k: &str| s.get(k).copied().unwrap_or(0);
+            nodes.push((peer, get("connections") as usize));
             total.connections += get("connections") as usize;
             total.topics = total.topics.max(get("topics") as usize);
             total.published += get("published");
@@ -222,7 +226,7 @@ impl Cluster {
             total.lagging += get("lagging") as usize;
             total.aged += get("aged");
         }
-        Ok(total)
+        Ok((total, nodes))
     }
 
     /// Ends `user`'s streams on every node (and blocks new ones for `block`). Returns how many
@@ -288,7 +292,11 @@ impl Presence for Cluster {
     }
 
     async fn totals(&self) -> Result<Stats, ClusterError> {
-        self.stats().await
+        Ok(self.stats().await?.0)
+    }
+
+    async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
+        Ok(Some(self.stats().await?.1))
     }
 }
 

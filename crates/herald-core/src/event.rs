@@ -1,7 +1,9 @@
 //! Messages (what a publisher asks for) and events (a message with its id and its SSE frame).
-//! An event's frame is encoded exactly once, into shared `Bytes` that every connection writes.
+//! An event's frame is encoded exactly once, into shared `Bytes` that every connection writes; its
+//! data, when it has no line break, is a slice of that frame, so history keeps one copy.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -129,13 +131,72 @@ impl Message {
     }
 }
 
+/// An event's data as published (valid UTF-8). Without a line break it is the slice of the
+/// event's frame that already holds it, so an event keeps one copy of its data, not two.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EventData(Bytes);
+
+impl EventData {
+    pub fn as_str(&self) -> &str {
+        // Built only from a `String` or a slice of one (see `Event::new`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Bytes held besides `frame` (0 when the data is a slice of it).
+    fn own_bytes(&self, frame: &Bytes) -> usize {
+        let range = frame.as_ptr_range();
+        if self.0.is_empty() || range.contains(&self.0.as_ptr()) {
+            0
+        } else {
+            self.0.len()
+        }
+    }
+}
+
+impl std::ops::Deref for EventData {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for EventData {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<String> for EventData {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for EventData {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A published event: immutable, shared by history and every queue it is in.
 #[derive(Debug)]
 pub struct Event {
     pub id: EventId,
     pub targets: Targets,
     pub event_type: Option<EventType>,
-    pub data: String,
+    pub data: EventData,
     pub retry_ms: Option<u32>,
     pub idempotency_key: Option<String>,
     /// Published with `"private": true`.
@@ -144,6 +205,8 @@ pub struct Event {
     pub published_at_ms: u64,
     /// The SSE frame, encoded once.
     pub frame: Bytes,
+    /// The routing lines a `route=1` stream writes just before the frame, encoded on first use.
+    route: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -154,17 +217,51 @@ impl Event {
             message.retry_ms,
             &message.data,
         );
+        // Without a line break the frame ends with `data: <data>\n\n`: share those bytes.
+        let data = if message.data.contains(['\n', '\r']) {
+            EventData(Bytes::from(message.data))
+        } else {
+            let end = frame.len() - 2;
+            EventData(frame.slice(end - message.data.len()..end))
+        };
+        debug_assert_eq!(data.as_str().len(), data.0.len());
         Event {
             id,
             targets: message.targets,
             event_type: message.event_type,
-            data: message.data,
+            data,
             retry_ms: message.retry_ms,
             idempotency_key: message.idempotency_key,
             private: message.private,
             published_at_ms,
             frame,
+            route: OnceLock::new(),
         }
+    }
+
+    /// Bytes this event holds: its frame, plus its data when that is not a slice of the frame.
+    pub fn stored_bytes(&self) -> usize {
+        self.frame.len() + self.data.own_bytes(&self.frame)
+    }
+
+    /// The lines that tell a routing client (`GET /events?route=1`) where this event was sent:
+    /// `topic: <t>` per target topic, then `broadcast: 1` for a broadcast. They are SSE fields a
+    /// WHATWG parser ignores, written before `id:` so they belong to the same event. Encoded once
+    /// per event, on first use, so streams that do not ask for them cost nothing. The users a
+    /// message was sent to are not listed: a stream adds only its own user (see [`user_line`]).
+    pub fn route_lines(&self) -> &Bytes {
+        self.route.get_or_init(|| {
+            let mut buf = BytesMut::new();
+            for topic in &self.targets.topics {
+                buf.put_slice(b"topic: ");
+                buf.put_slice(topic.as_str().as_bytes());
+                buf.put_u8(b'\n');
+            }
+            if self.targets.broadcast {
+                buf.put_slice(b"broadcast: 1\n");
+            }
+            buf.freeze()
+        })
     }
 
     /// Private events reach only connections whose rights match one of their topics (or, for a
@@ -183,6 +280,67 @@ impl Event {
                 .topics
                 .iter()
                 .any(|t| selectors.iter().any(|s| s.matches(t)))
+    }
+}
+
+/// A fingerprint of what a message publishes (targets, type, data, retry, private), the same
+/// for a message and the event it became, in every process: an idempotency key repeated with
+/// another payload is told apart from a true repeat. FNV-1a over the fields, each length-prefixed.
+fn fingerprint(
+    targets: &Targets,
+    event_type: Option<&EventType>,
+    data: &str,
+    retry_ms: Option<u32>,
+    private: bool,
+) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for t in &targets.topics {
+        eat(t.as_str().as_bytes());
+    }
+    eat(b"|");
+    for u in &targets.users {
+        eat(u.as_str().as_bytes());
+    }
+    eat(&[
+        u8::from(targets.broadcast),
+        u8::from(private),
+        u8::from(retry_ms.is_some()),
+    ]);
+    eat(&retry_ms.unwrap_or(0).to_le_bytes());
+    eat(event_type.map_or(&b""[..], |t| t.as_str().as_bytes()));
+    eat(data.as_bytes());
+    h
+}
+
+impl Message {
+    /// See [`Event::fingerprint`].
+    pub fn fingerprint(&self) -> u64 {
+        fingerprint(
+            &self.targets,
+            self.event_type.as_ref(),
+            &self.data,
+            self.retry_ms,
+            self.private,
+        )
+    }
+}
+
+impl Event {
+    /// The fingerprint of the message this event published: equal for equal payloads.
+    pub fn fingerprint(&self) -> u64 {
+        fingerprint(
+            &self.targets,
+            self.event_type.as_ref(),
+            &self.data,
+            self.retry_ms,
+            self.private,
+        )
     }
 }
 
@@ -241,9 +399,37 @@ pub fn encode_frame(
     buf.freeze()
 }
 
+/// The `user: <id>` line a routing stream of `user` writes before an event sent to that user.
+pub fn user_line(user: &UserId) -> Bytes {
+    Bytes::from(format!("user: {}\n", user.as_str()))
+}
+
 /// A hub control event (`herald.gap`, `herald.close`): no `id:` line, so it never moves a client's last id.
 pub(crate) fn control_frame(event_type: &EventType, json: &serde_json::Value) -> Bytes {
     encode_frame(None, Some(event_type.as_str()), None, &json.to_string())
+}
+
+#[cfg(test)]
+mod one_copy {
+    use super::*;
+
+    /// Reproduces issue 12 (weak spot): history kept an event's data and its frame both (2 MiB for
+    /// a 1 MiB body). Data without line breaks is now a slice of the frame.
+    #[test]
+    fn data_without_line_breaks_is_a_slice_of_the_frame() {
+        let big = "x".repeat(1 << 20);
+        let e = Event::new(EventId(7), Message::broadcast().data(big.clone()), 1);
+        assert_eq!(e.data, big);
+        assert!(e.stored_bytes() < big.len() + 64, "{}", e.stored_bytes());
+        let lines = Event::new(EventId(8), Message::broadcast().data("a\r\nb"), 1);
+        assert_eq!(lines.data, "a\r\nb", "published data is kept as sent");
+        assert_eq!(lines.stored_bytes(), lines.frame.len() + 4);
+        let empty = Event::new(EventId(9), Message::broadcast().data(""), 1);
+        assert_eq!(
+            (empty.data.as_str(), empty.stored_bytes()),
+            ("", empty.frame.len())
+        );
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +468,25 @@ mod tests {
             assert_eq!(events[0].id.as_deref(), Some("7"));
             assert_eq!(events[0].event_type, "t");
         }
+    }
+
+    #[test]
+    fn route_lines_name_topics_and_broadcast_and_are_encoded_once() {
+        let topics = Message::to_topic(Topic::new("chat/a").unwrap())
+            .topic(Topic::new("news/x").unwrap())
+            .user(UserId::new("bob").unwrap());
+        let e = Event::new(EventId(1), topics, 0);
+        assert_eq!(&e.route_lines()[..], b"topic: chat/a\ntopic: news/x\n");
+        assert_eq!(
+            e.route_lines().as_ptr(),
+            e.route_lines().as_ptr(),
+            "one encoding"
+        );
+        let b = Event::new(EventId(2), Message::broadcast(), 0);
+        assert_eq!(&b.route_lines()[..], b"broadcast: 1\n");
+        let u = Event::new(EventId(3), Message::to_user(UserId::new("ann").unwrap()), 0);
+        assert!(u.route_lines().is_empty(), "users are never listed");
+        assert_eq!(&user_line(&UserId::new("ann").unwrap())[..], b"user: ann\n");
     }
 
     #[test]

@@ -10,14 +10,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{Event, Message};
-use crate::fanout::{AgePolicy, Fanout, Stats};
+use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
     Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
 use crate::name::{Selector, UserId};
-use crate::publish::{Feed, Job, Keys, PublishError, Published};
+use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
 use crate::stream::{EventStream, FirstRead, ReplayObserver, Start};
+
+/// Most segments of one subscribed selector.
+pub const SELECTOR_SEGMENTS_MAX: usize = 32;
+/// Most segments of all of one connection's selectors together: what it may cost the index.
+pub const CONNECTION_SEGMENTS_MAX: usize = 512;
 
 /// Settings of a hub. Build with [`Hub::builder`].
 #[derive(Clone)]
@@ -26,11 +31,15 @@ pub struct HubBuilder {
     shared: Option<Arc<dyn SharedHistory>>,
     retention: Retention,
     idempotency_window: Duration,
+    idempotency_keys: usize,
+    idempotency_bytes: usize,
     heartbeat: Duration,
     retry: Duration,
     queue_capacity: usize,
+    queue_bytes: usize,
     max_connections: usize,
     max_selectors: usize,
+    max_blocks: usize,
     ages: AgePolicy,
 }
 
@@ -42,6 +51,10 @@ impl std::fmt::Debug for HubBuilder {
             .field("heartbeat", &self.heartbeat)
             .field("retry", &self.retry)
             .field("queue_capacity", &self.queue_capacity)
+            .field("queue_bytes", &self.queue_bytes)
+            .field("max_blocks", &self.max_blocks)
+            .field("idempotency_keys", &self.idempotency_keys)
+            .field("idempotency_bytes", &self.idempotency_bytes)
             .field("max_connections", &self.max_connections)
             .field("max_selectors", &self.max_selectors)
             .field("ages", &self.ages)
@@ -56,11 +69,15 @@ impl Default for HubBuilder {
             shared: None,
             retention: Retention::default(),
             idempotency_window: Duration::from_secs(300),
+            idempotency_keys: 100_000,
+            idempotency_bytes: 32 << 20,
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),
             queue_capacity: 1024,
+            queue_bytes: 1 << 20,
             max_connections: usize::MAX,
             max_selectors: 64,
+            max_blocks: 10_000,
             ages: AgePolicy::default(),
         }
     }
@@ -95,6 +112,16 @@ impl HubBuilder {
         self.idempotency_window = d;
         self
     }
+    /// Most idempotency keys remembered (default 100000); past it the oldest are forgotten early.
+    pub fn idempotency_keys(mut self, n: usize) -> Self {
+        self.idempotency_keys = n;
+        self
+    }
+    /// Most bytes of idempotency keys remembered (default 32 MiB); past it the oldest are forgotten.
+    pub fn idempotency_bytes(mut self, n: usize) -> Self {
+        self.idempotency_bytes = n;
+        self
+    }
     /// Interval of the comment line that keeps idle streams alive and finds dead ones (default 15s).
     pub fn heartbeat(mut self, d: Duration) -> Self {
         self.heartbeat = d;
@@ -108,6 +135,19 @@ impl HubBuilder {
     /// Events queued per connection before it counts as lagging and catches up from history.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = n.max(1);
+        self
+    }
+    /// Bytes of event frames queued per connection before it counts as lagging and catches up
+    /// from history (default 1 MiB); also bounds what one step of a replay holds. One event always
+    /// fits an empty queue.
+    pub fn queue_bytes(mut self, n: usize) -> Self {
+        self.queue_bytes = n.max(1);
+        self
+    }
+    /// Most users blocked at once by [`Hub::close_user`] (default 10000); past it the block that
+    /// ends soonest is dropped.
+    pub fn max_blocks(mut self, n: usize) -> Self {
+        self.max_blocks = n.max(1);
         self
     }
     pub fn max_connections(mut self, n: usize) -> Self {
@@ -141,9 +181,13 @@ impl HubBuilder {
         let inner = Arc::new(Fanout::new(
             history,
             format!("retry: {retry_ms}\n: herald\n\n").into(),
-            self.queue_capacity,
+            QueueBound {
+                events: self.queue_capacity,
+                bytes: self.queue_bytes,
+            },
             self.max_connections,
             self.max_selectors,
+            self.max_blocks,
             self.ages,
         ));
         let feed = Arc::new(Feed::new());
@@ -151,7 +195,11 @@ impl HubBuilder {
             Arc::downgrade(&inner),
             self.shared.clone().map(|shared| (shared, feed.clone())),
             job_rx,
-            Keys::new(self.idempotency_window),
+            Keys::new(KeyBounds {
+                window: self.idempotency_window,
+                max_keys: self.idempotency_keys,
+                max_bytes: self.idempotency_bytes,
+            }),
         ));
         runtime.spawn(crate::fanout::timers(
             Arc::downgrade(&inner),
@@ -183,6 +231,10 @@ pub enum HubError {
 pub enum SubscribeError {
     #[error("{given} topic selectors given, at most {max} are allowed")]
     TooManySelectors { given: usize, max: usize },
+    #[error("a topic selector has {given} segments, at most {max} are allowed")]
+    SelectorTooDeep { given: usize, max: usize },
+    #[error("the selectors have {given} segments in all, at most {max} are allowed per connection")]
+    TooManySegments { given: usize, max: usize },
     #[error("this user's connections are blocked for another {0:?}")]
     Blocked(Duration),
     #[error("the hub is at its connection limit ({0})")]
@@ -202,6 +254,9 @@ pub struct SubscribeRequest {
     /// When the connection's token expires, in ms since the epoch: its stream then ends with
     /// `herald.close` `{"reason":"token_expired"}`.
     pub expires_at_ms: Option<u64>,
+    /// Write each event's routing lines before it (`topic:`, `broadcast:`, and `user:` for a
+    /// message to this connection's user): see [`crate::Event::route_lines`].
+    pub route: bool,
     /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
     pub max_age: Option<Duration>,
     /// Told how many events the start's replay sent, once it is over (not called for `Live`).
@@ -244,6 +299,24 @@ impl Hub {
                 max: inner.max_selectors,
             });
         }
+        // What a connection costs the selector index is bounded: each segment is a trie node.
+        let mut segments = 0;
+        for selector in &req.selectors {
+            let given = selector.segments().count();
+            if given > SELECTOR_SEGMENTS_MAX {
+                return Err(SubscribeError::SelectorTooDeep {
+                    given,
+                    max: SELECTOR_SEGMENTS_MAX,
+                });
+            }
+            segments += given;
+        }
+        if segments > CONNECTION_SEGMENTS_MAX {
+            return Err(SubscribeError::TooManySegments {
+                given: segments,
+                max: CONNECTION_SEGMENTS_MAX,
+            });
+        }
         if let Some(user) = &req.user {
             let mut blocked = inner.blocked.lock();
             if let Some(until) = blocked.get(user) {
@@ -277,6 +350,7 @@ impl Hub {
             sub,
             start,
             baseline,
+            req.route,
             req.on_replayed,
         ))
     }
@@ -340,11 +414,14 @@ impl Hub {
                     });
                 }
                 first = false;
+            } else if chunk.gap.is_some() && out.gap.is_none() {
+                // Unreadable events further on (a damaged row): some of the user's may be missing.
+                out.gap = chunk.gap;
             }
             let Some(last) = chunk.events.last().map(|e| e.id) else {
                 return Ok(out);
             };
-            let full = chunk.events.len() == 512;
+            let full = chunk.events.len() == 512 || chunk.cut_short;
             for event in chunk.events {
                 if event.targets.users.contains(user) {
                     out.events.push(event);
@@ -363,6 +440,17 @@ impl Hub {
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.
     pub fn users(&self, after: Option<&UserId>, limit: usize) -> Vec<(UserId, usize)> {
         self.inner.users(after, limit)
+    }
+
+    /// How much longer `user` is blocked by [`Hub::close_user`], if at all.
+    pub fn blocked_for(&self, user: &UserId) -> Option<Duration> {
+        let now = Instant::now();
+        self.inner
+            .blocked
+            .lock()
+            .get(user)
+            .filter(|until| **until > now)
+            .map(|until| *until - now)
     }
 
     /// Open connections of `user` on this hub.

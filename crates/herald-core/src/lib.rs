@@ -68,17 +68,21 @@ mod stream;
 
 #[cfg(feature = "redis")]
 pub use cluster::Cluster;
-pub use event::{Event, EventId, Message, Targets};
+pub use event::{Event, EventData, EventId, Message, Targets};
 pub use fanout::Stats;
 pub use grant::Grant;
-pub use history::{
-    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory, Stored,
-};
 #[cfg(feature = "durable")]
-pub use history::{DurableHistory, OpenError};
+pub use history::{CheckReport, DurableHistory, OpenError};
+pub use history::{
+    Chunk, DEFAULT_HISTORY_BYTES, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention,
+    SharedHistory, Stored,
+};
 #[cfg(feature = "redis")]
 pub use history::{RedisHistory, RedisOptions};
-pub use hub::{Hub, HubBuilder, HubError, SubscribeError, SubscribeRequest, UserMessages};
+pub use hub::{
+    CONNECTION_SEGMENTS_MAX, Hub, HubBuilder, HubError, SELECTOR_SEGMENTS_MAX, SubscribeError,
+    SubscribeRequest, UserMessages,
+};
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};

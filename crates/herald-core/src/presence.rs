@@ -43,6 +43,10 @@ pub trait Presence: Send + Sync + std::fmt::Debug {
     ) -> Result<usize, ClusterError>;
     /// The counters.
     async fn totals(&self) -> Result<Stats, ClusterError>;
+    /// Each live node's id with its connections; `None` for a single node.
+    async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
+        Ok(None)
+    }
 }
 
 /// This node alone: never fails.

@@ -250,18 +250,29 @@ async fn a_repeated_idempotency_key_publishes_once() {
     let mut c = Client::new(hub.subscribe(to("t", Start::Live)).unwrap());
     let keyed = |d: &str, k: &str| Message::to_topic(topic("t")).data(d).idempotency_key(k);
     let first = hub.publish(keyed("one", "k1")).await.unwrap();
-    let again = hub.publish(keyed("one again", "k1")).await.unwrap();
+    let again = hub.publish(keyed("one", "k1")).await.unwrap();
     assert!(!first.duplicate);
     assert_eq!(
         (again.id, again.delivered, again.duplicate),
         (first.id, 0, true)
     );
+    // The same key with another payload is refused, naming the event that holds the key.
+    assert!(matches!(
+        hub.publish(keyed("one again", "k1")).await,
+        Err(herald_core::PublishError::IdempotencyConflict { index: 0, id }) if id == first.id
+    ));
     let batch = hub
-        .publish_batch(vec![keyed("two", "k2"), keyed("two again", "k2")])
+        .publish_batch(vec![keyed("two", "k2"), keyed("two", "k2")])
         .await
         .unwrap();
     assert_eq!((batch[0].duplicate, batch[1].duplicate), (false, true));
     assert_eq!(batch[1].id, batch[0].id);
+    // Within one batch too, and then nothing of the batch is published.
+    assert!(matches!(
+        hub.publish_batch(vec![keyed("three", "k3"), keyed("three again", "k3")])
+            .await,
+        Err(herald_core::PublishError::IdempotencyConflict { index: 1, .. })
+    ));
     assert_eq!(data(c.events(2).await), ["one", "two"]);
     assert!(c.silent_for(Duration::from_secs(1)).await);
     assert_eq!(hub.stats().published, 2);

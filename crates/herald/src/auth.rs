@@ -17,6 +17,9 @@ pub struct Auth {
     jwt: Option<Arc<Verifier>>,
     publish_keys: Vec<Arc<str>>,
     anonymous: bool,
+    /// With publish keys and no JWT key: token-less subscribers may name any user and receive
+    /// private events (`--open-subscribe`). Off, they are anonymous.
+    open_subscribe: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -26,6 +29,7 @@ impl std::fmt::Debug for Auth {
             .field("jwt", &self.jwt.as_ref().map(|v| v.algorithm))
             .field("publish_keys", &self.publish_keys.len())
             .field("anonymous", &self.anonymous)
+            .field("open_subscribe", &self.open_subscribe)
             .finish()
     }
 }
@@ -56,6 +60,10 @@ pub enum KeyError {
         "{0} holds no RSA, EC (P-256) or Ed25519 public key in PEM form (-----BEGIN PUBLIC KEY-----)"
     )]
     NotAKey(String),
+    #[error(
+        "{0} holds a private key: give the public key (e.g. `openssl pkey -in {0} -pubout`); the private key stays with the token issuer"
+    )]
+    PrivateKey(String),
     #[error("the JWT secret must be at least 16 bytes")]
     ShortSecret,
 }
@@ -149,6 +157,10 @@ impl Auth {
             path: shown.clone(),
             source,
         })?;
+        // jsonwebtoken takes a private RSA key as a decoding key and then refuses every token.
+        if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(KeyError::PrivateKey(shown));
+        }
         Self::with_public_key_pem(&pem, checks).ok_or(KeyError::NotAKey(shown))
     }
 
@@ -214,8 +226,22 @@ impl Auth {
         self.jwt.is_none() && self.publish_keys.is_empty()
     }
 
+    /// Whether a token-less subscriber may connect (anonymously: no user, no private events).
+    /// Always so without a JWT key, where there are no tokens to show.
     pub fn allows_anonymous(&self) -> bool {
-        self.anonymous
+        self.anonymous || self.jwt.is_none()
+    }
+
+    /// Lets token-less subscribers of a hub with publish keys and no JWT key name any user and
+    /// receive private events, as on an open hub.
+    pub fn open_subscribe(mut self, open: bool) -> Self {
+        self.open_subscribe = open;
+        self
+    }
+
+    /// Whether subscribing is unchecked: no keys at all, or `--open-subscribe`.
+    pub fn subscribe_is_open(&self) -> bool {
+        self.jwt.is_none() && (self.publish_keys.is_empty() || self.open_subscribe)
     }
 
     /// The caller of a publish or control request: the `Authorization: Bearer` header only (a
@@ -245,11 +271,17 @@ impl Auth {
         query_token: Option<&str>,
     ) -> Result<Caller, AuthError> {
         if self.jwt.is_none() {
-            return Ok(Caller::Open);
+            // With publish keys, a token-less subscriber is anonymous unless openness was asked
+            // for: otherwise anyone could connect as `user=alice` and read her private events.
+            return Ok(if self.subscribe_is_open() {
+                Caller::Open
+            } else {
+                Caller::Nobody
+            });
         }
         let token = match bearer(headers)? {
             Some(t) => Some(t.to_string()),
-            None => cookie(headers, "herald_token").or(query_token.map(str::to_string)),
+            None => cookie_token(headers)?.or(query_token.map(str::to_string)),
         };
         match token {
             None => Ok(Caller::Nobody),
@@ -323,6 +355,33 @@ impl Caller {
         }
     }
 
+    /// The scope of the caller's idempotency keys, so one publisher's key never matches
+    /// another's: each publish key, each token subject (tokens without `sub` share one scope).
+    /// `None` on an open hub, where every caller is the same publisher.
+    pub(crate) fn idempotency_scope(&self) -> Option<String> {
+        match self {
+            Caller::Open | Caller::Nobody => None,
+            Caller::PublishKey(i) => Some(format!("key:{i}")),
+            Caller::Token(t) => Some(match &t.user {
+                Some(u) => format!("sub:{u}"),
+                None => "token".to_string(),
+            }),
+        }
+    }
+
+    /// Whether the caller may publish anything at all: checked before a publish body is read.
+    pub(crate) fn require_some_publish(&self) -> Result<(), AuthError> {
+        match self {
+            Caller::Token(t) if !t.admin && t.publish.is_empty() => Err(AuthError::NotAdmin(
+                "the token has no publish rights".into(),
+            )),
+            Caller::Nobody => Err(unauthorized(
+                "give a token or the publish key as Authorization: Bearer",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the caller may publish to `topic`.
     pub(crate) fn require_publish(&self, topic: &Topic) -> Result<(), AuthError> {
         match self {
@@ -367,16 +426,38 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     }
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// Every non-empty value of the cookie `name`, in the order sent.
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(|(k, _)| *k == name)
         .map(|(_, v)| v.trim_matches('"').to_string())
         .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The subscribe token from a cookie. `__Host-herald_token` wins: a browser takes it only from
+/// this very host over HTTPS, so a sibling subdomain cannot set it. A `herald_token` can be tossed
+/// in by any sibling subdomain (`Domain=example.com`); two of them mean one may be an attacker's,
+/// and neither is trusted.
+fn cookie_token(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+    for name in ["__Host-herald_token", "herald_token"] {
+        let mut values = cookies(headers, name);
+        match values.len() {
+            0 => continue,
+            1 => return Ok(values.pop()),
+            _ => {
+                return Err(invalid_token(format!(
+                    "several {name} cookies (one may have been set by another subdomain): use __Host-herald_token"
+                )));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Compares in time independent of where the inputs differ.
@@ -407,8 +488,20 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; herald_token=xyz; b=2"),
         );
-        assert_eq!(cookie(&h, "herald_token").as_deref(), Some("xyz"));
-        assert_eq!(cookie(&h, "nope"), None);
+        assert_eq!(cookie_token(&h).unwrap().as_deref(), Some("xyz"));
+        assert_eq!(cookies(&h, "nope"), Vec::<String>::new());
+        // Issue 12 (not yet tried): cookie tossing. A sibling subdomain can add a second
+        // herald_token; neither is trusted then, and __Host-herald_token (which it cannot set) wins.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("herald_token=mine; herald_token=tossed"),
+        );
+        assert!(matches!(cookie_token(&h), Err(AuthError::InvalidToken(_))));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("herald_token=tossed; __Host-herald_token=mine"),
+        );
+        assert_eq!(cookie_token(&h).unwrap().as_deref(), Some("mine"));
     }
 
     #[test]

@@ -5,15 +5,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
 use herald_core::Retention;
 
+use crate::acme::AcmeSettings;
 use crate::auth::{Auth, JwtChecks};
 use crate::ipnet::IpNet;
 use crate::settings::{self as s, Value, invalid};
 pub use crate::settings::{ConfigError, RawConfig};
+use crate::tls::{Certificates, TlsFiles};
 
 /// Validated settings of a running hub.
 #[derive(Debug, Clone)]
@@ -24,6 +27,9 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub retention: Retention,
     pub idempotency_window: Duration,
+    /// Most idempotency keys and their bytes kept in memory (not in Redis, which expires its own).
+    pub idempotency_keys: usize,
+    pub idempotency_bytes: usize,
     /// Redis URL and key prefix, in cluster mode.
     pub redis: Option<(String, String)>,
     pub max_connections: usize,
@@ -32,6 +38,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_selectors: usize,
     pub queue: usize,
+    pub queue_bytes: usize,
     /// The longest a stream lives, if limited, and the spread of its end.
     pub max_stream_age: Option<Duration>,
     pub max_stream_age_jitter: f64,
@@ -39,6 +46,12 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
     pub log_format: LogFormat,
+    /// The certificate served over HTTPS; `None` serves plain HTTP (or ACME's, with `acme`).
+    pub tls: Option<Arc<Certificates>>,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
+    /// Certificates from ACME instead of `tls`.
+    pub acme: Option<AcmeSettings>,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -50,9 +63,18 @@ pub struct Limits {
     /// Requests per second and burst size of each publisher's token bucket.
     pub publish_rate: Option<(f64, f64)>,
     pub header_timeout: Duration,
+    /// Time a client has to send a whole request body once its head is in (slow-body guard).
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_url: usize,
     pub max_topics: usize,
+    /// Names a request's `Host` may give; `None`: any (`--allowed-host`; on a loopback listener
+    /// the default is [`crate::host::HostPattern::loopback`]).
+    pub allowed_hosts: Option<Vec<crate::host::HostPattern>>,
+    /// Most messages in one batch publish.
+    pub max_batch: usize,
+    /// Most users blocked at once by `DELETE /users/{id}/connections?block=`.
+    pub max_blocks: usize,
 }
 
 impl Default for Limits {
@@ -131,6 +153,7 @@ impl RawConfig {
             max_age: self.value(&s::HISTORY_AGE)?,
             max_bytes: self.value(&s::HISTORY_BYTES)?,
         };
+        let mut retention = retention;
         let data_dir: Option<PathBuf> = self.value(&s::DATA_DIR)?;
         let redis = match self.value::<String>(&s::REDIS)? {
             None => None,
@@ -161,6 +184,10 @@ impl RawConfig {
                 Some((url, prefix))
             }
         };
+        // Redis streams cannot bound bytes; elsewhere history has a byte bound by default.
+        if redis.is_none() && retention.max_bytes.is_none() {
+            retention.max_bytes = Some(herald_core::DEFAULT_HISTORY_BYTES);
+        }
         let max_connections = match self.value(&s::MAX_CONNECTIONS)? {
             Some(n) => n,
             None => default_max_connections(),
@@ -186,10 +213,10 @@ impl RawConfig {
             (None, Some(path)) => Auth::with_public_key_file(&path, &checks)
                 .map_err(|e| invalid("jwt-public-key", e.to_string()))?,
             (None, None) => {
-                if anonymous {
+                if anonymous && self.list::<String>(&s::PUBLISH_KEY)?.is_empty() {
                     return Err(invalid(
                         "anonymous",
-                        "only means something with --jwt-secret or --jwt-public-key",
+                        "only means something with --jwt-secret, --jwt-public-key or --publish-key",
                     ));
                 }
                 Auth::open()
@@ -202,7 +229,17 @@ impl RawConfig {
                 format!("a key of {} bytes is too short: use at least 16", k.len()),
             ));
         }
-        let auth = auth.publish_keys(publish_keys).anonymous(anonymous);
+        let open_subscribe = self.switch(&s::OPEN_SUBSCRIBE)?;
+        if open_subscribe && (auth.has_jwt() || publish_keys.is_empty()) {
+            return Err(invalid(
+                "open-subscribe",
+                "only means something with --publish-key and no JWT key",
+            ));
+        }
+        let auth = auth
+            .publish_keys(publish_keys)
+            .anonymous(anonymous)
+            .open_subscribe(open_subscribe);
         if auth.has_jwt() && origins.iter().any(|o| o.0 == "*") {
             return Err(invalid(
                 "cors-origin",
@@ -231,10 +268,15 @@ impl RawConfig {
             trusted_proxies: self.list(&s::TRUSTED_PROXY)?,
             publish_rate,
             header_timeout: self.get(&s::HEADER_TIMEOUT)?,
+            body_timeout: self.get(&s::BODY_TIMEOUT)?,
             max_header_bytes: self.get(&s::MAX_HEADER_BYTES)?,
             max_url: self.get(&s::MAX_URL)?,
             max_topics: self.get(&s::MAX_TOPICS)?,
+            allowed_hosts: Some(self.list(&s::ALLOWED_HOST)?).filter(|h: &Vec<_>| !h.is_empty()),
+            max_batch: self.get(&s::MAX_BATCH)?,
+            max_blocks: self.get(&s::MAX_BLOCKS)?,
         };
+        let (tls, acme) = self.tls_and_acme()?;
         Ok(Config {
             listen,
             heartbeat,
@@ -242,6 +284,8 @@ impl RawConfig {
             data_dir,
             retention,
             idempotency_window: self.get(&s::IDEMPOTENCY_WINDOW)?,
+            idempotency_keys: self.get(&s::IDEMPOTENCY_KEYS)?,
+            idempotency_bytes: self.get(&s::IDEMPOTENCY_BYTES)?,
             redis,
             max_connections,
             max_body: self.get(&s::MAX_BODY)?,
@@ -249,13 +293,90 @@ impl RawConfig {
             shutdown_timeout: self.get(&s::SHUTDOWN_TIMEOUT)?,
             max_selectors: self.get(&s::MAX_SELECTORS)?,
             queue: self.get(&s::QUEUE)?,
+            queue_bytes: self.get(&s::QUEUE_BYTES)?,
             max_stream_age: self.value(&s::MAX_STREAM_AGE)?,
             max_stream_age_jitter: self.get(&s::MAX_STREAM_AGE_JITTER)?,
             auth,
             metrics_listen: self.value(&s::METRICS_LISTEN)?,
             limits,
             log_format: self.get(&s::LOG_FORMAT)?,
+            tls,
+            h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
+            acme,
         })
+    }
+
+    /// The source of HTTPS certificates, if any: files (loaded and checked here) or ACME.
+    fn tls_and_acme(
+        &self,
+    ) -> Result<(Option<Arc<Certificates>>, Option<AcmeSettings>), ConfigError> {
+        let cert: Option<PathBuf> = self.value(&s::TLS_CERT)?;
+        let key: Option<PathBuf> = self.value(&s::TLS_KEY)?;
+        let tls = match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Arc::new(
+                Certificates::open(TlsFiles { cert, key })
+                    .map_err(|e| invalid("tls-cert/tls-key", e.to_string()))?,
+            )),
+            (Some(_), None) => return Err(invalid("tls-key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "--tls-key needs --tls-cert")),
+        };
+        let domains: Vec<String> = self.list(&s::ACME_DOMAIN)?;
+        let contacts: Vec<String> = self.list(&s::ACME_CONTACT)?;
+        let cache: Option<PathBuf> = self.value(&s::ACME_CACHE)?;
+        let ca_root: Option<PathBuf> = self.value(&s::ACME_CA_ROOT)?;
+        if domains.is_empty() {
+            if self.given(&s::ACME_DIRECTORY)
+                || !contacts.is_empty()
+                || cache.is_some()
+                || ca_root.is_some()
+            {
+                return Err(invalid(
+                    "acme-domain",
+                    "the --acme-* settings need at least one --acme-domain",
+                ));
+            }
+            return Ok((tls, None));
+        }
+        if tls.is_some() {
+            return Err(invalid(
+                "acme-domain",
+                "give --tls-cert/--tls-key or --acme-domain, not both",
+            ));
+        }
+        if let Some(d) = domains
+            .iter()
+            .find(|d| d.is_empty() || d.contains(|c: char| c.is_whitespace() || c == '/'))
+        {
+            return Err(invalid(
+                "acme-domain",
+                format!("'{d}' is not a domain name"),
+            ));
+        }
+        if let Some(c) = contacts.iter().find(|c| !c.contains(':')) {
+            return Err(invalid(
+                "acme-contact",
+                format!("'{c}' is not a URL like mailto:admin@example.com"),
+            ));
+        }
+        let directory: String = self.get(&s::ACME_DIRECTORY)?;
+        if !directory.starts_with("https://") {
+            return Err(invalid(
+                "acme-directory",
+                format!("'{directory}' is not an https:// URL"),
+            ));
+        }
+        let settings = AcmeSettings {
+            domains,
+            directory,
+            contacts,
+            cache,
+            ca_root,
+        };
+        settings
+            .validate()
+            .map_err(|e| invalid("acme-ca-root", e))?;
+        Ok((None, Some(settings)))
     }
 }
 
@@ -327,5 +448,27 @@ mod tests {
         bad(raw().set(&s::ANONYMOUS, "maybe"), "anonymous");
         bad(raw().set(&s::LOG_FORMAT, "xml"), "log-format");
         bad(raw().set(&s::TRUSTED_PROXY, "proxy"), "trusted-proxy");
+        bad(raw().set(&s::H2_MAX_STREAMS, "0"), "h2-max-streams");
+        bad(raw().set(&s::TLS_CERT, "cert.pem"), "tls-key");
+        let acme = || raw().set(&s::ACME_DOMAIN, "push.example.com");
+        bad(
+            acme().set(&s::ACME_CONTACT, "admin@example.com"),
+            "acme-contact",
+        );
+        bad(
+            acme().set(&s::ACME_DIRECTORY, "http://acme.internal/dir"),
+            "acme-directory",
+        );
+        bad(
+            acme().set(&s::ACME_CA_ROOT, "/nonexistent/ca.pem"),
+            "acme-ca-root",
+        );
+        bad(raw().set(&s::ACME_CACHE, "/tmp/acme"), "acme-domain");
+        let c = acme().validate().unwrap();
+        assert_eq!(
+            c.acme.map(|a| a.directory),
+            Some(crate::acme::LETS_ENCRYPT.to_string())
+        );
+        assert_eq!(Config::default().h2_max_streams, 256);
     }
 }

@@ -51,6 +51,12 @@ error_codes! {
     InvalidUser = "invalid_user", BAD_REQUEST, retry None, "a user id is not valid";
     /// More topic selectors than `--max-selectors`.
     TooManySelectors = "too_many_selectors", BAD_REQUEST, retry None, "too many topic selectors";
+    /// A selector of more than 32 segments.
+    SelectorTooDeep = "selector_too_deep", BAD_REQUEST, retry None, "a topic selector has too many segments";
+    /// A connection's selectors have more than 512 segments together.
+    TooManySegments = "too_many_segments", BAD_REQUEST, retry None, "the topic selectors have too many segments in all";
+    /// `route=` is neither `1` nor `0`.
+    InvalidRoute = "invalid_route", BAD_REQUEST, retry None, "'route' must be 1 or 0";
     /// `since=` is neither an event id, a duration nor `all`.
     InvalidSince = "invalid_since", BAD_REQUEST, retry None, "'since' must be an event id, a duration like 1h, or all";
     /// A publish body is not JSON, or not an object or an array of objects.
@@ -65,6 +71,8 @@ error_codes! {
     /// Both forms of one field (`topic` and `topics`, `user` and `users`).
     ConflictingFields = "conflicting_fields", BAD_REQUEST, retry None, "two fields say the same thing";
     EmptyBatch = "empty_batch", BAD_REQUEST, retry None, "the batch is empty";
+    /// The body ended early or its chunked framing is malformed.
+    IncompleteBody = "incomplete_body", BAD_REQUEST, retry None, "the body ended early or its chunked framing is malformed";
     /// A form field or query value is not UTF-8.
     InvalidEncoding = "invalid_encoding", BAD_REQUEST, retry None, "a field is not valid UTF-8";
     /// More topics and users in one message than `--max-topics`.
@@ -72,6 +80,10 @@ error_codes! {
     InvalidLimit = "invalid_limit", BAD_REQUEST, retry None, "'limit' is not valid";
     InvalidBlock = "invalid_block", BAD_REQUEST, retry None, "'block' is not a duration";
     InvalidReason = "invalid_reason", BAD_REQUEST, retry None, "'reason' must be 1 to 256 bytes";
+    /// A message the history's row layout cannot hold; nothing was stored.
+    Unstorable = "unstorable", BAD_REQUEST, retry None, "the message cannot be stored";
+    /// Plain HTTP sent to the HTTPS port (answered in plain HTTP, then the connection closes).
+    HttpsRequired = "https_required", BAD_REQUEST, retry None, "this port speaks HTTPS (TLS): use an https:// URL";
     /// No credentials where they are needed, or a malformed `Authorization` header.
     Unauthorized = "unauthorized", UNAUTHORIZED, retry None, "this needs credentials";
     /// A token that does not verify, has expired, or carries bad claims.
@@ -84,11 +96,23 @@ error_codes! {
     ForbiddenUser = "forbidden_user", FORBIDDEN, retry None, "the token is for another user";
     /// The token's subscribe rights do not cover a selector.
     ForbiddenSelector = "forbidden_selector", FORBIDDEN, retry None, "the token may not subscribe to this selector";
+    /// A browser form post from an origin other than the hub's and `--cors-origin`.
+    CrossOriginForm = "cross_origin_form", FORBIDDEN, retry None, "a form post from another site is refused";
+    /// `GET /users/{id}/messages` with the user's own token while the user is blocked.
+    UserBlocked = "user_blocked", FORBIDDEN, retry None, "this user is blocked";
     NotFound = "not_found", NOT_FOUND, retry None, "no such route";
     MethodNotAllowed = "method_not_allowed", METHOD_NOT_ALLOWED, retry None, "this route does not take that method";
+    /// The publish body did not arrive within `--body-timeout`.
+    BodyTimeout = "body_timeout", REQUEST_TIMEOUT, retry None, "the body did not arrive in time";
+    /// An `idempotencyKey` repeated with a different message.
+    IdempotencyConflict = "idempotency_conflict", CONFLICT, retry None, "the idempotencyKey was used with a different payload";
     PayloadTooLarge = "payload_too_large", PAYLOAD_TOO_LARGE, retry None, "the body is too large";
+    /// A batch of more than `--max-batch` messages.
+    BatchTooLarge = "batch_too_large", PAYLOAD_TOO_LARGE, retry None, "the batch has too many messages";
     UriTooLong = "uri_too_long", URI_TOO_LONG, retry None, "the URL is too long";
     UnsupportedMediaType = "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, retry None, "send application/json or application/x-www-form-urlencoded";
+    /// The request's `Host` is not in `--allowed-host`.
+    HostNotAllowed = "host_not_allowed", MISDIRECTED_REQUEST, retry None, "this hub does not answer for that host";
     /// Streams per IP or per user at their limit.
     TooManyConnections = "too_many_connections", TOO_MANY_REQUESTS, retry Some(5), "too many streams";
     /// The publisher's token bucket is empty (`Retry-After` says when it has a token again).

@@ -43,17 +43,27 @@
 //! to the user who started it, chunk by chunk, ending with a final event
 //! (`cargo run -p herald --example job_stream`).
 
+pub mod acme;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error_code;
+pub mod host;
 pub mod http;
 pub mod ipnet;
 mod listen;
 pub mod settings;
 mod stream_conn;
+pub mod tls;
+
+/// Entry points for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::stream_conn::check_stream_head;
+}
 
 use std::future::Future;
+use std::time::Duration;
 
 pub use config::{Config, ConfigError, RawConfig};
 pub use herald_core::{
@@ -104,12 +114,16 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
     }
     let hub = builder
         .idempotency_window(config.idempotency_window)
+        .idempotency_keys(config.idempotency_keys)
+        .idempotency_bytes(config.idempotency_bytes)
         .heartbeat(config.heartbeat)
         .retry(config.retry)
         .queue_capacity(config.queue)
+        .queue_bytes(config.queue_bytes)
         .max_stream_age(config.max_stream_age, config.max_stream_age_jitter)
         .max_connections(config.max_connections)
         .max_selectors(config.max_selectors)
+        .max_blocks(config.limits.max_blocks)
         .build()?;
     let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
     Ok(Node { hub, cluster })
@@ -148,44 +162,65 @@ pub async fn serve_split(
     streams: tokio::runtime::Handle,
 ) -> Result<(), ServeError> {
     let hub = node.hub.clone();
+    let local = listener.local_addr()?;
+    let mut limits = config.limits.clone();
+    if limits.allowed_hosts.is_none() && listen::is_loopback(local) {
+        // DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 reaches a
+        // loopback hub, but its requests still say `Host: evil.example`.
+        limits.allowed_hosts = Some(host::HostPattern::loopback());
+    }
     let options = HttpOptions {
         max_body: config.max_body,
         cors_origins: config.cors_origins.clone(),
         cluster: node.cluster.clone(),
         auth: config.auth.clone(),
-        limits: config.limits.clone(),
+        limits,
         metrics_route: config.metrics_listen.is_none(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
+    let settings = listen::ConnectionSettings {
+        header_timeout: config.limits.header_timeout,
+        max_head: config.limits.max_header_bytes * 2,
+        user_timeout: listen::user_timeout(config.heartbeat),
+        h2_max_streams: config.h2_max_streams,
+    };
     if let Some(addr) = config.metrics_listen {
+        // The same accept loop as the main listener: head timeout, head size cap, reserve.
         let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
-                tracing::error!(error = %e, "the metrics listener failed");
-            }
-        });
+        let streams = streams.clone();
+        tokio::spawn(listen::serve(
+            metrics_listener,
+            metrics_app,
+            settings,
+            None,
+            std::future::pending(),
+            Duration::ZERO,
+            streams,
+        ));
     }
-    let local = listener.local_addr()?;
     if !listen::is_loopback(local) {
         if config.auth.is_open() {
             tracing::warn!(
                 %local,
                 "herald runs open on a non-loopback address: anyone who can reach it may subscribe, publish and control; configure --jwt-secret/--jwt-public-key and --publish-key"
             );
-        } else if !config.auth.has_jwt() {
+        } else if config.auth.subscribe_is_open() {
             tracing::warn!(
                 %local,
-                "no JWT key: anyone who can reach herald may subscribe, and private messages reach every matching connection"
+                "--open-subscribe: anyone who can reach herald may subscribe as any user and read private messages"
             );
         }
     }
-    let settings = listen::ConnectionSettings {
-        header_timeout: config.limits.header_timeout,
-        max_head: config.limits.max_header_bytes * 2,
-        // A peer that vanishes without a reset leaves heartbeat bytes unacknowledged: the kernel
-        // drops the connection once they stay so for two heartbeat intervals, and the stream
-        // leaves presence.
-        user_timeout: config.heartbeat * 2,
+    let tls = match (&config.tls, &config.acme) {
+        (Some(certificates), _) => {
+            certificates.clone().watch();
+            Some(tls::server_config(certificates.clone(), &[]))
+        }
+        (None, Some(settings)) => Some(tls::server_config(
+            acme::start(settings),
+            &[acme::ALPN_ACME],
+        )),
+        (None, None) => None,
     };
     let stop = async move {
         shutdown.await;
@@ -196,6 +231,7 @@ pub async fn serve_split(
         listener,
         app,
         settings,
+        tls,
         stop,
         config.shutdown_timeout,
         streams,

@@ -26,6 +26,20 @@ enum Command {
     Pub(PubArgs),
     /// Subscribe to a running hub and print each event on one line: id, type, data.
     Sub(SubArgs),
+    /// Verify a data dir's event rows (checksums and layout) while no herald runs on it; with
+    /// --repair, mark damaged rows lost so readers skip them with a `herald.gap`. Exits 1 while
+    /// damage remains.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The folder given to `serve --data-dir`.
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// Replace each damaged row by a lost-marker (and let redb repair the file's own structure).
+    #[arg(long)]
+    repair: bool,
 }
 
 // mimalloc instead of glibc malloc: with glibc, the per-stream frame queues that grow and shrink
@@ -37,6 +51,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls (HTTPS, rediss://, the https:// clients) needs one process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The configuration is read before logging starts, since it says how to log; a bad one is
     // reported in the format the flags and env vars asked for, else as text.
     let (command, format) = match cli.command {
@@ -52,6 +68,10 @@ fn main() -> ExitCode {
         }
         Command::Pub(args) => (Run::Pub(args), LogFormat::Text),
         Command::Sub(args) => (Run::Sub(args), LogFormat::Text),
+        Command::Check(args) => {
+            start_logging(LogFormat::Text);
+            return check(&args);
+        }
     };
     start_logging(format);
     // Two runtimes: one thread for requests, the committer and timers, and one per core for
@@ -92,6 +112,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// `herald check`: prints what it found; exit status 1 while damaged rows remain.
+fn check(args: &CheckArgs) -> ExitCode {
+    let report = match herald_core::DurableHistory::check(&args.data_dir, args.repair) {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    println!("{} rows checked", report.rows);
+    if !report.damaged.is_empty() {
+        println!(
+            "damaged: {} (ids {})",
+            report.damaged.len(),
+            ids(&report.damaged)
+        );
+    }
+    if !report.lost.is_empty() {
+        println!("marked lost by a repair: {}", report.lost.len());
+    }
+    if report.repaired > 0 {
+        println!(
+            "repaired: {} rows marked lost (readers get a herald.gap there)",
+            report.repaired
+        );
+    }
+    if report.damaged.len() as u64 > report.repaired {
+        println!("run again with --repair to mark them lost");
+        return ExitCode::FAILURE;
+    }
+    println!("ok");
+    ExitCode::SUCCESS
+}
+
 /// What `main` runs, once the configuration is read.
 enum Run {
     Serve(Box<Config>),
@@ -114,8 +169,6 @@ fn start_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Result<()> {
-    // rustls (for rediss://) needs one process-wide crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "open-file limit");
     }
@@ -126,7 +179,12 @@ async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Resul
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("herald listening on http://{addr}");
+    let scheme = if config.tls.is_some() || config.acme.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("herald listening on {scheme}://{addr}");
     tracing::info!(
         %addr,
         data_dir = ?config.data_dir,

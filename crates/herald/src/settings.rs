@@ -201,7 +201,7 @@ pub const HISTORY_BYTES: Setting = Setting::one(
     "N",
     "also drop the oldest events beyond this many bytes",
 )
-.unset("no limit")
+.unset("`268435456` (256 MiB); none with `--redis`")
 .min("1");
 pub const DATA_DIR: Setting = Setting::one(
     "data-dir",
@@ -215,6 +215,20 @@ pub const IDEMPOTENCY_WINDOW: Setting = Setting::one(
     "how long an `idempotencyKey` is remembered",
 )
 .default("5m");
+pub const IDEMPOTENCY_KEYS: Setting = Setting::one(
+    "idempotency-keys",
+    "N",
+    "most idempotency keys remembered (in memory; Redis keeps its own with the window as TTL); past it the oldest are forgotten early",
+)
+.default("100000")
+.min("1");
+pub const IDEMPOTENCY_BYTES: Setting = Setting::one(
+    "idempotency-bytes",
+    "N",
+    "most bytes of idempotency keys remembered; past it the oldest are forgotten early",
+)
+.default("33554432")
+.min("1024");
 pub const REDIS: Setting = Setting::one(
     "redis",
     "URL",
@@ -264,6 +278,13 @@ pub const QUEUE: Setting = Setting::one(
 )
 .default("1024")
 .min("1");
+pub const QUEUE_BYTES: Setting = Setting::one(
+    "queue-bytes",
+    "N",
+    "bytes of events queued per connection before it catches up from history instead (one event always fits); also what one step of a replay holds",
+)
+.default("1048576")
+.min("1");
 pub const MAX_STREAM_AGE: Setting = Setting::one(
     "max-stream-age",
     "DUR",
@@ -302,6 +323,16 @@ pub const ANONYMOUS: Setting = Setting::switch(
     "anonymous",
     "let token-less connections subscribe (no private events, no user messages)",
 );
+pub const OPEN_SUBSCRIBE: Setting = Setting::switch(
+    "open-subscribe",
+    "with `--publish-key` and no JWT key: let token-less connections name any `user` and receive private events (otherwise they are anonymous); only behind a gateway that authenticates subscribers",
+);
+pub const ALLOWED_HOST: Setting = Setting::list(
+    "allowed-host",
+    "H",
+    "host names a request's `Host` may give (`*.example.com` for subdomains, `*` for any); others answer 421 (DNS rebinding guard)",
+)
+.unset("on a loopback listener `localhost`, `*.localhost`, IP literals and single-label names; elsewhere any");
 pub const PUBLISH_KEY: Setting = Setting::list(
     "publish-key",
     "K",
@@ -336,7 +367,7 @@ pub const TRUSTED_PROXY: Setting = Setting::list(
 pub const PUBLISH_RATE: Setting = Setting::one(
     "publish-rate",
     "R",
-    "publish requests per second per publish key, user or IP (token bucket); beyond it 429",
+    "published events per second per publish key, user or IP (token bucket; a batch counts each message); beyond it 429",
 )
 .unset("no limit")
 .above("0");
@@ -347,9 +378,16 @@ pub const PUBLISH_BURST: Setting =
 pub const HEADER_TIMEOUT: Setting = Setting::one(
     "header-timeout",
     "DUR",
-    "time to send a request head, a slowloris guard that also ends idle keep-alive",
+    "time to send a request head, a slowloris guard that also ends idle keep-alive (also on `--metrics-listen`)",
 )
 .default("30s")
+.above("0s");
+pub const BODY_TIMEOUT: Setting = Setting::one(
+    "body-timeout",
+    "DUR",
+    "time to send a whole request body once the head is in; beyond it 408 (with `--max-body` this sets the slowest rate a full body may come at: 1 MiB in 10 s)",
+)
+.default("10s")
 .above("0s");
 pub const MAX_HEADER_BYTES: Setting = Setting::one(
     "max-header-bytes",
@@ -364,9 +402,24 @@ pub const MAX_URL: Setting = Setting::one("max-url", "N", "longest URL; beyond i
 pub const MAX_TOPICS: Setting = Setting::one(
     "max-topics",
     "N",
-    "most topics plus users per published message",
+    "most topics plus users per published message; a stored event holds at most 65535",
 )
 .default("64")
+.min("1")
+.max("65535");
+pub const MAX_BATCH: Setting = Setting::one(
+    "max-batch",
+    "N",
+    "most messages in one batch publish; beyond it 413",
+)
+.default("1000")
+.min("1");
+pub const MAX_BLOCKS: Setting = Setting::one(
+    "max-blocks",
+    "N",
+    "most users blocked at once with `?block=`; past it the block that ends soonest is dropped",
+)
+.default("10000")
 .min("1");
 pub const LOG_FORMAT: Setting = Setting::one(
     "log-format",
@@ -374,6 +427,49 @@ pub const LOG_FORMAT: Setting = Setting::one(
     "`text` or `json` (one JSON object per line: timestamp, level, target, fields with the message); text has colour only on a terminal",
 )
 .default("text");
+
+pub const TLS_CERT: Setting = Setting::one(
+    "tls-cert",
+    "FILE",
+    "PEM certificate chain, leaf first; with `--tls-key`, `--listen` serves HTTPS with HTTP/2 and HTTP/1.1 (ALPN); reloaded on SIGHUP or when the files change",
+)
+.unset("none: plain HTTP");
+pub const TLS_KEY: Setting = Setting::one(
+    "tls-key",
+    "FILE",
+    "PEM private key of `--tls-cert` (RSA, ECDSA P-256/P-384 or Ed25519; PKCS#8, PKCS#1 or SEC1)",
+);
+pub const H2_MAX_STREAMS: Setting = Setting::one(
+    "h2-max-streams",
+    "N",
+    "most concurrent streams on one HTTP/2 connection; the client's next ones are refused (`REFUSED_STREAM`), not the connection",
+)
+.default("256")
+.min("1");
+pub const ACME_DOMAIN: Setting = Setting::list(
+    "acme-domain",
+    "NAME",
+    "serve HTTPS with a certificate for NAME from ACME (TLS-ALPN-01 on `--listen`); repeatable; not with `--tls-cert`",
+);
+pub const ACME_DIRECTORY: Setting = Setting::one("acme-directory", "URL", "ACME directory URL")
+    .default("https://acme-v02.api.letsencrypt.org/directory");
+pub const ACME_CONTACT: Setting = Setting::list(
+    "acme-contact",
+    "URL",
+    "contact of the ACME account, e.g. `mailto:admin@example.com`; repeatable",
+);
+pub const ACME_CACHE: Setting = Setting::one(
+    "acme-cache",
+    "DIR",
+    "keep the ACME account and certificates here across restarts",
+)
+.unset("none: order anew at each start");
+pub const ACME_CA_ROOT: Setting = Setting::one(
+    "acme-ca-root",
+    "FILE",
+    "PEM CA to trust for a private ACME server",
+)
+.unset("the web's roots");
 
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
@@ -385,6 +481,8 @@ pub const SETTINGS: &[Setting] = &[
     HISTORY_BYTES,
     DATA_DIR,
     IDEMPOTENCY_WINDOW,
+    IDEMPOTENCY_KEYS,
+    IDEMPOTENCY_BYTES,
     REDIS,
     REDIS_PREFIX,
     MAX_CONNECTIONS,
@@ -393,6 +491,7 @@ pub const SETTINGS: &[Setting] = &[
     SHUTDOWN_TIMEOUT,
     MAX_SELECTORS,
     QUEUE,
+    QUEUE_BYTES,
     MAX_STREAM_AGE,
     MAX_STREAM_AGE_JITTER,
     JWT_SECRET,
@@ -401,18 +500,31 @@ pub const SETTINGS: &[Setting] = &[
     JWT_ISSUER,
     JWT_AUDIENCE,
     ANONYMOUS,
+    OPEN_SUBSCRIBE,
     PUBLISH_KEY,
     METRICS_LISTEN,
     MAX_CONNECTIONS_PER_IP,
     MAX_CONNECTIONS_PER_USER,
     TRUSTED_PROXY,
+    ALLOWED_HOST,
     PUBLISH_RATE,
     PUBLISH_BURST,
     HEADER_TIMEOUT,
+    BODY_TIMEOUT,
     MAX_HEADER_BYTES,
     MAX_URL,
     MAX_TOPICS,
+    MAX_BATCH,
+    MAX_BLOCKS,
     LOG_FORMAT,
+    TLS_CERT,
+    TLS_KEY,
+    H2_MAX_STREAMS,
+    ACME_DOMAIN,
+    ACME_DIRECTORY,
+    ACME_CONTACT,
+    ACME_CACHE,
+    ACME_CA_ROOT,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a
@@ -559,6 +671,10 @@ impl RawConfig {
     }
 
     /// The value of `setting`: as given, else its default, else `None`; checked against its bounds.
+    /// Whether a value was given (by flag, env var or file), not taken from the default.
+    pub fn given(&self, setting: &Setting) -> bool {
+        self.values.contains_key(setting.name)
+    }
     pub fn value<T: Value>(&self, setting: &Setting) -> Result<Option<T>, ConfigError> {
         debug_assert!(
             find(setting.name).is_some(),
@@ -745,7 +861,10 @@ mod tests {
         assert_eq!(names.len(), SETTINGS.len());
         for s in SETTINGS {
             assert!(
-                s.name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                // Digits too: `h2-max-streams`.
+                s.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
                 "{}",
                 s.name
             );

@@ -1,7 +1,10 @@
-//! The lean path for event streams. A connection whose first request is `GET /events` goes through
-//! the same axum router, but its response is written here, straight to the socket, so an open
-//! stream keeps no HTTP/1 connection state (hyper's buffers) and no chunked framing: ~1 KiB a
-//! stream instead of ~13 KiB. Every other connection is handed to hyper untouched.
+//! The lean path for event streams. A connection whose first request is `GET /events` over
+//! HTTP/1.1 (plain or inside TLS) goes through the same axum router, but its response is written
+//! here, straight to the socket, so an open stream keeps no HTTP/1 connection state (hyper's
+//! buffers): ~1 KiB a stream instead of ~13 KiB. Every other connection is handed to hyper
+//! untouched. The body is framed as chunked (one chunk per gathered write, `0\r\n\r\n` at its end),
+//! so clients that buffer a close-delimited body (urllib3, sseclient-py) hand each event over as
+//! it arrives.
 //!
 //! Written by hand because hyper cannot release a connection's buffers while a response is
 //! streaming, and memory per idle stream is what decides how many connections a node holds.
@@ -19,11 +22,20 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tower::ServiceExt;
 
-/// Frames gathered into one `writev`.
+/// Frames gathered into one `writev` (plus the chunk's size line and end).
 const MAX_BATCH: usize = 64;
+/// Bytes of frames taken from the stream before they are written: a reader that stalls pins no
+/// more than this here (its queue and replay are bounded by `--queue-bytes`).
+const MAX_PENDING_BYTES: usize = 256 * 1024;
+
+/// Bytes a client may send into an open stream (nothing is expected after its request head) before
+/// the stream is ended: a peer that keeps sending costs a read per buffer, not a core.
+const MAX_STRAY_BYTES: u32 = 64 * 1024;
+
+/// Bytes read at a time from a peer that sends into an open stream.
+const STRAY_READ: usize = 8 * 1024;
 
 /// What reading the first request head found.
 pub(crate) enum First {
@@ -36,15 +48,26 @@ pub(crate) enum First {
 }
 
 /// Reads until the first request head is complete and decides which path serves it.
-pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Duration) -> First {
+pub(crate) async fn read_first<I: AsyncRead + Unpin>(
+    tcp: &mut I,
+    max_head: usize,
+    timeout: Duration,
+) -> First {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
+        // Where the search for the head's end resumes: each byte is scanned once however the
+        // head is dripped (a rescan from the start after every read is quadratic).
+        let mut scanned = 0;
         loop {
             match tcp.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the first request failed");
+                    return false;
+                }
                 Ok(_) => {}
             }
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= max_head {
+            if head_ends(&buf, &mut scanned) || buf.len() >= max_head {
                 return true;
             }
         }
@@ -53,7 +76,11 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
         Ok(true) => {}
         // Let hyper answer an oversized head (431) itself.
         _ if buf.len() >= max_head => return First::Other(buf.freeze()),
-        _ => return First::Gone,
+        Ok(false) => return First::Gone,
+        Err(_) => {
+            tracing::debug!(?timeout, "no whole request head in time");
+            return First::Gone;
+        }
     }
     match stream_request(&buf) {
         Some(request) => First::Stream(Box::new(request)),
@@ -61,8 +88,16 @@ pub(crate) async fn read_first(tcp: &mut TcpStream, max_head: usize, timeout: Du
     }
 }
 
+/// Whether `buf` holds a blank line (`\r\n\r\n`), searching only from `*scanned` on (less the 3
+/// bytes a terminator may straddle), and remembering how far it looked.
+pub(crate) fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    *scanned = buf.len();
+    buf[from..].windows(4).any(|w| w == b"\r\n\r\n")
+}
+
 /// The request, if `head` is exactly one bodiless HTTP/1.1 `GET /events` and nothing after it.
-fn stream_request(head: &[u8]) -> Option<Request<Body>> {
+pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(len) = parsed.parse(head).ok()? else {
@@ -81,7 +116,14 @@ fn stream_request(head: &[u8]) -> Option<Request<Body>> {
         .version(Version::HTTP_11);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        // A body or a protocol switch is not for this path.
+        // A body or a protocol switch is not for this path; but JDK's HttpClient sends
+        // `Content-Length: 0` and offers `Upgrade: h2c` on every GET: an empty body is no body,
+        // and an offered upgrade may be declined by not taking it (RFC 9110 §7.8).
+        let empty_body = name == "content-length" && h.value.trim_ascii() == b"0";
+        let h2c_offer = name == "upgrade" && h.value.trim_ascii().eq_ignore_ascii_case(b"h2c");
+        if empty_body || h2c_offer || name == "http2-settings" {
+            continue;
+        }
         if name == "content-length"
             || name == "transfer-encoding"
             || name == "upgrade"
@@ -94,9 +136,10 @@ fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     request.body(Body::empty()).ok()
 }
 
-/// Serves one stream request through `app` and writes the response to `tcp`, then closes it.
-pub(crate) async fn serve(
-    tcp: TcpStream,
+/// Serves one stream request through `app` and writes the response to `tcp` (a socket, or TLS
+/// over one), then closes it.
+pub(crate) async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
+    tcp: I,
     peer: SocketAddr,
     app: Router,
     request: Box<Request<Body>>,
@@ -105,7 +148,8 @@ pub(crate) async fn serve(
     // size while it streams.
     let response = Box::pin(respond(peer, app, request)).await;
     let (parts, body) = response.into_parts();
-    let head = response_head(parts.status, &parts.headers, body.size_hint().exact());
+    let length = body.size_hint().exact();
+    let head = response_head(parts.status, &parts.headers, length);
     // Nothing of the request or the response head stays with an open stream.
     drop(parts);
     Writer {
@@ -113,6 +157,9 @@ pub(crate) async fn serve(
         body,
         pending: vec![Bytes::from(head)],
         done: false,
+        chunked: length.is_none(),
+        stray: 0,
+        flushed: true,
     }
     .await;
 }
@@ -131,16 +178,22 @@ async fn respond(
 /// Writes a response body to the socket: gathers every frame that is ready into one `writev`,
 /// and while idle watches the socket so a peer that leaves ends the stream at once. A hand-written
 /// future so that an open stream costs only these few fields.
-struct Writer {
-    tcp: TcpStream,
+struct Writer<I> {
+    tcp: I,
     body: Body,
     /// Frames not yet (fully) written, in order.
     pending: Vec<Bytes>,
     /// The body has ended: flush what is pending, then close.
     done: bool,
+    /// The body is unsized and written as chunks.
+    chunked: bool,
+    /// Bytes the peer sent into the open stream (read and dropped), up to `MAX_STRAY_BYTES`.
+    stray: u32,
+    /// Nothing written since the last flush (TLS keeps encrypted bytes until flushed).
+    flushed: bool,
 }
 
-impl Writer {
+impl<I> Writer<I> {
     /// Drops the first `n` written bytes from `pending`.
     fn advance(&mut self, mut n: usize) {
         let whole = self.pending.iter().take_while(|b| {
@@ -162,40 +215,75 @@ impl Writer {
     }
 }
 
-impl std::future::Future for Writer {
+impl<I: AsyncRead + AsyncWrite + Unpin> std::future::Future for Writer<I> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         loop {
-            while !this.done && this.pending.len() < MAX_BATCH {
+            let start = this.pending.len();
+            let mut gathered = 0;
+            let mut ended = false;
+            while !this.done
+                && this.pending.len() < MAX_BATCH
+                && this.pending.iter().map(Bytes::len).sum::<usize>() < MAX_PENDING_BYTES
+            {
                 match Pin::new(&mut this.body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
+                        // An empty chunk would end the body: skip empty frames.
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            gathered += data.len();
                             this.pending.push(data);
                         }
                     }
-                    Poll::Ready(_) => this.done = true,
+                    Poll::Ready(None) => {
+                        this.done = true;
+                        ended = true;
+                    }
+                    // A failed body is cut short, never ended as if complete.
+                    Poll::Ready(Some(Err(_))) => this.done = true,
                     Poll::Pending => break,
                 }
             }
-            if this.pending.is_empty() {
-                if this.done {
-                    return Poll::Ready(());
+            if this.chunked {
+                if gathered > 0 {
+                    this.pending
+                        .insert(start, Bytes::from(format!("{gathered:x}\r\n")));
+                    this.pending.push(Bytes::from_static(b"\r\n"));
                 }
-                // Idle: a readable socket here means the peer closed (or sent bytes to ignore).
-                match this.tcp.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(())) => {
-                        let mut scratch = [0u8; 64];
-                        match this.tcp.try_read(&mut scratch) {
-                            Ok(0) => return Poll::Ready(()),
-                            Ok(_) => continue,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                            Err(_) => return Poll::Ready(()),
-                        }
+                if ended {
+                    this.pending.push(Bytes::from_static(b"0\r\n\r\n"));
+                }
+            }
+            if this.pending.is_empty() {
+                if !this.flushed {
+                    match Pin::new(&mut this.tcp).poll_flush(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => this.flushed = true,
                     }
+                }
+                if this.done {
+                    // TLS sends its close_notify here, so the client sees a clean end.
+                    return Pin::new(&mut this.tcp).poll_shutdown(cx).map(|_| ());
+                }
+                // Idle: readable bytes here mean the peer closed (or sent bytes to ignore, read in
+                // large buffers and only up to `MAX_STRAY_BYTES`).
+                let mut scratch = [0u8; STRAY_READ];
+                let mut scratch = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut this.tcp).poll_read(cx, &mut scratch) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if !scratch.filled().is_empty() => {
+                        let n = scratch.filled().len() as u32;
+                        this.stray = this.stray.saturating_add(n);
+                        if this.stray > MAX_STRAY_BYTES {
+                            return Poll::Ready(());
+                        }
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(()),
                 }
             }
             let mut slices = [IoSlice::new(&[]); MAX_BATCH];
@@ -206,7 +294,10 @@ impl std::future::Future for Writer {
             match Pin::new(&mut this.tcp).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(written)) => this.advance(written),
+                Poll::Ready(Ok(written)) => {
+                    this.flushed = false;
+                    this.advance(written);
+                }
             }
         }
     }
@@ -232,30 +323,31 @@ fn response_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    match length {
+        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
     head.extend_from_slice(b"date: ");
     head.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
     head.extend_from_slice(b"\r\n");
-    if let Some(n) = length {
-        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
-    }
-    // The body ends when the connection does: no chunked framing on every event.
+    // One response per connection: the stream's end is the connection's.
     head.extend_from_slice(b"connection: close\r\n\r\n");
     head
 }
 
 /// The bytes read while deciding, then the socket: what hyper serves for every other connection.
-pub(crate) struct Prefixed {
+pub(crate) struct Prefixed<I> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: I,
 }
 
-impl Prefixed {
-    pub(crate) fn new(prefix: Bytes, inner: TcpStream) -> Self {
+impl<I> Prefixed<I> {
+    pub(crate) fn new(prefix: Bytes, inner: I) -> Self {
         Prefixed { prefix, inner }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -271,7 +363,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -294,6 +386,27 @@ impl AsyncWrite for Prefixed {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the lean path promises for any head (used by the proptest and the `stream_head` fuzz
+/// target): the incremental scan agrees with a full one however the head is dripped, and only a
+/// plain `GET /events` is taken.
+#[doc(hidden)]
+pub fn check_stream_head(head: &[u8], step: usize) {
+    let mut scanned = 0;
+    let mut found = false;
+    let mut end = 0;
+    while end < head.len() {
+        end = (end + step.max(1)).min(head.len());
+        found |= head_ends(&head[..end], &mut scanned);
+    }
+    assert_eq!(found, head.windows(4).any(|w| w == b"\r\n\r\n"));
+    if let Some(request) = stream_request(head) {
+        assert_eq!(request.method(), Method::GET);
+        let path = request.uri().path();
+        assert_eq!(path, "/events");
+        assert!(!request.headers().contains_key("transfer-encoding"));
     }
 }
 
@@ -324,8 +437,63 @@ mod tests {
         }
     }
 
+    /// Reproduces issue 12 (defect 12): JDK 17's HttpClient sends `Content-Length: 0` and offers
+    /// `Upgrade: h2c` on every GET, so Java clients never got the lean path.
     #[test]
-    fn heads_are_close_delimited_unless_sized() {
+    fn jdk_http_client_heads_take_the_lean_path() {
+        let jdk = b"GET /events?topic=a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+            Content-Length: 0\r\nHost: x\r\nHTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\n\
+            Upgrade: h2c\r\nUser-Agent: Java-http-client/17.0.15\r\nAccept: text/event-stream\r\n\r\n";
+        let r = stream_request(jdk).expect("lean");
+        assert!(
+            !r.headers().contains_key("upgrade") && !r.headers().contains_key("content-length")
+        );
+        for other in [
+            &b"GET /events HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"[..],
+            b"GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(stream_request(other).is_none());
+        }
+    }
+
+    /// Reproduces issue 12 (weak spot): the head's end was searched from the start after every
+    /// read, quadratic in a dripped head. Every byte is now looked at about once.
+    #[test]
+    fn the_head_end_is_found_across_reads_without_rescanning() {
+        let head = b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n";
+        for split in 1..head.len() {
+            let mut scanned = 0;
+            let mut found = false;
+            for end in (split..=head.len()).step_by(split) {
+                found |= head_ends(&head[..end], &mut scanned);
+            }
+            found |= head_ends(head, &mut scanned);
+            assert!(found, "split {split}");
+        }
+        let mut scanned = 0;
+        assert!(!head_ends(b"GET / HTTP/1.1\r\n\r", &mut scanned));
+        assert_eq!(scanned, 17);
+        assert!(head_ends(b"GET / HTTP/1.1\r\n\r\n", &mut scanned));
+    }
+
+    proptest::proptest! {
+        /// The property `fuzz/fuzz_targets/stream_head.rs` fuzzes, run in every `cargo test`:
+        /// dripped in any pieces, the incremental scan finds the head's end exactly when a full
+        /// scan does, and the lean path takes only a plain `GET /events`, never panicking.
+        #[test]
+        fn dripped_heads_are_scanned_once_and_parsed_safely(
+            head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            step in 1usize..40,
+        ) {
+            check_stream_head(&head, step);
+        }
+    }
+
+    /// Reproduces issue 12 (defect 12): the lean path's unsized body was close-delimited
+    /// (`connection: close`, no framing), which urllib3 buffers; it is now chunked.
+    #[test]
+    fn unsized_heads_are_chunked_and_sized_ones_keep_their_length() {
         let mut h = HeaderMap::new();
         h.insert(
             "content-type",
@@ -333,9 +501,12 @@ mod tests {
         );
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         let head = String::from_utf8(response_head(axum::http::StatusCode::OK, &h, None)).unwrap();
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"));
+        assert!(head.starts_with(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\ndate: "
+        ));
         assert!(head.ends_with("connection: close\r\n\r\n"));
-        assert!(!head.contains("transfer-encoding") && !head.contains("content-length"));
+        assert_eq!(head.matches("transfer-encoding").count(), 1);
+        assert!(!head.contains("content-length"));
         let head = String::from_utf8(response_head(
             axum::http::StatusCode::UNAUTHORIZED,
             &h,
@@ -345,7 +516,85 @@ mod tests {
         assert!(
             head.starts_with("HTTP/1.1 401 Unauthorized\r\n")
                 && head.contains("content-length: 12\r\n")
+                && !head.contains("transfer-encoding")
         );
+    }
+
+    /// The body as written on the wire: each gathered write is one chunk, and the end is `0\r\n\r\n`.
+    #[tokio::test]
+    async fn the_body_is_written_as_chunks_and_ended() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(Bytes::from_static(b"retry: 1\n")),
+            Ok(Bytes::new()),
+            Ok(Bytes::from_static(b"data: x\n\n")),
+        ]);
+        Writer {
+            tcp: server,
+            body: Body::from_stream(frames),
+            pending: Vec::new(),
+            done: false,
+            chunked: true,
+            stray: 0,
+            flushed: true,
+        }
+        .await;
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.ends_with("\r\n0\r\n\r\n"), "{wire:?}");
+        // De-chunk and compare with the frames.
+        let mut rest = wire.as_str();
+        let mut body = String::new();
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            if size == 0 {
+                assert_eq!(after, "\r\n");
+                break;
+            }
+            body.push_str(&after[..size]);
+            rest = after[size..].strip_prefix("\r\n").unwrap();
+        }
+        assert_eq!(body, "retry: 1\ndata: x\n\n");
+    }
+
+    /// Reproduces issue 12 (weak spot): bytes sent into an open stream were read 64 at a time,
+    /// forever. They are read in large buffers, and a peer that keeps sending is dropped.
+    #[tokio::test]
+    async fn a_peer_that_keeps_sending_into_a_stream_is_dropped() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let idle = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        let writer = tokio::spawn(Writer {
+            tcp: server,
+            body: Body::from_stream(idle),
+            pending: Vec::new(),
+            done: false,
+            chunked: true,
+            stray: 0,
+            flushed: true,
+        });
+        let junk = vec![b'x'; 1024];
+        // The writer ends once more than MAX_STRAY_BYTES came; the client's writes then fail.
+        for _ in 0..(MAX_STRAY_BYTES as usize / junk.len() + 64) {
+            if client.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("the stream was not ended")
+            .unwrap();
     }
 }
 /// What an open stream costs is mostly these sizes; they are checked so a change that makes

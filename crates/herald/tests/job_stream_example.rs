@@ -14,6 +14,16 @@ use tokio::process::{Child, Command};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// reqwest uses the process's rustls provider: herald's, ring.
+fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn http_client() -> reqwest::Client {
+    install_tls_provider();
+    reqwest::Client::new()
+}
+
 fn example_binary() -> PathBuf {
     let herald = PathBuf::from(env!("CARGO_BIN_EXE_herald"));
     let path = herald
@@ -62,11 +72,7 @@ struct Stream {
 
 impl Stream {
     async fn open(url: &str) -> Stream {
-        let response = reqwest::Client::new()
-            .get(url)
-            .send()
-            .await
-            .expect("subscribe");
+        let response = http_client().get(url).send().await.expect("subscribe");
         assert_eq!(response.status(), 200, "subscribing to {url}");
         assert_eq!(
             response.headers()["content-type"],
@@ -152,7 +158,7 @@ fn check_job(events: &[SseEvent], job: u64, chunks: u64, below: u64, primes: u64
 #[tokio::test]
 async fn the_job_stream_example_pushes_each_users_job_output_in_order() {
     let (_child, url) = start_example().await;
-    let http = reqwest::Client::new();
+    let http = http_client();
 
     // Subscribe first, then start the jobs: the hub delivers what is published after subscribing.
     let mut ann = Stream::open(&format!("{url}/push/events?user=ann")).await;
@@ -207,6 +213,7 @@ async fn the_job_stream_example_pushes_each_users_job_output_in_order() {
 #[tokio::test]
 async fn the_nested_hub_serves_its_dashboard_and_client() {
     let (_child, url) = start_example().await;
+    install_tls_provider();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

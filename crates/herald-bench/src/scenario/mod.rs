@@ -7,6 +7,7 @@ pub mod fanout;
 pub mod floor;
 pub mod idle;
 pub mod latency;
+pub mod protocols;
 
 use serde_json::Value;
 
@@ -93,6 +94,8 @@ pub fn num(v: f64) -> Value {
 pub fn headline(scenario: &str) -> Option<(&'static str, bool)> {
     Some(match scenario {
         "idle" => ("bytes_per_conn", false),
+        "idle-h1" | "idle-h1-tls" => ("bytes_per_stream", false),
+        "idle-h2" => ("bytes_per_extra_stream", false),
         "connect" => ("connects_per_s", true),
         "fanout" | "unicast" | "publish" | "resume" => ("events_per_s", true),
         "latency" => ("p99_ms", false),

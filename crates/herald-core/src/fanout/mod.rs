@@ -26,7 +26,7 @@ use crate::name::{Selector, UserId};
 pub(crate) use age::{AgePolicy, Ages};
 pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
-pub(crate) use subscriber::{Ending, Offer, Signal, Subscriber};
+pub(crate) use subscriber::{Ending, Offer, QueueBound, Signal, Subscriber};
 
 /// Counts since start, for `/stats` and `/metrics`. `published` counts the events this node
 /// accepted (by the committer), `delivered` the queueings this node made (in `fan_out`), so in a
@@ -41,6 +41,8 @@ pub struct Stats {
     pub delivered: u64,
     pub replayed: u64,
     pub gaps: u64,
+    /// Entries of the shared history (cluster) skipped because they could not be read.
+    pub unreadable: u64,
     /// Connections whose queue overflowed and that have not yet caught up from history.
     pub lagging: usize,
     /// Streams that ended because they reached their maximum age.
@@ -54,6 +56,8 @@ pub(crate) struct Counters {
     pub(crate) delivered: AtomicU64,
     pub(crate) replayed: AtomicU64,
     pub(crate) gaps: AtomicU64,
+    /// Events of the shared history skipped because they could not be read.
+    pub(crate) unreadable: AtomicU64,
     pub(crate) lagging: AtomicUsize,
     pub(crate) aged: AtomicU64,
 }
@@ -62,9 +66,10 @@ pub(crate) struct Counters {
 pub(crate) struct Fanout {
     pub(crate) history: Arc<dyn History>,
     pub(crate) preamble: bytes::Bytes,
-    queue_capacity: usize,
+    pub(crate) queue: QueueBound,
     pub(crate) max_connections: usize,
     pub(crate) max_selectors: usize,
+    max_blocks: usize,
     registry: RwLock<Registry>,
     /// The newest id whose fan-out has started; read under the registry write lock it tells a new
     /// connection which events it will get live and which it must not.
@@ -96,17 +101,19 @@ impl Fanout {
     pub(crate) fn new(
         history: Arc<dyn History>,
         preamble: bytes::Bytes,
-        queue_capacity: usize,
+        queue: QueueBound,
         max_connections: usize,
         max_selectors: usize,
+        max_blocks: usize,
         ages: AgePolicy,
     ) -> Self {
         Fanout {
             history,
             preamble,
-            queue_capacity,
+            queue,
             max_connections,
             max_selectors,
+            max_blocks,
             registry: RwLock::new(Registry::default()),
             last_fanned_out: AtomicU64::new(0),
             blocked: Mutex::new(HashMap::new()),
@@ -178,12 +185,32 @@ impl Fanout {
     /// `block` refuses that user's new connections for that long. Returns how many were closed.
     pub(crate) fn close_user(&self, user: &UserId, reason: &str, block: Option<Duration>) -> usize {
         if let Some(d) = block.filter(|d| !d.is_zero()) {
-            self.blocked.lock().insert(user.clone(), Instant::now() + d);
+            let now = Instant::now();
+            let until = now
+                .checked_add(d)
+                .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+            let mut blocked = self.blocked.lock();
+            if !blocked.contains_key(user) && blocked.len() >= self.max_blocks {
+                blocked.retain(|_, until| *until > now);
+                if blocked.len() >= self.max_blocks
+                    && let Some(soonest) = blocked
+                        .iter()
+                        .min_by_key(|(_, until)| **until)
+                        .map(|(u, _)| u.clone())
+                {
+                    tracing::warn!(user = %soonest, "too many blocked users: dropping the block that ends soonest");
+                    blocked.remove(&soonest);
+                }
+            }
+            blocked.insert(user.clone(), until);
         }
         let reg = self.registry.read();
+        // Everything fanned out from here on is published after the close: none of it is
+        // delivered, live or from history.
+        let last = EventId(self.last_fanned_out.load(Ordering::Acquire));
         let subs = reg.users.get(user).map_or(&[][..], Vec::as_slice);
         for sub in subs {
-            sub.end(Ending::Closed(reason.to_string()));
+            sub.close_after(last, reason.to_string());
         }
         subs.len()
     }
@@ -199,6 +226,7 @@ impl Fanout {
             delivered: c.delivered.load(Ordering::Relaxed),
             replayed: c.replayed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
+            unreadable: c.unreadable.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
             aged: c.aged.load(Ordering::Relaxed),
             uptime: self.started.elapsed(),
@@ -225,7 +253,7 @@ impl Fanout {
                 if !sub.may_see(event) {
                     return;
                 }
-                match sub.offer(event, self.queue_capacity, wakers) {
+                match sub.offer(event, self.queue, wakers) {
                     Offer::Skipped => {}
                     Offer::Queued | Offer::Lagging => delivered += 1,
                     Offer::Overflowed => {

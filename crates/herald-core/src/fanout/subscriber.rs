@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
@@ -40,6 +41,9 @@ pub(crate) struct Subscriber {
     pub(crate) grant: Grant,
     /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
     pub(crate) expires_at_ms: Option<u64>,
+    /// The newest event id this connection may still deliver, once an operator closed it: nothing
+    /// published after the close reaches it on any path (live, replay, catch-up). `u64::MAX`: open.
+    last_deliverable: AtomicU64,
     /// When the stream reaches its maximum age (ms after the hub's `Ages` origin).
     pub(crate) ends_at_ms: Option<u64>,
     inbox: Mutex<Inbox>,
@@ -48,6 +52,8 @@ pub(crate) struct Subscriber {
 #[derive(Debug, Default)]
 struct Inbox {
     events: VecDeque<Arc<Event>>,
+    /// Bytes of the frames in `events`.
+    bytes: usize,
     /// The id of the newest event offered; an event matching several targets is queued once.
     last_offered: Option<EventId>,
     /// Events were dropped because the queue was full: the writer must catch up from history.
@@ -55,6 +61,14 @@ struct Inbox {
     heartbeat: bool,
     ending: Option<Ending>,
     waker: Option<Waker>,
+}
+
+/// How much one connection's queue may hold before it counts as lagging and catches up from
+/// history: events and bytes of their frames, so stalled readers cannot pin large events.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueBound {
+    pub(crate) events: usize,
+    pub(crate) bytes: usize,
 }
 
 /// What the writer should do next, in priority order after draining events.
@@ -95,9 +109,27 @@ impl Subscriber {
             selectors,
             grant,
             expires_at_ms,
+            last_deliverable: AtomicU64::new(u64::MAX),
             ends_at_ms,
             inbox: Mutex::new(Inbox::default()),
         }
+    }
+
+    /// Whether the token's expiry has passed at `now_ms`: the stream then gets nothing more.
+    pub(crate) fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
+    /// Whether an event with this id may still be delivered (see `last_deliverable`).
+    pub(crate) fn deliverable(&self, id: EventId) -> bool {
+        id.0 <= self.last_deliverable.load(Ordering::Acquire)
+    }
+
+    /// Ends the stream as an operator's close: it delivers what was published up to `last` (the
+    /// newest event fanned out when the close was asked for), then `herald.close`.
+    pub(crate) fn close_after(&self, last: EventId, reason: String) {
+        self.last_deliverable.fetch_min(last.0, Ordering::AcqRel);
+        self.end(Ending::Closed(reason));
     }
 
     /// Whether its grant lets this connection see `event` (fan-out has already routed it here).
@@ -117,7 +149,7 @@ impl Subscriber {
     pub(crate) fn offer(
         &self,
         event: &Arc<Event>,
-        capacity: usize,
+        bound: QueueBound,
         wakers: &mut Vec<Waker>,
     ) -> Offer {
         let mut inbox = self.inbox.lock();
@@ -125,14 +157,20 @@ impl Subscriber {
             return Offer::Skipped;
         }
         inbox.last_offered = Some(event.id);
+        let size = event.frame.len();
+        // One event always fits an empty queue, however large: its bytes are bounded by the body.
+        let full = inbox.events.len() >= bound.events
+            || (!inbox.events.is_empty() && inbox.bytes + size > bound.bytes);
         let offer = if inbox.lagging {
             Offer::Lagging
-        } else if inbox.events.len() >= capacity {
+        } else if full {
             inbox.lagging = true;
             inbox.events.clear();
+            inbox.bytes = 0;
             Offer::Overflowed
         } else {
             inbox.events.push_back(event.clone());
+            inbox.bytes += size;
             Offer::Queued
         };
         if let Some(w) = inbox.waker.take() {
@@ -179,6 +217,7 @@ impl Subscriber {
             was = inbox.lagging;
             inbox.lagging = true;
             inbox.events.clear();
+            inbox.bytes = 0;
         });
         !was
     }
@@ -200,6 +239,7 @@ impl Subscriber {
         let heartbeat = std::mem::take(&mut inbox.heartbeat);
         if !inbox.events.is_empty() {
             std::mem::swap(&mut inbox.events, into);
+            inbox.bytes = 0;
             return Poll::Ready(Signal::Ready {
                 heartbeat,
                 lagging: false,

@@ -1,6 +1,8 @@
 //! Durable history in an embedded redb database (`DIR/herald.redb`): each append is one fsynced
 //! transaction holding its events, the retention trim and the counters, so a crash loses nothing
 //! that was acknowledged and never leaves a half-applied append. Blocking I/O runs off the runtime.
+//! Every row carries a checksum: a damaged row is reported at startup, skipped by reads (readers
+//! get a `herald.gap` in its place and everything else), and `herald check` finds and repairs it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::row::{decode_row, encode_row, published_at};
+use super::row::{decode_body, decode_row, encode_checked_row, lost_row, published_at};
 use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
 use crate::event::{Event, EventId, Message, now_ms};
 
@@ -17,9 +19,10 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FILE: &str = "herald.redb";
 /// Version of the row and meta layout below; a file with another one is refused. Format 2 added
-/// the private bit to a row's flags byte; a format-1 file is read as is (its rows have no private
-/// bit) and marked format 2, so an older herald, which would ignore the bit, refuses it.
-const FORMAT: u64 = 2;
+/// the private bit to a row's flags byte; format 3 put a CRC-32 before every row. A format-1 or -2
+/// file is rewritten as format 3 when opened (in one transaction), so an older herald refuses it.
+const FORMAT: u64 = 3;
+const FORMAT_WITHOUT_CHECKSUM: u64 = 2;
 const FORMAT_WITHOUT_PRIVATE: u64 = 1;
 /// Stored bytes counted per event on top of its row, for `max_bytes` (keys and B-tree overhead).
 const ROW_OVERHEAD: u64 = 32;
@@ -44,6 +47,21 @@ pub enum OpenError {
     InUse(PathBuf),
     #[error("{path} cannot be opened (corrupt or unreadable): {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("data dir {0} is a file, not a folder: give a folder (it is created if missing)")]
+    NotADir(PathBuf),
+}
+
+/// What [`DurableHistory::check`] found in a data dir.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Rows read.
+    pub rows: u64,
+    /// Ids of rows whose checksum or layout is wrong (before a repair).
+    pub damaged: Vec<u64>,
+    /// Ids of rows a past repair marked as lost.
+    pub lost: Vec<u64>,
+    /// Damaged rows replaced by lost-markers in this check.
+    pub repaired: u64,
 }
 
 /// History kept on disk; survives restarts and crashes.
@@ -114,6 +132,9 @@ impl DurableHistory {
             path: dir.to_owned(),
             source,
         };
+        if dir.is_file() {
+            return Err(OpenError::NotADir(dir.to_owned()));
+        }
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join(FILE);
         let existed = path.exists();
@@ -130,9 +151,11 @@ impl DurableHistory {
                 .map(|v| v.value());
             match format {
                 Some(FORMAT) => {}
-                Some(FORMAT_WITHOUT_PRIVATE) => {
+                Some(FORMAT_WITHOUT_PRIVATE | FORMAT_WITHOUT_CHECKSUM) => {
                     meta.insert("format", FORMAT)
                         .map_err(|e| corrupt(&path, e))?;
+                    let mut events = txn.open_table(EVENTS).map_err(|e| corrupt(&path, e))?;
+                    add_checksums(&mut events).map_err(|e| corrupt(&path, e))?;
                 }
                 Some(found) => return Err(OpenError::Format { path, found }),
                 None if existed => return Err(OpenError::NotHerald(path)),
@@ -153,11 +176,58 @@ impl DurableHistory {
             txn.open_table(EVENTS).map_err(|e| corrupt(&path, e))?;
         }
         txn.commit().map_err(|e| corrupt(&path, e))?;
+        if existed {
+            let report = scan(&db, false).map_err(|e| corrupt(&path, e))?;
+            if !report.damaged.is_empty() {
+                tracing::error!(
+                    path = %path.display(),
+                    damaged = report.damaged.len(),
+                    ids = %id_list(&report.damaged),
+                    "damaged event rows: readers get a herald.gap in their place; run `herald check --data-dir {} --repair`",
+                    dir.display()
+                );
+            }
+            if !report.lost.is_empty() {
+                tracing::warn!(
+                    path = %path.display(),
+                    lost = report.lost.len(),
+                    "rows marked lost by a past repair: readers get a herald.gap in their place"
+                );
+            }
+        }
         Ok(DurableHistory {
             path,
             retention,
             db: Mutex::new(Some(Arc::new(db))),
         })
+    }
+
+    /// Verifies every row of the history in `dir` (a herald must not be running on it); with
+    /// `repair`, replaces each damaged row by a lost-marker, so readers skip it with a gap and a
+    /// restart reports it no more. Also checks the file's own structure.
+    pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, OpenError> {
+        let path = dir.join(FILE);
+        if !path.is_file() {
+            return Err(OpenError::Io {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no herald.redb in it"),
+            });
+        }
+        // Opening migrates an older format and refuses a foreign file, as a start would.
+        drop(Self::open(dir, Retention::default())?);
+        let mut db = open_file(&path)?;
+        let mut report = scan(&db, false).map_err(|e| corrupt(&path, e))?;
+        if repair {
+            if !report.damaged.is_empty() {
+                report.repaired = scan(&db, true)
+                    .map_err(|e| corrupt(&path, e))?
+                    .damaged
+                    .len() as u64;
+            }
+            // Then redb's own page checksums: the rewritten rows are on fresh pages by now.
+            db.check_integrity().map_err(|e| corrupt(&path, e))?;
+        }
+        Ok(report)
     }
 
     fn handle(&self) -> Result<Arc<Database>, HistoryError> {
@@ -195,7 +265,7 @@ impl DurableHistory {
             let mut row = Vec::new();
             for message in messages {
                 row.clear();
-                encode_row(&mut row, now, &message);
+                encode_checked_row(&mut row, now, &message)?;
                 events
                     .insert(meta.next, row.as_slice())
                     .map_err(unavailable)?;
@@ -248,13 +318,38 @@ impl DurableHistory {
             }
         };
         let mut out = Vec::new();
+        let mut gap = gap;
+        let mut cut_short = false;
+        let mut skipped = Vec::new();
         if let Some(start) = start {
-            for entry in events.range(start..).map_err(unavailable)?.take(limit) {
+            for entry in events.range(start..).map_err(unavailable)? {
+                if out.len() == limit {
+                    break;
+                }
                 let (k, v) = entry.map_err(unavailable)?;
-                out.push(Arc::new(decode_row(k.value(), v.value())?));
+                match decode_row(k.value(), v.value()) {
+                    Ok(event) => out.push(Arc::new(event)),
+                    // Damaged after good events: stop before it; the next read reports the gap.
+                    Err(_) if !out.is_empty() => {
+                        cut_short = true;
+                        break;
+                    }
+                    Err(_) => skipped.push(EventId(k.value())),
+                }
             }
         }
-        Ok(Chunk { gap, events: out })
+        if !skipped.is_empty() {
+            // The read begins with damaged rows: readers learn of a gap and get what follows.
+            gap = Some(Gap {
+                oldest: out.first().map(|e| e.id),
+            });
+        }
+        Ok(Chunk {
+            gap,
+            events: out,
+            cut_short,
+            skipped,
+        })
     }
 
     fn maintain_blocking(db: &Database, retention: &Retention) -> Result<(), HistoryError> {
@@ -360,6 +455,86 @@ fn first_published_at_or_after(
     Ok((lo < next).then_some(lo))
 }
 
+/// Rewrites every format-1/2 row as a stored (checksummed) row; a row that does not decode is
+/// marked lost.
+fn add_checksums(events: &mut redb::Table<u64, &'static [u8]>) -> Result<(), redb::StorageError> {
+    let mut rows = Vec::new();
+    for entry in events.iter()? {
+        let (k, v) = entry?;
+        let body = v.value();
+        let row = if decode_body(k.value(), body).is_ok() {
+            let mut row = crc32fast::hash(body).to_le_bytes().to_vec();
+            row.extend_from_slice(body);
+            row
+        } else {
+            lost_row(
+                body.get(..8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())),
+            )
+        };
+        rows.push((k.value(), row));
+    }
+    for (id, row) in rows {
+        events.insert(id, row.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Reads every row; with `repair`, replaces each damaged one by a lost-marker in one transaction.
+fn scan(db: &Database, repair: bool) -> Result<CheckReport, String> {
+    let mut report = CheckReport::default();
+    {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+        for entry in events.iter().map_err(|e| e.to_string())? {
+            let (k, v) = entry.map_err(|e| e.to_string())?;
+            report.rows += 1;
+            match decode_row(k.value(), v.value()) {
+                Ok(_) => {}
+                Err(HistoryError::Lost { .. }) => report.lost.push(k.value()),
+                Err(_) => report.damaged.push(k.value()),
+            }
+        }
+    }
+    if repair && !report.damaged.is_empty() {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let mut meta_table = txn.open_table(META).map_err(|e| e.to_string())?;
+            let mut meta = Meta::load(&meta_table).map_err(|e| e.to_string())?;
+            for id in &report.damaged {
+                let old_len = events
+                    .get(*id)
+                    .map_err(|e| e.to_string())?
+                    .map_or(0, |v| v.value().len());
+                let at = events
+                    .get(*id)
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| published_at(v.value()))
+                    .filter(|at| *at <= meta.last_published_ms)
+                    .unwrap_or(0);
+                let row = lost_row(at);
+                meta.bytes = meta.bytes.saturating_sub(old_len as u64) + row.len() as u64;
+                events
+                    .insert(*id, row.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            meta.store(&mut meta_table).map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+    }
+    Ok(report)
+}
+
+/// Ids as a short list for a log line: the first few, then how many more.
+fn id_list(ids: &[u64]) -> String {
+    let mut s: Vec<String> = ids.iter().take(10).map(u64::to_string).collect();
+    if ids.len() > 10 {
+        s.push(format!("and {} more", ids.len() - 10));
+    }
+    s.join(", ")
+}
+
 #[async_trait]
 impl History for DurableHistory {
     async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError> {
@@ -403,7 +578,9 @@ impl History for DurableHistory {
 
 #[cfg(test)]
 mod tests {
+    use super::super::row::encode_row;
     use super::*;
+    use crate::name::{EventType, Topic, UserId};
 
     #[tokio::test]
     async fn conformance() {
@@ -474,5 +651,170 @@ mod tests {
             DurableHistory::open(dir.path(), Retention::default()),
             Err(OpenError::InUse(_))
         ));
+    }
+
+    #[test]
+    fn rows_round_trip() {
+        let mut m = Message::to_topic(Topic::new("a/b").unwrap())
+            .user(UserId::new("ü").unwrap())
+            .data("x\ny")
+            .event(EventType::new("t").unwrap())
+            .idempotency_key("k");
+        m.targets.broadcast = true;
+        let mut row = Vec::new();
+        encode_checked_row(&mut row, 1234, &m).unwrap();
+        assert_eq!(published_at(&row), Some(1234));
+        let e = decode_row(9, &row).unwrap();
+        assert_eq!(e.targets, m.targets);
+        assert_eq!(
+            (e.data.as_str(), e.published_at_ms, e.retry_ms),
+            ("x\ny", 1234, None)
+        );
+        assert_eq!(e.idempotency_key.as_deref(), Some("k"));
+        for cut in 0..row.len() {
+            // A cut row fails its checksum; the body decoder never panics on a cut either.
+            assert!(decode_row(9, &row[..cut]).is_err());
+            let _ = decode_body(9, &row[4..cut.max(4)]);
+        }
+    }
+
+    /// Flips one byte of the stored row `id` (as a disk or a stray write would).
+    fn damage(dir: &Path, id: u64) {
+        let db = Database::create(dir.join(FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let mut row = events.get(id).unwrap().unwrap().value().to_vec();
+            let last = row.len() - 1;
+            row[last] ^= 0x01; // still valid UTF-8: only the checksum can tell
+            events.insert(id, row.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    fn ids(chunk: &Chunk) -> Vec<u64> {
+        chunk.events.iter().map(|e| e.id.0).collect()
+    }
+
+    /// Reproduces issue 12 (defect 8): one damaged row made every read through it fail (or,
+    /// with valid UTF-8, went unnoticed); the good events of the same chunk were withheld too.
+    /// Now readers get everything else, and a gap where the damaged row was.
+    #[tokio::test]
+    async fn a_damaged_row_is_skipped_with_a_gap_and_the_rest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = DurableHistory::open_starting_at(dir.path(), Retention::default(), 1).unwrap();
+            let batch = (1..=5).map(|i| Message::broadcast().data(format!("e{i}")));
+            h.append(batch.collect()).await.unwrap();
+        }
+        damage(dir.path(), 3);
+        let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+        let first = h.read(ReadFrom::Oldest, 100).await.unwrap();
+        assert_eq!(
+            (first.gap, ids(&first), first.cut_short),
+            (None, vec![1, 2], true)
+        );
+        let next = h.read(ReadFrom::After(EventId(2)), 100).await.unwrap();
+        assert_eq!(next.gap.map(|g| g.oldest), Some(Some(EventId(4))));
+        assert_eq!((ids(&next), next.cut_short), (vec![4, 5], false));
+        assert_eq!(next.skipped, vec![EventId(3)]);
+        // Appends go on.
+        h.append(vec![Message::broadcast().data("e6")])
+            .await
+            .unwrap();
+        drop(h);
+
+        let report = DurableHistory::check(dir.path(), false).unwrap();
+        assert_eq!(
+            (report.rows, report.damaged.clone(), report.repaired),
+            (6, vec![3], 0)
+        );
+        let report = DurableHistory::check(dir.path(), true).unwrap();
+        assert_eq!((report.damaged.clone(), report.repaired), (vec![3], 1));
+        let report = DurableHistory::check(dir.path(), false).unwrap();
+        assert_eq!((report.damaged.len(), report.lost.clone()), (0, vec![3]));
+        // A repaired row is still a gap to readers.
+        let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+        let next = h.read(ReadFrom::After(EventId(2)), 100).await.unwrap();
+        assert_eq!(
+            (next.gap.map(|g| g.oldest), ids(&next)),
+            (Some(Some(EventId(4))), vec![4, 5, 6])
+        );
+    }
+
+    /// A file written by the previous format (rows without checksums) is read as it was.
+    #[tokio::test]
+    async fn a_format_2_file_gains_checksums_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("format", FORMAT_WITHOUT_CHECKSUM).unwrap();
+                Meta {
+                    first_issued: 7,
+                    next: 9,
+                    count: 2,
+                    bytes: 100,
+                    dropped_at_plus1: 0,
+                    last_published_ms: 5,
+                }
+                .store(&mut meta)
+                .unwrap();
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut row = Vec::new();
+                encode_row(&mut row, 5, &Message::broadcast().data("old")).unwrap();
+                events.insert(7, row.as_slice()).unwrap();
+                events.insert(8, &b"\x01"[..]).unwrap(); // unreadable already
+            }
+            txn.commit().unwrap();
+        }
+        let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+        let c = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        assert_eq!(c.events[0].data.as_str(), "old");
+        assert_eq!((ids(&c), c.cut_short), (vec![7], true));
+        drop(h);
+        assert_eq!(
+            DurableHistory::check(dir.path(), false).unwrap().lost,
+            vec![8]
+        );
+    }
+
+    /// Reproduces issue 12 (defect 11): more than 65,535 topics were written as a u16 count, so
+    /// an acknowledged message became unreadable. The store now refuses it, writing nothing.
+    #[tokio::test]
+    async fn a_message_the_row_cannot_hold_is_refused_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+        let mut m = Message::broadcast().data("wide");
+        m.targets.topics = (0..70_000)
+            .map(|i| Topic::new(&format!("t{i}")).unwrap())
+            .collect();
+        let err = h.append(vec![m]).await.unwrap_err();
+        assert!(matches!(err, HistoryError::Unstorable(_)), "{err}");
+        h.append(vec![Message::broadcast().data("next")])
+            .await
+            .unwrap();
+        let c = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        assert_eq!(c.events.len(), 1);
+        assert_eq!(
+            DurableHistory::check(dir.path(), false)
+                .map(|r| r.rows)
+                .ok(),
+            None,
+            "in use"
+        );
+    }
+
+    /// Reproduces issue 12 (weak spot): `--data-dir` naming a file answered "File exists".
+    #[test]
+    fn a_data_dir_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let err = DurableHistory::open(&file, Retention::default()).unwrap_err();
+        assert!(matches!(err, OpenError::NotADir(_)));
+        assert!(err.to_string().contains("is a file, not a folder"), "{err}");
     }
 }

@@ -29,7 +29,7 @@ struct Ring {
 
 /// Bytes an event is counted as, for `max_bytes`.
 fn size_of(e: &Event) -> u64 {
-    (e.data.len() + e.frame.len() + 128) as u64
+    (e.stored_bytes() + 128) as u64
 }
 
 impl MemoryHistory {
@@ -113,7 +113,12 @@ impl History for MemoryHistory {
             }
         };
         let events = ring.events.iter().skip(skip).take(limit).cloned().collect();
-        Ok(Chunk { gap, events })
+        Ok(Chunk {
+            gap,
+            events,
+            cut_short: false,
+            skipped: Vec::new(),
+        })
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {

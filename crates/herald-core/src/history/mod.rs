@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use crate::event::{Event, EventId, Message};
 
 #[cfg(feature = "durable")]
-pub use durable::{DurableHistory, OpenError};
+pub use durable::{CheckReport, DurableHistory, OpenError};
 pub use memory::MemoryHistory;
 #[cfg(feature = "redis")]
 pub use redis::{RedisHistory, RedisOptions};
@@ -32,6 +32,12 @@ pub enum HistoryError {
     Unavailable(String),
     #[error("history store holds an unreadable event {id}: {reason}")]
     Corrupt { id: u64, reason: String },
+    /// A repaired store's marker where a damaged event was.
+    #[error("event {id} was lost (its damaged row was repaired)")]
+    Lost { id: u64 },
+    /// The message does not fit the stored row layout; nothing was written.
+    #[error("cannot store this message: {0}")]
+    Unstorable(String),
 }
 
 /// Where a read starts.
@@ -54,6 +60,12 @@ pub struct Chunk {
     pub gap: Option<Gap>,
     /// Events in id order.
     pub events: Vec<Arc<Event>>,
+    /// The read stopped before `limit` at an event it cannot read (damaged, or written in a
+    /// format this herald does not know): more events follow, and the next read, after the last
+    /// of `events`, skips the unreadable ones and reports them as a gap.
+    pub cut_short: bool,
+    /// Ids of unreadable events this read passed over, before `events` (their place is the gap).
+    pub skipped: Vec<EventId>,
 }
 
 /// Events a read asked for may be missing; what follows starts at the oldest retained event.
@@ -71,12 +83,16 @@ pub struct Retention {
     pub max_bytes: Option<u64>,
 }
 
+/// The byte bound of a history when none is given: without it, 10,000 events of 1 MiB (the
+/// largest body) would be ~20 GB. Stores that cannot bound bytes (Redis) ignore it.
+pub const DEFAULT_HISTORY_BYTES: u64 = 256 * 1024 * 1024;
+
 impl Default for Retention {
     fn default() -> Self {
         Retention {
             max_events: 10_000,
             max_age: None,
-            max_bytes: None,
+            max_bytes: Some(DEFAULT_HISTORY_BYTES),
         }
     }
 }
@@ -111,8 +127,11 @@ pub trait History: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Stored {
     pub id: EventId,
-    /// `None` for a duplicate.
+    /// `None` for a duplicate or a refused message.
     pub event: Option<Arc<Event>>,
+    /// Its job repeated an idempotency key with another payload, so nothing of it was appended;
+    /// `id` is the claiming event's (0 for the job's other messages).
+    pub refused: bool,
 }
 
 /// A history shared by several hubs (a cluster). Appends claim idempotency keys atomically across
@@ -120,7 +139,13 @@ pub struct Stored {
 #[async_trait]
 pub trait SharedHistory: History {
     /// Appends the messages whose keys are unclaimed; the others get the claiming event's id.
-    async fn append_claiming(&self, messages: Vec<Message>) -> Result<Vec<Stored>, HistoryError>;
+    /// `jobs` splits `messages` into publishes, each all or none: a job that repeats a claimed
+    /// key with another payload appends nothing (its messages come back `refused`).
+    async fn append_claiming(
+        &self,
+        messages: Vec<Message>,
+        jobs: &[usize],
+    ) -> Result<Vec<Stored>, HistoryError>;
 
     /// The events after `after` (`None`: from the oldest), waiting a little when there are none
     /// yet. A gap means events after `after` were dropped before this hub saw them.

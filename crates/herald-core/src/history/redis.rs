@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
-use super::row::{decode_row, encode_row};
+use super::row::{decode_body, encode_row};
 use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
 
@@ -31,29 +31,60 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
     Some(EventId((ms << SEQ_BITS) | seq))
 }
 
-/// Appends messages in order; a message whose idempotency key is already claimed returns the
-/// claiming event's id instead. Then trims to maxlen and the age cutoff (also called with no
-/// messages, for trimming alone), remembering the newest dropped id (Redis
-/// 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker; ARGV:
-/// maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (key, row) pairs. Returns id,
-/// duplicate-flag pairs.
+/// Appends messages in order, job by job; a message whose idempotency key is already claimed with
+/// the same payload fingerprint returns the claiming event's id instead. A job holding a message
+/// whose key is claimed with another fingerprint appends nothing: each of its messages answers
+/// flag 2 (with the claiming id, or 0-0 for the others of the job). Then trims to maxlen and the
+/// age cutoff (also called with no messages, for trimming alone), remembering the newest dropped
+/// id (Redis 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker;
+/// ARGV: maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (job size, key,
+/// fingerprint, row) per message, the job size set on a job's first message only (0 on the
+/// rest). A key's value is `id fingerprint`. Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
 const APPEND: &str = r#"
 local out = {}
 local n = tonumber(ARGV[5])
-for i = 1, n do
-  local key = ARGV[4 + 2 * i]
-  local row = ARGV[5 + 2 * i]
-  local existing = false
-  if key ~= '' then existing = redis.call('GET', ARGV[3] .. key) end
-  if existing then
-    out[#out + 1] = existing
-    out[#out + 1] = 1
-  else
-    local id = redis.call('XADD', KEYS[1], '*', 'm', row)
-    if key ~= '' then redis.call('SET', ARGV[3] .. key, id, 'PX', ARGV[2]) end
-    out[#out + 1] = id
-    out[#out + 1] = 0
+local function claim(key)
+  if key == '' then return false end
+  local v = redis.call('GET', ARGV[3] .. key)
+  if not v then return false end
+  local id, fp = string.match(v, '^(%S+) ?(%S*)$')
+  return id, fp
+end
+local i = 1
+while i <= n do
+  local size = tonumber(ARGV[2 + 4 * i])
+  local refused = false
+  local seen = {}
+  for j = i, i + size - 1 do
+    local key = ARGV[3 + 4 * j]
+    local id, fp = claim(key)
+    if id and fp ~= '' and fp ~= ARGV[4 + 4 * j] then refused = true end
+    if key ~= '' then
+      if seen[key] and seen[key] ~= ARGV[4 + 4 * j] then refused = true end
+      seen[key] = ARGV[4 + 4 * j]
+    end
   end
+  for j = i, i + size - 1 do
+    local key = ARGV[3 + 4 * j]
+    local id, fp = claim(key)
+    if refused then
+      if id and fp ~= '' and fp ~= ARGV[4 + 4 * j] then
+        out[#out + 1] = id
+      else
+        out[#out + 1] = '0-0'
+      end
+      out[#out + 1] = 2
+    elseif id then
+      out[#out + 1] = id
+      out[#out + 1] = 1
+    else
+      local new = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', ARGV[5 + 4 * j])
+      if key ~= '' then redis.call('SET', ARGV[3] .. key, new .. ' ' .. ARGV[4 + 4 * j], 'PX', ARGV[2]) end
+      out[#out + 1] = new
+      out[#out + 1] = 0
+    end
+  end
+  i = i + size
 end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
@@ -176,7 +207,16 @@ fn bytes(v: &Value) -> Option<&[u8]> {
 }
 
 /// Decodes XRANGE/XREAD entries: `[[id, [field, value, …]], …]`.
-fn entries(v: &Value) -> Result<Vec<Arc<Event>>, HistoryError> {
+/// The row format this herald writes in an entry's `v` field (the `'2'` in `APPEND`), and the only one it reads (an entry
+/// without `v` was written before it was versioned, in this same format). A node that meets
+/// another version (a newer herald in a rolling upgrade) skips the entry with a gap, never halts.
+const ROW_FORMAT: &str = "2";
+
+/// One stream entry: its event, or the id of an entry that cannot be read and why.
+type Entry = Result<Arc<Event>, (EventId, String)>;
+
+/// The entries of a reply. A malformed reply is an error; a malformed entry is only that entry's.
+fn entries(v: &Value) -> Result<Vec<Entry>, HistoryError> {
     let bad = |what: &str| HistoryError::Unavailable(format!("unexpected Redis reply: {what}"));
     let Value::Array(items) = v else {
         return Err(bad("entries"));
@@ -191,18 +231,67 @@ fn entries(v: &Value) -> Result<Vec<Arc<Event>>, HistoryError> {
         };
         let sid = text(id).ok_or_else(|| bad("entry id"))?;
         let id = event_id(&sid).ok_or_else(|| bad("entry id"))?;
-        let row = fields
-            .chunks(2)
-            .find(|kv| kv.first().and_then(text).as_deref() == Some("m"))
-            .and_then(|kv| kv.get(1))
-            .and_then(bytes)
-            .ok_or_else(|| bad("entry row"))?;
-        let mut event = decode_row(id.0, row)?;
-        // Redis's clock stamped the id; that is the publish time every node agrees on.
-        event.published_at_ms = id.0 >> SEQ_BITS;
-        out.push(Arc::new(event));
+        out.push(entry(id, fields).map_err(|reason| (id, reason)));
     }
     Ok(out)
+}
+
+fn entry(id: EventId, fields: &[Value]) -> Result<Arc<Event>, String> {
+    let field = |name: &str| {
+        fields
+            .chunks(2)
+            .find(|kv| kv.first().and_then(text).as_deref() == Some(name))
+            .and_then(|kv| kv.get(1))
+    };
+    if let Some(v) = field("v").map(|v| text(v).unwrap_or_default())
+        && v != ROW_FORMAT
+    {
+        return Err(format!(
+            "row format {v:?}; this herald reads format {ROW_FORMAT} (upgrade every node)"
+        ));
+    }
+    let row = field("m")
+        .and_then(bytes)
+        .ok_or_else(|| "no `m` field".to_string())?;
+    let mut event = decode_body(id.0, row).map_err(|e| e.to_string())?;
+    // Redis's clock stamped the id; that is the publish time every node agrees on.
+    event.published_at_ms = id.0 >> SEQ_BITS;
+    Ok(Arc::new(event))
+}
+
+/// A read's chunk from its entries: leading unreadable entries are skipped (and make it a gap);
+/// one after readable events ends the chunk there (`cut_short`), for the next read to skip. The
+/// follower logs what it skips (once per node); a reader's catch-up only at debug level.
+fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
+    let mut chunk = Chunk {
+        gap,
+        events: Vec::with_capacity(entries.len()),
+        cut_short: false,
+        skipped: Vec::new(),
+    };
+    for entry in entries {
+        match entry {
+            Ok(event) => chunk.events.push(event),
+            Err(_) if !chunk.events.is_empty() => {
+                chunk.cut_short = true;
+                break;
+            }
+            Err((id, reason)) => {
+                if following {
+                    tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history; readers get a herald.gap there");
+                } else {
+                    tracing::debug!(id = %id, %reason, "unreadable entry skipped by a catch-up");
+                }
+                chunk.skipped.push(id);
+            }
+        }
+    }
+    if !chunk.skipped.is_empty() {
+        chunk.gap = Some(Gap {
+            oldest: chunk.events.first().map(|e| e.id),
+        });
+    }
+    chunk
 }
 
 impl RedisHistory {
@@ -265,17 +354,24 @@ impl RedisHistory {
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
-        Ok(Chunk {
-            gap: gap.then_some(Gap { oldest }),
-            events: entries(range)?,
-        })
+        Ok(chunk_of(
+            gap.then_some(Gap { oldest }),
+            entries(range)?,
+            false,
+        ))
     }
 }
 
 #[async_trait]
 impl History for RedisHistory {
     async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError> {
-        let stored = self.append_claiming(messages).await?;
+        let sizes = [messages.len()];
+        let stored = self.append_claiming(messages, &sizes).await?;
+        if stored.iter().any(|s| s.refused) {
+            return Err(HistoryError::Unavailable(
+                "an idempotency key was repeated with another payload".into(),
+            ));
+        }
         Ok(stored.into_iter().filter_map(|s| s.event).collect())
     }
 
@@ -290,7 +386,7 @@ impl History for RedisHistory {
     async fn maintain(&self) -> Result<(), HistoryError> {
         // An append of nothing applies the retention limits (the script trims after appending).
         if self.retention.max_age.is_some() {
-            self.append_claiming(Vec::new()).await?;
+            self.append_claiming(Vec::new(), &[]).await?;
         }
         Ok(())
     }
@@ -298,7 +394,17 @@ impl History for RedisHistory {
 
 #[async_trait]
 impl SharedHistory for RedisHistory {
-    async fn append_claiming(&self, messages: Vec<Message>) -> Result<Vec<Stored>, HistoryError> {
+    async fn append_claiming(
+        &self,
+        messages: Vec<Message>,
+        jobs: &[usize],
+    ) -> Result<Vec<Stored>, HistoryError> {
+        debug_assert_eq!(jobs.iter().sum::<usize>(), messages.len());
+        let mut firsts = Vec::with_capacity(messages.len());
+        for &size in jobs {
+            firsts.push(size);
+            firsts.extend(std::iter::repeat_n(0, size.saturating_sub(1)));
+        }
         let mut invocation = self.append.key(&self.stream);
         invocation.key(&self.dropped);
         invocation
@@ -308,11 +414,13 @@ impl SharedHistory for RedisHistory {
             .arg(self.retention.cutoff_ms(now_ms()).unwrap_or(0))
             .arg(messages.len());
         let mut row = Vec::new();
-        for m in &messages {
+        for (m, size) in messages.iter().zip(&firsts) {
             row.clear();
-            encode_row(&mut row, 0, m);
+            encode_row(&mut row, 0, m)?;
             invocation
+                .arg(size)
                 .arg(m.idempotency_key.as_deref().unwrap_or(""))
+                .arg(format!("{:016x}", m.fingerprint()))
                 .arg(row.as_slice());
         }
         let mut conn = self.conn.clone();
@@ -328,10 +436,11 @@ impl SharedHistory for RedisHistory {
             let id = text(&pair[0])
                 .and_then(|s| event_id(&s))
                 .ok_or_else(|| unavailable("unexpected id in append reply"))?;
-            let duplicate = matches!(pair[1], Value::Int(1));
+            let new = matches!(pair[1], Value::Int(0));
             out.push(Stored {
                 id,
-                event: (!duplicate).then(|| Arc::new(Event::new(id, m, id.0 >> SEQ_BITS))),
+                event: new.then(|| Arc::new(Event::new(id, m, id.0 >> SEQ_BITS))),
+                refused: matches!(pair[1], Value::Int(2)),
             });
         }
         Ok(out)
@@ -390,7 +499,11 @@ impl SharedHistory for RedisHistory {
             },
             _ => Vec::new(),
         };
-        Ok(Chunk { gap: None, events })
+        // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
+        // lets every connection learn of it from history (see `publish::follower`).
+        let mut chunk = chunk_of(None, events, true);
+        chunk.gap = None;
+        Ok(chunk)
     }
 
     async fn newest(&self) -> Result<Option<EventId>, HistoryError> {
@@ -522,7 +635,7 @@ pub(crate) mod tests {
         assert_eq!(h.newest().await.unwrap(), None);
         let m = |d: &str, k: &str| Message::broadcast().data(d).idempotency_key(k);
         let first = h
-            .append_claiming(vec![m("a", "k1"), m("b", "k1"), m("c", "k2")])
+            .append_claiming(vec![m("a", "k1"), m("a", "k1"), m("c", "k2")], &[2, 1])
             .await
             .unwrap();
         assert!(first[0].event.is_some() && first[1].event.is_none() && first[2].event.is_some());
@@ -530,8 +643,15 @@ pub(crate) mod tests {
             first[1].id, first[0].id,
             "a repeat in the same batch gets the first id"
         );
-        let again = h.append_claiming(vec![m("d", "k2")]).await.unwrap();
+        let again = h.append_claiming(vec![m("c", "k2")], &[1]).await.unwrap();
         assert_eq!((again[0].id, again[0].event.is_none()), (first[2].id, true));
+        // The same key with another payload appends nothing of its job.
+        let other = h
+            .append_claiming(vec![m("x", "k3"), m("d", "k2")], &[2])
+            .await
+            .unwrap();
+        assert!(other.iter().all(|s| s.refused && s.event.is_none()));
+        assert_eq!(other[1].id, first[2].id);
         assert_eq!(h.newest().await.unwrap(), Some(first[2].id));
         let chunk = h.follow(Some(first[0].id), 10).await.unwrap();
         assert_eq!(chunk.events.len(), 1);

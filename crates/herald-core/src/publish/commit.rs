@@ -10,9 +10,9 @@ use std::task::Waker;
 use tokio::sync::mpsc;
 
 use super::follower::{Feed, commit_shared};
-use super::idempotency::Keys;
+use super::idempotency::{Claim, Keys};
 use super::job::{Job, PublishError, Published};
-use crate::event::{EventId, now_ms};
+use crate::event::{EventId, Message, now_ms};
 use crate::fanout::Fanout;
 use crate::history::SharedHistory;
 
@@ -26,31 +26,60 @@ enum Slot {
     Existing(EventId),
 }
 
+/// Why a job is refused before anything of it is appended.
+fn conflict(index: usize, id: EventId) -> PublishError {
+    PublishError::IdempotencyConflict { index, id }
+}
+
 /// Appends a group of publishes as one history write, then fans the events out in id order.
+/// A job that repeats an idempotency key with another payload is refused whole (409).
 async fn commit(hub: &Fanout, jobs: Vec<Job>, keys: &mut Keys) {
     let now = now_ms();
     keys.expire(now);
-    let mut fresh = Vec::new();
-    let mut in_group: HashMap<String, usize> = HashMap::new();
+    let mut fresh: Vec<Message> = Vec::new();
+    let mut in_group: HashMap<String, (usize, u64)> = HashMap::new();
     let mut plans = Vec::with_capacity(jobs.len());
     let mut replies = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    'jobs: for job in jobs {
+        let base = fresh.len();
         let mut plan = Vec::with_capacity(job.messages.len());
-        for message in job.messages {
+        let mut added: Vec<Message> = Vec::new();
+        let mut claims: Vec<(String, usize, u64)> = Vec::new();
+        for (index, message) in job.messages.into_iter().enumerate() {
             if let Some(key) = &message.idempotency_key {
-                if let Some(id) = keys.get(key) {
-                    plan.push(Slot::Existing(id));
+                let print = message.fingerprint();
+                if let Some(claim) = keys.get(key) {
+                    if claim.fingerprint != print {
+                        let _ = job.reply.send(Err(conflict(index, claim.id)));
+                        continue 'jobs;
+                    }
+                    plan.push(Slot::Existing(claim.id));
                     continue;
                 }
-                if let Some(&i) = in_group.get(key) {
+                let earlier = in_group.get(key).copied().or_else(|| {
+                    claims
+                        .iter()
+                        .find(|(k, _, _)| k == key)
+                        .map(|(_, i, p)| (*i, *p))
+                });
+                if let Some((i, p)) = earlier {
+                    if p != print {
+                        // The other message is not appended yet: no id to name.
+                        let _ = job.reply.send(Err(conflict(index, EventId(0))));
+                        continue 'jobs;
+                    }
                     plan.push(Slot::Repeat(i));
                     continue;
                 }
-                in_group.insert(key.clone(), fresh.len());
+                claims.push((key.clone(), base + added.len(), print));
             }
-            plan.push(Slot::New(fresh.len()));
-            fresh.push(message);
+            plan.push(Slot::New(base + added.len()));
+            added.push(message);
         }
+        for (key, i, print) in claims {
+            in_group.insert(key, (i, print));
+        }
+        fresh.extend(added);
         plans.push(plan);
         replies.push(job.reply);
     }
@@ -68,7 +97,11 @@ async fn commit(hub: &Fanout, jobs: Vec<Job>, keys: &mut Keys) {
             let delivered = hub.fan_out(&events, &mut wakers);
             for event in &events {
                 if let Some(key) = &event.idempotency_key {
-                    keys.insert(key.clone(), event.id, event.published_at_ms);
+                    let claim = Claim {
+                        id: event.id,
+                        fingerprint: event.fingerprint(),
+                    };
+                    keys.insert(key.clone(), claim, event.published_at_ms);
                 }
             }
             (Ok(events), delivered)

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::job::{Job, PublishError, Published};
 use crate::event::{EventId, Message};
 use crate::fanout::Fanout;
-use crate::history::SharedHistory;
+use crate::history::{SharedHistory, Stored};
 
 /// Per-event local delivery counts kept for publishers still waiting for their answer.
 const RECENT: usize = 65_536;
@@ -91,7 +91,7 @@ pub(crate) async fn commit_shared(
         messages.extend(job.messages);
         replies.push(job.reply);
     }
-    let stored = match shared.append_claiming(messages).await {
+    let stored = match shared.append_claiming(messages, &sizes).await {
         Ok(stored) => stored,
         Err(e) => {
             feed.set_ready(false);
@@ -118,17 +118,33 @@ pub(crate) async fn commit_shared(
             let mut seen = feed.watermark.subscribe();
             let _ = tokio::time::timeout(ANSWER_WAIT, seen.wait_for(|w| *w >= newest.0)).await;
         }
-        let mut answers = stored.into_iter().map(|s| Published {
-            id: s.id,
-            delivered: if s.event.is_some() {
-                feed.delivered(s.id)
-            } else {
-                0
-            },
-            duplicate: s.event.is_none(),
-        });
+        let mut stored = stored.into_iter();
         for (size, reply) in sizes.into_iter().zip(replies) {
-            let _ = reply.send(Ok(answers.by_ref().take(size).collect()));
+            let job: Vec<Stored> = stored.by_ref().take(size).collect();
+            // A job that repeated a claimed key with another payload appended nothing.
+            let conflict = job
+                .iter()
+                .position(|s| s.refused && s.id.0 != 0)
+                .or_else(|| job.iter().position(|s| s.refused));
+            let answer = match conflict {
+                Some(index) => Err(PublishError::IdempotencyConflict {
+                    index,
+                    id: job[index].id,
+                }),
+                None => Ok(job
+                    .into_iter()
+                    .map(|s| Published {
+                        id: s.id,
+                        delivered: if s.event.is_some() {
+                            feed.delivered(s.id)
+                        } else {
+                            0
+                        },
+                        duplicate: s.event.is_none(),
+                    })
+                    .collect()),
+            };
+            let _ = reply.send(answer);
         }
     });
 }
@@ -164,6 +180,18 @@ pub(crate) async fn follow(hub: Weak<Fanout>, feed: Arc<Feed>, shared: Arc<dyn S
                 if chunk.gap.is_some() {
                     tracing::warn!(after = ?cursor, "events were trimmed before this node read them");
                     inner.lag_everyone();
+                }
+                if let Some(&skipped) = chunk.skipped.last() {
+                    // Unreadable entries (logged by the store): anyone's events may be in them, so
+                    // every connection catches up from history, which reports them as a gap; the
+                    // follower goes on after them.
+                    inner
+                        .counters
+                        .unreadable
+                        .fetch_add(chunk.skipped.len() as u64, Ordering::Relaxed);
+                    inner.lag_everyone();
+                    cursor = Some(skipped);
+                    feed.watermark.send_replace(skipped.0);
                 }
                 let Some(last) = chunk.events.last().map(|e| e.id) else {
                     continue;

@@ -12,6 +12,10 @@ pub enum PublishError {
     NoTarget { index: usize },
     #[error("an empty batch publishes nothing")]
     EmptyBatch,
+    /// Message `index` repeats an idempotency key already used (as event `id`; 0 when it was
+    /// claimed in the same group and has no id yet) with a different payload.
+    #[error("message {index} repeats an idempotency key with a different payload")]
+    IdempotencyConflict { index: usize, id: EventId },
     #[error(transparent)]
     Store(#[from] HistoryError),
 }

@@ -10,6 +10,6 @@ mod job;
 
 pub(crate) use commit::commit_loop;
 pub(crate) use follower::{Feed, follow};
-pub(crate) use idempotency::Keys;
+pub(crate) use idempotency::{KeyBounds, Keys};
 pub(crate) use job::Job;
 pub use job::{PublishError, Published};

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::event::{Event, EventId, control_frame, now_ms};
+use crate::event::{Event, EventId, control_frame, now_ms, user_line};
 use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
 use crate::history::{Chunk, Gap, HistoryError, ReadFrom};
 use crate::name::EventType;
@@ -47,9 +47,37 @@ pub struct EventStream {
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
     replay: Option<Replay>,
+    /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
+    /// streams without it stay one pointer bigger, not a `Bytes` bigger.
+    route: Option<Box<Route>>,
     /// Told the length of the start's replay when it is over.
     on_replayed: Option<ReplayObserver>,
     done: bool,
+}
+
+/// What a routing stream writes before each event, so that a client sharing it between several
+/// consumers (herald.js' `share`) knows which of them it is for. The event's frame stays shared.
+#[derive(Debug)]
+struct Route {
+    /// `user: <id>\n` of this connection's user, written before events sent to that user.
+    user_line: Option<Bytes>,
+}
+
+impl Route {
+    fn push(route: Option<&Route>, sub: &Subscriber, event: &Event, out: &mut VecDeque<Bytes>) {
+        if let Some(route) = route {
+            let lines = event.route_lines();
+            if !lines.is_empty() {
+                out.push_back(lines.clone());
+            }
+            if let (Some(line), Some(user)) = (&route.user_line, &sub.user)
+                && event.targets.users.contains(user)
+            {
+                out.push_back(line.clone());
+            }
+        }
+        out.push_back(event.frame.clone());
+    }
 }
 
 impl std::fmt::Debug for EventStream {
@@ -81,8 +109,14 @@ impl EventStream {
         sub: Arc<Subscriber>,
         start: Start,
         baseline: Option<EventId>,
+        route: bool,
         on_replayed: Option<ReplayObserver>,
     ) -> Self {
+        let route = route.then(|| {
+            Box::new(Route {
+                user_line: sub.user.as_ref().map(user_line),
+            })
+        });
         let mut out = VecDeque::with_capacity(2);
         out.push_back(hub.preamble.clone());
         let replay = |from, report, forced| Replay {
@@ -116,6 +150,7 @@ impl EventStream {
             live: VecDeque::new(),
             cursor,
             replay,
+            route,
             on_replayed,
             done: false,
         }
@@ -149,25 +184,39 @@ impl EventStream {
             self.out.push_back(frame);
         }
         let mut replayed = 0u64;
+        // A step of a replay holds at most the queue's byte bound; the rest is read again next step.
+        let mut budget = self.hub.queue.bytes;
+        let mut cut_short = false;
         for event in &chunk.events {
+            if budget == 0 {
+                cut_short = true;
+                break;
+            }
             if self.cursor.is_some_and(|c| event.id <= c) {
                 continue;
             }
+            if !self.sub.deliverable(event.id) {
+                // Published after an operator closed this stream: the replay ends here.
+                self.count_replayed(replayed);
+                return true;
+            }
             self.cursor = Some(event.id);
             if self.sub.wants(event) {
-                self.out.push_back(event.frame.clone());
+                Route::push(self.route.as_deref(), &self.sub, event, &mut self.out);
+                budget = budget.saturating_sub(event.frame.len());
                 replayed += 1;
             }
         }
-        self.hub
-            .counters
-            .replayed
-            .fetch_add(replayed, Ordering::Relaxed);
+        self.count_replayed(replayed);
         replay.sent += replayed;
         if let Some(c) = self.cursor {
             replay.from = ReadFrom::After(c);
         }
-        chunk.events.len() < REPLAY_CHUNK
+        !cut_short && !chunk.cut_short && chunk.events.len() < REPLAY_CHUNK
+    }
+
+    fn count_replayed(&self, n: u64) {
+        self.hub.counters.replayed.fetch_add(n, Ordering::Relaxed);
     }
 
     fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
@@ -207,19 +256,40 @@ impl EventStream {
         }
     }
 
-    fn take_live(&mut self) {
-        // Between two ticks of the hub's expiry timer, an expired token gets nothing more.
-        if self.sub.expires_at_ms.is_some_and(|at| now_ms() >= at) {
-            self.live.clear();
-            self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+    /// Once the token has expired the stream gets nothing more, whatever is queued, replaying
+    /// or still to catch up: only `herald.close`. Checked before every frame, not only by the
+    /// hub's once-a-second expiry timer, so a slow reader cannot drain events past its `exp`.
+    fn end_if_expired(&mut self) {
+        if self.done || !self.sub.expired_at(now_ms()) {
             return;
         }
+        self.out.clear();
+        self.live.clear();
+        if let Some(replay) = self.replay.take() {
+            self.finish_replay(&replay);
+        }
+        self.sub.end(Ending::Closed(TOKEN_EXPIRED.to_string()));
+        if self.route.is_some() {
+            // An event's routing lines may have gone out without its frame: a blank line ends
+            // them, and a parser dispatches nothing for an event without data.
+            self.out.push_back(Bytes::from_static(b"\n"));
+        }
+        let json = serde_json::json!({ "reason": TOKEN_EXPIRED });
+        self.out
+            .push_back(control_frame(&EventType::reserved("herald.close"), &json));
+        self.done = true;
+    }
+
+    fn take_live(&mut self) {
         for event in self.live.drain(..) {
             if self.cursor.is_some_and(|c| event.id <= c) {
                 continue;
             }
+            if !self.sub.deliverable(event.id) {
+                continue;
+            }
             self.cursor = Some(event.id);
-            self.out.push_back(event.frame.clone());
+            Route::push(self.route.as_deref(), &self.sub, &event, &mut self.out);
         }
         // After a burst, give the memory back: idle connections should stay small.
         if self.live.capacity() > 64 {
@@ -234,6 +304,9 @@ impl Stream for EventStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let this = &mut *self;
         loop {
+            if this.sub.expires_at_ms.is_some() {
+                this.end_if_expired();
+            }
             if let Some(frame) = this.out.pop_front() {
                 return Poll::Ready(Some(frame));
             }

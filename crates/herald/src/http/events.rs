@@ -46,6 +46,12 @@ pub(crate) async fn subscribe(
         Err(e @ SubscribeError::TooManySelectors { .. }) => {
             return Err(ApiError::new(ErrorCode::TooManySelectors, e.to_string()));
         }
+        Err(e @ SubscribeError::SelectorTooDeep { .. }) => {
+            return Err(ApiError::new(ErrorCode::SelectorTooDeep, e.to_string()));
+        }
+        Err(e @ SubscribeError::TooManySegments { .. }) => {
+            return Err(ApiError::new(ErrorCode::TooManySegments, e.to_string()));
+        }
         Err(e @ SubscribeError::AtCapacity(_)) => {
             app.metrics.limited("connections");
             return Err(ApiError::new(ErrorCode::AtCapacity, e.to_string()));
@@ -155,6 +161,18 @@ fn parse(headers: &HeaderMap, uri: &Uri) -> Result<(SubscribeRequest, Option<Str
             "lastEventId" => query_last_id = Some(value),
             "access_token" => access_token = Some(value),
             "since" => since = Some(parse_since(&value)?),
+            "route" => {
+                request.route = match value.as_str() {
+                    "1" => true,
+                    "0" => false,
+                    _ => {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidRoute,
+                            format!("'route' must be 1 or 0; got '{value}'"),
+                        ));
+                    }
+                }
+            }
             "maxAge" => request.max_age = Some(parse_max_age(&value)?),
             // Anything else (cache busters, later options) is ignored.
             _ => {}

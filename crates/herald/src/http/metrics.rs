@@ -75,6 +75,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "herald.gap notices sent on this node.",
     ),
     (
+        "herald_unreadable_events_total",
+        Kind::Counter,
+        "Entries of the shared Redis stream this node could not read and skipped (each one a herald.gap).",
+    ),
+    (
         "herald_streams_ended_by_age_total",
         Kind::Counter,
         "Streams on this node ended because they reached their maximum age (--max-stream-age or ?maxAge=).",
@@ -185,6 +190,24 @@ impl Default for Metrics {
     }
 }
 
+/// The `method` label: one of the standard methods, else `other`, so made-up methods cannot
+/// grow `/metrics` without bound (routes are bounded already: a matched route or `unmatched`).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 pub(crate) async fn count_requests(
     State(app): State<AppState>,
     request: Request,
@@ -195,7 +218,7 @@ pub(crate) async fn count_requests(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().as_str().to_string();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     app.metrics
@@ -203,7 +226,7 @@ pub(crate) async fn count_requests(
             "herald_http_request_duration_seconds",
             vec![
                 Label::new("route", route.clone()),
-                Label::new("method", method.clone()),
+                Label::new("method", method),
             ],
         )
         .record(arrived.elapsed().as_secs_f64());
@@ -234,6 +257,8 @@ pub(crate) async fn render(State(app): State<AppState>) -> Response {
     m.counter("herald_replayed_total", vec![])
         .absolute(s.replayed);
     m.counter("herald_gaps_total", vec![]).absolute(s.gaps);
+    m.counter("herald_unreadable_events_total", vec![])
+        .absolute(s.unreadable);
     m.counter("herald_streams_ended_by_age_total", vec![])
         .absolute(s.aged);
     let mut response = m.handle.render().into_response();

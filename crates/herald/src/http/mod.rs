@@ -68,6 +68,8 @@ pub(crate) struct AppState {
     pub publish_rate: Arc<limits::PublishRate>,
     /// Presence and control: the cluster's when there is one, else this hub's.
     pub presence: Arc<dyn herald_core::Presence>,
+    /// `--cors-origin`: also the origins whose browser form posts are accepted.
+    pub cors_origins: Arc<[HeaderValue]>,
 }
 
 /// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
@@ -120,6 +122,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         connections: Arc::default(),
         publish_rate: Arc::default(),
         presence,
+        cors_origins: options.cors_origins.clone().into(),
     };
     let metrics_only = Router::new()
         .route("/metrics", get(metrics::render))

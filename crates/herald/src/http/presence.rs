@@ -74,8 +74,20 @@ pub(crate) async fn messages(
 ) -> Result<Json<Value>, ApiError> {
     let user = user_from_path(path)?;
     // A user may read back their own messages with their own token.
+    // A user may read back their own messages with their own token, unless an operator blocked
+    // them (`DELETE /users/{id}/connections?block=`): then only an admin may.
     match app.auth.caller(&headers)? {
-        Caller::Token(t) if t.user.as_ref() == Some(&user) => {}
+        Caller::Token(t) if t.user.as_ref() == Some(&user) && !t.admin => {
+            if let Some(left) = app.hub.blocked_for(&user) {
+                return Err(ApiError::new(
+                    ErrorCode::UserBlocked,
+                    format!(
+                        "this user is blocked for another {}s",
+                        left.as_secs().max(1)
+                    ),
+                ));
+            }
+        }
         other => other.require_admin()?,
     }
     let mut start = herald_core::Start::All;
@@ -99,7 +111,7 @@ pub(crate) async fn messages(
             json!({
                 "id": e.id.to_string(),
                 "event": e.event_type.as_ref().map(|t| t.as_str()),
-                "data": e.data,
+                "data": e.data.as_str(),
                 "publishedAtMs": e.published_at_ms,
                 // The snake_case name of earlier releases, kept for one more release.
                 "published_at_ms": e.published_at_ms,
@@ -188,7 +200,8 @@ pub(crate) async fn stats(
 ) -> Result<Json<Value>, ApiError> {
     admin(&app, &headers)?;
     let s = app.presence.totals().await.map_err(cluster_unavailable)?;
-    Ok(Json(json!({
+    let nodes = app.presence.nodes().await.map_err(cluster_unavailable)?;
+    let mut body = json!({
         "connections": s.connections,
         "users": s.users,
         "topics": s.topics,
@@ -196,12 +209,21 @@ pub(crate) async fn stats(
         "delivered": s.delivered,
         "replayed": s.replayed,
         "gaps": s.gaps,
+        "unreadable": s.unreadable,
         "lagging": s.lagging,
         "endedByAge": s.aged,
         "uptimeSeconds": s.uptime.as_secs(),
         // The snake_case name of earlier releases, kept for one more release.
         "uptime_s": s.uptime.as_secs(),
-    })))
+    });
+    // In cluster mode, each live node with its connections.
+    if let Some(nodes) = nodes {
+        body["nodes"] = nodes
+            .into_iter()
+            .map(|(id, connections)| json!({ "id": id, "connections": connections }))
+            .collect();
+    }
+    Ok(Json(body))
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

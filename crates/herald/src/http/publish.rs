@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, Request, State, rejection::PathRejection};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::{EventType, Message, PublishError, Targets, Topic, UserId};
+use herald_core::{EventType, HistoryError, Message, PublishError, Targets, Topic, UserId};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -88,27 +88,63 @@ fn authorize(caller: &Caller, messages: &[Message], max_targets: usize) -> Resul
     Ok(())
 }
 
-/// Takes one publish from the caller's token bucket (per key, user, or else IP).
-fn rate_limit(app: &AppState, caller: &Caller, request: &Request) -> Result<(), ApiError> {
-    let Some((rate, burst)) = app.limits.publish_rate else {
-        return Ok(());
-    };
-    let key = match caller {
+/// The caller's token bucket (per key, user, or else IP), when a publish rate is set.
+fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Option<String> {
+    app.limits.publish_rate?;
+    Some(match caller {
         Caller::PublishKey(i) => format!("key:{i}"),
         Caller::Token(t) if t.user.is_some() => {
             format!("user:{}", t.user.as_ref().map_or("", |u| u.as_str()))
         }
-        _ => match limits::client_ip(&app.limits, request.extensions(), request.headers()) {
-            Some(ip) => format!("ip:{ip}"),
-            None => return Ok(()),
-        },
+        _ => format!(
+            "ip:{}",
+            limits::client_ip(&app.limits, request.extensions(), request.headers())?
+        ),
+    })
+}
+
+/// Takes `n` publishes (one per event of a batch) from the caller's bucket.
+fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
+    let (Some((rate, burst)), Some(key)) = (app.limits.publish_rate, key) else {
+        return Ok(());
     };
     app.publish_rate
-        .take(&key, rate, burst, std::time::Instant::now())
+        .take_n(key, n as f64, rate, burst, std::time::Instant::now())
         .map_err(|wait| {
             app.metrics.limited("publish_rate");
             ApiError::from(ErrorCode::RateLimited).retry_after(wait)
         })
+}
+
+/// Refuses a form post a browser sent from another site: forms need no CORS preflight, so on an
+/// open hub any page a visitor opens could publish. Allowed: no `Origin` (not a browser, or a
+/// same-origin navigation of an old one), the hub's own origin, and `--cors-origin` origins.
+fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if app.cors_origins.iter().any(|o| o == "*" || o == origin) {
+        return Ok(());
+    }
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, authority)| authority.to_ascii_lowercase());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    if authority.is_some() && authority == host {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::CrossOriginForm,
+        format!(
+            "a form post from origin {} is refused: add it with --cors-origin to allow it",
+            String::from_utf8_lossy(origin.as_bytes())
+        ),
+    ))
 }
 
 enum Format {
@@ -145,34 +181,78 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
             "publishing needs a token or the publish key as Authorization: Bearer",
         ));
     }
-    rate_limit(&app, &caller, &request)?;
+    // Rights that do not depend on the body are checked before a byte of it is read, so a
+    // token that may not publish cannot hold a request open by dripping a body.
+    match route {
+        Route::Publish => caller.require_some_publish()?,
+        Route::User(_) | Route::Broadcast => caller.require_admin()?,
+    }
+    // One token before the body is read (a refused publisher sends no body), one more for each
+    // further event of a batch once it is parsed: the rate counts events, not requests.
+    let bucket = rate_key(&app, &caller, &request);
+    rate_limit(&app, bucket.as_deref(), 1)?;
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let format = format_of(&headers)?;
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the body is larger than {} bytes", app.max_body),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > app.max_body as u64) {
-        return Err(too_large());
+    if matches!(format, Format::Form) {
+        cross_site_form(&app, &headers)?;
     }
-    let bytes = axum::body::to_bytes(body, app.max_body)
-        .await
-        .map_err(|_| too_large())?;
-    let (messages, batch) = match format {
+    let bytes = read_body(&app, &headers, body).await?;
+    let (mut messages, batch) = match format {
         Format::Json => parse_json(&bytes, &route)?,
         Format::Form => (vec![parse_form(&bytes, &route)?], false),
     };
+    if messages.len() > app.limits.max_batch {
+        return Err(ApiError::new(
+            ErrorCode::BatchTooLarge,
+            format!(
+                "a batch may hold at most {} messages (--max-batch)",
+                app.limits.max_batch
+            ),
+        ));
+    }
     authorize(&caller, &messages, app.limits.max_topics)?;
+    if let Some((_, burst)) = app.limits.publish_rate
+        && messages.len() as f64 > burst
+    {
+        app.metrics.limited("publish_rate");
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "a batch of {} events is more than the publish burst ({burst}) allows",
+                messages.len()
+            ),
+        ));
+    }
+    if messages.len() > 1 {
+        rate_limit(&app, bucket.as_deref(), messages.len() - 1)?;
+    }
+    // Idempotency keys are the publisher's own: another publisher's key never matches.
+    if let Some(scope) = caller.idempotency_scope() {
+        for m in &mut messages {
+            if let Some(key) = m.idempotency_key.take() {
+                m.idempotency_key = Some(format!("{scope}\u{1f}{key}"));
+            }
+        }
+    }
     let published = app.hub.publish_batch(messages).await.map_err(|e| match e {
+        PublishError::IdempotencyConflict { index, id } => {
+            let earlier = if id.0 == 0 {
+                "an earlier message of this request".to_string()
+            } else {
+                format!("event {id}")
+            };
+            let e = ApiError::new(
+                ErrorCode::IdempotencyConflict,
+                format!("the idempotencyKey was used with a different payload by {earlier}"),
+            );
+            if batch { e.at_index(index) } else { e }
+        }
         PublishError::NoTarget { index } => ApiError::from(ErrorCode::NoTarget).at_index(index),
         PublishError::EmptyBatch => ApiError::from(ErrorCode::EmptyBatch),
+        PublishError::Store(HistoryError::Unstorable(reason)) => {
+            ApiError::new(ErrorCode::Unstorable, reason)
+        }
         PublishError::Store(e) => ApiError::unavailable(ErrorCode::StoreUnavailable, &e),
     })?;
     app.metrics.published(arrived);
@@ -191,8 +271,110 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     })
 }
 
+/// Reads the whole body within `--body-timeout` and `--max-body`. A body too large answers 413;
+/// one that does not arrive in time 408; one cut short or with broken chunked framing 400.
+async fn read_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {} bytes", app.max_body),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body as u64) {
+        return Err(too_large());
+    }
+    let timeout = app.limits.body_timeout;
+    let read = http_body_util::Limited::new(body, app.max_body).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::from(ErrorCode::IncompleteBody)),
+        Err(_) => {
+            app.metrics.limited("body_timeout");
+            Err(ApiError::new(
+                ErrorCode::BodyTimeout,
+                format!(
+                    "the body did not arrive within {}ms (--body-timeout)",
+                    timeout.as_millis()
+                ),
+            ))
+        }
+    }
+}
+
+/// A JSON value in which no object repeats a key: `{"private":true,"private":false}` must not
+/// publish a public message because the last key wins.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+        Ok(Strict(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Strict(Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key '{key}'")));
+            }
+            let Strict(v) = map.next_value()?;
+            obj.insert(key, v);
+        }
+        Ok(Strict(Value::Object(obj)))
+    }
+}
+
 fn parse_json(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiError> {
-    let value: Value = serde_json::from_slice(bytes)
+    let Strict(value) = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))?;
     match value {
         Value::Object(obj) => Ok((vec![message_from_json(&obj, route)?], false)),
@@ -237,8 +419,38 @@ fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("'{field}': user id {e}")))
 }
 
+/// Event types a browser's `EventSource` (and herald.js) dispatches itself: a published event of
+/// such a type would fire every subscriber's `open` or `error` handlers. `message` is the default
+/// type and stays allowed; `herald.*` is refused by [`EventType::new`].
+const BROWSER_EVENT_TYPES: &[&str] = &["error", "open"];
+
 fn event_type(s: &str) -> Result<EventType, ApiError> {
+    if BROWSER_EVENT_TYPES.contains(&s) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidEvent,
+            format!("'event' '{s}' is reserved: EventSource dispatches it itself"),
+        ));
+    }
     EventType::new(s).map_err(|e| ApiError::new(ErrorCode::InvalidEvent, format!("'event' {e}")))
+}
+
+/// The `retry` a publisher may set: it changes the reconnect delay of every subscriber's whole
+/// EventSource, so it stays between 100 ms and one hour.
+const RETRY_MS: std::ops::RangeInclusive<u32> = 100..=3_600_000;
+
+fn retry_in_bounds(ms: u32) -> Result<u32, ApiError> {
+    if RETRY_MS.contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(field_error(
+            "retry",
+            format!(
+                "must be from {} to {} milliseconds",
+                RETRY_MS.start(),
+                RETRY_MS.end()
+            ),
+        ))
+    }
 }
 
 fn idempotency_key(s: &str) -> Result<String, ApiError> {
@@ -254,6 +466,7 @@ fn idempotency_key(s: &str) -> Result<String, ApiError> {
 fn retry(s: &str) -> Result<u32, ApiError> {
     s.parse::<u32>()
         .map_err(|_| field_error("retry", "must be a whole number of milliseconds"))
+        .and_then(retry_in_bounds)
 }
 
 fn strings<'a>(field: &str, v: &'a Value) -> Result<Vec<&'a str>, ApiError> {
@@ -366,7 +579,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
                 _ => return Err(field_error(key, "must be a string")),
             },
             "retry" => match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
-                Some(ms) => d.retry_ms = Some(ms),
+                Some(ms) => d.retry_ms = Some(retry_in_bounds(ms)?),
                 None => return Err(field_error(key, "must be a whole number of milliseconds")),
             },
             "idempotencyKey" => match value {
@@ -384,6 +597,7 @@ fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message,
 fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
     let mut d = Draft::default();
     let targets_allowed = matches!(route, Route::Publish);
+    let (mut seen_private, mut seen_broadcast) = (false, false);
     for (key, value) in form_pairs(bytes)? {
         let once = |seen: bool| {
             if seen {
@@ -403,8 +617,14 @@ fn parse_form(bytes: &[u8], route: &Route) -> Result<Message, ApiError> {
             }
             "topic" => d.targets.topics.push(topic(&key, &value)?),
             "user" => d.targets.users.push(user(&key, &value)?),
-            "broadcast" => d.targets.broadcast = flag()?,
-            "private" => d.private = flag()?,
+            "broadcast" => {
+                once(std::mem::replace(&mut seen_broadcast, true))?;
+                d.targets.broadcast = flag()?;
+            }
+            "private" => {
+                once(std::mem::replace(&mut seen_private, true))?;
+                d.private = flag()?;
+            }
             "data" => {
                 once(d.data.is_some())?;
                 d.data = Some(value);
@@ -437,11 +657,11 @@ mod tests {
 
     #[test]
     fn json_messages() {
-        let (m, batch) = json(r#"{"topic":"a/b","data":{"x":1},"event":"e","retry":5}"#).unwrap();
+        let (m, batch) = json(r#"{"topic":"a/b","data":{"x":1},"event":"e","retry":500}"#).unwrap();
         assert!(!batch);
         assert_eq!(m[0].data, r#"{"x":1}"#);
         assert_eq!(m[0].targets.topics[0].as_str(), "a/b");
-        assert_eq!(m[0].retry_ms, Some(5));
+        assert_eq!(m[0].retry_ms, Some(500));
         let (m, batch) =
             json(r#"[{"users":["u1"],"data":""},{"broadcast":true,"data":"x"}]"#).unwrap();
         assert!(batch);
@@ -473,6 +693,32 @@ mod tests {
             "unknown_field"
         );
         assert_eq!(code(r#"[]"#), "empty_batch");
+        // Issue 12: the last of two equal keys won, so this published a public message.
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","private":true,"private":false}"#),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(r#"[{"topic":"a","data":"x","topic":"b"}]"#),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","retry":0}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","retry":4294967295}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","event":"error"}"#),
+            "invalid_event"
+        );
+        assert_eq!(
+            code(r#"{"topic":"a","data":"x","event":"open"}"#),
+            "invalid_event"
+        );
+        assert!(json(r#"{"topic":"a","data":"x","event":"message","retry":100}"#).is_ok());
         assert_eq!(code(r#"42"#), "invalid_json");
         assert_eq!(code(r#"{"#), "invalid_json");
         let e = json(r#"[{"topic":"a","data":"x"},{"topic":"","data":"x"}]"#).unwrap_err();
@@ -525,6 +771,8 @@ mod tests {
         assert!(m.targets.broadcast);
         assert_eq!(m.data, "hi");
         let e = parse_form(b"topic=a&data=1&data=2", &Route::Publish).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        let e = parse_form(b"topic=a&data=1&private=1&private=0", &Route::Publish).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidField);
         let route = Route::User(UserId::new("u").unwrap());
         let m = parse_form(b"data=x&event=e", &route).unwrap();

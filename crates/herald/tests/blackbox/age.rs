@@ -23,7 +23,7 @@ struct Followed {
 /// Follows `topic` as an `EventSource` does: on each end of the stream, waits `retry` and
 /// reconnects with the last id it saw, until the event with data `end` arrives.
 async fn follow(url: String, topic: &str, retry: Duration) -> Followed {
-    let http = reqwest::Client::new();
+    let http = crate::common::http_client();
     let mut seen = Followed {
         data: Vec::new(),
         lifetimes: Vec::new(),
@@ -335,7 +335,7 @@ async fn after_a_node_joins_aged_streams_move_onto_it() {
         .map(|_| {
             let (url, stop) = (url.clone(), stop.clone());
             tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http = crate::common::http_client();
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(r) = http.get(format!("{url}/events?topic=t")).send().await else {
                         tokio::time::sleep(Duration::from_millis(100)).await;

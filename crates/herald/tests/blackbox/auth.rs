@@ -615,3 +615,66 @@ async fn auth_cors_allows_only_listed_origins() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cors-origin"));
 }
+
+/// Reproduces issue 12 (weak spot): with only `--publish-key`, anyone could subscribe as
+/// `user=alice` and read her private events (while `GET /users/alice/messages` answered 401).
+/// Token-less subscribers are now anonymous unless `--open-subscribe` asks for openness.
+#[tokio::test]
+async fn publish_key_only_subscribers_are_anonymous_unless_open_subscribe() {
+    let s = Server::start(&["--publish-key", KEY]).await;
+    let r = s.open_events("user=alice", &[]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let mut anon = s.subscribe("topic=t").await;
+    anon.opened().await;
+    for body in [
+        json!({"users": ["alice"], "data": "for alice"}),
+        json!({"topic": "t", "private": true, "data": "private"}),
+        json!({"topic": "t", "data": "public"}),
+    ] {
+        let (status, v) =
+            with_auth(&s, reqwest::Method::POST, "/publish", Some(KEY), Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    assert_eq!(anon.next().await.data, "public");
+
+    let open = Server::start(&["--publish-key", KEY, "--open-subscribe"]).await;
+    let mut alice = open.subscribe("user=alice").await;
+    let (status, _) = with_auth(
+        &open,
+        reqwest::Method::POST,
+        "/publish",
+        Some(KEY),
+        Some(json!({"users": ["alice"], "data": "for alice"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(alice.next().await.data, "for alice");
+}
+
+/// Issue 12 (not yet tried): cookie tossing of `herald_token` from a sibling subdomain. Two
+/// `herald_token` cookies are refused (either may be the attacker's); `__Host-herald_token`, which
+/// no other host can set, wins over them.
+#[tokio::test]
+async fn a_tossed_herald_token_cookie_is_not_trusted() {
+    let s = Server::start(&["--jwt-secret", SECRET, "--publish-key", KEY]).await;
+    let alice = rights("alice", &["a"], &[], false);
+    let mallory = rights("mallory", &["a"], &[], false);
+    let both = format!("herald_token={alice}; herald_token={mallory}");
+    let (status, v) = status_of(&s, "topic=a", &[("cookie", &both)]).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token"))
+    );
+    let host = format!("herald_token={mallory}; __Host-herald_token={alice}");
+    let mut sse = s.subscribe_with("topic=a", &[("cookie", &host)]).await;
+    let (status, _) = with_auth(
+        &s,
+        reqwest::Method::POST,
+        "/publish",
+        Some(KEY),
+        Some(json!({"users": ["alice"], "data": "for alice"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sse.next().await.data, "for alice", "connected as alice");
+}

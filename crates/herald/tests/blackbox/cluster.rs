@@ -139,7 +139,7 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss() {
     sse.opened().await;
     let url = a.url.clone();
     let publisher = tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = crate::common::http_client();
         for i in 0..N {
             let r = http
                 .post(format!("{url}/publish"))
@@ -190,7 +190,7 @@ async fn a_redis_outage_gives_503s_then_everything_accepted_arrives_once() {
         let (url, acked, refused, stop) =
             (a.url.clone(), acked.clone(), refused.clone(), stop.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = http
@@ -286,7 +286,20 @@ async fn presence_and_close_are_cluster_wide() {
     c.eventually("/users/u", |v| v["connections"] == 3).await;
     let v = c.eventually("/users", |v| v["count"] == 2).await;
     assert_eq!(v["users"][0], json!({"id": "u", "connections": 3}));
-    c.eventually("/stats", |v| v["connections"] == 4).await;
+    let v = c.eventually("/stats", |v| v["connections"] == 4).await;
+    // Each node with its connections, the asking node first.
+    let mut counts: Vec<u64> = v["nodes"]
+        .as_array()
+        .expect("nodes in cluster mode")
+        .iter()
+        .map(|n| {
+            assert!(n["id"].as_str().is_some_and(|id| !id.is_empty()), "{n}");
+            n["connections"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(counts[0], 0, "c holds no stream: {v}");
+    counts.sort_unstable();
+    assert_eq!(counts, [0, 2, 2]);
     let (status, v) = c.delete("/users/u/connections?reason=logout").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["closed"], 3);
@@ -309,6 +322,21 @@ async fn idempotency_keys_hold_across_nodes() {
     assert_eq!(first["id"], again["id"]);
     assert_eq!(again["duplicate"], true);
     assert!(first.get("duplicate").is_none());
+    // The same key with another payload is refused on any node, and nothing is published.
+    let changed = json!({"topic": "pay", "data": "charge twice", "idempotencyKey": "order-7"});
+    let (status, answer) = b.post_json("/publish", &changed).await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (reqwest::StatusCode::CONFLICT, json!("idempotency_conflict")),
+        "{answer}"
+    );
+    let batch = json!([{"topic": "pay", "data": "other"}, changed]);
+    let (status, answer) = a.post_json("/publish", &batch).await;
+    assert_eq!(
+        (status.as_u16(), answer["index"].clone()),
+        (409, json!(1)),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -331,4 +359,54 @@ async fn an_unreachable_redis_stops_startup() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Redis"));
+}
+
+/// Adds an entry to the shared stream by hand, as `redis-cli` would.
+fn xadd(redis: &Redis, fields: &[&str]) {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XADD", "herald:events", "*"])
+        .args(fields)
+        .output()
+        .expect("redis-cli (from redis-server's package)");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Reproduces issue 12 (defect 9): one undecodable entry in the Redis stream (`XADD herald:events
+/// '*' m garbage`) halted fan-out on every node: publishes answered `delivered:0` after 5 s and
+/// were never delivered, and `/readyz` blamed Redis. Now each node skips (and counts) it, every
+/// reader gets a `herald.gap` where it was, and later events flow; an entry in a row format this
+/// herald does not know (a newer node in a rolling upgrade) is skipped the same way.
+#[tokio::test]
+async fn an_undecodable_stream_entry_is_skipped_with_a_gap_and_fan_out_goes_on() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]).await, node(&redis, &[]).await);
+    let mut on_a = a.subscribe("topic=room").await;
+    let mut on_b = b.subscribe("topic=room").await;
+    on_a.opened().await;
+    on_b.opened().await;
+    a.publish(json!({"topic": "room", "data": "before"})).await;
+    xadd(&redis, &["m", "garbage"]);
+    b.publish(json!({"topic": "room", "data": "middle"})).await;
+    xadd(&redis, &["v", "9", "m", "from a newer herald"]);
+    a.publish(json!({"topic": "room", "data": "after"})).await;
+    for sse in [&mut on_a, &mut on_b] {
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("after") {
+            let e = sse.next().await;
+            seen.push(if e.event_type == "herald.gap" {
+                "gap".to_string()
+            } else {
+                e.data
+            });
+        }
+        // A reader may learn of one gap twice (each node's follower and its own catch-up race).
+        seen.dedup();
+        assert_eq!(seen, ["before", "gap", "middle", "gap", "after"]);
+    }
+    for node in [&a, &b] {
+        let (status, v) = node.get("/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, stats) = node.get("/stats").await;
+        assert_eq!(stats["unreadable"], 2, "{stats}");
+    }
 }

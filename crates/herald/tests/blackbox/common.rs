@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,19 @@ pub struct Server {
     pub port: u16,
     child: Child,
     http: reqwest::Client,
+    /// What herald logged to stderr, when started with [`Server::start_logged`].
+    pub log: Arc<Mutex<String>>,
+}
+
+/// An HTTP client for the tests: HTTP/1.1 or HTTP/2 (by ALPN) and any certificate, since the
+/// TLS tests make their own self-signed ones.
+pub fn http_client() -> reqwest::Client {
+    // reqwest uses the process's rustls provider (herald's: ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("client")
 }
 
 impl Server {
@@ -31,19 +45,54 @@ impl Server {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
-            .env("RUST_LOG", "warn")
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_herald")), args, env, false).await
+    }
+
+    /// As [`Server::start`], keeping what herald logs (at info) in `log`.
+    pub async fn start_logged(args: &[&str]) -> Server {
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_herald")), args, &[], true).await
+    }
+
+    /// Starts herald with its open-file limit lowered to `nofile` (through the shell's `ulimit`).
+    pub async fn start_with_nofile(nofile: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_herald"));
+        Self::launch(cmd, args, &[], false).await
+    }
+
+    async fn launch(mut cmd: Command, args: &[&str], env: &[(&str, &str)], logged: bool) -> Server {
+        cmd.arg("serve");
+        // Any free port, unless the test names one.
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .env("RUST_LOG", if logged { "info" } else { "warn" })
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start herald");
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(PATIENCE, lines.next_line())
@@ -62,7 +111,8 @@ impl Server {
             url,
             port,
             child,
-            http: reqwest::Client::new(),
+            http: http_client(),
+            log,
         }
     }
 

@@ -38,7 +38,7 @@ async fn every_acknowledged_event_survives_sigkill() {
         let url = s.url.clone();
         let acked = acked.clone();
         publishers.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::common::http_client();
             for i in 0.. {
                 let data = format!("p{p}-{i}");
                 let sent = http
@@ -384,7 +384,7 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     for _ in 0..20 {
         let url = s.url.clone();
         racers.push(tokio::spawn(async move {
-            let r = reqwest::Client::new()
+            let r = crate::common::http_client()
                 .post(format!("{url}/publish"))
                 .json(
                     &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
@@ -426,9 +426,9 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         .post_json(
             "/publish",
             &json!([
-                {"topic": "idem", "data": "form again", "idempotencyKey": "f-1"},
+                {"topic": "idem", "data": "form", "idempotencyKey": "f-1"},
                 {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
-                {"topic": "idem", "data": "fresh again", "idempotencyKey": "b-1"},
+                {"topic": "idem", "data": "fresh", "idempotencyKey": "b-1"},
             ]),
         )
         .await;
@@ -437,6 +437,17 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
         (form_id, json!(true))
     );
     assert_eq!(v[1]["id"], v[2]["id"]);
+    // The same key with another payload is refused, not silently dropped (issue 12).
+    let (status, v) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "form again", "idempotencyKey": "f-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"].clone()),
+        (StatusCode::CONFLICT, json!("idempotency_conflict"))
+    );
     s.publish(json!({"topic": "idem", "data": "end"})).await;
     assert_eq!(
         sse.next_data(4).await,
@@ -450,10 +461,18 @@ async fn repeats_with_one_idempotency_key_publish_once_even_when_racing() {
     let (_, v) = s
         .post_json(
             "/publish",
-            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+            &json!({"topic": "idem", "data": "charge card", "idempotencyKey": "order-42"}),
         )
         .await;
     assert_eq!((v["id"].clone(), v["duplicate"].clone()), (id, json!(true)));
+    // So does what the key was used for: another payload is still a conflict.
+    let (status, _) = s
+        .post_json(
+            "/publish",
+            &json!({"topic": "idem", "data": "after restart", "idempotencyKey": "order-42"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]
@@ -504,4 +523,105 @@ async fn bad_data_dirs_stop_startup_untouched() {
     let out = run(shared.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+}
+
+/// Flips the last byte of `marker` inside `DIR/herald.redb` (a disk or a stray write would), to
+/// another byte that keeps the row valid UTF-8: only a checksum can tell. Every copy of it (redb
+/// writes pages anew, so stale copies may remain beside the live one).
+fn flip_in_file(dir: &std::path::Path, marker: &[u8]) {
+    let path = dir.join("herald.redb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at: Vec<usize> = (0..=bytes.len() - marker.len())
+        .filter(|&i| &bytes[i..i + marker.len()] == marker)
+        .collect();
+    assert!(!at.is_empty(), "the marker is in the file");
+    for i in at {
+        bytes[i + marker.len() - 1] ^= 0x01;
+    }
+    std::fs::write(&path, bytes).unwrap();
+}
+
+async fn herald_check(dir: &str, repair: bool) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(["check", "--data-dir", dir])
+        .env("RUST_LOG", "off");
+    if repair {
+        cmd.arg("--repair");
+    }
+    let out = tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// Reproduces issue 12 (defect 8): one row with flipped data bytes was a silent poison pill:
+/// herald started without complaint, `since=all` ended with 0 events (the good events of the same
+/// chunk withheld too) and `GET /users/{id}/messages` answered 503 forever. Now startup names the
+/// damage, readers get every other event and a `herald.gap` in its place, and `herald check`
+/// finds and repairs it.
+#[tokio::test]
+async fn a_damaged_row_is_reported_skipped_with_a_gap_and_repaired_by_herald_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir_arg(dir.path());
+    {
+        let mut s = Server::start(&["--data-dir", &data_dir]).await;
+        for data in ["one", "two", "poison-row-payload", "four", "five"] {
+            s.publish(json!({"users": ["u"], "data": data})).await;
+        }
+        s.signal("TERM");
+        assert!(s.wait_exit(PATIENCE).await.success());
+    }
+    flip_in_file(dir.path(), b"poison-row-payload");
+
+    let (ok, report) = herald_check(&data_dir, false).await;
+    assert!(!ok && report.contains("damaged: 1"), "{report}");
+
+    // Startup says what is damaged (in its log, before it listens).
+    let s = Server::start_logged(&["--data-dir", &data_dir]).await;
+    let line = {
+        // The report is logged before herald listens, so it is in the log by now.
+        let log = s.log.lock().unwrap();
+        log.lines()
+            .find(|l| l.contains("damaged event rows"))
+            .expect("startup reports the damaged row")
+            .to_string()
+    };
+    assert!(line.contains("herald check"), "{line}");
+
+    let mut sse = s.subscribe("user=u&since=all").await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let e = sse.next().await;
+        got.push(if e.event_type == "herald.gap" {
+            "gap".to_string()
+        } else {
+            e.data
+        });
+    }
+    assert_eq!(got, ["one", "two", "gap", "four", "five"]);
+    let (status, v) = s.get("/users/u/messages?since=all").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let data: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(data, ["one", "two", "four", "five"]);
+    assert_ne!(v["gap"], Value::Null);
+    let mut s = s;
+    s.signal("TERM");
+    s.wait_exit(PATIENCE).await;
+
+    let (ok, report) = herald_check(&data_dir, true).await;
+    assert!(ok && report.contains("repaired: 1"), "{report}");
+    let (ok, report) = herald_check(&data_dir, false).await;
+    assert!(
+        ok && report.contains("marked lost by a repair: 1"),
+        "{report}"
+    );
 }

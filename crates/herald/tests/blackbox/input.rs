@@ -183,3 +183,86 @@ async fn bad_paths_and_methods_answer_json() {
         "invalid_user",
     );
 }
+
+async fn form_from(s: &Server, origin: Option<&str>) -> (StatusCode, serde_json::Value) {
+    let mut req = s
+        .http()
+        .post(format!("{}/publish", s.url))
+        .form(&[("topic", "t"), ("data", "x")]);
+    if let Some(o) = origin {
+        req = req.header("origin", o);
+    }
+    crate::common::json_of(req.send().await.unwrap()).await
+}
+
+async fn status_for_host(s: &Server, path: &str, host: &str) -> StatusCode {
+    s.http()
+        .get(format!("{}{path}", s.url))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Reproduces issue 12 (weak spot): an open hub accepted form posts from any site's page (a form
+/// needs no CORS preflight) and answered any `Host`, so DNS rebinding reached a loopback-only hub.
+#[tokio::test]
+async fn cross_site_forms_and_foreign_hosts_are_refused() {
+    let s = Server::start(&[]).await;
+    crate::common::expect_error(
+        form_from(&s, Some("https://evil.example")).await,
+        StatusCode::FORBIDDEN,
+        "cross_origin_form",
+    );
+    crate::common::expect_error(
+        form_from(&s, Some("null")).await,
+        StatusCode::FORBIDDEN,
+        "cross_origin_form",
+    );
+    assert_eq!(form_from(&s, None).await.0, StatusCode::OK);
+    assert_eq!(form_from(&s, Some(&s.url)).await.0, StatusCode::OK);
+    // A loopback listener answers only loopback names by default.
+    for path in ["/healthz", "/events"] {
+        assert_eq!(
+            status_for_host(&s, path, "evil.example").await,
+            StatusCode::MISDIRECTED_REQUEST,
+            "{path}"
+        );
+    }
+    let port = s.port;
+    for host in [
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "app.localhost".into(),
+        "10.1.2.3".into(),
+        "x".into(),
+    ] {
+        assert_eq!(
+            status_for_host(&s, "/healthz", &host).await,
+            StatusCode::OK,
+            "{host}"
+        );
+    }
+
+    let s = Server::start(&[
+        "--cors-origin",
+        "https://app.example",
+        "--allowed-host",
+        "hub.example,*.hub.example,127.0.0.1",
+    ])
+    .await;
+    assert_eq!(
+        form_from(&s, Some("https://app.example")).await.0,
+        StatusCode::OK
+    );
+    for (host, want) in [
+        ("hub.example", StatusCode::OK),
+        ("a.hub.example:443", StatusCode::OK),
+        ("HUB.example.", StatusCode::OK),
+        ("xhub.example", StatusCode::MISDIRECTED_REQUEST),
+        ("localhost", StatusCode::MISDIRECTED_REQUEST),
+    ] {
+        assert_eq!(status_for_host(&s, "/healthz", host).await, want, "{host}");
+    }
+}

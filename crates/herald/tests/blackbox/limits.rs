@@ -273,3 +273,25 @@ async fn every_documented_route_is_served() {
         }
     }
 }
+
+/// Issue 12 (not yet tried): per-IP limits against an IPv6 /64. One subscriber line holds a whole
+/// /64, so streams from addresses within it count together; another /64 is another client.
+#[tokio::test]
+async fn per_ip_limits_count_an_ipv6_slash_64_as_one_client() {
+    let s = Server::start(&[
+        "--max-connections-per-ip",
+        "2",
+        "--trusted-proxy",
+        "127.0.0.1",
+    ])
+    .await;
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    let _a = s.subscribe_with("", &from("2001:db8:1:2::1")).await;
+    let _b = s.subscribe_with("", &from("2001:db8:1:2:ffff::9")).await;
+    let third = s
+        .open_events("", &from("2001:db8:1:2:aaaa:bbbb:cccc:dddd"))
+        .await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    let other = s.open_events("", &from("2001:db8:1:3::1")).await;
+    assert_eq!(other.status(), StatusCode::OK);
+}

@@ -1,14 +1,17 @@
 //! Black-box tests: each starts the real `herald` binary on port 0 and talks to it over TCP, reading
 //! streams with a WHATWG SSE parser. One test binary, so the helpers in `common` are shared.
 
+mod acme;
 mod age;
 mod auth;
 mod behind_nginx;
 mod cli;
+mod clients;
 mod cluster;
 mod common;
 mod control;
 mod durable;
+mod hostile;
 mod input;
 mod languages;
 mod limits;
@@ -16,3 +19,4 @@ mod metrics;
 mod readme_tour;
 mod resume;
 mod streams;
+mod tls;

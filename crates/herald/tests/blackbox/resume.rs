@@ -78,7 +78,7 @@ async fn resume_under_concurrent_publishing_loses_and_repeats_nothing() {
     first.opened().await;
     let url = s.url.clone();
     let publisher = tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = crate::common::http_client();
         for i in 0..N {
             let r = http
                 .post(format!("{url}/publish"))

@@ -257,3 +257,75 @@ async fn a_subscription_is_live_as_soon_as_headers_arrive() {
         assert_eq!(sse.next().await.data, i.to_string());
     }
 }
+
+#[tokio::test]
+async fn route_1_names_where_each_event_went_and_a_plain_stream_is_unchanged() {
+    let s = Server::start(&[]).await;
+    let mut routed = s.subscribe("topic=chat/*&user=ann&route=1").await;
+    let mut plain = s.subscribe("topic=chat/*&user=ann").await;
+    routed.opened().await;
+    plain.opened().await;
+    let to_topics = s
+        .publish(json!({"topics": ["chat/a", "news/x"], "data": "t", "event": "chat"}))
+        .await;
+    let everyone = s.publish(json!({"broadcast": true, "data": "b"})).await;
+    let to_users = s
+        .publish(json!({"users": ["ann", "bob"], "data": "u"}))
+        .await;
+    let to_bob = s
+        .publish(json!({"users": ["bob"], "topic": "chat/b", "data": "v"}))
+        .await;
+    for sse in [&mut routed, &mut plain] {
+        let got: Vec<_> = [
+            sse.next().await,
+            sse.next().await,
+            sse.next().await,
+            sse.next().await,
+        ]
+        .into_iter()
+        .map(|e| (e.id.unwrap(), e.event_type, e.data))
+        .collect();
+        assert_eq!(
+            got,
+            [
+                (to_topics.clone(), "chat".to_string(), "t".to_string()),
+                (everyone.clone(), "message".into(), "b".into()),
+                (to_users.clone(), "message".into(), "u".into()),
+                (to_bob.clone(), "message".into(), "v".into()),
+            ],
+            "the routing lines change nothing for a WHATWG parser"
+        );
+    }
+    let raw = String::from_utf8_lossy(&routed.raw).into_owned();
+    let want = format!(
+        "topic: chat/a\ntopic: news/x\nid: {to_topics}\nevent: chat\ndata: t\n\n\
+         broadcast: 1\nid: {everyone}\ndata: b\n\n\
+         user: ann\nid: {to_users}\ndata: u\n\n\
+         topic: chat/b\nid: {to_bob}\ndata: v\n\n"
+    );
+    assert!(raw.ends_with(&want), "{raw}");
+    assert!(
+        !raw.contains("bob"),
+        "other recipients are never named: {raw}"
+    );
+    let plain_raw = String::from_utf8_lossy(&plain.raw).into_owned();
+    assert!(!plain_raw.contains("topic:") && !plain_raw.contains("user:"));
+
+    // A replay carries the same lines.
+    let mut resumed = s
+        .subscribe_with("user=ann&route=1", &[("last-event-id", &everyone)])
+        .await;
+    assert_eq!(resumed.next().await.data, "u");
+    assert!(
+        String::from_utf8_lossy(&resumed.raw).contains(&format!("user: ann\nid: {to_users}\n")),
+        "{}",
+        String::from_utf8_lossy(&resumed.raw)
+    );
+
+    let refused = s.open_events("route=yes", &[]).await;
+    crate::common::expect_error(
+        crate::common::json_of(refused).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_route",
+    );
+}
