@@ -50,8 +50,8 @@ pub struct EventStream {
     /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
     /// streams without it stay one pointer bigger, not a `Bytes` bigger.
     route: Option<Box<Route>>,
-    /// Told the length of the start's replay when it is over.
-    on_replayed: Option<ReplayObserver>,
+    /// Told the length of the start's replay when it is over. Boxed, so streams stay small.
+    on_replayed: Option<Box<ReplayObserver>>,
     done: bool,
 }
 
@@ -151,7 +151,7 @@ impl EventStream {
             cursor,
             replay,
             route,
-            on_replayed,
+            on_replayed: on_replayed.map(Box::new),
             done: false,
         }
     }
