@@ -195,8 +195,8 @@ impl Cluster {
         Ok(counts.into_iter().flatten().sum())
     }
 
-    /// Counters summed over the nodes (`published` and `topics` are the largest any node saw:
-    /// every node fans out every event).
+    /// Counters summed over the nodes (each node counts the publishes it accepted and the
+    /// deliveries it made; `topics` is the largest any node has).
     /// Also each live node's id with its connections (this node first, then the others as they
     /// last reported).
     async fn stats(&self) -> Result<(Stats, Vec<(String, usize)>), ClusterError> {
@@ -219,7 +219,7 @@ impl Cluster {
             nodes.push((peer, get("connections") as usize));
             total.connections += get("connections") as usize;
             total.topics = total.topics.max(get("topics") as usize);
-            total.published = total.published.max(get("published"));
+            total.published += get("published");
             total.delivered += get("delivered");
             total.replayed += get("replayed");
             total.gaps += get("gaps");

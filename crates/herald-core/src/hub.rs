@@ -18,7 +18,7 @@ use crate::history::{
 };
 use crate::name::{Selector, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
-use crate::stream::{EventStream, FirstRead, Start};
+use crate::stream::{EventStream, FirstRead, ReplayObserver, Start};
 
 /// Most segments of one subscribed selector.
 pub const SELECTOR_SEGMENTS_MAX: usize = 32;
@@ -260,6 +260,8 @@ pub struct SubscribeRequest {
     pub route: bool,
     /// The longest this stream may live (`?maxAge=`); the hub's own limit wins when shorter.
     pub max_age: Option<Duration>,
+    /// Told how many events the start's replay sent, once it is over (not called for `Live`).
+    pub on_replayed: Option<ReplayObserver>,
 }
 
 /// Messages sent to one user, read from history.
@@ -350,6 +352,7 @@ impl Hub {
             start,
             baseline,
             req.route,
+            req.on_replayed,
         ))
     }
 

@@ -87,4 +87,4 @@ pub use hub::{
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};
-pub use stream::{EventStream, Start};
+pub use stream::{EventStream, ReplayObserver, Start};

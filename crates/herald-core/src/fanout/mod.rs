@@ -28,7 +28,9 @@ pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
 pub(crate) use subscriber::{Ending, Offer, QueueBound, Signal, Subscriber};
 
-/// Counts since start, for `/stats` and `/metrics`.
+/// Counts since start, for `/stats` and `/metrics`. `published` counts the events this node
+/// accepted (by the committer), `delivered` the queueings this node made (in `fan_out`), so in a
+/// cluster a sum over nodes is the total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub connections: usize,
@@ -275,10 +277,8 @@ impl Fanout {
             counts.push(delivered);
         }
         drop(reg);
-        let c = &self.counters;
-        c.published
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        c.delivered
+        self.counters
+            .delivered
             .fetch_add(counts.iter().sum::<usize>() as u64, Ordering::Relaxed);
         counts
     }

@@ -3,6 +3,7 @@
 //! them out in id order, answers the publishers and only then wakes the writers.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::Waker;
 
@@ -90,6 +91,9 @@ async fn commit(hub: &Fanout, jobs: Vec<Job>, keys: &mut Keys) {
     let mut wakers = Vec::new();
     let (events, delivered) = match appended {
         Ok(events) => {
+            hub.counters
+                .published
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
             let delivered = hub.fan_out(&events, &mut wakers);
             for event in &events {
                 if let Some(key) = &event.idempotency_key {
@@ -157,7 +161,7 @@ pub(crate) async fn commit_loop(
         let Some(inner) = hub.upgrade() else { break };
         let group = std::mem::take(&mut group);
         match &shared {
-            Some((shared, feed)) => commit_shared(feed, shared, group).await,
+            Some((shared, feed)) => commit_shared(&inner, feed, shared, group).await,
             None => commit(&inner, group, &mut keys).await,
         }
     }

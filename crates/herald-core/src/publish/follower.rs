@@ -1,6 +1,8 @@
 //! Cluster mode: publishes go to a shared history, and every hub fans out what it reads back from
 //! that log, in log order and its own events included. A publisher is answered once its events
-//! have been fanned out here, so `delivered` still counts this node's connections.
+//! have been fanned out here, so `delivered` still counts this node's connections. `published`
+//! counts on the node that accepted the publish, `delivered` on the node that queued the event, so
+//! a sum over nodes counts each once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +78,7 @@ impl Feed {
 /// Appends a group of publishes to the shared history, then answers each publisher once the
 /// follower has fanned its events out (without holding up the next group).
 pub(crate) async fn commit_shared(
+    hub: &Fanout,
     feed: &Arc<Feed>,
     shared: &Arc<dyn SharedHistory>,
     jobs: Vec<Job>,
@@ -99,6 +102,11 @@ pub(crate) async fn commit_shared(
         }
     };
     feed.set_ready(true);
+    // Counted here, on the node that accepted them; every node fans them out (and counts that).
+    let accepted = stored.iter().filter(|s| s.event.is_some()).count();
+    hub.counters
+        .published
+        .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);
     let newest = stored
         .iter()
         .filter(|s| s.event.is_some())

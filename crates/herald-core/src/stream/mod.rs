@@ -26,6 +26,17 @@ static HEARTBEAT: &[u8] = b":\n\n";
 
 type ReadFuture = Pin<Box<dyn Future<Output = Result<Chunk, HistoryError>> + Send>>;
 
+/// Called with the number of events a connection's replay from history sent, once that replay is
+/// over (for metrics; never for a live start or a catch-up after a queue overflow).
+#[derive(Clone)]
+pub struct ReplayObserver(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for ReplayObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayObserver")
+    }
+}
+
 /// The stream of SSE frames for one connection. Dropping it unregisters the connection.
 pub struct EventStream {
     hub: Arc<Fanout>,
@@ -39,6 +50,8 @@ pub struct EventStream {
     /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
     /// streams without it stay one pointer bigger, not a `Bytes` bigger.
     route: Option<Box<Route>>,
+    /// Told the length of the start's replay when it is over. Boxed, so streams stay small.
+    on_replayed: Option<Box<ReplayObserver>>,
     done: bool,
 }
 
@@ -85,6 +98,8 @@ struct Replay {
     forced: bool,
     /// Catching up after a queue overflow (the connection counts in the `lagging` gauge until done).
     lagging: bool,
+    /// Events this replay has sent so far.
+    sent: u64,
     read: Option<ReadFuture>,
 }
 
@@ -95,6 +110,7 @@ impl EventStream {
         start: Start,
         baseline: Option<EventId>,
         route: bool,
+        on_replayed: Option<ReplayObserver>,
     ) -> Self {
         let route = route.then(|| {
             Box::new(Route {
@@ -108,6 +124,7 @@ impl EventStream {
             report,
             forced,
             lagging: false,
+            sent: 0,
             read: None,
         };
         let (cursor, replay) = match start.first_read() {
@@ -134,6 +151,7 @@ impl EventStream {
             cursor,
             replay,
             route,
+            on_replayed: on_replayed.map(Box::new),
             done: false,
         }
     }
@@ -190,6 +208,7 @@ impl EventStream {
             }
         }
         self.count_replayed(replayed);
+        replay.sent += replayed;
         if let Some(c) = self.cursor {
             replay.from = ReadFrom::After(c);
         }
@@ -229,9 +248,11 @@ impl EventStream {
         }
     }
 
-    fn finish_replay(&self, replay: &Replay) {
+    fn finish_replay(&mut self, replay: &Replay) {
         if replay.lagging {
             self.hub.counters.lagging.fetch_sub(1, Ordering::Relaxed);
+        } else if let Some(observer) = self.on_replayed.take() {
+            (observer.0)(replay.sent);
         }
     }
 
@@ -320,6 +341,7 @@ impl Stream for EventStream {
                             report: None,
                             forced: false,
                             lagging: true,
+                            sent: 0,
                             read: None,
                         });
                     }

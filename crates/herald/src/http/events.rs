@@ -2,13 +2,16 @@
 //! frames. The registration happens before the headers go out, so nothing published after is missed.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use herald_core::{Grant, Selector, Start, SubscribeError, SubscribeRequest, UserId};
+use herald_core::{
+    Grant, ReplayObserver, Selector, Start, SubscribeError, SubscribeRequest, UserId,
+};
 
 use super::{ApiError, AppState, form_pairs, limits};
 use crate::auth::Caller;
@@ -22,6 +25,8 @@ pub(crate) async fn subscribe(
     let (headers, uri) = (request.headers(), request.uri());
     let (mut request, access_token) = parse(headers, uri)?;
     authorize(&app, headers, access_token.as_deref(), &mut request)?;
+    let metrics = app.metrics.clone();
+    request.on_replayed = Some(ReplayObserver(Arc::new(move |n| metrics.replayed(n))));
     let slot = app
         .connections
         .acquire(&app.limits, ip, request.user.as_ref())

@@ -173,6 +173,7 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
 }
 
 async fn handle(app: AppState, route: Route, request: Request) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let caller = app.auth.caller(request.headers())?;
     if matches!(caller, Caller::Nobody) {
         return Err(ApiError::new(
@@ -254,6 +255,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
         }
         PublishError::Store(e) => ApiError::unavailable(ErrorCode::StoreUnavailable, &e),
     })?;
+    app.metrics.published(arrived);
     let answers: Vec<Answer> = published
         .into_iter()
         .map(|p| Answer {

@@ -79,7 +79,7 @@ impl Drop for Redis {
     }
 }
 
-async fn node(redis: &Redis, extra: &[&str]) -> Server {
+pub(crate) async fn node(redis: &Redis, extra: &[&str]) -> Server {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str(), "--heartbeat", "1s"];
     args.extend_from_slice(extra);

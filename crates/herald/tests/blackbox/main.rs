@@ -4,6 +4,7 @@
 mod acme;
 mod age;
 mod auth;
+mod behind_nginx;
 mod cli;
 mod clients;
 mod cluster;
@@ -12,7 +13,10 @@ mod control;
 mod durable;
 mod hostile;
 mod input;
+mod languages;
 mod limits;
+mod metrics;
+mod readme_tour;
 mod resume;
 mod streams;
 mod tls;
