@@ -233,15 +233,7 @@ async fn herald_obtains_a_certificate_from_pebble_by_tls_alpn_01_and_serves_it()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
-        server
-            .log
-            .lock()
-            .unwrap()
-            .contains("ACME: obtained a new certificate"),
-        "{}",
-        server.log.lock().unwrap()
-    );
+    server.log_line("ACME: obtained a new certificate").await;
 
     // The chain as served: leaf for the name, issued by pebble, verifying up to its root.
     let out = Command::new("openssl")

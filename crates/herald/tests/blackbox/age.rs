@@ -118,23 +118,11 @@ async fn streams_end_spread_over_the_jitter_window_and_resume_without_loss() {
     );
     let (_, stats) = s.get("/stats").await;
     assert!(stats["endedByAge"].as_u64().unwrap() >= 50, "{stats}");
-    let metrics = s
-        .http()
-        .get(format!("{}/metrics", s.url))
-        .send()
+    let aged = s
+        .metric("herald_streams_ended_by_age_total")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let aged: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_streams_ended_by_age_total "))
-        .expect("herald_streams_ended_by_age_total in /metrics")
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(aged >= 50, "{aged}");
+        .expect("herald_streams_ended_by_age_total in /metrics");
+    assert!(aged >= 50.0, "{aged}");
 }
 
 #[tokio::test]
@@ -299,18 +287,7 @@ impl Drop for Nginx {
 
 /// This node's own open streams (`herald_connections` in its `/metrics`; `/stats` is cluster-wide).
 async fn local_streams(node: &Server) -> u64 {
-    let text = node
-        .http()
-        .get(format!("{}/metrics", node.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("herald_connections "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    node.metric("herald_connections").await.unwrap_or(0.0) as u64
 }
 
 #[tokio::test]

@@ -214,6 +214,51 @@ impl Server {
         req.send().await.expect("subscribe")
     }
 
+    /// The first line of herald's log (a `start_logged` server) containing `needle`, waiting for
+    /// it: stderr is read by another task, so a line written before an answer may come after it.
+    pub async fn log_line(&self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(str::to_string);
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "herald never logged '{needle}'; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET /metrics` as text (expects 200).
+    pub async fn metrics_text(&self) -> String {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("get /metrics");
+        assert_eq!(r.status(), StatusCode::OK, "/metrics");
+        r.text().await.expect("metrics body")
+    }
+
+    /// The value of an unlabelled metric in `/metrics`, if it is there.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse().expect("a number"))
+    }
+
     /// Polls `check` on `GET path` until it holds or PATIENCE runs out.
     pub async fn eventually(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + PATIENCE;

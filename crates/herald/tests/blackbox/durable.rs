@@ -582,14 +582,8 @@ async fn a_damaged_row_is_reported_skipped_with_a_gap_and_repaired_by_herald_che
 
     // Startup says what is damaged (in its log, before it listens).
     let s = Server::start_logged(&["--data-dir", &data_dir]).await;
-    let line = {
-        // The report is logged before herald listens, so it is in the log by now.
-        let log = s.log.lock().unwrap();
-        log.lines()
-            .find(|l| l.contains("damaged event rows"))
-            .expect("startup reports the damaged row")
-            .to_string()
-    };
+    // The report is logged before herald listens.
+    let line = s.log_line("damaged event rows").await;
     assert!(line.contains("herald check"), "{line}");
 
     let mut sse = s.subscribe("user=u&since=all").await;

@@ -111,15 +111,7 @@ async fn hostile_methods_do_not_grow_metrics() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     }
-    let metrics = s
-        .http()
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(!metrics.contains("MADEUP"), "{metrics}");
     assert!(metrics.contains(r#"method="other""#), "{metrics}");
 }

@@ -54,15 +54,7 @@ async fn limits_connections_per_ip_and_publish_rate() {
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(json_of(r).await.1["error"], "rate_limited");
-    let metrics = s
-        .http()
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains(r#"herald_limited_total{limit="connections_per_ip"}"#),
         "{metrics}"
