@@ -102,6 +102,8 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
             prefix: prefix.clone(),
             retention: config.retention,
             idempotency_window: config.idempotency_window,
+            idempotency_keys: config.idempotency_keys,
+            idempotency_bytes: config.idempotency_bytes,
         })
         .await
         .map_err(|e| ServeError::Redis(e.to_string()))?;

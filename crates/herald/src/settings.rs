@@ -218,7 +218,7 @@ pub const IDEMPOTENCY_WINDOW: Setting = Setting::one(
 pub const IDEMPOTENCY_KEYS: Setting = Setting::one(
     "idempotency-keys",
     "N",
-    "most idempotency keys remembered (in memory; Redis keeps its own with the window as TTL); past it the oldest are forgotten early",
+    "most idempotency keys remembered (with `--redis`, for the whole cluster); past it the oldest are forgotten early",
 )
 .default("100000")
 .min("1");

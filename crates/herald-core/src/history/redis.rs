@@ -36,13 +36,41 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 /// whose key is claimed with another fingerprint appends nothing: each of its messages answers
 /// flag 2 (with the claiming id, or 0-0 for the others of the job). Then trims to maxlen and the
 /// age cutoff (also called with no messages, for trimming alone), remembering the newest dropped
-/// id (Redis 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker;
+/// id (Redis 7.0 does not record trims in `max-deleted-entry-id`). KEYS: stream, dropped-marker,
+/// key order (a sorted set of the claimed keys by publish ms), key bytes (their counted bytes);
 /// ARGV: maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (job size, key,
 /// fingerprint, row) per message, the job size set on a job's first message only (0 on the
-/// rest). A key's value is `id fingerprint`. Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
+/// rest), then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
+/// Claiming a key forgets those past the window, then the oldest while a bound is exceeded
+/// (counted as the in-memory store counts them), so the keys stay bounded cluster-wide.
+/// Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
 const APPEND: &str = r#"
 local out = {}
 local n = tonumber(ARGV[5])
+local max_keys, max_bytes = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+local kept = tonumber(redis.call('GET', KEYS[4]) or '0')
+local function cost(key) return 2 * #key + 64 end
+local function remember(key, id)
+  local ms = tonumber(string.match(id, '^(%d+)-'))
+  local cutoff = ms - tonumber(ARGV[2])
+  local ended = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', cutoff)
+  for _, k in ipairs(ended) do
+    kept = kept - cost(k)
+    redis.call('DEL', ARGV[3] .. k)
+  end
+  if #ended > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff) end
+  if not redis.call('ZSCORE', KEYS[3], key) then
+    local count = redis.call('ZCARD', KEYS[3])
+    while count > 0 and (count >= max_keys or kept + cost(key) > max_bytes) do
+      local oldest = redis.call('ZPOPMIN', KEYS[3])
+      kept = kept - cost(oldest[1])
+      redis.call('DEL', ARGV[3] .. oldest[1])
+      count = count - 1
+    end
+    kept = kept + cost(key)
+  end
+  redis.call('ZADD', KEYS[3], ms, key)
+end
 local function claim(key)
   if key == '' then return false end
   local v = redis.call('GET', ARGV[3] .. key)
@@ -79,13 +107,18 @@ while i <= n do
       out[#out + 1] = 1
     else
       local new = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', ARGV[5 + 4 * j])
-      if key ~= '' then redis.call('SET', ARGV[3] .. key, new .. ' ' .. ARGV[4 + 4 * j], 'PX', ARGV[2]) end
+      if key ~= '' and max_keys > 0 then
+        redis.call('SET', ARGV[3] .. key, new .. ' ' .. ARGV[4 + 4 * j], 'PX', ARGV[2])
+        remember(key, new)
+      end
       out[#out + 1] = new
       out[#out + 1] = 0
     end
   end
   i = i + size
 end
+if kept < 0 then kept = 0 end
+redis.call('SET', KEYS[4], kept)
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
@@ -158,6 +191,10 @@ pub struct RedisOptions {
     pub prefix: String,
     pub retention: Retention,
     pub idempotency_window: Duration,
+    /// Most idempotency keys kept in Redis (for the whole cluster); past it the oldest go first.
+    pub idempotency_keys: usize,
+    /// Most bytes of idempotency keys kept in Redis, counted as the in-memory store counts them.
+    pub idempotency_bytes: usize,
 }
 
 /// History in a Redis Stream, shared by the nodes of a cluster.
@@ -166,6 +203,11 @@ pub struct RedisHistory {
     /// Holds the newest id dropped by retention.
     dropped: String,
     key_prefix: String,
+    /// The claimed keys by publish time, and their counted bytes: the keys' bounds.
+    key_order: String,
+    key_bytes: String,
+    max_keys: usize,
+    max_key_bytes: usize,
     prefix: String,
     retention: Retention,
     window_ms: u64,
@@ -309,6 +351,10 @@ impl RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
             key_prefix: format!("{}:idem:", options.prefix),
+            key_order: format!("{}:idem-order", options.prefix),
+            key_bytes: format!("{}:idem-bytes", options.prefix),
+            max_keys: options.idempotency_keys,
+            max_key_bytes: options.idempotency_bytes,
             prefix: options.prefix.clone(),
             retention: options.retention,
             window_ms: options.idempotency_window.as_millis().max(1) as u64,
@@ -406,7 +452,10 @@ impl SharedHistory for RedisHistory {
             firsts.extend(std::iter::repeat_n(0, size.saturating_sub(1)));
         }
         let mut invocation = self.append.key(&self.stream);
-        invocation.key(&self.dropped);
+        invocation
+            .key(&self.dropped)
+            .key(&self.key_order)
+            .key(&self.key_bytes);
         invocation
             .arg(self.retention.max_events)
             .arg(self.window_ms)
@@ -423,6 +472,7 @@ impl SharedHistory for RedisHistory {
                 .arg(format!("{:016x}", m.fingerprint()))
                 .arg(row.as_slice());
         }
+        invocation.arg(self.max_keys).arg(self.max_key_bytes);
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation
             .invoke_async(&mut conn)
@@ -609,6 +659,8 @@ pub(crate) mod tests {
                     prefix,
                     retention,
                     idempotency_window: Duration::from_secs(60),
+                    idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
+                    idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
                 })
                 .await
                 .unwrap();
@@ -627,6 +679,8 @@ pub(crate) mod tests {
                 prefix: "claims".into(),
                 retention: Retention::default(),
                 idempotency_window: Duration::from_secs(60),
+                idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
+                idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
             })
             .await
             .unwrap()
@@ -675,6 +729,115 @@ pub(crate) mod tests {
             waiting.await.unwrap(),
             vec!["from another node".to_string()]
         );
+    }
+
+    /// Reproduces (issue 12, defect 5 in a cluster): Redis kept every idempotency key for the whole
+    /// window whatever their number, while the in-memory store bounds them. Now claiming a key
+    /// forgets the oldest past `idempotency_keys` or `idempotency_bytes`, deleting them from Redis,
+    /// and a repeat of a forgotten key publishes again.
+    #[tokio::test]
+    async fn idempotency_keys_are_bounded_in_redis() {
+        let redis = RedisServer::start();
+        let node_for = |prefix: &str, window: Duration, keys: usize, bytes: usize| {
+            RedisHistory::connect(RedisOptions {
+                url: redis.url.clone(),
+                prefix: prefix.into(),
+                retention: Retention::default(),
+                idempotency_window: window,
+                idempotency_keys: keys,
+                idempotency_bytes: bytes,
+            })
+        };
+        let node = |prefix: &str, keys: usize, bytes: usize| {
+            node_for(prefix, Duration::from_secs(60), keys, bytes)
+        };
+        let m = |k: &str| Message::broadcast().data("same").idempotency_key(k);
+        let claimed = |h: &RedisHistory, pattern: &str| {
+            let mut conn = h.connection();
+            let pattern = pattern.to_owned();
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                keys.len()
+            }
+        };
+
+        let h = node("count", 3, usize::MAX).await.unwrap();
+        for i in 0..5 {
+            let s = h
+                .append_claiming(vec![m(&format!("k{i}"))], &[1])
+                .await
+                .unwrap();
+            assert!(s[0].event.is_some());
+        }
+        assert_eq!(
+            claimed(&h, "count:idem:*").await,
+            3,
+            "only the newest 3 keys stay"
+        );
+        let repeat_newest = h.append_claiming(vec![m("k4")], &[1]).await.unwrap();
+        assert!(repeat_newest[0].event.is_none(), "k4 is still remembered");
+        let repeat_forgotten = h.append_claiming(vec![m("k0")], &[1]).await.unwrap();
+        assert!(
+            repeat_forgotten[0].event.is_some(),
+            "k0 was forgotten at the bound, so it publishes again"
+        );
+        assert_eq!(claimed(&h, "count:idem:*").await, 3);
+        // Another node sharing the prefix sees the same bounded set.
+        let other = node("count", 3, usize::MAX).await.unwrap();
+        let on_other = other.append_claiming(vec![m("k0")], &[1]).await.unwrap();
+        assert_eq!(
+            (on_other[0].event.is_none(), on_other[0].id),
+            (true, repeat_forgotten[0].id)
+        );
+
+        // Bytes: 256-byte keys cost 2 × 256 + 64 each; room for 10.
+        let cost = 2 * 256 + 64;
+        let h = node("bytes", usize::MAX, cost * 10).await.unwrap();
+        for i in 0..40 {
+            h.append_claiming(vec![m(&format!("{i:0>256}"))], &[1])
+                .await
+                .unwrap();
+        }
+        assert_eq!(claimed(&h, "bytes:idem:*").await, 10);
+        let mut conn = h.connection();
+        let kept: usize = redis::cmd("GET")
+            .arg("bytes:idem-bytes")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, cost * 10);
+        let newest = h
+            .append_claiming(vec![m(&format!("{:0>256}", 39))], &[1])
+            .await
+            .unwrap();
+        assert!(
+            newest[0].event.is_none(),
+            "the newest key is still remembered"
+        );
+
+        // Keys past their window leave the order and the byte count at the next claim.
+        let h = node_for("window", Duration::from_millis(100), 10, usize::MAX)
+            .await
+            .unwrap();
+        h.append_claiming(vec![m("a")], &[1]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.append_claiming(vec![m("b")], &[1]).await.unwrap();
+        let mut conn = h.connection();
+        let (order, kept): (Vec<String>, usize) = redis::pipe()
+            .cmd("ZRANGE")
+            .arg("window:idem-order")
+            .arg(0)
+            .arg(-1)
+            .cmd("GET")
+            .arg("window:idem-bytes")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((order, kept), (vec!["b".to_string()], 2 + 64));
     }
 
     #[test]
