@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -344,12 +343,7 @@ impl Event {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// Encodes one SSE event. Each CR, LF or CRLF in `data` ends a `data:` line, so a WHATWG parser
 /// reads back exactly `data` with line breaks normalised to LF. `event_type` holds no CR/LF/NUL.

@@ -53,6 +53,7 @@
 //! ```
 
 #[cfg(feature = "redis")]
+pub mod clock;
 mod cluster;
 pub mod defaults;
 pub mod duration;

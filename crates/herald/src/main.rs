@@ -51,6 +51,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Debug builds only, for black-box tests of a wall clock stepped backwards (release builds
+    // never read it): shifts the engine's clock by this many milliseconds.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("HERALD_TEST_CLOCK_OFFSET_MS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        herald_core::clock::shift_for_tests(ms);
+    }
     // rustls (HTTPS, rediss://, the https:// clients) needs one process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // The configuration is read before logging starts, since it says how to log; a bad one is

@@ -624,6 +624,36 @@ mod tests {
         assert_eq!((c.gap, data), (None, vec!["b", "c"]));
     }
 
+    /// Issue 12: after a restart under a wall clock stepped an hour back, ids continue past the
+    /// last stored one (the fresh base the clock gives is not used) and publish times do not go
+    /// backwards.
+    #[tokio::test]
+    async fn ids_continue_after_a_restart_under_a_stepped_back_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention::default();
+        let a = {
+            let h = DurableHistory::open(dir.path(), retention).unwrap();
+            h.append(vec![Message::broadcast().data("a")])
+                .await
+                .unwrap()
+        };
+        let _back = crate::clock::step_this_thread(-3_600_000);
+        assert!(
+            fresh_base() + 3_000_000_000 < a[0].id.0,
+            "the clock is stepped"
+        );
+        let h = DurableHistory::open(dir.path(), retention).unwrap();
+        let b = h
+            .append(vec![Message::broadcast().data("b")])
+            .await
+            .unwrap();
+        assert_eq!(b[0].id.0, a[0].id.0 + 1);
+        assert!(b[0].published_at_ms >= a[0].published_at_ms);
+        let c = h.read(ReadFrom::After(a[0].id), 10).await.unwrap();
+        let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!((c.gap, data), (None, vec!["b"]));
+    }
+
     #[test]
     fn refuses_foreign_dirs_and_files() {
         let dir = tempfile::tempdir().unwrap();

@@ -180,9 +180,5 @@ pub(crate) fn continues(after: u64, first_issued: u64, next: u64, oldest: Option
 
 /// Microseconds since the Unix epoch: the first id of a fresh store.
 pub(crate) fn fresh_base() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(1)
-        .max(1)
+    crate::clock::now_micros().max(1)
 }

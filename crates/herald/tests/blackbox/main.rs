@@ -7,6 +7,7 @@ mod auth;
 mod behind_nginx;
 mod cli;
 mod clients;
+mod clock;
 mod cluster;
 mod common;
 mod control;
