@@ -52,6 +52,50 @@ async fn hostile_bodies_that_never_arrive_are_timed_out_and_rights_come_first() 
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
 }
 
+/// Issue 12 (a body's minimum rate): a body dripped a byte at a time must not hold its connection
+/// longer than one that never arrives. `--body-timeout` is one deadline for the whole body, not an
+/// idle timer that each byte resets, so the drip is answered 408 and closed while still dripping.
+#[tokio::test]
+async fn hostile_dripped_bodies_end_at_the_body_timeout() {
+    let s = Server::start(&["--body-timeout", "1s"]).await;
+    let tcp = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let body = format!("{{\"topic\":\"t\",\"data\":\"{}\"}}", "x".repeat(380));
+    let head = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    // 400 bytes at 10 per second: 40 s to arrive in full.
+    let drip = tokio::spawn(async move {
+        for byte in body.into_bytes() {
+            if wr.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, rd.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        closed.is_ok(),
+        "the dripping connection was not closed: {answer:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(
+        !drip.is_finished(),
+        "answered while the body was still dripping, not after it arrived"
+    );
+    drip.abort();
+    assert_eq!(
+        s.metric("herald_limited_total{limit=\"body_timeout\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
 /// Reproduces: 300 stalled publishes exhausted a 256-descriptor limit, after which `/healthz`
 /// and `/events` hung unanswered. Now connections past the reserve are answered 503 and closed,
 /// and the hub answers again as soon as the stalled bodies time out.
