@@ -45,7 +45,9 @@ pub enum OpenError {
     Format { path: PathBuf, found: u64 },
     #[error("{0} is in use by another herald process")]
     InUse(PathBuf),
-    #[error("{path} cannot be opened (corrupt or unreadable): {reason}")]
+    #[error(
+        "{path} cannot be opened (corrupt or unreadable): {reason}. `herald check --repair` mends damaged rows, not a file redb itself cannot open (a damaged page found after an unclean stop): restore it from a backup, or move it aside to start with an empty history"
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error("data dir {0} is a file, not a folder: give a folder (it is created if missing)")]
     NotADir(PathBuf),

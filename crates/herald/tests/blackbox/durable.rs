@@ -619,3 +619,57 @@ async fn a_damaged_row_is_reported_skipped_with_a_gap_and_repaired_by_herald_che
         "{report}"
     );
 }
+
+/// Issue 12 (the caveat of defect 8): after an unclean stop (SIGKILL, power loss) redb verifies
+/// its own page checksums on open, so a byte flipped on disk then makes the whole file unreadable,
+/// beyond what `herald check --repair` can mend (it needs redb to open the file). Startup and
+/// `herald check` refuse it, name the file and say what to do instead of starting on it.
+#[tokio::test]
+async fn a_damaged_page_after_sigkill_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir_arg(dir.path());
+    {
+        let mut s = Server::start(&["--data-dir", &data_dir]).await;
+        for data in ["one", "two", "poison-row-payload", "four"] {
+            s.publish(json!({"topic": "t", "data": data})).await;
+        }
+        s.signal("KILL");
+        s.wait_exit(PATIENCE).await;
+    }
+    flip_in_file(dir.path(), b"poison-row-payload");
+
+    for repair in [false, true] {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["check", "--data-dir", &data_dir])
+            .env("RUST_LOG", "error");
+        if repair {
+            cmd.arg("--repair");
+        }
+        let out = tokio::time::timeout(PATIENCE, cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "check (repair {repair}) passed: {stderr}"
+        );
+        assert!(
+            stderr.contains("herald.redb") && stderr.contains("restore it from a backup"),
+            "{stderr}"
+        );
+    }
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", &data_dir])
+            .env("RUST_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("herald should exit")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "herald started on a damaged file");
+    assert!(stderr.contains("move it aside"), "{stderr}");
+}
