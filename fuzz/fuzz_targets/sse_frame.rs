@@ -4,7 +4,7 @@
 
 use herald_core::EventType;
 use herald_core::event::{EventId, encode_frame};
-use herald_core::sse::Parser;
+use herald_core::sse_parser::Parser;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, arbitrary::Arbitrary)]
