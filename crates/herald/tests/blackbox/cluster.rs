@@ -339,6 +339,30 @@ async fn idempotency_keys_hold_across_nodes() {
     );
 }
 
+/// Issue 12 (defect 5 in a cluster): Redis kept every idempotency key for its whole window.
+/// `--idempotency-keys` now bounds them cluster-wide: past it the oldest is forgotten, and a
+/// repeat of it publishes again, on any node.
+#[tokio::test]
+async fn idempotency_keys_are_bounded_across_nodes() {
+    let redis = Redis::start();
+    let bound = ["--idempotency-keys", "2"];
+    let (a, b) = (node(&redis, &bound).await, node(&redis, &bound).await);
+    let body = |k: &str| json!({"topic": "pay", "data": "charge", "idempotencyKey": k});
+    let mut ids = Vec::new();
+    for k in ["order-0", "order-1", "order-2"] {
+        let (_, v) = a.post_json("/publish", &body(k)).await;
+        assert!(v.get("duplicate").is_none(), "{v}");
+        ids.push(v["id"].clone());
+    }
+    let (_, kept) = b.post_json("/publish", &body("order-2")).await;
+    assert_eq!((&kept["id"], &kept["duplicate"]), (&ids[2], &json!(true)));
+    let (_, forgotten) = b.post_json("/publish", &body("order-0")).await;
+    assert!(
+        forgotten.get("duplicate").is_none() && forgotten["id"] != ids[0],
+        "the oldest key was forgotten at the bound: {forgotten}"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_stops_startup() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
