@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
     for event in &at_once {
         let line = format_event(event);
         assert_eq!(line.matches('\t').count(), 2, "{line:?}");
-        assert!(!line.chars().any(|c| c.is_control() && c != '\t'), "{line:?}");
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "{line:?}"
+        );
     }
 });
