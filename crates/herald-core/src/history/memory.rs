@@ -1,5 +1,7 @@
 //! In-memory history: the most recent events in a ring, trimmed by the retention limits. Lost on
-//! restart; ids start from the current time in microseconds so a restart never reissues an id.
+//! restart; ids start from the clock in microseconds, so a restart issues ids above the earlier
+//! run's unless the clock was stepped back further than that run's age (SECURITY.md says what
+//! then), and within a run they only count up.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
