@@ -150,6 +150,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes, fed in pieces of any size, parse as they do in one piece (also the `sse_stream`
+        /// fuzz target).
+        #[test]
+        fn pieces_parse_as_the_whole(
+            stream in proptest::collection::vec(
+                proptest::sample::select(b"data:id:event:retry: x1\r\n\xc3\xa9".to_vec()),
+                0..200,
+            ),
+            step in 1usize..16,
+        ) {
+            let mut whole = Parser::default();
+            let at_once = whole.feed(&stream);
+            let mut pieces = Parser::default();
+            let mut dripped = Vec::new();
+            for piece in stream.chunks(step) {
+                dripped.extend(pieces.feed(piece));
+            }
+            proptest::prop_assert_eq!(at_once, dripped);
+            proptest::prop_assert_eq!(
+                (whole.retry_ms, whole.comments),
+                (pieces.retry_ms, pieces.comments)
+            );
+        }
+    }
+
     #[test]
     fn empty_data_dispatches_but_no_data_does_not() {
         let mut p = Parser::default();

@@ -268,4 +268,19 @@ mod tests {
         assert!(!line.chars().any(|c| c.is_control() && c != '\t'));
         assert_eq!(line.matches('\t').count(), 2, "only the two separators");
     }
+
+    proptest::proptest! {
+        /// Whatever an event holds, its printed line has no control character but its two tab
+        /// separators (also the `sse_stream` fuzz target).
+        #[test]
+        fn printed_lines_hold_no_control_characters(
+            id in proptest::option::of(".*"),
+            event_type in ".*",
+            data in ".*",
+        ) {
+            let line = format_event(&SseEvent { id, event_type, data });
+            proptest::prop_assert_eq!(line.matches('\t').count(), 2);
+            proptest::prop_assert!(!line.chars().any(|c| c.is_control() && c != '\t'));
+        }
+    }
 }
