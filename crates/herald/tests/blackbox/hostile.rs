@@ -493,7 +493,19 @@ async fn hostile_a_slow_reader_gets_nothing_published_after_its_token_expired() 
 /// events in the red-team run). Now it gets what came before, then `herald.close`.
 #[tokio::test]
 async fn hostile_a_slow_reader_gets_nothing_published_after_its_close() {
-    let s = Server::start(&["--jwt-secret", SECRET, "--publish-key", KEY, "--queue", "4"]).await;
+    // A long heartbeat: the kernel drops a peer that reads nothing for two heartbeats
+    // (TCP_USER_TIMEOUT), and on a loaded machine the publishing below can take longer than 30 s.
+    let s = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--publish-key",
+        KEY,
+        "--queue",
+        "4",
+        "--heartbeat",
+        "2m",
+    ])
+    .await;
     let alice = token(json!({"sub": "alice", "herald": {"subscribe": ["t"]}}));
     let r = s
         .http()
