@@ -102,6 +102,8 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
             prefix: prefix.clone(),
             retention: config.retention,
             idempotency_window: config.idempotency_window,
+            replicas: config.redis_replicas,
+            wait_timeout: config.redis_wait_timeout,
         })
         .await
         .map_err(|e| ServeError::Redis(e.to_string()))?;

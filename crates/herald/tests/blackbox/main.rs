@@ -18,5 +18,6 @@ mod limits;
 mod metrics;
 mod readme_tour;
 mod resume;
+mod sentinel;
 mod streams;
 mod tls;
