@@ -393,8 +393,10 @@ impl RedisHistory {
         &self.prefix
     }
 
+    /// A gap-checked read. With replicas to wait for, events are returned only once replicated,
+    /// so a replay never shows an event that a failover could take back.
     async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
-        let mut conn = self.link.clone();
+        let mut conn = self.link.primary().await.map_err(unavailable)?;
         let reply: Value = self
             .read
             .key(&self.stream)
@@ -413,6 +415,9 @@ impl RedisHistory {
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
+        if matches!(range, Value::Array(r) if !r.is_empty()) {
+            self.fence(&mut conn).await?;
+        }
         Ok(chunk_of(
             gap.then_some(Gap { oldest }),
             entries(range)?,
@@ -530,11 +535,8 @@ impl SharedHistory for RedisHistory {
                 }
             }
             let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
+            // (`read` returns only replicated events.)
             let chunk = self.read(from, limit).await?;
-            if !chunk.events.is_empty() {
-                let mut conn = self.link.primary().await.map_err(unavailable)?;
-                self.fence(&mut conn).await?;
-            }
             if chunk.gap.is_some() || !chunk.events.is_empty() {
                 return Ok(chunk);
             }
