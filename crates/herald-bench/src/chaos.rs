@@ -447,7 +447,15 @@ async fn faults(world: &mut World, rng: &mut Rng, until: Instant, log: &mut Vec<
             break;
         }
         let at = started.elapsed().as_secs_f64();
-        match rng.below(10) {
+        let pick = rng.below(10);
+        // Every run fails the primary over at least once: past half-time, the next fault is one.
+        let half = until.saturating_duration_since(started) / 2;
+        let pick = if f.failovers == 0 && started.elapsed() > half {
+            9
+        } else {
+            pick
+        };
+        match pick {
             0..=3 => {
                 let i = rng.below(world.nodes.len() as u64) as usize;
                 if let Some(mut child) = world.nodes[i].1.take() {
