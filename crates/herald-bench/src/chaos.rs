@@ -429,6 +429,12 @@ async fn publisher(
     }
 }
 
+/// Prints a line of the fault log as it happens and keeps it for the report.
+fn say(log: &mut Vec<String>, line: String) {
+    crate::note(&line);
+    log.push(line);
+}
+
 /// Counts of what the fault loop did.
 #[derive(Debug, Default)]
 struct Faults {
@@ -463,12 +469,13 @@ async fn faults(world: &mut World, rng: &mut Rng, until: Instant, log: &mut Vec<
                     let _ = child.wait().await;
                 }
                 let down = rng.millis(500, 3_000);
-                log.push(format!(
-                    "{at:7.1}s SIGKILL node {i}, restart after {down:?}"
-                ));
+                say(
+                    log,
+                    format!("{at:7.1}s SIGKILL node {i}, restart after {down:?}"),
+                );
                 tokio::time::sleep(down).await;
                 if let Err(e) = world.start_node(i).await {
-                    log.push(format!("{at:7.1}s node {i} did not restart: {e}"));
+                    say(log, format!("{at:7.1}s node {i} did not restart: {e}"));
                 }
                 f.node_kills += 1;
             }
@@ -476,7 +483,7 @@ async fn faults(world: &mut World, rng: &mut Rng, until: Instant, log: &mut Vec<
                 let i = rng.below(world.nodes.len() as u64) as usize;
                 let pause = rng.millis(1_000, 4_000);
                 if let Some(pid) = world.node_pid(i) {
-                    log.push(format!("{at:7.1}s SIGSTOP node {i} for {pause:?}"));
+                    say(log, format!("{at:7.1}s SIGSTOP node {i} for {pause:?}"));
                     signal(pid, "STOP");
                     tokio::time::sleep(pause).await;
                     signal(pid, "CONT");
@@ -495,13 +502,17 @@ async fn faults(world: &mut World, rng: &mut Rng, until: Instant, log: &mut Vec<
                     .await
                     .contains("master_link_status:up")
                 {
-                    log.push(format!(
-                        "{at:7.1}s skip a failover: the replica is not in sync"
-                    ));
+                    say(
+                        log,
+                        format!("{at:7.1}s skip a failover: the replica is not in sync"),
+                    );
                     f.failovers_skipped += 1;
                     continue;
                 }
-                log.push(format!("{at:7.1}s SIGKILL the Redis primary (:{primary})"));
+                say(
+                    log,
+                    format!("{at:7.1}s SIGKILL the Redis primary (:{primary})"),
+                );
                 if let Some(Some(mut child)) = world.redis.insert(primary, None) {
                     let _ = child.kill().await;
                     let _ = child.wait().await;
@@ -514,18 +525,21 @@ async fn faults(world: &mut World, rng: &mut Rng, until: Instant, log: &mut Vec<
                         break;
                     }
                     if t.elapsed() > Duration::from_secs(60) {
-                        log.push(format!("{at:7.1}s no failover within 60 s"));
+                        say(log, format!("{at:7.1}s no failover within 60 s"));
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                log.push(format!(
-                    "{:7.1}s failover to :{replica} after {:.1}s; the old primary returns as its replica",
-                    started.elapsed().as_secs_f64(),
-                    t.elapsed().as_secs_f64()
-                ));
+                say(
+                    log,
+                    format!(
+                        "{:7.1}s failover to :{replica} after {:.1}s; the old primary returns as its replica",
+                        started.elapsed().as_secs_f64(),
+                        t.elapsed().as_secs_f64()
+                    ),
+                );
                 if let Err(e) = world.start_redis(primary, Some(replica)).await {
-                    log.push(format!("restarting :{primary} failed: {e}"));
+                    say(log, format!("restarting :{primary} failed: {e}"));
                 }
                 f.failovers += 1;
             }
@@ -542,7 +556,10 @@ pub struct Report {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    eprintln!("chaos: seed {} for {:?}", opts.seed, opts.duration);
+    crate::note(&format!(
+        "chaos: seed {} for {:?}",
+        opts.seed, opts.duration
+    ));
     let mut rng = Rng(opts.seed);
     let mut world = World::start(&opts).await?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", world.nginx_port).parse()?;
@@ -570,9 +587,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut log = Vec::new();
     let f = faults(&mut world, &mut rng, started + opts.duration, &mut log).await;
-    for line in &log {
-        eprintln!("{line}");
-    }
     let ran = started.elapsed();
     stop_pubs.store(true, Ordering::Relaxed);
     for p in pubs {

@@ -21,8 +21,11 @@ fn sixty_seconds_of_chaos_lose_and_double_no_acknowledged_event() {
         .output()
         .expect("run herald-bench chaos");
     let report = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{}\n{report}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the chaos run failed:\n{report}");
+    assert!(
+        out.status.success(),
+        "the chaos run failed:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(report.contains("verdict: PASS"), "{report}");
     // The fixed seed does kill the primary: the run went through a failover.
     assert!(
