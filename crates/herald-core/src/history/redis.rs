@@ -353,6 +353,14 @@ impl RedisHistory {
         self.link.clone()
     }
 
+    /// A connection of the follower's own, for its blocking `XREAD`.
+    async fn follower_connection(&self) -> Result<Primary, HistoryError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5).max(self.wait_timeout * 2)));
+        self.link.dedicated(&config).await.map_err(unavailable)
+    }
+
     /// Waits until `self.replicas` replicas hold every write `conn` made so far (and everything
     /// before it in the primary's replication stream).
     async fn wait_replicas(&self, conn: &mut Primary) -> Result<(), HistoryError> {
@@ -537,16 +545,23 @@ impl SharedHistory for RedisHistory {
             let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
             // (`read` returns only replicated events.)
             let chunk = self.read(from, limit).await?;
+            // The stream holds events older than `after` but not `after` itself: it was replaced
+            // (a failover, events appended since), not trimmed. Follow on after `after`; the
+            // follower makes streams catch up, and those past the new stream's end get a gap.
+            if let (Some(after), Some(gap)) = (after, chunk.gap)
+                && gap.oldest.is_some_and(|o| o < after)
+            {
+                *slot = Some(self.follower_connection().await?);
+                return Err(HistoryError::Rewound {
+                    newest: Some(after),
+                });
+            }
             if chunk.gap.is_some() || !chunk.events.is_empty() {
                 return Ok(chunk);
             }
         }
         if slot.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(5).max(self.wait_timeout * 2)));
-            let conn = self.link.dedicated(&config).await.map_err(unavailable)?;
-            *slot = Some(conn);
+            *slot = Some(self.follower_connection().await?);
         }
         let conn = slot.as_mut().expect("just set");
         let position = after.map_or_else(|| "0-0".to_string(), stream_id);

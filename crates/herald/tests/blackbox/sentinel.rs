@@ -485,3 +485,83 @@ async fn bad_sentinel_configurations_fail_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("redis-replicas"));
 }
+
+/// A `redis-server` on `port` that saves only when told (`SAVE`) and loads that snapshot when
+/// restarted: a restart after writes since looks to a node like a replica promoted without the old
+/// primary's last writes (a stream that ends before what it fanned out).
+fn bare_redis(port: u16, dir: &std::path::Path) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/test installs it)");
+    wait_listening(port, "redis-server");
+    child
+}
+
+#[tokio::test]
+async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis = bare_redis(port, dir.path());
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let a = Server::start(&["--redis", &url, "--heartbeat", "1s"]).await;
+    let mut sub = a.subscribe("topic=back").await;
+    sub.opened().await;
+    for i in 0..3 {
+        a.publish(json!({"topic": "back", "data": format!("old{i}")}))
+            .await;
+        if i == 0 {
+            // What the replica had: a snapshot holding old0 only.
+            assert_eq!(cli(port, &["SAVE"]), "OK");
+        }
+    }
+    let mut old_ids = HashSet::new();
+    for want in ["old0", "old1", "old2"] {
+        let e = sub.next().await;
+        assert_eq!(e.data, want);
+        old_ids.insert((e.id.unwrap(), e.data));
+    }
+    // The Redis the node finds next holds old0 but not old1 and old2, which it fanned out.
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let mut redis = bare_redis(port, dir.path());
+    let deadline = Instant::now() + PATIENCE * 3;
+    let after = loop {
+        let (status, v) = a
+            .post_json("/publish", &json!({"topic": "back", "data": "new"}))
+            .await;
+        if status == StatusCode::OK {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "publishing did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The stream hears of the gap, replays what the new stream still holds (ids it already has,
+    // which a client drops), then goes on with what the new stream adds.
+    let gap = sub.next().await;
+    assert_eq!(gap.event_type, "herald.gap", "{gap:?}");
+    loop {
+        let next = sub.next().await;
+        if next.data == "new" {
+            assert_eq!(next.id.as_deref(), after["id"].as_str());
+            break;
+        }
+        assert!(
+            old_ids.contains(&(next.id.clone().unwrap(), next.data.clone())),
+            "only events the stream already had come again: {next:?}"
+        );
+    }
+    assert_eq!(a.metric("herald_history_rewinds_total").await, Some(1.0));
+    a.eventually("/stats", |v| v["rewinds"] == 1).await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
