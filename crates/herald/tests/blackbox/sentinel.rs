@@ -489,7 +489,7 @@ async fn bad_sentinel_configurations_fail_clearly() {
 /// A `redis-server` on `port` that saves only when told (`SAVE`) and loads that snapshot when
 /// restarted: a restart after writes since looks to a node like a replica promoted without the old
 /// primary's last writes (a stream that ends before what it fanned out).
-fn bare_redis(port: u16, dir: &std::path::Path) -> Child {
+fn bare_redis(port: u16, dir: &std::path::Path) -> Bare {
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -504,14 +504,24 @@ fn bare_redis(port: u16, dir: &std::path::Path) -> Child {
         .spawn()
         .expect("redis-server must be installed (scripts/test installs it)");
     wait_listening(port, "redis-server");
-    child
+    Bare(child)
+}
+
+/// A redis-server killed when dropped (also when the test fails).
+struct Bare(Child);
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]
 async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut redis = bare_redis(port, dir.path());
+    let redis = bare_redis(port, dir.path());
     let url = format!("redis://127.0.0.1:{port}/0");
     let a = Server::start(&["--redis", &url, "--heartbeat", "1s"]).await;
     let mut sub = a.subscribe("topic=back").await;
@@ -531,9 +541,8 @@ async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
         old_ids.insert((e.id.unwrap(), e.data));
     }
     // The Redis the node finds next holds old0 but not old1 and old2, which it fanned out.
-    let _ = redis.kill();
-    let _ = redis.wait();
-    let mut redis = bare_redis(port, dir.path());
+    drop(redis);
+    let _redis = bare_redis(port, dir.path());
     let deadline = Instant::now() + PATIENCE * 3;
     let after = loop {
         let (status, v) = a
@@ -562,6 +571,4 @@ async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
     }
     assert_eq!(a.metric("herald_history_rewinds_total").await, Some(1.0));
     a.eventually("/stats", |v| v["rewinds"] == 1).await;
-    let _ = redis.kill();
-    let _ = redis.wait();
 }
