@@ -2,6 +2,7 @@
 //! network and reports one JSON line per run plus a readable table. Never part of the test suite.
 
 mod ceiling;
+mod chaos;
 mod http;
 mod report;
 mod scenario;
@@ -158,6 +159,27 @@ enum Scenario {
         #[arg(long, default_value = "docs")]
         plots: String,
     },
+    /// The chaos run (scripts/chaos): Redis primary + replica + 3 sentinels, herald nodes with
+    /// --redis-replicas 1 behind nginx, resuming subscribers and retrying publishers, random
+    /// node kills, pauses and primary kills. Prints a report; exits 1 if an acknowledged event
+    /// was missed or doubled.
+    Chaos {
+        /// Seed of the faults [default: from the clock, printed].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seconds of faults.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 4)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 2)]
+        publishers: usize,
+        /// Also write the report (Markdown) here.
+        #[arg(long)]
+        out: Option<String>,
+    },
     /// Serves the ceiling target (started by the harness itself).
     #[command(hide = true)]
     Ceiling {
@@ -198,6 +220,40 @@ fn main() -> anyhow::Result<()> {
             out,
             plots,
         } => report::write(results, meta, out, plots),
+        Scenario::Chaos {
+            seed,
+            seconds,
+            nodes,
+            subscribers,
+            publishers,
+            out,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            let options = chaos::Options {
+                herald: cli.herald.clone(),
+                seed,
+                duration: std::time::Duration::from_secs(*seconds),
+                nodes: *nodes,
+                subscribers: *subscribers,
+                publishers: *publishers,
+            };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(chaos::run(options))?;
+            println!("{}", report.text);
+            if let Some(out) = out {
+                std::fs::write(out, &report.text)?;
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
@@ -320,7 +376,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None,
             )
         }
-        Scenario::Report { .. } | Scenario::Ceiling { .. } | Scenario::Floor { .. } => {
+        Scenario::Report { .. }
+        | Scenario::Ceiling { .. }
+        | Scenario::Floor { .. }
+        | Scenario::Chaos { .. } => {
             unreachable!("handled in main")
         }
     };

@@ -20,6 +20,11 @@ pub enum Kind {
     HeraldRedis,
     /// Three herald nodes sharing one Redis; subscribers and publishers spread over them.
     HeraldRedis3,
+    /// One herald node with `--redis-replicas 1`: its Redis has a replica that must acknowledge
+    /// every publish (`WAIT`).
+    HeraldRedisR1,
+    /// Three such nodes.
+    HeraldRedis3R1,
     Nchan,
     Baseline,
     Ceiling,
@@ -31,6 +36,8 @@ impl Kind {
             Kind::Herald => "herald",
             Kind::HeraldRedis => "herald-redis",
             Kind::HeraldRedis3 => "herald-redis3",
+            Kind::HeraldRedisR1 => "herald-redis-r1",
+            Kind::HeraldRedis3R1 => "herald-redis3-r1",
             Kind::Nchan => "nchan",
             Kind::Baseline => "baseline",
             Kind::Ceiling => "ceiling",
@@ -42,14 +49,52 @@ impl Kind {
             "herald" => Kind::Herald,
             "herald-redis" => Kind::HeraldRedis,
             "herald-redis3" => Kind::HeraldRedis3,
+            "herald-redis-r1" => Kind::HeraldRedisR1,
+            "herald-redis3-r1" => Kind::HeraldRedis3R1,
             "nchan" => Kind::Nchan,
             "baseline" => Kind::Baseline,
             "ceiling" => Kind::Ceiling,
             _ => bail!(
-                "unknown target {s} (herald, herald-redis, herald-redis3, nchan, baseline, ceiling)"
+                "unknown target {s} (herald, herald-redis, herald-redis3, herald-redis-r1, herald-redis3-r1, nchan, baseline, ceiling)"
             ),
         })
     }
+}
+
+/// A `redis-server` on a free loopback port (a replica of `primary`, if given), once it listens.
+async fn start_redis(primary: Option<u16>) -> anyhow::Result<(Child, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ])
+    .args(["--appendonly", "no", "--maxclients", "1000"]);
+    if let Some(p) = primary {
+        cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
+    }
+    let redis = cmd
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start redis-server (apt-get install redis-server)")?;
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("redis-server did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((redis, port))
 }
 
 /// Where the binaries are.
@@ -88,6 +133,8 @@ pub struct Server {
     others: Vec<Server>,
     /// The Redis of a herald cluster, and its port.
     redis: Option<(Child, u16)>,
+    /// That Redis's replicas (killed when dropped).
+    replicas: Vec<Child>,
     /// The server's main process (nginx: the master); its descendants count too.
     pub pid: u32,
     child: Option<Child>,
@@ -129,46 +176,48 @@ impl Server {
                 Self::spawn(kind, &bins.me.to_string_lossy(), &args).await
             }
             Kind::Nchan => Self::start_nchan().await,
-            Kind::HeraldRedis | Kind::HeraldRedis3 => {
-                let nodes = if kind == Kind::HeraldRedis3 { 3 } else { 1 };
-                Self::start_cluster(kind, bins, herald_args, nodes).await
+            Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::HeraldRedisR1 | Kind::HeraldRedis3R1 => {
+                let nodes = if matches!(kind, Kind::HeraldRedis3 | Kind::HeraldRedis3R1) {
+                    3
+                } else {
+                    1
+                };
+                let replicas =
+                    usize::from(matches!(kind, Kind::HeraldRedisR1 | Kind::HeraldRedis3R1));
+                Self::start_cluster(kind, bins, herald_args, nodes, replicas).await
             }
         }
     }
 
-    /// A Redis on a free port and `nodes` herald nodes sharing it.
+    /// A Redis on a free port and `nodes` herald nodes sharing it; with `replicas`, that many
+    /// Redis replicas and `--redis-replicas N` on every node.
     async fn start_cluster(
         kind: Kind,
         bins: &Bins,
         herald_args: &[String],
         nodes: usize,
+        replicas: usize,
     ) -> anyhow::Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let redis = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--maxclients", "1000"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start redis-server (apt-get install redis-server)")?;
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("redis-server did not come up");
+        let (redis, port) = start_redis(None).await?;
+        let mut replica_children = Vec::new();
+        for _ in 0..replicas {
+            let (child, replica_port) = start_redis(Some(port)).await?;
+            replica_children.push(child);
+            let started = Instant::now();
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &replica_port.to_string(), "INFO", "replication"])
+                    .output()
+                    .await
+                    .context("redis-cli (apt-get install redis-tools)")?;
+                if String::from_utf8_lossy(&out.stdout).contains("master_link_status:up") {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(20) {
+                    bail!("the Redis replica did not sync");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut args = vec![
             "serve".to_string(),
@@ -176,6 +225,8 @@ impl Server {
             "127.0.0.1:0".into(),
             "--redis".into(),
             format!("redis://127.0.0.1:{port}/0"),
+            "--redis-replicas".into(),
+            replicas.to_string(),
         ];
         args.extend_from_slice(herald_args);
         let mut servers = Vec::with_capacity(nodes);
@@ -188,6 +239,7 @@ impl Server {
             .collect();
         first.others = servers;
         first.redis = Some((redis, port));
+        first.replicas = replica_children;
         Ok(first)
     }
 
@@ -243,6 +295,7 @@ impl Server {
             nodes: vec![addr],
             others: Vec::new(),
             redis: None,
+            replicas: Vec::new(),
             pid,
             child: Some(child),
             nginx_dir: None,
@@ -298,6 +351,7 @@ impl Server {
             nodes: vec![addr],
             others: Vec::new(),
             redis: None,
+            replicas: Vec::new(),
             pid,
             child: None,
             nginx_dir: Some(dir),
@@ -307,7 +361,12 @@ impl Server {
     /// The path a subscriber GETs for `topic`.
     pub fn sub_path(&self, topic: &str) -> String {
         match self.kind {
-            Kind::Herald | Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::Baseline => {
+            Kind::Herald
+            | Kind::HeraldRedis
+            | Kind::HeraldRedis3
+            | Kind::HeraldRedisR1
+            | Kind::HeraldRedis3R1
+            | Kind::Baseline => {
                 format!("/events?topic={topic}")
             }
             Kind::Nchan | Kind::Ceiling => format!("/sub/{topic}"),
@@ -318,7 +377,12 @@ impl Server {
     /// backslashes) to `topic`.
     pub fn publish_request(&self, topic: &str, data: &str) -> (String, &'static str, Vec<u8>) {
         match self.kind {
-            Kind::Herald | Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::Baseline => (
+            Kind::Herald
+            | Kind::HeraldRedis
+            | Kind::HeraldRedis3
+            | Kind::HeraldRedisR1
+            | Kind::HeraldRedis3R1
+            | Kind::Baseline => (
                 "/publish".into(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}","data":"{data}"}}"#).into_bytes(),

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::event::now_ms;
@@ -17,6 +16,7 @@ use crate::history::RedisHistory;
 use crate::hub::Hub;
 use crate::name::UserId;
 use crate::presence::{ClusterError, Online, Presence};
+use crate::redis_link::RedisLink;
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A node whose last report is older than this is gone.
@@ -27,7 +27,8 @@ pub struct Cluster {
     hub: Hub,
     node: String,
     prefix: String,
-    conn: ConnectionManager,
+    /// Every command goes to the current primary (see [`RedisLink`]).
+    conn: RedisLink,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -46,7 +47,7 @@ impl Cluster {
     /// Joins the cluster whose shared history is `store` (the one `hub` was built with): starts
     /// reporting this hub's presence and listening for control messages, on `store`'s Redis.
     pub fn start(hub: Hub, store: &RedisHistory) -> Arc<Cluster> {
-        let (client, conn, prefix) = (store.client(), store.connection(), store.prefix());
+        let (conn, prefix) = (store.link(), store.prefix());
         let node = format!("{:016x}", rand_id());
         tracing::info!(node, "joined the cluster");
         let cluster = Arc::new(Cluster {
@@ -66,7 +67,7 @@ impl Cluster {
                 }
             }
         });
-        tokio::spawn(listen(Arc::downgrade(&cluster), client));
+        tokio::spawn(listen(Arc::downgrade(&cluster), cluster.conn.clone()));
         cluster
     }
 
@@ -108,6 +109,7 @@ impl Cluster {
                     ("gaps", s.gaps),
                     ("lagging", s.lagging as u64),
                     ("aged", s.aged),
+                    ("rewinds", s.rewinds),
                 ],
             )
             .ignore()
@@ -225,6 +227,7 @@ impl Cluster {
             total.gaps += get("gaps");
             total.lagging += get("lagging") as usize;
             total.aged += get("aged");
+            total.rewinds += get("rewinds");
         }
         Ok((total, nodes))
     }
@@ -300,30 +303,47 @@ impl Presence for Cluster {
     }
 }
 
-/// Listens for control messages; resubscribes after Redis comes back.
-async fn listen(cluster: std::sync::Weak<Cluster>, client: redis::Client) {
+/// Listens for control messages; resubscribes after Redis comes back, and on the new primary
+/// after a failover (a generation change of the link).
+async fn listen(cluster: std::sync::Weak<Cluster>, link: RedisLink) {
     loop {
         let channel = match cluster.upgrade() {
             Some(c) => c.control_channel(),
             None => return,
         };
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => {
+        match link.pubsub().await {
+            Ok((generation, mut pubsub)) => {
                 if pubsub.subscribe(&channel).await.is_ok() {
                     let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        let Some(cluster) = cluster.upgrade() else {
-                            return;
-                        };
-                        if let Ok(payload) = msg.get_payload::<String>() {
-                            cluster.apply(&payload);
+                    let mut check = tokio::time::interval(Duration::from_millis(500));
+                    loop {
+                        tokio::select! {
+                            msg = messages.next() => {
+                                let Some(msg) = msg else { break };
+                                let Some(cluster) = cluster.upgrade() else {
+                                    return;
+                                };
+                                if let Ok(payload) = msg.get_payload::<String>() {
+                                    cluster.apply(&payload);
+                                }
+                            }
+                            _ = check.tick() => {
+                                if link.generation() != generation {
+                                    break;
+                                }
+                                if cluster.strong_count() == 0 {
+                                    return;
+                                }
+                            }
                         }
                     }
                 }
+                // The connection ended: the primary may be gone; look for it afresh.
+                link.drop_generation(generation);
             }
             Err(e) => tracing::debug!(error = %e, "control channel unavailable"),
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

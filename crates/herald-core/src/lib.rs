@@ -65,6 +65,8 @@ mod hub;
 pub mod name;
 mod presence;
 mod publish;
+#[cfg(feature = "redis")]
+pub mod redis_link;
 pub mod sse_parser;
 mod stream;
 
@@ -88,4 +90,6 @@ pub use hub::{
 pub use name::{EventType, NameError, Selector, Topic, UserId};
 pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};
+#[cfg(feature = "redis")]
+pub use redis_link::{LinkError, RedisLink};
 pub use stream::{EventStream, ReplayObserver, Start};

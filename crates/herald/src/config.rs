@@ -32,6 +32,9 @@ pub struct Config {
     pub idempotency_bytes: usize,
     /// Redis URL and key prefix, in cluster mode.
     pub redis: Option<(String, String)>,
+    /// Redis replicas that must hold an append before it is acknowledged, and how long to wait.
+    pub redis_replicas: usize,
+    pub redis_wait_timeout: Duration,
     pub max_connections: usize,
     pub max_body: usize,
     pub cors_origins: Vec<HeaderValue>,
@@ -158,11 +161,24 @@ impl RawConfig {
         let redis = match self.value::<String>(&s::REDIS)? {
             None => None,
             Some(url) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                if ![
+                    "redis://",
+                    "rediss://",
+                    "redis+sentinel://",
+                    "rediss+sentinel://",
+                ]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+                {
                     return Err(invalid(
                         "redis",
-                        format!("'{url}' is not a URL like redis://127.0.0.1:6379/0"),
+                        format!(
+                            "'{url}' is not a URL like redis://127.0.0.1:6379/0 or redis+sentinel://127.0.0.1:26379/mymaster"
+                        ),
                     ));
+                }
+                if let Err(e) = herald_core::RedisLink::open(&url, Duration::from_secs(1)) {
+                    return Err(invalid("redis", e.to_string()));
                 }
                 if data_dir.is_some() {
                     return Err(invalid(
@@ -184,6 +200,13 @@ impl RawConfig {
                 Some((url, prefix))
             }
         };
+        let redis_replicas: usize = self.get(&s::REDIS_REPLICAS)?;
+        if redis.is_none() && redis_replicas > 0 {
+            return Err(invalid(
+                "redis-replicas",
+                "replicas are Redis's: give --redis as well",
+            ));
+        }
         // Redis streams cannot bound bytes; elsewhere history has a byte bound by default.
         if redis.is_none() && retention.max_bytes.is_none() {
             retention.max_bytes = Some(herald_core::DEFAULT_HISTORY_BYTES);
@@ -287,6 +310,8 @@ impl RawConfig {
             idempotency_keys: self.get(&s::IDEMPOTENCY_KEYS)?,
             idempotency_bytes: self.get(&s::IDEMPOTENCY_BYTES)?,
             redis,
+            redis_replicas,
+            redis_wait_timeout: self.get(&s::REDIS_WAIT_TIMEOUT)?,
             max_connections,
             max_body: self.get(&s::MAX_BODY)?,
             cors_origins,

@@ -125,6 +125,9 @@ error_codes! {
     StoreUnavailable = "store_unavailable", SERVICE_UNAVAILABLE, retry Some(1), "the hub cannot do this right now; retry later";
     /// In cluster mode, Redis could not answer a cluster-wide query or control.
     ClusterUnavailable = "cluster_unavailable", SERVICE_UNAVAILABLE, retry Some(1), "the hub cannot do this right now; retry later";
+    /// With `--redis-replicas N`, fewer than N Redis replicas acknowledged the publish in time; it
+    /// is not acknowledged (retry with the same idempotency key: it will not publish twice).
+    NotReplicated = "not_replicated", SERVICE_UNAVAILABLE, retry Some(1), "fewer Redis replicas than --redis-replicas acknowledged the publish in time; retry with the same idempotency key";
     /// `GET /readyz` while this node cannot reach its shared history.
     NotReady = "not_ready", SERVICE_UNAVAILABLE, retry Some(1), "this node cannot reach its shared history";
 }

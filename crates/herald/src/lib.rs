@@ -104,6 +104,8 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
             idempotency_window: config.idempotency_window,
             idempotency_keys: config.idempotency_keys,
             idempotency_bytes: config.idempotency_bytes,
+            replicas: config.redis_replicas,
+            wait_timeout: config.redis_wait_timeout,
         })
         .await
         .map_err(|e| ServeError::Redis(e.to_string()))?;

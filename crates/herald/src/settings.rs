@@ -232,7 +232,7 @@ pub const IDEMPOTENCY_BYTES: Setting = Setting::one(
 pub const REDIS: Setting = Setting::one(
     "redis",
     "URL",
-    "share history, fan-out and presence with other nodes through this Redis (`redis://host:port/db`, `rediss://…`); not with `--data-dir`",
+    "share history, fan-out and presence with other nodes through this Redis (`redis://host:port/db`, `rediss://…`, or through Sentinel: `redis+sentinel://h1:26379,h2:26379/MASTER[?db=N]`, `rediss+sentinel://…`); not with `--data-dir`",
 )
 .unset("none: one node");
 pub const REDIS_PREFIX: Setting = Setting::one(
@@ -241,6 +241,20 @@ pub const REDIS_PREFIX: Setting = Setting::one(
     "prefix of herald's Redis keys, so several hubs can share one Redis",
 )
 .default("herald");
+pub const REDIS_REPLICAS: Setting = Setting::one(
+    "redis-replicas",
+    "N",
+    "with `--redis`: a publish is acknowledged only once N Redis replicas hold it (`WAIT`); fewer in time answers 503 `not_replicated`",
+)
+.default("0");
+pub const REDIS_WAIT_TIMEOUT: Setting = Setting::one(
+    "redis-wait-timeout",
+    "DUR",
+    "how long a publish waits for `--redis-replicas` replicas",
+)
+.default("1s")
+.min("1ms")
+.max("60s");
 pub const MAX_CONNECTIONS: Setting = Setting::one(
     "max-connections",
     "N",
@@ -485,6 +499,8 @@ pub const SETTINGS: &[Setting] = &[
     IDEMPOTENCY_BYTES,
     REDIS,
     REDIS_PREFIX,
+    REDIS_REPLICAS,
+    REDIS_WAIT_TIMEOUT,
     MAX_CONNECTIONS,
     MAX_BODY,
     CORS_ORIGIN,

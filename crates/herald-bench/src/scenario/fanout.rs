@@ -141,20 +141,23 @@ pub async fn unicast(
             let (issued, server) = (issued.clone(), server.clone());
             tasks.push(tokio::spawn(async move {
                 let mut conn = Conn::connect(server.node(p)).await?;
+                let mut answers = Histogram::<u64>::new(3)?;
                 loop {
                     let j = issued.fetch_add(1, Ordering::Relaxed);
                     if j >= m {
-                        return anyhow::Ok(());
+                        return anyhow::Ok(answers);
                     }
                     let topic = format!("u{}", j % n as u64);
                     let data = payload(j / n as u64 + 1, now_us(), size);
                     let (path, ctype, body) = server.publish_request(&topic, &data);
+                    let t = mono_ns();
                     let (status, answer) = conn.post(&path, ctype, &body).await?;
                     anyhow::ensure!(
                         ok(status),
                         "publish answered {status}: {}",
                         String::from_utf8_lossy(&answer)
                     );
+                    answers.record(((mono_ns() - t) / 1000).max(1))?;
                 }
             }));
         }
@@ -165,15 +168,16 @@ pub async fn unicast(
             }
         };
         let publishing = async {
+            let mut answers = Histogram::<u64>::new(3)?;
             for t in tasks {
-                t.await??;
+                answers.add(t.await??)?;
             }
-            anyhow::Ok(())
+            anyhow::Ok(answers)
         };
-        tokio::select! {
+        let answers = tokio::select! {
             r = publishing => r?,
-            _ = progress => {}
-        }
+            _ = progress => unreachable!("the progress loop never ends"),
+        };
         let publish_s = (mono_ns() - t0) as f64 / 1e9;
         let all = subs
             .wait_total(m, Duration::from_secs(10), Duration::from_secs(120), &pb)
@@ -194,6 +198,7 @@ pub async fn unicast(
         r.insert("seconds", num(elapsed));
         r.insert("events_per_s", num(received as f64 / elapsed));
         r.insert("publishes_per_s", num(m as f64 / publish_s));
+        r.insert("pub_p99_ms", num(ms(&answers, 0.99)));
         cluster_figures(&mut r, &server, redis_before, m, received as f64 / elapsed).await;
         subs.report(r, &mut rows);
         if let Ok(server) = Arc::try_unwrap(server) {

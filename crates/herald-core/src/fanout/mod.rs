@@ -47,6 +47,9 @@ pub struct Stats {
     pub lagging: usize,
     /// Streams that ended because they reached their maximum age.
     pub aged: u64,
+    /// Times the shared history (after a Redis failover) was found to end before events this
+    /// node had fanned out; streams past that point got a `herald.gap`.
+    pub rewinds: u64,
     pub uptime: Duration,
 }
 
@@ -60,6 +63,7 @@ pub(crate) struct Counters {
     pub(crate) unreadable: AtomicU64,
     pub(crate) lagging: AtomicUsize,
     pub(crate) aged: AtomicU64,
+    pub(crate) rewinds: AtomicU64,
 }
 
 /// The state the hub's parts share. Held by the hub and by every open stream.
@@ -229,6 +233,7 @@ impl Fanout {
             unreadable: c.unreadable.load(Ordering::Relaxed),
             lagging: c.lagging.load(Ordering::Relaxed),
             aged: c.aged.load(Ordering::Relaxed),
+            rewinds: c.rewinds.load(Ordering::Relaxed),
             uptime: self.started.elapsed(),
         }
     }

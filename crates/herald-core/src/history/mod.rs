@@ -38,6 +38,16 @@ pub enum HistoryError {
     /// The message does not fit the stored row layout; nothing was written.
     #[error("cannot store this message: {0}")]
     Unstorable(String),
+    /// Fewer Redis replicas than required acknowledged an append in time (`--redis-replicas`);
+    /// the events may be on the primary but are not acknowledged.
+    #[error("only {acked} of {wanted} Redis replicas acknowledged in time")]
+    NotReplicated { wanted: usize, acked: usize },
+    /// The shared history ends at `newest`, before events this node already fanned out: a primary
+    /// that took over did not have the old primary's last events.
+    #[error("the shared history ends before events this node already fanned out")]
+    Rewound {
+        newest: Option<crate::event::EventId>,
+    },
 }
 
 /// Where a read starts.

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::{AsyncConnectionConfig, Script, Value};
 
 use super::row::{decode_body, encode_row};
 use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
 use crate::event::{Event, EventId, Message, now_ms};
+use crate::redis_link::{Primary, RedisLink};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
 const SEQ_BITS: u32 = 20;
@@ -40,7 +40,8 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 /// key order (a sorted set of the claimed keys by publish ms), key bytes (their counted bytes);
 /// ARGV: maxlen, window ms, key prefix, age cutoff ms (0: none), n, then (job size, key,
 /// fingerprint, row) per message, the job size set on a job's first message only (0 on the
-/// rest), then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
+/// rest), then '1' when a repeat must write (touch its key) so a `WAIT` after it covers the
+/// original, then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
 /// Claiming a key forgets those past the window, then the oldest while a bound is exceeded
 /// (counted as the in-memory store counts them), so the keys stay bounded cluster-wide.
 /// Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
@@ -103,6 +104,7 @@ while i <= n do
       end
       out[#out + 1] = 2
     elseif id then
+      if ARGV[6 + 4 * n] == '1' then redis.call('PEXPIRE', ARGV[3] .. key, ARGV[2]) end
       out[#out + 1] = id
       out[#out + 1] = 1
     else
@@ -185,7 +187,8 @@ return {gap, first or '', range}
 /// Settings of a Redis-backed history.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://host:port/db` or `rediss://…`.
+    /// `redis://host:port/db`, `rediss://…`, or `redis+sentinel://h1:26379,h2:26379/MASTER[?db=N]`
+    /// (`rediss+sentinel://…`; see [`RedisLink::open`]).
     pub url: String,
     /// Prefix of every key, so several hubs can share one Redis.
     pub prefix: String,
@@ -195,6 +198,10 @@ pub struct RedisOptions {
     pub idempotency_keys: usize,
     /// Most bytes of idempotency keys kept in Redis, counted as the in-memory store counts them.
     pub idempotency_bytes: usize,
+    /// Replicas that must acknowledge an append (`WAIT`) before it is acknowledged; 0: none.
+    pub replicas: usize,
+    /// How long an append waits for those replicas.
+    pub wait_timeout: Duration,
 }
 
 /// History in a Redis Stream, shared by the nodes of a cluster.
@@ -211,11 +218,14 @@ pub struct RedisHistory {
     prefix: String,
     retention: Retention,
     window_ms: u64,
-    /// For appends and reads; reconnects by itself.
-    conn: ConnectionManager,
+    replicas: usize,
+    wait_timeout: Duration,
+    /// For appends and reads; follows the primary through failovers.
+    link: RedisLink,
     /// For the blocking `XREAD` that follows the stream: a blocked command must not hold up others.
-    follower: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    client: Client,
+    follower: tokio::sync::Mutex<Option<Primary>>,
+    /// `{prefix}:fence`: the follower's own write, whose replication vouches for what it read.
+    fence: String,
     append: Script,
     read: Script,
 }
@@ -337,16 +347,32 @@ fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
 }
 
 impl RedisHistory {
-    /// Connects to Redis; fails at once when it is unreachable, so startup reports it.
+    /// Connects to Redis (through the sentinels, for a sentinel URL); fails at once when it is
+    /// unreachable, so startup reports it.
     pub async fn connect(options: RedisOptions) -> Result<Self, HistoryError> {
-        let client = Client::open(options.url.as_str()).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(unavailable)?;
+        let response_timeout = Duration::from_secs(2).max(options.wait_timeout * 2);
+        let link = RedisLink::open(&options.url, response_timeout).map_err(unavailable)?;
+        link.check().await.map_err(unavailable)?;
+        if options.replicas > 0 {
+            let mut conn = link.clone();
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let connected = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_slaves:"))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if connected < options.replicas {
+                tracing::warn!(
+                    connected,
+                    wanted = options.replicas,
+                    "the Redis primary has fewer replicas than --redis-replicas: publishing answers 503 not_replicated until they connect"
+                );
+            }
+        }
         Ok(RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
@@ -358,21 +384,63 @@ impl RedisHistory {
             prefix: options.prefix.clone(),
             retention: options.retention,
             window_ms: options.idempotency_window.as_millis().max(1) as u64,
-            conn,
+            replicas: options.replicas,
+            wait_timeout: options.wait_timeout,
+            link,
             follower: tokio::sync::Mutex::new(None),
-            client,
+            fence: format!("{}:fence", options.prefix),
             append: Script::new(APPEND),
             read: Script::new(READ),
         })
     }
 
-    /// The client, for the cluster's presence and control channel.
-    pub(crate) fn client(&self) -> Client {
-        self.client.clone()
+    /// The way to the primary, for the cluster's presence and control channel (and anything
+    /// else that talks to this Redis: it follows failovers).
+    pub fn link(&self) -> RedisLink {
+        self.link.clone()
     }
 
-    pub(crate) fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// A connection of the follower's own, for its blocking `XREAD`.
+    async fn follower_connection(&self) -> Result<Primary, HistoryError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5).max(self.wait_timeout * 2)));
+        self.link.dedicated(&config).await.map_err(unavailable)
+    }
+
+    /// Waits until `self.replicas` replicas hold every write `conn` made so far (and everything
+    /// before it in the primary's replication stream).
+    async fn wait_replicas(&self, conn: &mut Primary) -> Result<(), HistoryError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let acked: usize = redis::cmd("WAIT")
+            .arg(self.replicas)
+            .arg(self.wait_timeout.as_millis().max(1) as u64)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        if acked < self.replicas {
+            return Err(HistoryError::NotReplicated {
+                wanted: self.replicas,
+                acked,
+            });
+        }
+        Ok(())
+    }
+
+    /// Events read from the primary may be fanned out only once replicated (a failover must not
+    /// take back what streams were given): one write of this node's, then `WAIT` for it.
+    async fn fence(&self, conn: &mut Primary) -> Result<(), HistoryError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        redis::cmd("INCR")
+            .arg(&self.fence)
+            .query_async::<i64>(conn)
+            .await
+            .map_err(unavailable)?;
+        self.wait_replicas(conn).await
     }
 
     /// The prefix of every key, shared by the cluster's presence keys.
@@ -380,8 +448,10 @@ impl RedisHistory {
         &self.prefix
     }
 
+    /// A gap-checked read. With replicas to wait for, events are returned only once replicated,
+    /// so a replay never shows an event that a failover could take back.
     async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.primary().await.map_err(unavailable)?;
         let reply: Value = self
             .read
             .key(&self.stream)
@@ -400,6 +470,9 @@ impl RedisHistory {
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
+        if matches!(range, Value::Array(r) if !r.is_empty()) {
+            self.fence(&mut conn).await?;
+        }
         Ok(chunk_of(
             gap.then_some(Gap { oldest }),
             entries(range)?,
@@ -472,12 +545,16 @@ impl SharedHistory for RedisHistory {
                 .arg(format!("{:016x}", m.fingerprint()))
                 .arg(row.as_slice());
         }
+        // With replicas to wait for, a repeat touches its key, so that `WAIT` covers the original.
+        invocation.arg(if self.replicas > 0 { "1" } else { "0" });
         invocation.arg(self.max_keys).arg(self.max_key_bytes);
-        let mut conn = self.conn.clone();
+        // One connection for the script and its `WAIT`: `WAIT` counts this connection's writes.
+        let mut conn = self.link.primary().await.map_err(unavailable)?;
         let reply: Vec<Value> = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        self.wait_replicas(&mut conn).await?;
         if reply.len() != messages.len() * 2 {
             return Err(unavailable("unexpected append reply"));
         }
@@ -498,25 +575,44 @@ impl SharedHistory for RedisHistory {
 
     async fn follow(&self, after: Option<EventId>, limit: usize) -> Result<Chunk, HistoryError> {
         let mut slot = self.follower.lock().await;
+        // The link found another primary (a failover): this connection reads the old one.
+        if slot
+            .as_ref()
+            .is_some_and(|p| p.generation() != self.link.generation())
+        {
+            *slot = None;
+        }
         // After a (re)connection, read once with the gap check, so a trim during an outage is
         // noticed; from then on a blocking XREAD returns whatever follows, one command a wake-up.
         if slot.is_none() {
+            // A primary that took over may hold less than this node already fanned out: the tail
+            // the old primary had not replicated is gone.
+            if let Some(after) = after {
+                let newest = self.newest().await?;
+                if newest.is_none_or(|n| n < after) {
+                    return Err(HistoryError::Rewound { newest });
+                }
+            }
             let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
+            // (`read` returns only replicated events.)
             let chunk = self.read(from, limit).await?;
+            // The stream holds events older than `after` but not `after` itself: it was replaced
+            // (a failover, events appended since), not trimmed. Follow on after `after`; the
+            // follower makes streams catch up, and those past the new stream's end get a gap.
+            if let (Some(after), Some(gap)) = (after, chunk.gap)
+                && gap.oldest.is_some_and(|o| o < after)
+            {
+                *slot = Some(self.follower_connection().await?);
+                return Err(HistoryError::Rewound {
+                    newest: Some(after),
+                });
+            }
             if chunk.gap.is_some() || !chunk.events.is_empty() {
                 return Ok(chunk);
             }
         }
         if slot.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(5)));
-            let conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map_err(unavailable)?;
-            *slot = Some(conn);
+            *slot = Some(self.follower_connection().await?);
         }
         let conn = slot.as_mut().expect("just set");
         let position = after.map_or_else(|| "0-0".to_string(), stream_id);
@@ -549,6 +645,12 @@ impl SharedHistory for RedisHistory {
             },
             _ => Vec::new(),
         };
+        if !events.is_empty()
+            && let Err(e) = self.fence(conn).await
+        {
+            *slot = None;
+            return Err(e);
+        }
         // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
         // lets every connection learn of it from history (see `publish::follower`).
         let mut chunk = chunk_of(None, events, true);
@@ -557,7 +659,7 @@ impl SharedHistory for RedisHistory {
     }
 
     async fn newest(&self) -> Result<Option<EventId>, HistoryError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.clone();
         let reply: Value = redis::cmd("XINFO")
             .arg("STREAM")
             .arg(&self.stream)
@@ -661,6 +763,8 @@ pub(crate) mod tests {
                     idempotency_window: Duration::from_secs(60),
                     idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
                     idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
+                    replicas: 0,
+                    wait_timeout: Duration::from_secs(1),
                 })
                 .await
                 .unwrap();
@@ -681,6 +785,8 @@ pub(crate) mod tests {
                 idempotency_window: Duration::from_secs(60),
                 idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
                 idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
+                replicas: 0,
+                wait_timeout: Duration::from_secs(1),
             })
             .await
             .unwrap()
@@ -746,6 +852,8 @@ pub(crate) mod tests {
                 idempotency_window: window,
                 idempotency_keys: keys,
                 idempotency_bytes: bytes,
+                replicas: 0,
+                wait_timeout: Duration::from_secs(1),
             })
         };
         let node = |prefix: &str, keys: usize, bytes: usize| {
@@ -753,9 +861,10 @@ pub(crate) mod tests {
         };
         let m = |k: &str| Message::broadcast().data("same").idempotency_key(k);
         let claimed = |h: &RedisHistory, pattern: &str| {
-            let mut conn = h.connection();
+            let link = h.link();
             let pattern = pattern.to_owned();
             async move {
+                let mut conn = link.primary().await.unwrap();
                 let keys: Vec<String> = redis::cmd("KEYS")
                     .arg(pattern)
                     .query_async(&mut conn)
@@ -803,7 +912,7 @@ pub(crate) mod tests {
                 .unwrap();
         }
         assert_eq!(claimed(&h, "bytes:idem:*").await, 10);
-        let mut conn = h.connection();
+        let mut conn = h.link().primary().await.unwrap();
         let kept: usize = redis::cmd("GET")
             .arg("bytes:idem-bytes")
             .query_async(&mut conn)
@@ -826,7 +935,7 @@ pub(crate) mod tests {
         h.append_claiming(vec![m("a")], &[1]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         h.append_claiming(vec![m("b")], &[1]).await.unwrap();
-        let mut conn = h.connection();
+        let mut conn = h.link().primary().await.unwrap();
         let (order, kept): (Vec<String>, usize) = redis::pipe()
             .cmd("ZRANGE")
             .arg("window:idem-order")

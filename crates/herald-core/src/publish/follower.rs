@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::job::{Job, PublishError, Published};
 use crate::event::{EventId, Message};
 use crate::fanout::Fanout;
-use crate::history::{SharedHistory, Stored};
+use crate::history::{HistoryError, SharedHistory, Stored};
 
 /// Per-event local delivery counts kept for publishers still waiting for their answer.
 const RECENT: usize = 65_536;
@@ -202,6 +202,24 @@ pub(crate) async fn follow(hub: Weak<Fanout>, feed: Arc<Feed>, shared: Arc<dyn S
                 feed.record(chunk.events.iter().map(|e| e.id), &counts);
                 cursor = Some(last);
                 feed.watermark.send_replace(last.0);
+            }
+            Err(HistoryError::Rewound { newest }) => {
+                // A failover lost the old primary's unreplicated tail, which this node fanned out
+                // already. Streams past the new end catch up from history, which tells them of the
+                // gap; following goes on from the new end, so what the new primary appends is seen.
+                tracing::warn!(
+                    fanned_out = ?cursor,
+                    newest = ?newest,
+                    "the shared history ends before events this node fanned out (lost in a Redis failover): streams past it get herald.gap"
+                );
+                feed.set_ready(true);
+                inner.counters.rewinds.fetch_add(1, Ordering::Relaxed);
+                inner.lag_everyone();
+                cursor = newest;
+                if let Some(n) = newest {
+                    inner.start_at(n);
+                    feed.watermark.send_replace(n.0);
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "following the shared history failed");

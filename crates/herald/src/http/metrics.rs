@@ -80,6 +80,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Entries of the shared Redis stream this node could not read and skipped (each one a herald.gap).",
     ),
     (
+        "herald_history_rewinds_total",
+        Kind::Counter,
+        "Times the shared Redis stream, after a failover, ended before events this node had fanned out (the streams past it got a herald.gap).",
+    ),
+    (
         "herald_streams_ended_by_age_total",
         Kind::Counter,
         "Streams on this node ended because they reached their maximum age (--max-stream-age or ?maxAge=).",
@@ -261,6 +266,8 @@ pub(crate) async fn render(State(app): State<AppState>) -> Response {
         .absolute(s.unreadable);
     m.counter("herald_streams_ended_by_age_total", vec![])
         .absolute(s.aged);
+    m.counter("herald_history_rewinds_total", vec![])
+        .absolute(s.rewinds);
     let mut response = m.handle.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -210,6 +210,7 @@ pub(crate) async fn stats(
         "replayed": s.replayed,
         "gaps": s.gaps,
         "unreadable": s.unreadable,
+        "rewinds": s.rewinds,
         "lagging": s.lagging,
         "endedByAge": s.aged,
         "uptimeSeconds": s.uptime.as_secs(),

@@ -253,6 +253,9 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
         PublishError::Store(HistoryError::Unstorable(reason)) => {
             ApiError::new(ErrorCode::Unstorable, reason)
         }
+        PublishError::Store(e @ HistoryError::NotReplicated { .. }) => {
+            ApiError::unavailable(ErrorCode::NotReplicated, &e)
+        }
         PublishError::Store(e) => ApiError::unavailable(ErrorCode::StoreUnavailable, &e),
     })?;
     app.metrics.published(arrived);

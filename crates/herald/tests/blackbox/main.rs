@@ -19,5 +19,6 @@ mod limits;
 mod metrics;
 mod readme_tour;
 mod resume;
+mod sentinel;
 mod streams;
 mod tls;
