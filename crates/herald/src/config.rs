@@ -52,6 +52,8 @@ pub struct Config {
     pub h2_max_streams: u32,
     /// Certificates from ACME instead of `tls`.
     pub acme: Option<AcmeSettings>,
+    /// How long a user's `online: false` presence event waits after their last stream closed.
+    pub presence_grace: Duration,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -303,6 +305,7 @@ impl RawConfig {
             tls,
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
             acme,
+            presence_grace: self.get(&s::PRESENCE_GRACE)?,
         })
     }
 

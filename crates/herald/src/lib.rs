@@ -126,6 +126,7 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .max_blocks(config.limits.max_blocks)
         .build()?;
     let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
+    herald_core::presence_events::start_local(&hub, config.presence_grace).await;
     Ok(Node { hub, cluster })
 }
 

@@ -471,6 +471,14 @@ pub const ACME_CA_ROOT: Setting = Setting::one(
 )
 .unset("the web's roots");
 
+pub const PRESENCE_GRACE: Setting = Setting::one(
+    "presence-grace",
+    "DUR",
+    "how long after a user's last stream closes their `online: false` presence event waits for a new one (so a page reload is not an offline/online pair)",
+)
+.default("5s")
+.min("0s");
+
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
@@ -525,6 +533,7 @@ pub const SETTINGS: &[Setting] = &[
     ACME_CONTACT,
     ACME_CACHE,
     ACME_CA_ROOT,
+    PRESENCE_GRACE,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a
