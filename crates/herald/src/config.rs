@@ -54,6 +54,8 @@ pub struct Config {
     pub acme: Option<AcmeSettings>,
     /// How long a user's `online: false` presence event waits after their last stream closed.
     pub presence_grace: Duration,
+    /// How often a cluster node reports its users and counters to Redis.
+    pub cluster_report: Duration,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -306,6 +308,7 @@ impl RawConfig {
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
             acme,
             presence_grace: self.get(&s::PRESENCE_GRACE)?,
+            cluster_report: self.get(&s::CLUSTER_REPORT)?,
         })
     }
 

@@ -125,8 +125,18 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .max_selectors(config.max_selectors)
         .max_blocks(config.limits.max_blocks)
         .build()?;
-    let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
-    herald_core::presence_events::start_local(&hub, config.presence_grace).await;
+    let cluster = match redis {
+        Some(store) => Some(herald_core::Cluster::start(
+            hub.clone(),
+            &store,
+            config.cluster_report,
+            Some(config.presence_grace),
+        )),
+        None => {
+            herald_core::presence_events::start_local(&hub, config.presence_grace).await;
+            None
+        }
+    };
     Ok(Node { hub, cluster })
 }
 

@@ -479,6 +479,14 @@ pub const PRESENCE_GRACE: Setting = Setting::one(
 .default("5s")
 .min("0s");
 
+pub const CLUSTER_REPORT: Setting = Setting::one(
+    "cluster-report",
+    "DUR",
+    "with `--redis`: how often each node reports its users and counters to Redis; changes are pushed as they happen, the report keeps a node alive (a node silent for 5 reports, at least 5 s, is gone and its users go offline)",
+)
+.default("1s")
+.min("100ms");
+
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
@@ -534,6 +542,7 @@ pub const SETTINGS: &[Setting] = &[
     ACME_CACHE,
     ACME_CA_ROOT,
     PRESENCE_GRACE,
+    CLUSTER_REPORT,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

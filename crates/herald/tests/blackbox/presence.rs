@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::auth::{KEY, SECRET, token};
+use crate::cluster::Redis;
 use crate::common::{PATIENCE, Server, Sse, expect_error, json_of};
 
 /// The data of the next event, which must be a presence event.
@@ -217,4 +218,94 @@ async fn a_restart_with_the_data_dir_takes_offline_who_the_killed_run_left_onlin
         "{online} then {offline}"
     );
     quiet(&mut resumed, Duration::from_secs(2)).await;
+}
+
+/// Two nodes on one real Redis, `report` apart.
+async fn two_nodes(redis: &Redis, report: &str) -> (Server, Server) {
+    let url = redis.url();
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--cluster-report",
+        report,
+        "--presence-grace",
+        "1s",
+    ];
+    (Server::start(&args).await, Server::start(&args).await)
+}
+
+#[tokio::test]
+async fn a_stream_opened_on_one_node_is_pushed_to_the_others_at_once() {
+    let redis = Redis::start();
+    // Reports an hour apart: whatever node A learns of node B's streams, B pushed as it happened.
+    let (a, b) = two_nodes(&redis, "1h").await;
+    let mut watch = a.subscribe("topic=$presence/*").await;
+    watch.opened().await;
+    let mut alice = b.subscribe("topic=app&user=alice").await;
+    alice.opened().await;
+    let v = a
+        .eventually("/users/alice", |v| v["connections"] == 1)
+        .await;
+    assert_eq!(v["online"], true, "{v}");
+    a.eventually("/users", |v| v["count"] == 1).await;
+    let (_, online) = presence(&mut watch).await;
+    assert_eq!(
+        (&online["user"], &online["online"]),
+        (&json!("alice"), &json!(true))
+    );
+    let mut second = a.subscribe("topic=app&user=alice").await;
+    second.opened().await;
+    a.eventually("/users/alice", |v| v["connections"] == 2)
+        .await;
+    b.eventually("/users/alice", |v| v["connections"] == 2)
+        .await;
+    drop(alice);
+    drop(second);
+    a.eventually("/users/alice", |v| v["online"] == false).await;
+    b.eventually("/users/alice", |v| v["online"] == false).await;
+    let (_, offline) = presence(&mut watch).await;
+    assert_eq!(offline["online"], false, "{offline}");
+    assert!(offline["generation"].as_u64() > online["generation"].as_u64());
+    // One event per transition, though two nodes held her streams.
+    quiet(&mut watch, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_killed_node_s_users_go_offline_once_announced_by_a_survivor() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&redis, "1s").await;
+    let c = Server::start(&["--redis", &redis.url(), "--presence-grace", "1s"]).await;
+    let mut watch = a.subscribe("topic=$presence/*").await;
+    watch.opened().await;
+    let mut alice = b.subscribe("topic=app&user=alice").await;
+    alice.opened().await;
+    let (online_id, online) = presence(&mut watch).await;
+    assert_eq!(online["online"], true);
+    a.eventually("/users/alice", |v| v["connections"] == 1)
+        .await;
+
+    b.signal("KILL");
+    drop(alice);
+    // Node B is declared gone 5 reports (5 s) after its last one; a survivor reaps it then.
+    let e = watch
+        .next_within(Duration::from_secs(30))
+        .await
+        .expect("the offline event of a killed node's user");
+    let offline: Value = serde_json::from_str(&e.data).unwrap();
+    assert_eq!(
+        (&offline["user"], &offline["online"]),
+        (&json!("alice"), &json!(false)),
+        "{offline}"
+    );
+    assert!(offline["generation"].as_u64() > online["generation"].as_u64());
+    a.eventually("/users/alice", |v| v["online"] == false).await;
+    // Exactly one: both survivors watched, one announced; nothing more arrives.
+    quiet(&mut watch, Duration::from_secs(3)).await;
+    let mut from_c = c
+        .subscribe_with("topic=$presence/alice", &[("last-event-id", &online_id)])
+        .await;
+    // History agrees: after the online event, one offline event and nothing else.
+    let (_, replayed) = presence(&mut from_c).await;
+    assert_eq!(replayed, offline);
+    quiet(&mut from_c, Duration::from_secs(1)).await;
 }
