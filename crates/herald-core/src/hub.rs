@@ -14,7 +14,7 @@ use crate::event::{Event, Message};
 use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
-    Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
+    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
 use crate::name::{Selector, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
@@ -478,6 +478,11 @@ impl Hub {
             }
             from = ReadFrom::After(last);
         }
+    }
+
+    /// Reads the history (what a resuming stream reads): at most `limit` events from `from`.
+    pub async fn read_history(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.inner.history.read(from, limit).await
     }
 
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.

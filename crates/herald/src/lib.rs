@@ -55,6 +55,7 @@ mod listen;
 pub mod settings;
 mod stream_conn;
 pub mod tls;
+pub mod webhook;
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
@@ -187,6 +188,7 @@ pub async fn serve_split(
         auth: config.auth.clone(),
         limits,
         metrics_route: config.metrics_listen.is_none(),
+        webhooks: webhook::start(&hub, config.webhooks.clone(), config.data_dir.as_deref()),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
     let settings = listen::ConnectionSettings {

@@ -487,6 +487,24 @@ pub const CLUSTER_REPORT: Setting = Setting::one(
 .default("1s")
 .min("100ms");
 
+pub const WEBHOOK: Setting = Setting::list(
+    "webhook",
+    "URL",
+    "POST every event of the `--webhook-topics` to this URL (JSON, signed with `--webhook-secret`), in order, at least once, retried until it answers 2xx; repeatable",
+);
+pub const WEBHOOK_SECRET: Setting = Setting::one(
+    "webhook-secret",
+    "S",
+    "sign webhook deliveries: `Herald-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">`",
+)
+.secret();
+pub const WEBHOOK_TOPICS: Setting = Setting::list(
+    "webhook-topics",
+    "SELECTOR",
+    "the topics webhooks deliver; repeatable",
+)
+.default("$presence/**");
+
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
@@ -543,6 +561,9 @@ pub const SETTINGS: &[Setting] = &[
     ACME_CA_ROOT,
     PRESENCE_GRACE,
     CLUSTER_REPORT,
+    WEBHOOK,
+    WEBHOOK_SECRET,
+    WEBHOOK_TOPICS,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

@@ -21,3 +21,4 @@ mod readme_tour;
 mod resume;
 mod streams;
 mod tls;
+mod webhooks;
