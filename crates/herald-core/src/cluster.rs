@@ -29,6 +29,14 @@ const TTL_REPORTS: u32 = 5;
 /// A node's users stay readable this long after its last write, for the survivor that reaps it.
 const USERS_KEEP_MS: i64 = 86_400_000;
 
+/// Takes or renews the lease KEYS[1] for this node (ARGV[1]) for ARGV[2] ms: 1 while it holds it.
+const LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+";
+
 /// Marks `user` online unless it is; then the cluster-wide generation. KEYS: presence, generation.
 const ONLINE: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 0 then return false end
@@ -280,6 +288,41 @@ impl Cluster {
             .ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Takes the lease `name` for `ttl`, or renews it: true while this node holds it (one node of
+    /// the cluster does a job at a time, such as delivering a webhook). A holder that stops
+    /// renewing loses it after `ttl`.
+    pub async fn hold_lease(&self, name: &str, ttl: Duration) -> Result<bool, ClusterError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = redis::Script::new(LEASE)
+            .key(format!("{}:lease:{name}", self.prefix))
+            .arg(&self.node)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
+    }
+
+    /// A small value the cluster keeps under `name` (a webhook's cursor).
+    pub async fn load(&self, name: &str) -> Result<Option<String>, ClusterError> {
+        let mut conn = self.conn.clone();
+        conn.get(format!("{}:kept:{name}", self.prefix))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Keeps `value` under `name`; with `only_new`, only if nothing is kept there yet.
+    pub async fn keep(&self, name: &str, value: &str, only_new: bool) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:kept:{name}", self.prefix);
+        if only_new {
+            conn.set_nx::<_, _, ()>(key, value).await
+        } else {
+            conn.set::<_, _, ()>(key, value).await
+        }
+        .map_err(unavailable)
     }
 
     /// Takes offline the users of nodes whose last report is older than the TTL. Each dead node

@@ -188,7 +188,12 @@ pub async fn serve_split(
         auth: config.auth.clone(),
         limits,
         metrics_route: config.metrics_listen.is_none(),
-        webhooks: webhook::start(&hub, config.webhooks.clone(), config.data_dir.as_deref()),
+        webhooks: webhook::start(
+            &hub,
+            config.webhooks.clone(),
+            config.data_dir.as_deref(),
+            node.cluster.clone(),
+        ),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
     let settings = listen::ConnectionSettings {

@@ -261,3 +261,46 @@ async fn events_that_fell_out_of_history_arrive_as_one_gap() {
         ids[15..].iter().map(String::as_str).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn in_a_cluster_one_node_delivers_each_hook_and_another_takes_over() {
+    let redis = crate::cluster::Redis::start();
+    let (receiver, url) = Receiver::start(0, Duration::ZERO).await;
+    let redis_url = redis.url();
+    let args = [
+        "--redis",
+        redis_url.as_str(),
+        "--webhook",
+        &url,
+        "--webhook-topics",
+        "t",
+    ];
+    let a = Server::start(&args).await;
+    let b = Server::start(&args).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = publish_n(&a, "t", 10).await;
+    ids.extend(publish_n(&b, "t", 10).await);
+    let got = receiver.until_accepted(20, PATIENCE).await;
+    let got_ids: Vec<&str> = got.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        got_ids, ids,
+        "each event once, in order, though both nodes have the hook"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.accepted().len(), 20, "no second deliverer");
+
+    // The holder may be either node: kill A, publish on B. Delivery goes on from the kept
+    // cursor (after A's lease expires, if A held it).
+    a.signal("KILL");
+    drop(a);
+    ids.extend(publish_n(&b, "t", 5).await);
+    let got = receiver.until_accepted(25, PATIENCE * 3).await;
+    let mut distinct: Vec<&str> = got.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    distinct.dedup();
+    assert_eq!(distinct, ids);
+    println!("duplicates after the kill: {}", got.len() - ids.len());
+    assert!(
+        got.len() - ids.len() <= 1,
+        "only the delivery in flight may repeat"
+    );
+}
