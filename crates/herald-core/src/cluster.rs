@@ -256,6 +256,7 @@ impl Cluster {
     async fn report(&self) -> Result<(), ClusterError> {
         let _writing = self.writing.lock().await;
         let users = self.hub.users(None, usize::MAX);
+        let selectors = self.hub.subscriptions();
         let s = self.hub.stats();
         let now = now_ms();
         let users_key = self.key(&self.node, "users");
@@ -266,6 +267,14 @@ impl Cluster {
             let fields: Vec<(&str, usize)> = chunk.iter().map(|(u, n)| (u.as_str(), *n)).collect();
             pipe.hset_multiple(&users_key, &fields).ignore();
         }
+        let selectors_key = self.key(&self.node, "selectors");
+        pipe.del(&selectors_key).ignore();
+        for chunk in selectors.chunks(1000) {
+            let fields: Vec<(&str, usize)> = chunk.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+            pipe.hset_multiple(&selectors_key, &fields).ignore();
+        }
+        pipe.pexpire(&selectors_key, self.node_ttl_ms as i64)
+            .ignore();
         pipe.pexpire(&users_key, USERS_KEEP_MS)
             .ignore()
             .hset_multiple(
@@ -517,6 +526,35 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Selectors with stream counts summed over the nodes: this node's live, the others' as
+    /// they last reported (every `--cluster-report`).
+    async fn all_subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
+        let mut merged: BTreeMap<String, usize> = self
+            .hub
+            .subscriptions()
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect();
+        let peers = self.peers().await?;
+        if !peers.is_empty() {
+            let mut pipe = redis::pipe();
+            for p in &peers {
+                pipe.hgetall(self.key(p, "selectors"));
+            }
+            let mut conn = self.conn.clone();
+            let shares: Vec<BTreeMap<String, usize>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for share in shares {
+                for (selector, n) in share {
+                    *merged.entry(selector).or_default() += n;
+                }
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
 /// Every node: this one's share read live, the others' from their last reports.
 #[async_trait::async_trait]
 impl Presence for Cluster {
@@ -544,6 +582,10 @@ impl Presence for Cluster {
 
     async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
         Ok(Some(self.stats().await?.1))
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
+        self.all_subscriptions().await
     }
 }
 

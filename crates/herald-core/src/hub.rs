@@ -501,6 +501,11 @@ impl Hub {
             .map(|until| *until - now)
     }
 
+    /// Every selector this hub's open streams hold, with their stream counts, sorted.
+    pub fn subscriptions(&self) -> Vec<(Selector, usize)> {
+        self.inner.subscriptions().into_iter().collect()
+    }
+
     /// Open connections of `user` on this hub.
     pub fn connections_of(&self, user: &UserId) -> usize {
         self.inner.connections_of(user)

@@ -186,6 +186,18 @@ impl Fanout {
             .collect()
     }
 
+    /// Every selector open streams hold, with how many streams hold it.
+    pub(crate) fn subscriptions(&self) -> BTreeMap<Selector, usize> {
+        let reg = self.registry.read();
+        let mut out: BTreeMap<Selector, usize> = BTreeMap::new();
+        for (_, sub) in reg.subs.iter() {
+            for selector in &sub.selectors {
+                *out.entry(selector.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Open connections of `user` on this hub.
     pub(crate) fn connections_of(&self, user: &UserId) -> usize {
         self.registry.read().users.get(user).map_or(0, Vec::len)

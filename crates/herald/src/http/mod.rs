@@ -83,6 +83,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/broadcast"),
     ("get", "/users"),
     ("get", "/users/{id}"),
+    ("get", "/subscriptions"),
     ("get", "/users/{id}/messages"),
     ("post", "/users/{id}/messages"),
     ("delete", "/users/{id}/connections"),
@@ -137,6 +138,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         .route("/publish", post(publish::publish))
         .route("/broadcast", post(publish::broadcast))
         .route("/users", get(presence::users))
+        .route("/subscriptions", get(presence::subscriptions))
         .route("/users/{id}", get(presence::user))
         .route(
             "/users/{id}/messages",

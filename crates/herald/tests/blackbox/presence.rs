@@ -309,3 +309,84 @@ async fn a_killed_node_s_users_go_offline_once_announced_by_a_survivor() {
     assert_eq!(replayed, offline);
     quiet(&mut from_c, Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn subscriptions_list_selectors_with_stream_counts_paged_and_cluster_wide() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&redis, "200ms").await;
+    let mut held = Vec::new();
+    for (node, query) in [
+        (&a, "topic=chat/a&topic=chat/*"),
+        (&a, "topic=chat/a"),
+        (&b, "topic=chat/a"),
+        (&b, "topic=news/**"),
+    ] {
+        let mut sse = node.subscribe(query).await;
+        sse.opened().await;
+        held.push(sse);
+    }
+    let v = a
+        .eventually("/subscriptions", |v| {
+            v["subscriptions"].as_array().is_some_and(|s| s.len() == 3)
+                && v["subscriptions"][1]["streams"] == 3
+        })
+        .await;
+    assert_eq!(
+        v,
+        json!({"subscriptions": [
+            {"selector": "chat/*", "streams": 1},
+            {"selector": "chat/a", "streams": 3},
+            {"selector": "news/**", "streams": 1},
+        ], "next": null})
+    );
+    let (_, page) = a.get("/subscriptions?prefix=chat/&limit=1").await;
+    assert_eq!(
+        page,
+        json!({"subscriptions": [{"selector": "chat/*", "streams": 1}], "next": "chat/*"})
+    );
+    let (_, page) = a
+        .get("/subscriptions?prefix=chat/&limit=1&cursor=chat/*")
+        .await;
+    assert_eq!(
+        page,
+        json!({"subscriptions": [{"selector": "chat/a", "streams": 3}], "next": null})
+    );
+    let (status, v) = a.get("/subscriptions?limit=0").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_limit"))
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_are_for_the_publish_key_or_admins() {
+    let s = Server::start(&["--jwt-secret", SECRET, "--publish-key", KEY]).await;
+    let r = s
+        .http()
+        .get(format!("{}/subscriptions", s.url))
+        .send()
+        .await
+        .unwrap();
+    expect_error(json_of(r).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    let user = token(json!({"sub": "u"}));
+    let r = s
+        .http()
+        .get(format!("{}/subscriptions", s.url))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    expect_error(json_of(r).await, StatusCode::FORBIDDEN, "forbidden");
+    let r = s
+        .http()
+        .get(format!("{}/subscriptions", s.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json_of(r).await;
+    assert_eq!(
+        (status, v),
+        (StatusCode::OK, json!({"subscriptions": [], "next": null}))
+    );
+}
