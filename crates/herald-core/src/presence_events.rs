@@ -251,28 +251,21 @@ async fn run(
         tokio::select! {
             biased;
             change = changes.recv() => {
-                let Some(user) = change else { return };
+                let Some(first) = change else { return };
                 let Some(hub) = hub.upgrade() else { return };
-                let local = hub.connections_of(&user);
-                if let Err(e) = ledger.count(&user, local).await {
-                    tracing::warn!(%user, error = %e, "presence: pushing a change failed");
-                }
-                if local > 0 {
-                    graces.cancel(&user);
-                    if !here.contains(&user) {
-                        match ledger.online(&user, local).await {
-                            Ok(t) => {
-                                here.insert(user.clone());
-                                if let Some(t) = t {
-                                    announce(&hub, &user, true, t).await;
-                                }
-                            }
-                            // Not marked here: the user's next change tries again.
-                            Err(e) => tracing::warn!(%user, error = %e, "presence: online not recorded"),
-                        }
+                // A burst (a node's clients reconnecting) is taken at once, each user once: the
+                // count is read now, so older changes of the same user add nothing.
+                let mut users = vec![first];
+                while users.len() < BURST {
+                    match changes.try_recv() {
+                        Ok(user) => users.push(user),
+                        Err(_) => break,
                     }
-                } else if here.contains(&user) {
-                    graces.set(user, Instant::now() + grace);
+                }
+                users.sort();
+                users.dedup();
+                for user in users {
+                    change_of(&hub, &*ledger, &mut here, &mut graces, grace, user).await;
                 }
             }
             () = due => {
@@ -296,6 +289,43 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Most changes taken from the channel at once.
+const BURST: usize = 1024;
+
+/// One user's connections on this node changed: record it, and announce them online when it is
+/// their first stream here (the ledger says whether it is their first anywhere), or start their
+/// grace when it was their last.
+async fn change_of(
+    hub: &Hub,
+    ledger: &dyn Ledger,
+    here: &mut HashSet<UserId>,
+    graces: &mut Graces,
+    grace: Duration,
+    user: UserId,
+) {
+    let local = hub.connections_of(&user);
+    if let Err(e) = ledger.count(&user, local).await {
+        tracing::warn!(%user, error = %e, "presence: pushing a change failed");
+    }
+    if local > 0 {
+        graces.cancel(&user);
+        if !here.contains(&user) {
+            match ledger.online(&user, local).await {
+                Ok(t) => {
+                    here.insert(user.clone());
+                    if let Some(t) = t {
+                        announce(hub, &user, true, t).await;
+                    }
+                }
+                // Not marked here: the user's next change tries again.
+                Err(e) => tracing::warn!(%user, error = %e, "presence: online not recorded"),
+            }
+        }
+    } else if here.contains(&user) {
+        graces.set(user, Instant::now() + grace);
     }
 }
 
