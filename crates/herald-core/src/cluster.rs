@@ -1,6 +1,11 @@
-//! Cluster-wide presence and control through Redis. Each node reports its users and counters every
-//! second under keys that expire with it (a dead node's share vanishes within seconds); closing a
-//! user travels to every node on a pub/sub channel. This node's own share is always read live.
+//! Cluster-wide presence and control through Redis. Each node writes a change of its users'
+//! connection counts to Redis as it happens (so every node sees it at once), and reports its users
+//! and counters periodically, which keeps it alive: a node whose report is older than the TTL is
+//! dead, and the first survivor to notice takes its users offline (once: it removes the node with
+//! `ZREM`, and only the remover reaps). Presence transitions (`herald.presence`) are decided by
+//! Lua scripts over the same keys, so exactly one node announces each one, with a generation from
+//! one cluster-wide `INCR`. Closing a user travels to every node on a pub/sub channel. This node's
+//! own share is always read live.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,18 +22,152 @@ use crate::hub::Hub;
 use crate::name::UserId;
 use crate::presence::{ClusterError, Online, Presence};
 use crate::redis_link::RedisLink;
+use crate::presence_events::{self, Ledger, Transition};
 
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-/// A node whose last report is older than this is gone.
-const NODE_TTL_MS: u64 = 5_000;
+/// A node whose last report is older than this many report intervals (and at least 5 s) is gone.
+const TTL_REPORTS: u32 = 5;
+/// A node's users stay readable this long after its last write, for the survivor that reaps it.
+const USERS_KEEP_MS: i64 = 86_400_000;
+
+/// Takes or renews the lease KEYS[1] for this node (ARGV[1]) for ARGV[2] ms: 1 while it holds it.
+const LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+";
+
+/// Marks `user` online unless it is; then the cluster-wide generation. KEYS: presence, generation.
+const ONLINE: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 0 then return false end
+return redis.call('INCR', KEYS[2])
+";
+
+/// Marks `user` offline if it is online and no live node holds one of its streams; then the
+/// generation. KEYS: presence, generation, nodes; ARGV: user, live since (ms), key prefix.
+const OFFLINE: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[2], '+inf')) do
+  local c = redis.call('HGET', ARGV[3] .. ':node:' .. n .. ':users', ARGV[1])
+  if c and tonumber(c) > 0 then return false end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return redis.call('INCR', KEYS[2])
+";
 
 /// This node's view of the cluster.
 pub struct Cluster {
     hub: Hub,
+    keys: Keys,
     node: String,
     prefix: String,
     /// Every command goes to the current primary (see [`RedisLink`]).
     conn: RedisLink,
+    node_ttl_ms: u64,
+    /// Held while this node's users are written (a report or a pushed change), so a report's
+    /// snapshot never overwrites a newer change.
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The Redis keys of one node and of the cluster's presence.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+    node: String,
+}
+
+impl Keys {
+    fn users(&self, node: &str) -> String {
+        format!("{}:node:{node}:users", self.prefix)
+    }
+    fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+    fn presence(&self) -> String {
+        format!("{}:presence", self.prefix)
+    }
+    fn generation(&self) -> String {
+        format!("{}:presence:generation", self.prefix)
+    }
+}
+
+/// Decides presence transitions for every node (see [`ONLINE`], [`OFFLINE`]); pushes this node's
+/// counts as they change.
+struct RedisLedger {
+    hub: crate::hub::WeakHub,
+    keys: Keys,
+    conn: RedisLink,
+    node_ttl_ms: u64,
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[async_trait::async_trait]
+impl Ledger for RedisLedger {
+    async fn count(&self, user: &UserId, _local: usize) -> Result<(), ClusterError> {
+        let Some(hub) = self.hub.upgrade() else {
+            return Ok(());
+        };
+        let _writing = self.writing.lock().await;
+        // Read under the lock: whatever was written before holds an older count.
+        let local = hub.connections_of(user);
+        let key = self.keys.users(&self.keys.node);
+        let mut pipe = redis::pipe();
+        if local == 0 {
+            pipe.hdel(&key, user.as_str()).ignore();
+        } else {
+            pipe.hset(&key, user.as_str(), local).ignore();
+        }
+        pipe.pexpire(&key, USERS_KEEP_MS).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn online(
+        &self,
+        user: &UserId,
+        local: usize,
+    ) -> Result<Option<Transition>, ClusterError> {
+        let mut conn = self.conn.clone();
+        let generation: Option<u64> = redis::Script::new(ONLINE)
+            .key(self.keys.presence())
+            .key(self.keys.generation())
+            .arg(user.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(generation.map(|generation| Transition {
+            generation,
+            connections: local,
+        }))
+    }
+
+    async fn offline(&self, user: &UserId) -> Result<Option<Transition>, ClusterError> {
+        offline(&self.keys, &self.conn, self.node_ttl_ms, user).await
+    }
+}
+
+/// Runs [`OFFLINE`] for `user`.
+async fn offline(
+    keys: &Keys,
+    conn: &RedisLink,
+    node_ttl_ms: u64,
+    user: &UserId,
+) -> Result<Option<Transition>, ClusterError> {
+    let mut conn = conn.clone();
+    let generation: Option<u64> = redis::Script::new(OFFLINE)
+        .key(keys.presence())
+        .key(keys.generation())
+        .key(keys.nodes())
+        .arg(user.as_str())
+        .arg(now_ms().saturating_sub(node_ttl_ms))
+        .arg(&keys.prefix)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(generation.map(|generation| Transition {
+        generation,
+        connections: 0,
+    }))
 }
 
 impl std::fmt::Debug for Cluster {
@@ -45,25 +184,56 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterError {
 
 impl Cluster {
     /// Joins the cluster whose shared history is `store` (the one `hub` was built with): starts
-    /// reporting this hub's presence and listening for control messages, on `store`'s Redis.
-    pub fn start(hub: Hub, store: &RedisHistory) -> Arc<Cluster> {
+    /// reporting this hub's presence every `report_every` (`1s` is a good value) and
+    /// listening for control messages, on `store`'s Redis. With `presence_grace`, it announces
+    /// presence transitions (`herald.presence`) for the whole cluster, with the others.
+    pub fn start(
+        hub: Hub,
+        store: &RedisHistory,
+        report_every: Duration,
+        presence_grace: Option<Duration>,
+    ) -> Arc<Cluster> {
         let (conn, prefix) = (store.link(), store.prefix());
         let node = format!("{:016x}", rand_id());
         tracing::info!(node, "joined the cluster");
+        let node_ttl_ms = (report_every * TTL_REPORTS)
+            .max(Duration::from_secs(5))
+            .as_millis() as u64;
+        let keys = Keys {
+            prefix: prefix.to_string(),
+            node: node.clone(),
+        };
+        let writing = Arc::new(tokio::sync::Mutex::new(()));
+        if let Some(grace) = presence_grace {
+            let ledger = RedisLedger {
+                hub: hub.downgrade(),
+                keys: keys.clone(),
+                conn: conn.clone(),
+                node_ttl_ms,
+                writing: writing.clone(),
+            };
+            presence_events::start(&hub, Arc::new(ledger), grace, Vec::new());
+        }
         let cluster = Arc::new(Cluster {
             hub,
+            keys,
             node,
             prefix: prefix.to_string(),
             conn,
+            node_ttl_ms,
+            writing,
         });
         let weak = Arc::downgrade(&cluster);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REPORT_EVERY);
+            let mut tick = tokio::time::interval(report_every);
             loop {
                 tick.tick().await;
                 let Some(cluster) = weak.upgrade() else { break };
                 if let Err(e) = cluster.report().await {
                     tracing::debug!(error = %e, "presence report failed");
+                }
+                if let Err(e) = cluster.reap().await {
+                    tracing::debug!(error = %e, "reaping dead nodes failed");
                 }
             }
         });
@@ -85,7 +255,9 @@ impl Cluster {
 
     /// Writes this node's users and counters, refreshing their expiry.
     async fn report(&self) -> Result<(), ClusterError> {
+        let _writing = self.writing.lock().await;
         let users = self.hub.users(None, usize::MAX);
+        let selectors = self.hub.subscriptions();
         let s = self.hub.stats();
         let now = now_ms();
         let users_key = self.key(&self.node, "users");
@@ -96,7 +268,15 @@ impl Cluster {
             let fields: Vec<(&str, usize)> = chunk.iter().map(|(u, n)| (u.as_str(), *n)).collect();
             pipe.hset_multiple(&users_key, &fields).ignore();
         }
-        pipe.pexpire(&users_key, NODE_TTL_MS as i64)
+        let selectors_key = self.key(&self.node, "selectors");
+        pipe.del(&selectors_key).ignore();
+        for chunk in selectors.chunks(1000) {
+            let fields: Vec<(&str, usize)> = chunk.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+            pipe.hset_multiple(&selectors_key, &fields).ignore();
+        }
+        pipe.pexpire(&selectors_key, self.node_ttl_ms as i64)
+            .ignore();
+        pipe.pexpire(&users_key, USERS_KEEP_MS)
             .ignore()
             .hset_multiple(
                 &stats_key,
@@ -113,20 +293,96 @@ impl Cluster {
                 ],
             )
             .ignore()
-            .pexpire(&stats_key, NODE_TTL_MS as i64)
+            .pexpire(&stats_key, self.node_ttl_ms as i64)
             .ignore()
             .zadd(self.nodes_key(), &self.node, now)
-            .ignore()
-            .zrembyscore(self.nodes_key(), 0, now.saturating_sub(NODE_TTL_MS))
             .ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
+    /// Takes the lease `name` for `ttl`, or renews it: true while this node holds it (one node of
+    /// the cluster does a job at a time, such as delivering a webhook). A holder that stops
+    /// renewing loses it after `ttl`.
+    pub async fn hold_lease(&self, name: &str, ttl: Duration) -> Result<bool, ClusterError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = redis::Script::new(LEASE)
+            .key(format!("{}:lease:{name}", self.prefix))
+            .arg(&self.node)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
+    }
+
+    /// A small value the cluster keeps under `name` (a webhook's cursor).
+    pub async fn load(&self, name: &str) -> Result<Option<String>, ClusterError> {
+        let mut conn = self.conn.clone();
+        conn.get(format!("{}:kept:{name}", self.prefix))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Keeps `value` under `name`; with `only_new`, only if nothing is kept there yet.
+    pub async fn keep(&self, name: &str, value: &str, only_new: bool) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:kept:{name}", self.prefix);
+        if only_new {
+            conn.set_nx::<_, _, ()>(key, value).await
+        } else {
+            conn.set::<_, _, ()>(key, value).await
+        }
+        .map_err(unavailable)
+    }
+
+    /// Takes offline the users of nodes whose last report is older than the TTL. Each dead node
+    /// is reaped by the one survivor whose `ZREM` removed it; the [`OFFLINE`] script then decides
+    /// per user (they may hold streams on live nodes), so each offline event is published once.
+    async fn reap(&self) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let dead: Vec<String> = conn
+            .zrangebyscore(
+                self.nodes_key(),
+                0,
+                now_ms().saturating_sub(self.node_ttl_ms),
+            )
+            .await
+            .map_err(unavailable)?;
+        for node in dead {
+            let removed: usize = conn
+                .zrem(self.nodes_key(), &node)
+                .await
+                .map_err(unavailable)?;
+            if removed == 0 {
+                continue;
+            }
+            let users_key = self.keys.users(&node);
+            let users: BTreeMap<String, usize> =
+                conn.hgetall(&users_key).await.map_err(unavailable)?;
+            tracing::info!(
+                node,
+                users = users.len(),
+                "a node is gone: taking its users offline"
+            );
+            for user in users.keys().filter_map(|u| UserId::new(u).ok()) {
+                // This node may hold the user's streams itself: its own grace timer decides then.
+                if self.hub.connections_of(&user) > 0 {
+                    continue;
+                }
+                if let Some(t) = offline(&self.keys, &self.conn, self.node_ttl_ms, &user).await? {
+                    presence_events::announce(&self.hub, &user, false, t).await;
+                }
+            }
+            conn.del::<_, ()>(&users_key).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     /// The other live nodes.
     async fn peers(&self) -> Result<Vec<String>, ClusterError> {
         let mut conn = self.conn.clone();
-        let since = now_ms().saturating_sub(NODE_TTL_MS);
+        let since = now_ms().saturating_sub(self.node_ttl_ms);
         let nodes: Vec<String> = conn
             .zrangebyscore(self.nodes_key(), since, "+inf")
             .await
@@ -273,6 +529,35 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Selectors with stream counts summed over the nodes: this node's live, the others' as
+    /// they last reported (every `--cluster-report`).
+    async fn all_subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
+        let mut merged: BTreeMap<String, usize> = self
+            .hub
+            .subscriptions()
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect();
+        let peers = self.peers().await?;
+        if !peers.is_empty() {
+            let mut pipe = redis::pipe();
+            for p in &peers {
+                pipe.hgetall(self.key(p, "selectors"));
+            }
+            let mut conn = self.conn.clone();
+            let shares: Vec<BTreeMap<String, usize>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for share in shares {
+                for (selector, n) in share {
+                    *merged.entry(selector).or_default() += n;
+                }
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
 /// Every node: this one's share read live, the others' from their last reports.
 #[async_trait::async_trait]
 impl Presence for Cluster {
@@ -300,6 +585,10 @@ impl Presence for Cluster {
 
     async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
         Ok(Some(self.stats().await?.1))
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
+        self.all_subscriptions().await
     }
 }
 

@@ -263,6 +263,14 @@ impl Event {
         })
     }
 
+    /// Published by the hub itself (a `herald.presence` event), not by a publisher: not counted
+    /// as published.
+    pub fn is_from_hub(&self) -> bool {
+        self.event_type
+            .as_ref()
+            .is_some_and(|t| t.as_str() == crate::name::PRESENCE_EVENT)
+    }
+
     /// Private events reach only connections whose rights match one of their topics (or, for a
     /// message to users, that user). A message to users is always private.
     pub fn is_private(&self) -> bool {

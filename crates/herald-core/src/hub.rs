@@ -14,7 +14,7 @@ use crate::event::{Event, Message};
 use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
-    Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
+    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
 use crate::name::{Selector, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
@@ -282,9 +282,35 @@ pub struct Hub {
     feed: Arc<Feed>,
 }
 
+/// A hub that does not keep it alive (for the hub's own background tasks).
+#[derive(Clone, Debug)]
+pub(crate) struct WeakHub {
+    inner: std::sync::Weak<Fanout>,
+    jobs: mpsc::WeakSender<Job>,
+    feed: std::sync::Weak<Feed>,
+}
+
+impl WeakHub {
+    pub(crate) fn upgrade(&self) -> Option<Hub> {
+        Some(Hub {
+            inner: self.inner.upgrade()?,
+            jobs: self.jobs.upgrade()?,
+            feed: self.feed.upgrade()?,
+        })
+    }
+}
+
 impl Hub {
     pub fn builder() -> HubBuilder {
         HubBuilder::default()
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakHub {
+        WeakHub {
+            inner: Arc::downgrade(&self.inner),
+            jobs: self.jobs.downgrade(),
+            feed: Arc::downgrade(&self.feed),
+        }
     }
 
     /// Registers a connection and returns its stream of SSE frames. The registration is in place
@@ -374,6 +400,22 @@ impl Hub {
         if let Some(index) = messages.iter().position(|m| m.targets.is_empty()) {
             return Err(PublishError::NoTarget { index });
         }
+        for (index, m) in messages.iter().enumerate() {
+            if let Some(topic) = m.targets.topics.iter().find(|t| t.is_reserved()) {
+                return Err(PublishError::ReservedTopic {
+                    index,
+                    topic: topic.to_string(),
+                });
+            }
+        }
+        self.commit(messages).await
+    }
+
+    /// Sends messages to the committer, reserved topics included (the hub's own publishes).
+    pub(crate) async fn commit(
+        &self,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Published>, PublishError> {
         let stopped = || PublishError::Store(HistoryError::Unavailable("the hub stopped".into()));
         let (reply, answer) = oneshot::channel();
         self.jobs
@@ -438,6 +480,11 @@ impl Hub {
         }
     }
 
+    /// Reads the history (what a resuming stream reads): at most `limit` events from `from`.
+    pub async fn read_history(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.inner.history.read(from, limit).await
+    }
+
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.
     pub fn users(&self, after: Option<&UserId>, limit: usize) -> Vec<(UserId, usize)> {
         self.inner.users(after, limit)
@@ -452,6 +499,11 @@ impl Hub {
             .get(user)
             .filter(|until| **until > now)
             .map(|until| *until - now)
+    }
+
+    /// Every selector this hub's open streams hold, with their stream counts, sorted.
+    pub fn subscriptions(&self) -> Vec<(Selector, usize)> {
+        self.inner.subscriptions().into_iter().collect()
     }
 
     /// Open connections of `user` on this hub.
@@ -473,6 +525,19 @@ impl Hub {
     /// (to this hub's successor) with their last id.
     pub fn shutdown(&self) {
         self.inner.shutdown();
+    }
+
+    /// The users whose connections open or close on this hub, from now on (one receiver per hub:
+    /// `None` when already taken).
+    pub(crate) fn watch_users(&self) -> Option<mpsc::UnboundedReceiver<UserId>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.user_changes.set(tx).ok()?;
+        Some(rx)
+    }
+
+    /// The hub's history store.
+    pub(crate) fn history(&self) -> &Arc<dyn History> {
+        &self.inner.history
     }
 
     /// False while a shared history (cluster mode) cannot be reached.

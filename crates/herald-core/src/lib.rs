@@ -17,6 +17,7 @@
 //! | `stream/` | [`Start`] and [`EventStream`]: preamble, replay, live events, heartbeats, close |
 //! | `hub` | [`Hub`] and [`HubBuilder`]: builds the parts, admits connections, takes publishes |
 //! | `presence` | [`Presence`]: who is online and closing users, answered by the [`Hub`] for this node or by `Cluster` for all |
+//! | `presence_events` | `herald.presence` events on `$presence/{user}`: this node's grace timers, and a [`presence_events::Ledger`] that decides transitions and generations |
 //! | `cluster` | `Cluster` (feature `redis`): presence and closing users across nodes, through Redis |
 //! | `sse_parser` | a `text/event-stream` parser (for clients and tests; the engine encodes, never parses) |
 //!
@@ -64,6 +65,7 @@ pub mod history;
 mod hub;
 pub mod name;
 mod presence;
+pub mod presence_events;
 mod publish;
 #[cfg(feature = "redis")]
 pub mod redis_link;

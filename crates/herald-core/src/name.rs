@@ -27,6 +27,9 @@ pub enum NameError {
     Reserved,
 }
 
+/// The type of the presence events the hub publishes (see `presence_events`).
+pub const PRESENCE_EVENT: &str = "herald.presence";
+
 const TOPIC_MAX: usize = 255;
 const USER_MAX: usize = 128;
 const EVENT_TYPE_MAX: usize = 256;
@@ -138,6 +141,12 @@ impl Topic {
     pub fn segments(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
     }
+
+    /// Whether the topic belongs to herald (its first segment starts with `$`, like
+    /// `$presence/alice`): only the hub publishes to it, and only an explicit right subscribes.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with('$')
+    }
 }
 
 impl Selector {
@@ -150,6 +159,13 @@ impl Selector {
         self.0.split('/')
     }
 
+    /// Whether the selector asks for herald's own topics: its first segment is a literal starting
+    /// with `$`. Only such a selector matches a reserved topic (a first-level `*` or `**` never
+    /// does, as in MQTT), so `**` does not quietly subscribe to `$presence/…`.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with('$')
+    }
+
     /// True when the selector has no wildcard segment and so matches exactly one topic.
     pub fn is_exact(&self) -> bool {
         !self.segments().any(|s| s == "*" || s == "**")
@@ -160,6 +176,10 @@ impl Selector {
         // Most selectors are plain topics; a topic never holds `*`, so equal strings decide.
         if !self.0.contains('*') {
             return *self.0 == *topic.0;
+        }
+        // A reserved topic is matched only by a selector naming its first segment.
+        if topic.is_reserved() && !self.is_reserved() {
+            return false;
         }
         let mut topic_segs = topic.segments();
         for sel in self.segments() {
@@ -185,6 +205,10 @@ impl Selector {
     /// matched by `self`. `chat/*` covers `chat/a` and `chat/*`, but not `chat/**`; `chat/**`
     /// covers `chat/*` and `chat/a/**`; `**` covers everything.
     pub fn covers(&self, other: &Selector) -> bool {
+        // Herald's own topics are covered only by a right that names them (`$presence/**`).
+        if other.is_reserved() && !self.is_reserved() {
+            return false;
+        }
         let mut rights = self.segments();
         let mut wanted = other.segments();
         loop {
@@ -241,6 +265,15 @@ impl EventType {
         Ok(Self(s.into()))
     }
 
+    /// A type read back from a store: what [`EventType::new`] accepts, or a type the hub itself
+    /// publishes into history (`herald.presence`).
+    pub(crate) fn stored(s: &str) -> Result<Self, NameError> {
+        match s {
+            PRESENCE_EVENT => Ok(Self::reserved(PRESENCE_EVENT)),
+            _ => Self::new(s),
+        }
+    }
+
     /// Hub-reserved types (`herald.gap`, `herald.close`) are built only inside the crate.
     pub(crate) fn reserved(s: &'static str) -> Self {
         debug_assert!(s.starts_with("herald."));
@@ -289,6 +322,23 @@ mod tests {
         assert_eq!(Selector::new("a//b"), Err(NameError::EmptySegment));
         assert!(sel("a/b").is_exact());
         assert!(!sel("a/*").is_exact());
+    }
+
+    #[test]
+    fn reserved_topics_need_a_selector_that_names_them() {
+        assert!(t("$presence/alice").is_reserved());
+        assert!(!t("presence/$x").is_reserved());
+        for wild in ["**", "*/alice", "*/*", "*/**"] {
+            assert!(!sel(wild).matches(&t("$presence/alice")), "{wild}");
+        }
+        assert!(sel("**").matches(&t("presence/alice")));
+        assert!(sel("$presence/*").matches(&t("$presence/alice")));
+        assert!(sel("$presence/**").matches(&t("$presence/alice")));
+        assert!(sel("$presence/alice").matches(&t("$presence/alice")));
+        assert!(!sel("**").covers(&sel("$presence/*")));
+        assert!(!sel("*/**").covers(&sel("$presence/alice")));
+        assert!(sel("$presence/**").covers(&sel("$presence/*")));
+        assert!(sel("$presence/*").covers(&sel("$presence/alice")));
     }
 
     #[test]

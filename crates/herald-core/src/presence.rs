@@ -43,6 +43,8 @@ pub trait Presence: Send + Sync + std::fmt::Debug {
     ) -> Result<usize, ClusterError>;
     /// The counters.
     async fn totals(&self) -> Result<Stats, ClusterError>;
+    /// Every selector open streams hold, with their stream counts, sorted by selector.
+    async fn subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError>;
     /// Each live node's id with its connections; `None` for a single node.
     async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
         Ok(None)
@@ -78,5 +80,12 @@ impl Presence for Hub {
 
     async fn totals(&self) -> Result<Stats, ClusterError> {
         Ok(self.stats())
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
+        Ok(Hub::subscriptions(self)
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect())
     }
 }

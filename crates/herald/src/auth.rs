@@ -264,12 +264,24 @@ impl Auth {
     }
 
     /// The caller of `GET /events`: a bearer token, else the `herald_token` cookie, else the
-    /// `access_token` query value. Publish keys are not accepted here.
+    /// `access_token` query value. A publish key is accepted only as `Authorization: Bearer` of a
+    /// stream that asks for herald's own `$` topics (`reserved`): a backend following presence.
     pub(crate) fn subscriber(
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
+        reserved: bool,
     ) -> Result<Caller, AuthError> {
+        if reserved
+            && !self.publish_keys.is_empty()
+            && let Some(bearer) = bearer(headers)?
+            && let Some(i) = self
+                .publish_keys
+                .iter()
+                .position(|k| same(k.as_bytes(), bearer.as_bytes()))
+        {
+            return Ok(Caller::PublishKey(i));
+        }
         if self.jwt.is_none() {
             // With publish keys, a token-less subscriber is anonymous unless openness was asked
             // for: otherwise anyone could connect as `user=alice` and read her private events.

@@ -55,6 +55,12 @@ pub struct Config {
     pub h2_max_streams: u32,
     /// Certificates from ACME instead of `tls`.
     pub acme: Option<AcmeSettings>,
+    /// How long a user's `online: false` presence event waits after their last stream closed.
+    pub presence_grace: Duration,
+    /// How often a cluster node reports its users and counters to Redis.
+    pub cluster_report: Duration,
+    /// Where events are POSTed (`--webhook`, with `--webhook-secret` and `--webhook-topics`).
+    pub webhooks: Vec<crate::webhook::Hook>,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -328,7 +334,45 @@ impl RawConfig {
             tls,
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
             acme,
+            presence_grace: self.get(&s::PRESENCE_GRACE)?,
+            cluster_report: self.get(&s::CLUSTER_REPORT)?,
+            webhooks: self.webhooks()?,
         })
+    }
+
+    /// `--webhook` URLs (http or https), each with the secret and the topic selectors.
+    fn webhooks(&self) -> Result<Vec<crate::webhook::Hook>, ConfigError> {
+        let urls: Vec<String> = self.list(&s::WEBHOOK)?;
+        let secret: Option<String> = self.value(&s::WEBHOOK_SECRET)?;
+        let mut texts: Vec<String> = self.list(&s::WEBHOOK_TOPICS)?;
+        if texts.is_empty() {
+            texts = s::WEBHOOK_TOPICS
+                .default
+                .into_iter()
+                .map(String::from)
+                .collect();
+        }
+        let topics = texts
+            .iter()
+            .map(|t| {
+                herald_core::Selector::new(t)
+                    .map_err(|e| invalid("webhook-topics", format!("'{t}' {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        urls.into_iter()
+            .map(|url| {
+                let parsed = reqwest::Url::parse(&url)
+                    .map_err(|e| invalid("webhook", format!("'{url}' is not a URL: {e}")))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(invalid("webhook", format!("'{url}' is not an http(s) URL")));
+                }
+                Ok(crate::webhook::Hook {
+                    url,
+                    secret: secret.clone(),
+                    topics: topics.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The source of HTTPS certificates, if any: files (loaded and checked here) or ACME.

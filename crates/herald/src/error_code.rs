@@ -82,6 +82,8 @@ error_codes! {
     InvalidReason = "invalid_reason", BAD_REQUEST, retry None, "'reason' must be 1 to 256 bytes";
     /// A message the history's row layout cannot hold; nothing was stored.
     Unstorable = "unstorable", BAD_REQUEST, retry None, "the message cannot be stored";
+    /// A publish to a topic starting with `$` (such as `$presence/alice`): those are herald's own.
+    ReservedTopic = "reserved_topic", BAD_REQUEST, retry None, "topics starting with '$' belong to herald";
     /// Plain HTTP sent to the HTTPS port (answered in plain HTTP, then the connection closes).
     HttpsRequired = "https_required", BAD_REQUEST, retry None, "this port speaks HTTPS (TLS): use an https:// URL";
     /// No credentials where they are needed, or a malformed `Authorization` header.

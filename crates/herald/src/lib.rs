@@ -55,6 +55,7 @@ mod listen;
 pub mod settings;
 mod stream_conn;
 pub mod tls;
+pub mod webhook;
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
@@ -129,7 +130,18 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         .max_selectors(config.max_selectors)
         .max_blocks(config.limits.max_blocks)
         .build()?;
-    let cluster = redis.map(|store| herald_core::Cluster::start(hub.clone(), &store));
+    let cluster = match redis {
+        Some(store) => Some(herald_core::Cluster::start(
+            hub.clone(),
+            &store,
+            config.cluster_report,
+            Some(config.presence_grace),
+        )),
+        None => {
+            herald_core::presence_events::start_local(&hub, config.presence_grace).await;
+            None
+        }
+    };
     Ok(Node { hub, cluster })
 }
 
@@ -180,6 +192,12 @@ pub async fn serve_split(
         auth: config.auth.clone(),
         limits,
         metrics_route: config.metrics_listen.is_none(),
+        webhooks: webhook::start(
+            &hub,
+            config.webhooks.clone(),
+            config.data_dir.as_deref(),
+            node.cluster.clone(),
+        ),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
     let settings = listen::ConnectionSettings {

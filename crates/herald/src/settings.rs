@@ -485,6 +485,40 @@ pub const ACME_CA_ROOT: Setting = Setting::one(
 )
 .unset("the web's roots");
 
+pub const PRESENCE_GRACE: Setting = Setting::one(
+    "presence-grace",
+    "DUR",
+    "how long after a user's last stream closes their `online: false` presence event waits for a new one (so a page reload is not an offline/online pair)",
+)
+.default("5s")
+.min("0s");
+
+pub const CLUSTER_REPORT: Setting = Setting::one(
+    "cluster-report",
+    "DUR",
+    "with `--redis`: how often each node reports its users and counters to Redis; changes are pushed as they happen, the report keeps a node alive (a node silent for 5 reports, at least 5 s, is gone and its users go offline)",
+)
+.default("1s")
+.min("100ms");
+
+pub const WEBHOOK: Setting = Setting::list(
+    "webhook",
+    "URL",
+    "POST every event of the `--webhook-topics` to this URL (JSON, signed with `--webhook-secret`), in order, at least once, retried until it answers 2xx; repeatable",
+);
+pub const WEBHOOK_SECRET: Setting = Setting::one(
+    "webhook-secret",
+    "S",
+    "sign webhook deliveries: `Herald-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">`",
+)
+.secret();
+pub const WEBHOOK_TOPICS: Setting = Setting::list(
+    "webhook-topics",
+    "SELECTOR",
+    "the topics webhooks deliver; repeatable",
+)
+.default("$presence/**");
+
 /// Every setting, in the order of `--help` and the README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
@@ -541,6 +575,11 @@ pub const SETTINGS: &[Setting] = &[
     ACME_CONTACT,
     ACME_CACHE,
     ACME_CA_ROOT,
+    PRESENCE_GRACE,
+    CLUSTER_REPORT,
+    WEBHOOK,
+    WEBHOOK_SECRET,
+    WEBHOOK_TOPICS,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

@@ -109,6 +109,15 @@ impl SelectorIndex {
     /// matching selectors is seen several times; the caller de-duplicates).
     pub(crate) fn for_each_match(&self, topic: &Topic, f: &mut impl FnMut(&Arc<Subscriber>)) {
         let segs: Vec<&str> = topic.segments().collect();
+        if topic.is_reserved() {
+            // A first-level `*` or `**` never matches a reserved topic (see `Selector::matches`).
+            if let Some((first, tail)) = segs.split_first()
+                && let Some(child) = self.root.child(first)
+            {
+                visit(child, tail, f);
+            }
+            return;
+        }
         visit(&self.root, &segs, f);
     }
 }
@@ -194,7 +203,19 @@ mod tests {
     #[test]
     fn trie_agrees_with_selector_matching() {
         let selectors = [
-            "chat", "chat/*", "chat/**", "chat/a", "*/a", "*", "**", "*/*/**", "chat/*/b", "x/y/z",
+            "chat",
+            "chat/*",
+            "chat/**",
+            "chat/a",
+            "*/a",
+            "*",
+            "**",
+            "*/*/**",
+            "chat/*/b",
+            "x/y/z",
+            "$presence/*",
+            "$presence/**",
+            "$presence/a",
         ];
         let topics = [
             "chat",
@@ -205,6 +226,9 @@ mod tests {
             "x/y/z",
             "q",
             "chat/a/b/c",
+            "$presence/a",
+            "$presence/b/c",
+            "$presence",
         ];
         let mut index = SelectorIndex::default();
         let subs: Vec<_> = (0..selectors.len()).map(sub).collect();

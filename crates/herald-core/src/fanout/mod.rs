@@ -11,7 +11,7 @@ mod subscriber;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,8 @@ pub(crate) struct Fanout {
     pub(crate) expiries: Expiries,
     pub(crate) ages: Ages,
     pub(crate) counters: Counters,
+    /// Told the user of every connection that opens or closes, once presence events are on.
+    pub(crate) user_changes: OnceLock<tokio::sync::mpsc::UnboundedSender<UserId>>,
     started: Instant,
 }
 
@@ -125,6 +127,7 @@ impl Fanout {
             expiries: Expiries::default(),
             ages: Ages::new(ages),
             counters: Counters::default(),
+            user_changes: OnceLock::new(),
             started: Instant::now(),
         }
     }
@@ -164,9 +167,16 @@ impl Fanout {
             id => Some(EventId(id)),
         };
         drop(reg);
+        self.user_changed(sub.user.as_ref());
         self.expiries.add(&sub);
         self.ages.add(&sub);
         Some((sub, baseline))
+    }
+
+    fn user_changed(&self, user: Option<&UserId>) {
+        if let (Some(user), Some(tx)) = (user, self.user_changes.get()) {
+            let _ = tx.send(user.clone());
+        }
     }
 
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.
@@ -178,6 +188,18 @@ impl Fanout {
             .take(limit)
             .map(|(u, subs)| (u.clone(), subs.len()))
             .collect()
+    }
+
+    /// Every selector open streams hold, with how many streams hold it.
+    pub(crate) fn subscriptions(&self) -> BTreeMap<Selector, usize> {
+        let reg = self.registry.read();
+        let mut out: BTreeMap<Selector, usize> = BTreeMap::new();
+        for (_, sub) in reg.subs.iter() {
+            for selector in &sub.selectors {
+                *out.entry(selector.clone()).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Open connections of `user` on this hub.
@@ -334,6 +356,7 @@ impl Fanout {
             reg.index.remove(selector, sub);
         }
         drop(reg);
+        self.user_changed(sub.user.as_ref());
         tracing::debug!(key = sub.key, user = ?sub.user, "connection closed");
     }
 }

@@ -91,9 +91,10 @@ async fn commit(hub: &Fanout, jobs: Vec<Job>, keys: &mut Keys) {
     let mut wakers = Vec::new();
     let (events, delivered) = match appended {
         Ok(events) => {
-            hub.counters
-                .published
-                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            hub.counters.published.fetch_add(
+                events.iter().filter(|e| !e.is_from_hub()).count() as u64,
+                Ordering::Relaxed,
+            );
             let delivered = hub.fan_out(&events, &mut wakers);
             for event in &events {
                 if let Some(key) = &event.idempotency_key {

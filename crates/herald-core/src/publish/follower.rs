@@ -103,7 +103,10 @@ pub(crate) async fn commit_shared(
     };
     feed.set_ready(true);
     // Counted here, on the node that accepted them; every node fans them out (and counts that).
-    let accepted = stored.iter().filter(|s| s.event.is_some()).count();
+    let accepted = stored
+        .iter()
+        .filter(|s| s.event.as_ref().is_some_and(|e| !e.is_from_hub()))
+        .count();
     hub.counters
         .published
         .fetch_add(accepted as u64, std::sync::atomic::Ordering::Relaxed);

@@ -12,6 +12,9 @@ pub enum PublishError {
     NoTarget { index: usize },
     #[error("an empty batch publishes nothing")]
     EmptyBatch,
+    /// Message `index` names a topic starting with `$`: those belong to the hub.
+    #[error("message {index} is for topic '{topic}': topics starting with '$' belong to the hub")]
+    ReservedTopic { index: usize, topic: String },
     /// Message `index` repeats an idempotency key already used (as event `id`; 0 when it was
     /// claimed in the same group and has no id yet) with a different payload.
     #[error("message {index} repeats an idempotency key with a different payload")]

@@ -84,7 +84,13 @@ fn authorize(
     access_token: Option<&str>,
     request: &mut SubscribeRequest,
 ) -> Result<(), ApiError> {
-    let caller = app.auth.subscriber(headers, access_token)?;
+    let reserved = request.selectors.iter().find(|s| s.is_reserved()).cloned();
+    let caller = app
+        .auth
+        .subscriber(headers, access_token, reserved.is_some())?;
+    if let Some(selector) = &reserved {
+        reserved_right(app, &caller, selector)?;
+    }
     match &caller {
         Caller::Open | Caller::PublishKey(_) => return Ok(()),
         Caller::Nobody if !app.auth.allows_anonymous() => {
@@ -121,7 +127,12 @@ fn authorize(
         }
     }
     let grant = caller.grant();
-    if let Some(s) = request.selectors.iter().find(|s| !grant.covers(s)) {
+    let admin = matches!(&caller, Caller::Token(t) if t.admin);
+    if let Some(s) = request
+        .selectors
+        .iter()
+        .find(|s| !(grant.covers(s) || (admin && s.is_reserved())))
+    {
         return Err(ApiError::new(
             ErrorCode::ForbiddenSelector,
             format!("the token's subscribe rights do not cover '{s}'"),
@@ -130,6 +141,28 @@ fn authorize(
     debug_assert!(!matches!(grant, Grant::All));
     request.grant = grant;
     Ok(())
+}
+
+/// Topics starting with `$` (herald's own, such as `$presence/alice`) need an explicit right: an
+/// open hub (no keys at all), the publish key, an admin token, or a token whose subscribe rights
+/// name them (`$presence/**`; a right of `**` does not, see `Selector::covers`). Anonymous
+/// connections never get them.
+fn reserved_right(app: &AppState, caller: &Caller, selector: &Selector) -> Result<(), ApiError> {
+    let allowed = match caller {
+        Caller::Open => app.auth.is_open(),
+        Caller::PublishKey(_) => true,
+        Caller::Token(t) => t.admin || t.subscribe.iter().any(|r| r.covers(selector)),
+        Caller::Nobody => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::ForbiddenSelector,
+        format!(
+            "'{selector}' is one of herald's own topics: subscribing needs the publish key, an admin token or a token whose subscribe rights name it"
+        ),
+    ))
 }
 
 /// The request, and the `access_token` query value (which is never logged).

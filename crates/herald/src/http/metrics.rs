@@ -5,6 +5,7 @@
 //! histograms, its buckets), and each node counts only its own work, so Prometheus `sum()` over
 //! the nodes of a cluster is right.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -113,6 +114,21 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "herald_replay_events",
         Kind::Histogram(EVENTS),
         "Events a new stream replayed from history before going live (Last-Event-ID or since).",
+    ),
+    (
+        "herald_webhook_deliveries_total",
+        Kind::Counter,
+        "Webhook deliveries (events and gap notices) the receiver accepted with 2xx, by hook URL.",
+    ),
+    (
+        "herald_webhook_failures_total",
+        Kind::Counter,
+        "Webhook attempts that failed (an error, a timeout or a non-2xx answer) and will be retried, by hook URL.",
+    ),
+    (
+        "herald_webhook_lag_seconds",
+        Kind::Gauge,
+        "Age of the oldest event a webhook has not delivered yet (0 when caught up), by hook URL.",
     ),
 ];
 
@@ -268,6 +284,19 @@ pub(crate) async fn render(State(app): State<AppState>) -> Response {
         .absolute(s.aged);
     m.counter("herald_history_rewinds_total", vec![])
         .absolute(s.rewinds);
+    for hook in app.webhooks.iter() {
+        let label = || vec![Label::new("hook", hook.url.clone())];
+        m.counter("herald_webhook_deliveries_total", label())
+            .absolute(hook.delivered.load(Ordering::Relaxed));
+        m.counter("herald_webhook_failures_total", label())
+            .absolute(hook.failures.load(Ordering::Relaxed));
+        m.recorder
+            .register_gauge(
+                &Key::from_parts("herald_webhook_lag_seconds", label()),
+                &META,
+            )
+            .set(hook.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    }
     let mut response = m.handle.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

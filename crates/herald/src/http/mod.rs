@@ -40,6 +40,8 @@ pub struct HttpOptions {
     pub metrics_route: bool,
     /// In cluster mode, presence, stats and closes answer for every node.
     pub cluster: Option<Arc<herald_core::Cluster>>,
+    /// The webhooks' progress, for `/metrics`.
+    pub webhooks: Vec<Arc<crate::webhook::Progress>>,
 }
 
 impl Default for HttpOptions {
@@ -53,6 +55,7 @@ impl Default for HttpOptions {
             limits: config.limits,
             metrics_route: true,
             cluster: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -70,6 +73,7 @@ pub(crate) struct AppState {
     pub presence: Arc<dyn herald_core::Presence>,
     /// `--cors-origin`: also the origins whose browser form posts are accepted.
     pub cors_origins: Arc<[HeaderValue]>,
+    pub webhooks: Arc<[Arc<crate::webhook::Progress>]>,
 }
 
 /// Every route of the interface, as `(method, path)`; `openapi.json` documents exactly these.
@@ -79,6 +83,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/broadcast"),
     ("get", "/users"),
     ("get", "/users/{id}"),
+    ("get", "/subscriptions"),
     ("get", "/users/{id}/messages"),
     ("post", "/users/{id}/messages"),
     ("delete", "/users/{id}/connections"),
@@ -123,6 +128,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         publish_rate: Arc::default(),
         presence,
         cors_origins: options.cors_origins.clone().into(),
+        webhooks: options.webhooks.into(),
     };
     let metrics_only = Router::new()
         .route("/metrics", get(metrics::render))
@@ -132,6 +138,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         .route("/publish", post(publish::publish))
         .route("/broadcast", post(publish::broadcast))
         .route("/users", get(presence::users))
+        .route("/subscriptions", get(presence::subscriptions))
         .route("/users/{id}", get(presence::user))
         .route(
             "/users/{id}/messages",

@@ -64,6 +64,44 @@ pub(crate) async fn users(
     Ok(Json(json!({ "count": count, "users": page })))
 }
 
+/// `GET /subscriptions?prefix=P&cursor=C&limit=N`: the selectors open streams hold (cluster-wide),
+/// with their stream counts, sorted; a page starts after `cursor` (the previous page's `next`).
+pub(crate) async fn subscriptions(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
+    let mut limit = PAGE_DEFAULT;
+    let (mut prefix, mut cursor) = (String::new(), None);
+    for (key, value) in form_pairs(uri.query().unwrap_or_default().as_bytes())? {
+        match key.as_str() {
+            "limit" => limit = parse_limit(&value)?,
+            "prefix" => prefix = value,
+            "cursor" if !value.is_empty() => cursor = Some(value),
+            _ => {}
+        }
+    }
+    let all = app
+        .presence
+        .subscriptions()
+        .await
+        .map_err(cluster_unavailable)?;
+    let mut matching = all.into_iter().filter(|(s, _)| {
+        s.starts_with(&prefix) && cursor.as_ref().is_none_or(|c| s.as_str() > c.as_str())
+    });
+    let page: Vec<(String, usize)> = matching.by_ref().take(limit).collect();
+    let next = match matching.next() {
+        Some(_) => page.last().map(|(s, _)| s.clone()),
+        None => None,
+    };
+    let page: Vec<Value> = page
+        .into_iter()
+        .map(|(selector, streams)| json!({ "selector": selector, "streams": streams }))
+        .collect();
+    Ok(Json(json!({ "subscriptions": page, "next": next })))
+}
+
 /// `GET /users/{id}/messages?since=ID|DURATION|all&limit=N`: the messages sent to a user, oldest
 /// first, for apps that poll instead of streaming.
 pub(crate) async fn messages(

@@ -250,6 +250,9 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
         }
         PublishError::NoTarget { index } => ApiError::from(ErrorCode::NoTarget).at_index(index),
         PublishError::EmptyBatch => ApiError::from(ErrorCode::EmptyBatch),
+        e @ PublishError::ReservedTopic { index, .. } => {
+            ApiError::new(ErrorCode::ReservedTopic, e.to_string()).at_index(index)
+        }
         PublishError::Store(HistoryError::Unstorable(reason)) => {
             ApiError::new(ErrorCode::Unstorable, reason)
         }
@@ -409,12 +412,19 @@ fn field_error(field: &str, problem: impl std::fmt::Display) -> ApiError {
 }
 
 fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
-    Topic::new(s).map_err(|e| {
+    let topic = Topic::new(s).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidTopic,
             format!("'{field}': topic '{s}' {e}"),
         )
-    })
+    })?;
+    if topic.is_reserved() {
+        return Err(ApiError::new(
+            ErrorCode::ReservedTopic,
+            format!("'{field}': topic '{s}' starts with '$': those topics belong to herald"),
+        ));
+    }
+    Ok(topic)
 }
 
 fn user(field: &str, s: &str) -> Result<UserId, ApiError> {

@@ -117,7 +117,14 @@ impl Scrape {
 
 #[tokio::test]
 async fn every_family_has_help_and_type_and_the_histograms_add_up() {
-    let s = Server::start(&["--max-connections-per-ip", "2"]).await;
+    // A webhook (to a port nothing listens on: it is never delivered) so its families are served.
+    let s = Server::start(&[
+        "--max-connections-per-ip",
+        "2",
+        "--webhook",
+        "http://127.0.0.1:9/hook",
+    ])
+    .await;
     let mut live = s.subscribe("topic=m").await;
     live.opened().await;
     let first = s.publish(json!({"topic": "m", "data": "1"})).await;
