@@ -27,6 +27,11 @@ pub enum NameError {
     Reserved,
 }
 
+/// The type of the event that ends a finite stream.
+pub const COMPLETE: &str = "herald.complete";
+/// The type of the event that asks a finite stream's producer to stop.
+pub const CANCEL: &str = "herald.cancel";
+
 const TOPIC_MAX: usize = 255;
 const USER_MAX: usize = 128;
 const EVENT_TYPE_MAX: usize = 256;
@@ -245,6 +250,27 @@ impl EventType {
     pub(crate) fn reserved(s: &'static str) -> Self {
         debug_assert!(s.starts_with("herald."));
         Self(s.into())
+    }
+
+    /// A type read back from a store: what [`EventType::new`] accepts, and the reserved types
+    /// that are stored with an id (`herald.complete`, `herald.cancel`).
+    pub(crate) fn stored(s: &str) -> Result<Self, NameError> {
+        match s {
+            COMPLETE => Ok(Self::complete()),
+            CANCEL => Ok(Self::cancel()),
+            _ => Self::new(s),
+        }
+    }
+
+    /// `herald.complete`: the last event of a finite stream (an answer, a job), stored with an id.
+    pub fn complete() -> Self {
+        Self::reserved(COMPLETE)
+    }
+
+    /// `herald.cancel`: a request to stop a finite stream, stored with an id; it ends the
+    /// streaming publish in progress on its topic.
+    pub fn cancel() -> Self {
+        Self::reserved(CANCEL)
     }
 }
 

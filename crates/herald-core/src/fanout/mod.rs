@@ -4,6 +4,7 @@
 //! follower, the streams and the hub sit above this module and depend on it; it knows none of them.
 
 mod age;
+mod cancel;
 mod expiries;
 mod index;
 mod subscriber;
@@ -24,6 +25,8 @@ use crate::history::History;
 use crate::name::{Selector, UserId};
 
 pub(crate) use age::{AgePolicy, Ages};
+pub use cancel::CancelWatch;
+use cancel::Cancels;
 pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
 pub(crate) use subscriber::{Ending, Offer, QueueBound, Signal, Subscriber};
@@ -79,6 +82,8 @@ pub(crate) struct Fanout {
     pub(crate) expiries: Expiries,
     pub(crate) ages: Ages,
     pub(crate) counters: Counters,
+    /// Streaming publishes waiting for a `herald.cancel` on their topics.
+    pub(crate) cancels: Cancels,
     started: Instant,
 }
 
@@ -121,6 +126,7 @@ impl Fanout {
             expiries: Expiries::default(),
             ages: Ages::new(ages),
             counters: Counters::default(),
+            cancels: Cancels::default(),
             started: Instant::now(),
         }
     }
@@ -275,6 +281,7 @@ impl Fanout {
                 }
             }
             counts.push(delivered);
+            self.cancels.offer(event);
         }
         drop(reg);
         self.counters

@@ -166,7 +166,7 @@ pub(crate) fn decode_body(id: u64, row: &[u8]) -> Result<Event, HistoryError> {
     let data = std::str::from_utf8(r.rest).map_err(|_| bad("data is not UTF-8"))?;
     let mut message = Message::to_targets(targets).data(data);
     if !event_type.is_empty() {
-        message.event_type = Some(EventType::new(event_type).map_err(|_| bad("event type"))?);
+        message.event_type = Some(EventType::stored(event_type).map_err(|_| bad("event type"))?);
     }
     message.retry_ms = (retry != u32::MAX).then_some(retry);
     message.idempotency_key = (!key.is_empty()).then(|| key.to_string());

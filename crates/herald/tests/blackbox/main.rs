@@ -11,6 +11,7 @@ mod cluster;
 mod common;
 mod control;
 mod durable;
+mod finite;
 mod hostile;
 mod input;
 mod languages;
