@@ -54,6 +54,7 @@ impl Progress {
     fn said(&self) -> String {
         match (self.published, &self.first, &self.last) {
             (0, ..) => "nothing of the body was published".into(),
+            (1, Some(first), _) => format!("the event before it was published (id {first})"),
             (n, Some(first), Some(last)) => {
                 format!("the {n} events before it were published (ids {first} to {last})")
             }
