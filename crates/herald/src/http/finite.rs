@@ -235,6 +235,7 @@ pub(super) async fn stream_publish(
             Ok(None) => (decoder.finish(&mut parts), true),
         };
         let arrived = std::time::Instant::now();
+        let before = progress.published;
         let published = publish_parts(
             &app,
             &caller,
@@ -247,7 +248,7 @@ pub(super) async fn stream_publish(
             &mut progress,
         )
         .await;
-        if progress.published > 0 {
+        if progress.published > before {
             app.metrics.published(arrived);
         }
         match (published, decoded) {
