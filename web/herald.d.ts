@@ -83,6 +83,8 @@ export interface ConnectOptions {
   user?: string;
   /** Resume after this id (with `share`, only for the tab that opens the shared stream). */
   lastEventId?: string;
+  /** Without `lastEventId`, start from the oldest event the hub retains (default: from now). */
+  since?: 'all';
   /** The subscriber's token (`Authorization: Bearer` with fetch, `access_token` with EventSource). */
   token?: TokenSource;
   /**
@@ -136,6 +138,39 @@ export declare class Connection {
   close(): void;
 }
 
+/** Why a finite stream ended without completing. */
+export declare class StreamEnded extends Error {
+  /** 'aborted', 'cancelled', 'gap', or the reason the hub closed the stream. */
+  readonly reason: string;
+}
+
+/** Options of {@link stream}: those of `connect`, and where the last id is kept. */
+export interface StreamOptions extends ConnectOptions {
+  /** Where the last id is kept across reloads (default: sessionStorage; null: nowhere). */
+  storage?: Pick<Storage, 'getItem' | 'setItem' | 'removeItem'> | null;
+}
+
+/**
+ * One finite stream (an LLM answer, a job's progress) as an async iterator of its events: ends at
+ * `herald.complete`, throws StreamEnded on `herald.cancel`, on an `aborted`/`cancelled` complete
+ * and on a gap; resumes across drops and reloads from the last id in sessionStorage.
+ */
+export declare class FiniteStream implements AsyncIterableIterator<HeraldEvent> {
+  private constructor(url: string, topic: string, options?: StreamOptions);
+  readonly url: string;
+  readonly topic: string;
+  /** The id of the last event given out. */
+  readonly lastEventId: string | null;
+  next(): Promise<IteratorResult<HeraldEvent>>;
+  return(): Promise<IteratorResult<HeraldEvent>>;
+  [Symbol.asyncIterator](): FiniteStream;
+  /** `POST /cancel` on the topic: the producer stops; this iterator then throws StreamEnded('cancelled'). */
+  cancel(reason?: string): Promise<{ id: string }>;
+}
+
+/** Follows one finite stream on `topic` at the hub `url`. */
+export declare function stream(url: string, topic: string, options?: StreamOptions): FiniteStream;
+
 /** The WHATWG event-stream parser herald.js reads fetch() streams with. */
 export declare class EventStreamParser {
   /** @param lastEventId The last event id in force before this stream (a reconnect). */
@@ -180,11 +215,14 @@ declare global {
     /** Set by herald.js (module or classic script `herald.global.js`). */
     herald: {
       connect: typeof connect;
+      stream: typeof stream;
       backoffDelay: typeof backoffDelay;
       eventsUrl: typeof eventsUrl;
       matches: typeof matches;
       EventStreamParser: typeof EventStreamParser;
       Connection: typeof Connection;
+      FiniteStream: typeof FiniteStream;
+      StreamEnded: typeof StreamEnded;
     };
   }
 }

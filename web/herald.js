@@ -62,6 +62,8 @@
  * @property {string | string[]} [topics] Topic selectors (`chat/*`, `news/**`).
  * @property {string} [user] Connect as this user (also receives messages sent to the user).
  * @property {string} [lastEventId] Resume after this id.
+ * @property {'all'} [since] Without `lastEventId`, start from the oldest event the hub retains
+ *   (default: from now).
  * @property {TokenSource} [token] The subscriber's token.
  * @property {'fetch' | 'eventsource'} [transport] How to hold the stream (default 'fetch' where
  *   the browser can stream a fetch() body, else 'eventsource').
@@ -418,6 +420,7 @@ class Stream {
   /** Where the next stream starts: after the last id, or since this stream's start. */
   _position() {
     if (this.lastEventId) return { lastEventId: this.lastEventId, since: null };
+    if (this._since === 'all') return { lastEventId: null, since: 'all' };
     if (this._since === null) return { lastEventId: null, since: null };
     return { lastEventId: null, since: Math.max(0, Date.now() - this._since) + 'ms' };
   }
@@ -934,7 +937,13 @@ class Connection {
       this._stream = new Stream(
         url,
         this._o,
-        { topics: this._topics, user: this._user, route: false, lastEventId: options.lastEventId || null, since: null },
+        {
+          topics: this._topics,
+          user: this._user,
+          route: false,
+          lastEventId: options.lastEventId || null,
+          since: options.since === 'all' ? 'all' : null,
+        },
         {
           event: (ev, raw) => this._dispatch(ev, raw),
           state: (state, detail) => this._setState(state, detail),
@@ -1051,6 +1060,177 @@ class Connection {
 }
 
 /**
+ * Why a finite stream ended without completing: `aborted` (the producer broke off), `cancelled`
+ * (a `herald.cancel`, or a `herald.complete` with that reason), `gap` (history lost part of it),
+ * or the hub's refusal.
+ */
+class StreamEnded extends Error {
+  /** @param {string} reason @param {string} [message] */
+  constructor(reason, message) {
+    super(message || `herald: the stream ended: ${reason}`);
+    this.name = 'StreamEnded';
+    this.reason = reason;
+  }
+}
+
+/** The page's sessionStorage, or null where there is none (Node, a sandboxed frame). */
+function sessionStore() {
+  try {
+    return globalThis.sessionStorage || null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * @typedef {ConnectOptions & {storage?: {getItem(k: string): string | null, setItem(k: string, v: string): void,
+ *   removeItem(k: string): void} | null}} StreamOptions
+ */
+
+/**
+ * One finite stream (an LLM answer, a job's progress) on one topic, as an async iterator of its
+ * events. It ends at `herald.complete`, throws a {@link StreamEnded} on `herald.cancel`, on a
+ * `herald.complete` with a reason (`aborted`, `cancelled`) and on a gap, and resumes across drops
+ * and page reloads: the id of the last event it gave out is kept in `sessionStorage`, so a
+ * reloaded page gets only what it has not yet had (keep what you rendered there too). A page
+ * that never saw the stream starts from its beginning (`since=all`).
+ */
+class FiniteStream {
+  /** @param {string} url @param {string} topic @param {StreamOptions} [options] */
+  constructor(url, topic, options = {}) {
+    this.url = url;
+    this.topic = topic;
+    this._o = options;
+    this._storage = options.storage !== undefined ? options.storage : sessionStore();
+    this._key = `herald.stream ${url} ${topic}`;
+    /** @type {HeraldEvent[]} */
+    this._ready = [];
+    /** @type {{resolve: Function, reject: Function}[]} */
+    this._waiting = [];
+    this._done = false;
+    /** @type {Error | null} */
+    this._error = null;
+    const last = this._storage ? this._storage.getItem(this._key) : null;
+    const { storage: _storage, ...connectOptions } = options;
+    this._conn = connect(url, {
+      ...connectOptions,
+      topics: [topic],
+      lastEventId: last || undefined,
+      since: 'all',
+    });
+    this._conn.on('*', (ev) => this._event(ev));
+    this._conn.on('gap', () => this._end(new StreamEnded('gap', 'herald: part of the stream is no longer in the hub\'s history')));
+    this._conn.on('state', (state, detail) => {
+      if (state !== 'closed' || this._done) return;
+      // 204: the hub says the stream was already complete when this page resumed.
+      if (detail.status === 204) this._end(null);
+      else this._end(new StreamEnded(detail.reason || 'closed', `herald: the stream closed: ${detail.reason || ''}`));
+    });
+  }
+
+  /** The id of the last event given out (also in sessionStorage). @returns {string | null} */
+  get lastEventId() {
+    return this._storage ? this._storage.getItem(this._key) : this._conn.lastEventId;
+  }
+
+  /** @param {HeraldEvent} ev */
+  _event(ev) {
+    if (this._done) return;
+    if (ev.type === 'herald.complete') {
+      let reason = null;
+      try {
+        reason = JSON.parse(ev.data).reason || null;
+      } catch {
+        // A complete without a readable reason ends the stream normally.
+      }
+      this._end(reason ? new StreamEnded(reason) : null);
+      return;
+    }
+    if (ev.type === 'herald.cancel') {
+      this._end(new StreamEnded('cancelled'));
+      return;
+    }
+    if (this._storage && ev.id) this._storage.setItem(this._key, ev.id);
+    const w = this._waiting.shift();
+    if (w) w.resolve({ value: ev, done: false });
+    else this._ready.push(ev);
+  }
+
+  /** @param {Error | null} error */
+  _end(error) {
+    if (this._done) return;
+    this._done = true;
+    this._error = error;
+    this._conn.close();
+    for (const w of this._waiting.splice(0)) {
+      if (error) w.reject(error);
+      else w.resolve({ value: undefined, done: true });
+    }
+  }
+
+  /** @returns {Promise<IteratorResult<HeraldEvent>>} */
+  next() {
+    if (this._ready.length) return Promise.resolve({ value: this._ready.shift(), done: false });
+    if (this._done) {
+      if (this._error && !this._thrown) {
+        this._thrown = true;
+        return Promise.reject(this._error);
+      }
+      return Promise.resolve({ value: undefined, done: true });
+    }
+    return new Promise((resolve, reject) =>
+      this._waiting.push({
+        resolve,
+        reject: (e) => {
+          this._thrown = true;
+          reject(e);
+        },
+      }),
+    );
+  }
+
+  /** Stops following the stream (a `for await` that breaks calls this). */
+  return() {
+    this._end(null);
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  /**
+   * Asks the hub to stop the stream (`POST /cancel`): the producer, on any node, is told at once,
+   * and this iterator then throws `StreamEnded('cancelled')`. Resolves with the hub's answer.
+   * @param {string} [reason]
+   * @returns {Promise<{id: string}>}
+   */
+  async cancel(reason) {
+    const fetchFn = this._o.fetch || globalThis.fetch;
+    const query = 'topic=' + encodeURIComponent(this.topic) + (reason ? '&reason=' + encodeURIComponent(reason) : '');
+    /** @type {Record<string, string>} */
+    const headers = {};
+    const token = this._o.token == null ? null : await readToken(this._o.token);
+    if (token) headers.Authorization = 'Bearer ' + token;
+    const res = await fetchFn(this.url.replace(/\/+$/, '') + '/cancel?' + query, { method: 'POST', headers });
+    const body = await res.json().catch(() => null);
+    if (!res.ok) throw new StreamEnded('cancel_refused', `herald: cancel answered ${res.status}: ${body && body.message}`);
+    return body;
+  }
+}
+
+/**
+ * Follows one finite stream on `topic` at the hub `url`: see {@link FiniteStream}.
+ * @param {string} url
+ * @param {string} topic
+ * @param {StreamOptions} [options]
+ * @returns {FiniteStream}
+ */
+function stream(url, topic, options = {}) {
+  return new FiniteStream(url, topic, options);
+}
+
+/**
  * Subscribes to the hub at `url` (its base URL, e.g. `https://push.example.com`).
  * @param {string} url
  * @param {ConnectOptions} [options]
@@ -1060,7 +1240,7 @@ function connect(url, options = {}) {
   return new Connection(url, options);
 }
 
-const herald = { connect, backoffDelay, eventsUrl, matches, EventStreamParser, Connection };
+const herald = { connect, stream, backoffDelay, eventsUrl, matches, EventStreamParser, Connection, FiniteStream, StreamEnded };
 if (typeof window !== 'undefined') window.herald = herald;
 
-export { connect, backoffDelay, eventsUrl, matches, EventStreamParser, Connection };
+export { connect, stream, backoffDelay, eventsUrl, matches, EventStreamParser, Connection, FiniteStream, StreamEnded };

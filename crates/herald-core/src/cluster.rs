@@ -21,8 +21,8 @@ use crate::history::RedisHistory;
 use crate::hub::Hub;
 use crate::name::UserId;
 use crate::presence::{ClusterError, Online, Presence};
-use crate::redis_link::RedisLink;
 use crate::presence_events::{self, Ledger, Transition};
+use crate::redis_link::RedisLink;
 
 /// A node whose last report is older than this many report intervals (and at least 5 s) is gone.
 const TTL_REPORTS: u32 = 5;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::defaults;
-use crate::event::{Event, Message};
-use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
+use crate::event::{Event, EventId, Message};
+use crate::fanout::{AgePolicy, CancelWatch, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
     Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
-use crate::name::{Selector, UserId};
+use crate::name::{COMPLETE, Selector, Topic, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
 use crate::stream::{EventStream, FirstRead, ReplayObserver, Start};
 
@@ -543,5 +543,22 @@ impl Hub {
     /// False while a shared history (cluster mode) cannot be reached.
     pub fn is_ready(&self) -> bool {
         self.feed.is_ready()
+    }
+
+    /// Watches `topics` for `herald.cancel`: a streaming publish uses it to stop when a
+    /// subscriber cancels, on this node or (through the follower) on another.
+    pub fn watch_cancel(&self, topics: Vec<Topic>) -> CancelWatch {
+        CancelWatch::new(self.inner.clone(), topics)
+    }
+
+    /// Whether event `id` is a `herald.complete` on `topic`: a connection that resumes after it,
+    /// asking for that topic alone, has nothing more to receive.
+    pub async fn is_completion(&self, topic: &Topic, id: EventId) -> Result<bool, HistoryError> {
+        Ok(self.inner.history.event(id).await?.is_some_and(|e| {
+            e.event_type
+                .as_ref()
+                .is_some_and(|t| t.as_str() == COMPLETE)
+                && e.targets.topics.contains(topic)
+        }))
     }
 }

@@ -75,7 +75,7 @@ mod stream;
 #[cfg(feature = "redis")]
 pub use cluster::Cluster;
 pub use event::{Event, EventData, EventId, Message, Targets};
-pub use fanout::Stats;
+pub use fanout::{CancelWatch, Stats};
 pub use grant::Grant;
 #[cfg(feature = "durable")]
 pub use history::{CheckReport, DurableHistory, OpenError};
@@ -89,7 +89,7 @@ pub use hub::{
     CONNECTION_SEGMENTS_MAX, Hub, HubBuilder, HubError, SELECTOR_SEGMENTS_MAX, SubscribeError,
     SubscribeRequest, UserMessages,
 };
-pub use name::{EventType, NameError, Selector, Topic, UserId};
+pub use name::{CANCEL, COMPLETE, EventType, NameError, Selector, Topic, UserId};
 pub use presence::{ClusterError, Online, Presence};
 pub use publish::{PublishError, Published};
 #[cfg(feature = "redis")]

@@ -29,6 +29,10 @@ pub enum NameError {
 
 /// The type of the presence events the hub publishes (see `presence_events`).
 pub const PRESENCE_EVENT: &str = "herald.presence";
+/// The type of the event that ends a finite stream.
+pub const COMPLETE: &str = "herald.complete";
+/// The type of the event that asks a finite stream's producer to stop.
+pub const CANCEL: &str = "herald.cancel";
 
 const TOPIC_MAX: usize = 255;
 const USER_MAX: usize = 128;
@@ -265,19 +269,32 @@ impl EventType {
         Ok(Self(s.into()))
     }
 
-    /// A type read back from a store: what [`EventType::new`] accepts, or a type the hub itself
-    /// publishes into history (`herald.presence`).
-    pub(crate) fn stored(s: &str) -> Result<Self, NameError> {
-        match s {
-            PRESENCE_EVENT => Ok(Self::reserved(PRESENCE_EVENT)),
-            _ => Self::new(s),
-        }
-    }
-
     /// Hub-reserved types (`herald.gap`, `herald.close`) are built only inside the crate.
     pub(crate) fn reserved(s: &'static str) -> Self {
         debug_assert!(s.starts_with("herald."));
         Self(s.into())
+    }
+
+    /// A type read back from a store: what [`EventType::new`] accepts, and the reserved types
+    /// the hub stores with an id (`herald.presence`, `herald.complete`, `herald.cancel`).
+    pub(crate) fn stored(s: &str) -> Result<Self, NameError> {
+        match s {
+            PRESENCE_EVENT => Ok(Self::reserved(PRESENCE_EVENT)),
+            COMPLETE => Ok(Self::complete()),
+            CANCEL => Ok(Self::cancel()),
+            _ => Self::new(s),
+        }
+    }
+
+    /// `herald.complete`: the last event of a finite stream (an answer, a job), stored with an id.
+    pub fn complete() -> Self {
+        Self::reserved(COMPLETE)
+    }
+
+    /// `herald.cancel`: a request to stop a finite stream, stored with an id; it ends the
+    /// streaming publish in progress on its topic.
+    pub fn cancel() -> Self {
+        Self::reserved(CANCEL)
     }
 }
 

@@ -1,5 +1,8 @@
 //! Embedding herald in an axum app: the hub is nested at `/push`, and the app's own `POST /jobs`
 //! starts a long job whose output is pushed to the user who asked, chunk by chunk, then `job.done`.
+//! Each job is also a finite stream on its topic `jobs/{id}`: it ends with `herald.complete`, and
+//! a `herald.cancel` there (`POST /push/cancel?topic=jobs/{id}`, the page's Stop button) stops the
+//! job, which then completes with `{"reason":"cancelled"}`.
 //! Run: `cargo run -p herald --example job_stream -- --listen 127.0.0.1:3000`, open the address.
 
 use std::net::SocketAddr;
@@ -12,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use herald::{EventType, Hub, Message, UserId};
+use herald::{EventType, Hub, Message, Targets, Topic, UserId};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -119,10 +122,18 @@ async fn start_job(State(app): State<App>, Json(request): Json<JobRequest>) -> R
 }
 
 /// The long job: counts primes below `below`, one range per chunk, pushing each result to `user`
-/// as a `job.chunk` event, then a `job.done` event with the total.
+/// and to the job's topic as a `job.chunk` event, then a `job.done` event with the total and
+/// `herald.complete` on the topic. A `herald.cancel` on the topic stops it between two chunks.
 async fn run_job(app: App, job: u64, user: UserId, below: u64, chunks: u64) {
     let chunk_type = EventType::new("job.chunk").expect("a valid event type");
     let done_type = EventType::new("job.done").expect("a valid event type");
+    let topic = Topic::new(&format!("jobs/{job}")).expect("a valid topic");
+    let targets = Targets {
+        topics: vec![topic.clone()],
+        users: vec![user.clone()],
+        broadcast: false,
+    };
+    let mut cancel = app.hub.watch_cancel(vec![topic.clone()]);
     let step = below.div_ceil(chunks);
     let mut total = 0;
     for seq in 1..=chunks {
@@ -135,20 +146,37 @@ async fn run_job(app: App, job: u64, user: UserId, below: u64, chunks: u64) {
                 .expect("the prime counter does not panic");
         total += count;
         let data = json!({ "job": job, "seq": seq, "from": from, "to": to, "primes": count });
-        let message = Message::to_user(user.clone())
+        let message = Message::to_targets(targets.clone())
             .event(chunk_type.clone())
             .data(data.to_string());
         if let Err(e) = app.hub.publish(message).await {
             tracing::error!(job, seq, "cannot publish a chunk: {e}");
             return;
         }
-        tokio::time::sleep(app.chunk_delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(app.chunk_delay) => {}
+            _ = cancel.cancelled() => {
+                let end = Message::to_topic(topic)
+                    .event(EventType::complete())
+                    .data(json!({ "reason": "cancelled" }).to_string());
+                if let Err(e) = app.hub.publish(end).await {
+                    tracing::error!(job, "cannot complete the cancelled job: {e}");
+                }
+                return;
+            }
+        }
     }
     let done = json!({ "job": job, "chunks": chunks, "below": below, "primes": total });
-    let message = Message::to_user(user)
-        .event(done_type)
-        .data(done.to_string());
-    if let Err(e) = app.hub.publish(message).await {
+    // The result and the end of the job's stream, as one batch: all or nothing.
+    let messages = vec![
+        Message::to_targets(targets)
+            .event(done_type)
+            .data(done.to_string()),
+        Message::to_topic(topic)
+            .event(EventType::complete())
+            .data("{}"),
+    ];
+    if let Err(e) = app.hub.publish_batch(messages).await {
         tracing::error!(job, "cannot publish the result: {e}");
     }
 }
@@ -183,6 +211,7 @@ const PAGE: &str = r#"<!doctype html>
 <h1>Prime counter</h1>
 <p>Starts a job on the server and shows its output as herald pushes it. State: <b id="state">…</b></p>
 <button id="start">Count primes below 1,000,000</button>
+<button id="stop">Stop the last job</button>
 <pre id="out"></pre>
 <script type="module">
   import { connect } from '/push/herald.js';
@@ -198,11 +227,17 @@ const PAGE: &str = r#"<!doctype html>
     const d = JSON.parse(e.data);
     out.textContent += `job ${d.job} done: ${d.primes} primes below ${d.below}\n`;
   });
-  document.getElementById('start').onclick = () =>
-    fetch('/jobs', {
+  let last = null;
+  document.getElementById('start').onclick = async () => {
+    const r = await fetch('/jobs', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ user, below: 1000000, chunks: 10 }),
     });
+    last = (await r.json()).job;
+  };
+  // A herald.cancel on the job's topic stops it on the server (the job watches its topic).
+  document.getElementById('stop').onclick = () =>
+    last && fetch(`/push/cancel?topic=jobs/${last}`, { method: 'POST' });
 </script>
 "#;

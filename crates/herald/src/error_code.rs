@@ -80,6 +80,9 @@ error_codes! {
     InvalidLimit = "invalid_limit", BAD_REQUEST, retry None, "'limit' is not valid";
     InvalidBlock = "invalid_block", BAD_REQUEST, retry None, "'block' is not a duration";
     InvalidReason = "invalid_reason", BAD_REQUEST, retry None, "'reason' must be 1 to 256 bytes";
+    /// A line of a streaming publish body (`text/event-stream`) is not valid: not UTF-8, an
+    /// unknown field, or the body ended inside an event. Earlier events were published.
+    InvalidStream = "invalid_stream", BAD_REQUEST, retry None, "a line of the streamed body is not valid text/event-stream";
     /// A message the history's row layout cannot hold; nothing was stored.
     Unstorable = "unstorable", BAD_REQUEST, retry None, "the message cannot be stored";
     /// A publish to a topic starting with `$` (such as `$presence/alice`): those are herald's own.

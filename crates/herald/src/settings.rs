@@ -399,7 +399,7 @@ pub const HEADER_TIMEOUT: Setting = Setting::one(
 pub const BODY_TIMEOUT: Setting = Setting::one(
     "body-timeout",
     "DUR",
-    "time to send a whole request body once the head is in; beyond it 408 (with `--max-body` this sets the slowest rate a full body may come at: 1 MiB in 10 s)",
+    "time to send a whole request body once the head is in; beyond it 408 (with `--max-body` this sets the slowest rate a full body may come at: 1 MiB in 10 s); for a streaming publish, the longest pause between two parts of its body",
 )
 .default("10s")
 .above("0s");

@@ -207,7 +207,54 @@ async fn the_job_stream_example_pushes_each_users_job_output_in_order() {
         .json()
         .await
         .unwrap();
-    assert_eq!(stats["published"], 8 + 1 + 3 + 1, "{stats}");
+    // Each job: its chunks, job.done and herald.complete on its topic.
+    assert_eq!(stats["published"], 8 + 2 + 3 + 2, "{stats}");
+    // A finished job's topic ends in herald.complete: a reconnect after it is answered 204.
+    let mut topic = Stream::open(&format!("{url}/push/events?topic=jobs/{job_b}&since=all")).await;
+    let mut last = topic.next().await;
+    while last.event_type != "herald.complete" {
+        last = topic.next().await;
+    }
+    let again = http
+        .get(format!("{url}/push/events?topic=jobs/{job_b}"))
+        .header("last-event-id", last.id.unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 204);
+}
+
+#[tokio::test]
+async fn a_cancel_on_the_jobs_topic_stops_the_job() {
+    let (_child, url) = start_example().await;
+    let http = http_client();
+    let answer = start_job(
+        &http,
+        &url,
+        json!({ "user": "cat", "below": 1000000, "chunks": 1000 }),
+    )
+    .await;
+    let job = answer.json::<Value>().await.unwrap()["job"]
+        .as_u64()
+        .unwrap();
+    let mut topic = Stream::open(&format!("{url}/push/events?topic=jobs/{job}&since=all")).await;
+    assert_eq!(topic.next().await.event_type, "job.chunk");
+    let cancel = http
+        .post(format!("{url}/push/cancel?topic=jobs/{job}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    let mut event = topic.next().await;
+    while event.event_type == "job.chunk" {
+        event = topic.next().await;
+    }
+    assert_eq!(event.event_type, "herald.cancel");
+    let end = topic.next().await;
+    assert_eq!(
+        (end.event_type.as_str(), end.data.as_str()),
+        ("herald.complete", r#"{"reason":"cancelled"}"#)
+    );
 }
 
 #[tokio::test]

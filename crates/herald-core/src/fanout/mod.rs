@@ -4,6 +4,7 @@
 //! follower, the streams and the hub sit above this module and depend on it; it knows none of them.
 
 mod age;
+mod cancel;
 mod expiries;
 mod index;
 mod subscriber;
@@ -24,6 +25,8 @@ use crate::history::History;
 use crate::name::{Selector, UserId};
 
 pub(crate) use age::{AgePolicy, Ages};
+pub use cancel::CancelWatch;
+use cancel::Cancels;
 pub(crate) use expiries::{Expiries, TOKEN_EXPIRED};
 use index::SelectorIndex;
 pub(crate) use subscriber::{Ending, Offer, QueueBound, Signal, Subscriber};
@@ -85,6 +88,8 @@ pub(crate) struct Fanout {
     pub(crate) counters: Counters,
     /// Told the user of every connection that opens or closes, once presence events are on.
     pub(crate) user_changes: OnceLock<tokio::sync::mpsc::UnboundedSender<UserId>>,
+    /// Streaming publishes waiting for a `herald.cancel` on their topics.
+    pub(crate) cancels: Cancels,
     started: Instant,
 }
 
@@ -128,6 +133,7 @@ impl Fanout {
             ages: Ages::new(ages),
             counters: Counters::default(),
             user_changes: OnceLock::new(),
+            cancels: Cancels::default(),
             started: Instant::now(),
         }
     }
@@ -302,6 +308,7 @@ impl Fanout {
                 }
             }
             counts.push(delivered);
+            self.cancels.offer(event);
         }
         drop(reg);
         self.counters

@@ -72,6 +72,7 @@ where
 {
     empty_store_knows_no_id(&make(count(10), 100).await).await;
     ids_increase_and_events_read_back_exactly(&make(count(10), 100).await).await;
+    finite_stream_events_read_back(&make(count(10), 100).await).await;
     window_and_gap_rules(&make(count(3), 1000).await).await;
     age_retention_and_since(
         &make(
@@ -119,6 +120,39 @@ async fn ids_increase_and_events_read_back_exactly(h: &Arc<dyn History>) {
     );
     let c = h.read(ReadFrom::After(all[1].id), 10).await.unwrap();
     assert_eq!((c.gap, ids(&c)), (None, vec![all[2].id, all[3].id]));
+}
+
+/// The reserved types stored with an id (`herald.complete`, `herald.cancel`) read back as
+/// themselves: a store that refused them would turn every finished stream into a damaged row.
+async fn finite_stream_events_read_back(h: &Arc<dyn History>) {
+    let topic = Topic::new("ai/answer").unwrap();
+    let stored = h
+        .append(vec![
+            Message::to_topic(topic.clone()).data("token"),
+            Message::to_topic(topic.clone())
+                .event(EventType::cancel())
+                .data("{}"),
+            Message::to_topic(topic)
+                .event(EventType::complete())
+                .data(r#"{"reason":"cancelled"}"#),
+        ])
+        .await
+        .unwrap();
+    let c = h.read(ReadFrom::Oldest, 10).await.unwrap();
+    assert_eq!((c.gap, c.skipped.len(), c.events.len()), (None, 0, 3));
+    for (a, b) in stored.iter().zip(&c.events) {
+        same(a, b);
+    }
+    assert_eq!(
+        c.events[2].event_type.as_ref().map(EventType::as_str),
+        Some(crate::name::COMPLETE)
+    );
+    // One event found by its id (how a reconnect after a `herald.complete` is recognised).
+    for e in &stored {
+        same(e, &h.event(e.id).await.unwrap().expect("found by id"));
+    }
+    let after = EventId(stored[2].id.0 + 1);
+    assert!(h.event(after).await.unwrap().is_none());
 }
 
 async fn window_and_gap_rules(h: &Arc<dyn History>) {

@@ -126,6 +126,16 @@ pub trait History: Send + Sync + 'static {
     /// Up to `limit` events from `from`, with the gap verdict (see [`Chunk::gap`]).
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError>;
 
+    /// The retained event with this id, if any (unreadable counts as none). Stores whose ids
+    /// are not consecutive (Redis) find it directly.
+    async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, HistoryError> {
+        let Some(before) = id.0.checked_sub(1) else {
+            return Ok(None);
+        };
+        let chunk = self.read(ReadFrom::After(EventId(before)), 1).await?;
+        Ok(chunk.events.into_iter().next().filter(|e| e.id == id))
+    }
+
     /// Applies age-based retention when nothing is being published. Called periodically.
     async fn maintain(&self) -> Result<(), HistoryError> {
         Ok(())

@@ -502,6 +502,19 @@ impl History for RedisHistory {
         }
     }
 
+    async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, HistoryError> {
+        let sid = stream_id(id);
+        let mut conn = self.link.primary().await.map_err(unavailable)?;
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg(&sid)
+            .arg(&sid)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(entries(&reply)?.into_iter().find_map(Result::ok))
+    }
+
     async fn maintain(&self) -> Result<(), HistoryError> {
         // An append of nothing applies the retention limits (the script trims after appending).
         if self.retention.max_age.is_some() {

@@ -24,7 +24,12 @@ pub(crate) async fn subscribe(
     let ip = limits::client_ip(&app.limits, request.extensions(), request.headers());
     let (headers, uri) = (request.headers(), request.uri());
     let (mut request, access_token) = parse(headers, uri)?;
+    // Whether it names a user itself (a token's user is filled in below, and does not count).
+    let names_user = request.user.is_some();
     authorize(&app, headers, access_token.as_deref(), &mut request)?;
+    if !names_user && super::finite::finished(&app, &request.start, &request.selectors).await {
+        return Ok(super::finite::finished_response());
+    }
     let metrics = app.metrics.clone();
     request.on_replayed = Some(ReplayObserver(Arc::new(move |n| metrics.replayed(n))));
     let slot = app

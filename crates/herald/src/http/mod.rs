@@ -3,11 +3,13 @@
 
 mod error;
 mod events;
+mod finite;
 pub mod limits;
 mod metrics;
 mod openapi;
 mod presence;
 mod publish;
+mod stream_body;
 mod web;
 
 use std::sync::Arc;
@@ -81,6 +83,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/events"),
     ("post", "/publish"),
     ("post", "/broadcast"),
+    ("post", "/complete"),
+    ("post", "/cancel"),
     ("get", "/users"),
     ("get", "/users/{id}"),
     ("get", "/subscriptions"),
@@ -137,6 +141,8 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         .route("/events", get(events::subscribe))
         .route("/publish", post(publish::publish))
         .route("/broadcast", post(publish::broadcast))
+        .route("/complete", post(finite::complete))
+        .route("/cancel", post(finite::cancel))
         .route("/users", get(presence::users))
         .route("/subscriptions", get(presence::subscriptions))
         .route("/users/{id}", get(presence::user))

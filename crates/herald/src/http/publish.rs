@@ -15,9 +15,11 @@ use crate::error_code::ErrorCode;
 
 /// Which targets a route takes from the body.
 #[derive(Debug, Clone)]
-enum Route {
+pub(super) enum Route {
     /// `/publish`: targets come from the body.
     Publish,
+    /// A streaming publish whose query named the targets: its NDJSON lines name none.
+    Given(Targets),
     /// `/users/{id}/messages`: the target is the user in the path.
     User(UserId),
     /// `/broadcast`: everyone.
@@ -68,7 +70,11 @@ pub fn parse_body(bytes: &[u8], json: bool) -> Result<(Vec<Message>, bool), ApiE
 
 /// Who may publish what: every topic covered by the caller's publish rights; users and broadcast
 /// need the publish key or admin. Also bounds the targets of each message.
-fn authorize(caller: &Caller, messages: &[Message], max_targets: usize) -> Result<(), ApiError> {
+pub(super) fn authorize(
+    caller: &Caller,
+    messages: &[Message],
+    max_targets: usize,
+) -> Result<(), ApiError> {
     for (i, m) in messages.iter().enumerate() {
         let t = &m.targets;
         let at = |e: ApiError| if messages.len() > 1 { e.at_index(i) } else { e };
@@ -89,7 +95,7 @@ fn authorize(caller: &Caller, messages: &[Message], max_targets: usize) -> Resul
 }
 
 /// The caller's token bucket (per key, user, or else IP), when a publish rate is set.
-fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Option<String> {
+pub(super) fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Option<String> {
     app.limits.publish_rate?;
     Some(match caller {
         Caller::PublishKey(i) => format!("key:{i}"),
@@ -104,7 +110,7 @@ fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Option<String
 }
 
 /// Takes `n` publishes (one per event of a batch) from the caller's bucket.
-fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
+pub(super) fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
     let (Some((rate, burst)), Some(key)) = (app.limits.publish_rate, key) else {
         return Ok(());
     };
@@ -184,13 +190,17 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
     // Rights that do not depend on the body are checked before a byte of it is read, so a
     // token that may not publish cannot hold a request open by dripping a body.
     match route {
-        Route::Publish => caller.require_some_publish()?,
+        Route::Publish | Route::Given(_) => caller.require_some_publish()?,
         Route::User(_) | Route::Broadcast => caller.require_admin()?,
     }
     // One token before the body is read (a refused publisher sends no body), one more for each
     // further event of a batch once it is parsed: the rate counts events, not requests.
     let bucket = rate_key(&app, &caller, &request);
     rate_limit(&app, bucket.as_deref(), 1)?;
+    if let (Route::Publish, Some(kind)) = (&route, super::finite::streaming_kind(request.headers()))
+    {
+        return super::finite::stream_publish(app, caller, bucket, kind, request).await;
+    }
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let format = format_of(&headers)?;
@@ -235,7 +245,30 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
             }
         }
     }
-    let published = app.hub.publish_batch(messages).await.map_err(|e| match e {
+    let published = app
+        .hub
+        .publish_batch(messages)
+        .await
+        .map_err(|e| publish_error(e, batch))?;
+    app.metrics.published(arrived);
+    let answers: Vec<Answer> = published
+        .into_iter()
+        .map(|p| Answer {
+            id: p.id.to_string(),
+            delivered: p.delivered,
+            duplicate: p.duplicate,
+        })
+        .collect();
+    Ok(if batch {
+        Json(answers).into_response()
+    } else {
+        Json(answers.into_iter().next()).into_response()
+    })
+}
+
+/// The answer to a publish the hub refused (`batch`: the request was a batch, so `index` counts).
+pub(super) fn publish_error(e: PublishError, batch: bool) -> ApiError {
+    match e {
         PublishError::IdempotencyConflict { index, id } => {
             let earlier = if id.0 == 0 {
                 "an earlier message of this request".to_string()
@@ -260,21 +293,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
             ApiError::unavailable(ErrorCode::NotReplicated, &e)
         }
         PublishError::Store(e) => ApiError::unavailable(ErrorCode::StoreUnavailable, &e),
-    })?;
-    app.metrics.published(arrived);
-    let answers: Vec<Answer> = published
-        .into_iter()
-        .map(|p| Answer {
-            id: p.id.to_string(),
-            delivered: p.delivered,
-            duplicate: p.duplicate,
-        })
-        .collect();
-    Ok(if batch {
-        Json(answers).into_response()
-    } else {
-        Json(answers.into_iter().next()).into_response()
-    })
+    }
 }
 
 /// Reads the whole body within `--body-timeout` and `--max-body`. A body too large answers 413;
@@ -319,7 +338,7 @@ async fn read_body(
 
 /// A JSON value in which no object repeats a key: `{"private":true,"private":false}` must not
 /// publish a public message because the last key wins.
-struct Strict(Value);
+pub(super) struct Strict(pub(super) Value);
 
 impl<'de> serde::Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -437,7 +456,7 @@ fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
 /// type and stays allowed; `herald.*` is refused by [`EventType::new`].
 const BROWSER_EVENT_TYPES: &[&str] = &["error", "open"];
 
-fn event_type(s: &str) -> Result<EventType, ApiError> {
+pub(super) fn event_type(s: &str) -> Result<EventType, ApiError> {
     if BROWSER_EVENT_TYPES.contains(&s) {
         return Err(ApiError::new(
             ErrorCode::InvalidEvent,
@@ -476,7 +495,7 @@ fn idempotency_key(s: &str) -> Result<String, ApiError> {
     Ok(s.to_string())
 }
 
-fn retry(s: &str) -> Result<u32, ApiError> {
+pub(super) fn retry(s: &str) -> Result<u32, ApiError> {
     s.parse::<u32>()
         .map_err(|_| field_error("retry", "must be a whole number of milliseconds"))
         .and_then(retry_in_bounds)
@@ -515,6 +534,11 @@ impl Draft {
         let mut targets = self.targets;
         match route {
             Route::Publish => {}
+            Route::Given(given) => {
+                targets.topics.extend(given.topics.iter().cloned());
+                targets.users.extend(given.users.iter().cloned());
+                targets.broadcast |= given.broadcast;
+            }
             Route::User(u) => targets.users.push(u.clone()),
             Route::Broadcast => targets.broadcast = true,
         }
@@ -541,7 +565,10 @@ fn unknown_field(field: &str) -> ApiError {
 }
 
 /// Builds a message from a JSON object; every field is checked, unknown fields are refused.
-fn message_from_json(obj: &Map<String, Value>, route: &Route) -> Result<Message, ApiError> {
+pub(super) fn message_from_json(
+    obj: &Map<String, Value>,
+    route: &Route,
+) -> Result<Message, ApiError> {
     let mut d = Draft::default();
     let targets_allowed = matches!(route, Route::Publish);
     for (one, many) in [("topic", "topics"), ("user", "users")] {

@@ -12,6 +12,7 @@ mod cluster;
 mod common;
 mod control;
 mod durable;
+mod finite;
 mod hostile;
 mod input;
 mod languages;
