@@ -14,7 +14,7 @@ use crate::event::{Event, Message};
 use crate::fanout::{AgePolicy, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
-    Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
+    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
 use crate::name::{Selector, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
@@ -436,6 +436,12 @@ impl Hub {
             }
             from = ReadFrom::After(last);
         }
+    }
+
+    /// Retained history from `from`, at most `limit` events: for a layer that keeps its own names
+    /// for events (the Mercure endpoint finds a publisher's id this way).
+    pub async fn read_history(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.inner.history.read(from, limit).await
     }
 
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.

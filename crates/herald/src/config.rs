@@ -52,6 +52,8 @@ pub struct Config {
     pub h2_max_streams: u32,
     /// Certificates from ACME instead of `tls`.
     pub acme: Option<AcmeSettings>,
+    /// `--mercure`: the Mercure endpoint and its settings.
+    pub mercure: Option<crate::mercure::MercureOptions>,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -277,6 +279,19 @@ impl RawConfig {
             max_blocks: self.get(&s::MAX_BLOCKS)?,
         };
         let (tls, acme) = self.tls_and_acme()?;
+        let mercure_resource: Option<String> = self.value(&s::MERCURE_RESOURCE)?;
+        let mercure = if self.switch(&s::MERCURE)? {
+            Some(crate::mercure::MercureOptions {
+                resource: mercure_resource,
+            })
+        } else if mercure_resource.is_some() {
+            return Err(invalid(
+                "mercure-resource",
+                "only means something with --mercure",
+            ));
+        } else {
+            None
+        };
         Ok(Config {
             listen,
             heartbeat,
@@ -303,6 +318,7 @@ impl RawConfig {
             tls,
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
             acme,
+            mercure,
         })
     }
 

@@ -52,6 +52,7 @@ pub mod host;
 pub mod http;
 pub mod ipnet;
 mod listen;
+pub mod mercure;
 pub mod settings;
 mod stream_conn;
 pub mod tls;
@@ -176,6 +177,7 @@ pub async fn serve_split(
         auth: config.auth.clone(),
         limits,
         metrics_route: config.metrics_listen.is_none(),
+        mercure: config.mercure.clone(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
     let settings = listen::ConnectionSettings {

@@ -25,6 +25,7 @@ pub use events::parse_since;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use publish::parse_body as parse_publish_body;
+pub(crate) use publish::read_body;
 
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct HttpOptions {
     pub metrics_route: bool,
     /// In cluster mode, presence, stats and closes answer for every node.
     pub cluster: Option<Arc<herald_core::Cluster>>,
+    /// `--mercure`: also serve the Mercure protocol at `/.well-known/mercure`.
+    pub mercure: Option<crate::mercure::MercureOptions>,
 }
 
 impl Default for HttpOptions {
@@ -53,6 +56,7 @@ impl Default for HttpOptions {
             limits: config.limits,
             metrics_route: true,
             cluster: None,
+            mercure: None,
         }
     }
 }
@@ -145,6 +149,9 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
     if options.metrics_route {
         app = app.route("/metrics", get(metrics::render));
     }
+    if let Some(mercure) = options.mercure.clone() {
+        app = app.merge(crate::mercure::routes(mercure));
+    }
     let mut app = app
         .merge(web::routes())
         .fallback(|| async { ApiError::from(ErrorCode::NotFound) })
@@ -171,8 +178,14 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
             HeaderName::from_static("last-event-id"),
+            header::CACHE_CONTROL,
         ])
-        .expose_headers([header::RETRY_AFTER])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::LINK,
+            HeaderName::from_static("mercure-last-event-id"),
+            HeaderName::from_static("last-event-id"),
+        ])
         .max_age(std::time::Duration::from_secs(600));
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())

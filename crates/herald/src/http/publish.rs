@@ -273,7 +273,7 @@ async fn handle(app: AppState, route: Route, request: Request) -> Result<Respons
 
 /// Reads the whole body within `--body-timeout` and `--max-body`. A body too large answers 413;
 /// one that does not arrive in time 408; one cut short or with broken chunked framing 400.
-async fn read_body(
+pub(crate) async fn read_body(
     app: &AppState,
     headers: &HeaderMap,
     body: axum::body::Body,
