@@ -15,6 +15,7 @@ mod hostile;
 mod input;
 mod languages;
 mod limits;
+mod mercure;
 mod metrics;
 mod readme_tour;
 mod resume;
