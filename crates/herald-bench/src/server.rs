@@ -20,6 +20,8 @@ pub enum Kind {
     HeraldRedis,
     /// Three herald nodes sharing one Redis; subscribers and publishers spread over them.
     HeraldRedis3,
+    /// herald's Mercure endpoint (`--mercure`, open hub): `/.well-known/mercure`, form publishes.
+    HeraldMercure,
     Nchan,
     Baseline,
     Ceiling,
@@ -31,6 +33,7 @@ impl Kind {
             Kind::Herald => "herald",
             Kind::HeraldRedis => "herald-redis",
             Kind::HeraldRedis3 => "herald-redis3",
+            Kind::HeraldMercure => "herald-mercure",
             Kind::Nchan => "nchan",
             Kind::Baseline => "baseline",
             Kind::Ceiling => "ceiling",
@@ -42,11 +45,12 @@ impl Kind {
             "herald" => Kind::Herald,
             "herald-redis" => Kind::HeraldRedis,
             "herald-redis3" => Kind::HeraldRedis3,
+            "herald-mercure" => Kind::HeraldMercure,
             "nchan" => Kind::Nchan,
             "baseline" => Kind::Baseline,
             "ceiling" => Kind::Ceiling,
             _ => bail!(
-                "unknown target {s} (herald, herald-redis, herald-redis3, nchan, baseline, ceiling)"
+                "unknown target {s} (herald, herald-redis, herald-redis3, herald-mercure, nchan, baseline, ceiling)"
             ),
         })
     }
@@ -111,8 +115,11 @@ impl Server {
     /// Starts `kind` on a free loopback port. `herald_args` go to `herald serve` only.
     pub async fn start(kind: Kind, bins: &Bins, herald_args: &[String]) -> anyhow::Result<Server> {
         match kind {
-            Kind::Herald => {
+            Kind::Herald | Kind::HeraldMercure => {
                 let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+                if kind == Kind::HeraldMercure {
+                    args.push("--mercure".into());
+                }
                 args.extend_from_slice(herald_args);
                 Self::spawn(kind, &bins.herald, &args).await
             }
@@ -310,6 +317,7 @@ impl Server {
             Kind::Herald | Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::Baseline => {
                 format!("/events?topic={topic}")
             }
+            Kind::HeraldMercure => format!("/.well-known/mercure?topic={topic}"),
             Kind::Nchan | Kind::Ceiling => format!("/sub/{topic}"),
         }
     }
@@ -322,6 +330,11 @@ impl Server {
                 "/publish".into(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}","data":"{data}"}}"#).into_bytes(),
+            ),
+            Kind::HeraldMercure => (
+                "/.well-known/mercure".into(),
+                "application/x-www-form-urlencoded",
+                format!("topic={topic}&data={}", data.replace(' ', "+")).into_bytes(),
             ),
             Kind::Nchan | Kind::Ceiling => (
                 format!("/pub/{topic}"),

@@ -25,7 +25,7 @@ pub use events::parse_since;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use publish::parse_body as parse_publish_body;
-pub(crate) use publish::read_body;
+pub(crate) use publish::{cross_site_form, rate_limit, read_body};
 
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]

@@ -104,7 +104,7 @@ fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Option<String
 }
 
 /// Takes `n` publishes (one per event of a batch) from the caller's bucket.
-fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
+pub(crate) fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
     let (Some((rate, burst)), Some(key)) = (app.limits.publish_rate, key) else {
         return Ok(());
     };
@@ -119,7 +119,7 @@ fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiErro
 /// Refuses a form post a browser sent from another site: forms need no CORS preflight, so on an
 /// open hub any page a visitor opens could publish. Allowed: no `Origin` (not a browser, or a
 /// same-origin navigation of an old one), the hub's own origin, and `--cors-origin` origins.
-fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };

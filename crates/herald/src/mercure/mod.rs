@@ -29,7 +29,7 @@ use herald_core::{
 use parking_lot::Mutex;
 
 use crate::error_code::ErrorCode;
-use crate::http::{ApiError, AppState, form_pairs, limits, read_body};
+use crate::http::{ApiError, AppState, cross_site_form, form_pairs, limits, rate_limit, read_body};
 use selector::{TopicSelector, any_matches};
 use token::{Grants, Refusal};
 use update::{Envelope, HERALD_TOPIC, Update};
@@ -175,7 +175,10 @@ async fn publish(
     Extension(mercure): Extension<Arc<Mercure>>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let ip = limits::client_ip(&app.limits, request.extensions(), request.headers());
     let (parts, body) = request.into_parts();
+    // A browser form from another site needs no preflight: refused, as on `POST /publish`.
+    cross_site_form(&app, &parts.headers)?;
     let query = form_pairs(parts.uri.query().unwrap_or_default().as_bytes())?;
     let query_token = query
         .iter()
@@ -185,6 +188,15 @@ async fn publish(
         Ok(g) => g,
         Err(r) => return Ok(refuse(r)),
     };
+    // `--publish-rate`: one bucket per subject, else per client address.
+    let key =
+        app.limits
+            .publish_rate
+            .map(|_| match grants.as_ref().and_then(|g| g.subject.as_ref()) {
+                Some(sub) => format!("mercure:{sub}"),
+                None => format!("ip:{}", ip.map_or_else(String::new, |ip| ip.to_string())),
+            });
+    rate_limit(&app, key.as_deref(), 1)?;
     let started = std::time::Instant::now();
     let body = read_body(&app, &parts.headers, body).await?;
     let mut update = Envelope {

@@ -420,6 +420,21 @@ async fn mercure_refuses_bad_updates_with_400_and_publishes_nothing() {
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["error"], "invalid_mercure_update", "{form:?}");
     }
+    // A browser form from another site is refused before anything else, as on `POST /publish`.
+    let r = s
+        .http()
+        .post(format!("{}/.well-known/mercure", s.url))
+        .bearer_auth(all_rights())
+        .header("origin", "https://evil.example")
+        .form(&[("topic", "t"), ("id", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "cross_origin_form"
+    );
     publish(&s, &[("topic", "t"), ("id", "marker")]).await;
     assert_eq!(ids_until(&mut sub, "marker").await, ["marker"]);
 }
