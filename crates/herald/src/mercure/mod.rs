@@ -12,6 +12,7 @@ pub mod selector;
 pub mod token;
 pub mod update;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -51,18 +52,27 @@ pub struct MercureOptions {
 #[derive(Debug)]
 pub(crate) struct Mercure {
     options: MercureOptions,
-    /// The last update decoded, by herald id: one fan-out decodes each event once, not once per
-    /// subscriber.
-    last: Mutex<Option<Arc<Update>>>,
+    /// The updates decoded last, by herald id, newest at the back: subscribers writing at
+    /// different points of a burst decode each event once between them, not once each.
+    recent: Mutex<VecDeque<Arc<Update>>>,
 }
+
+/// Updates kept decoded in [`Mercure::recent`].
+const RECENT: usize = 256;
 
 impl Mercure {
     fn decode(&self, herald: EventId, data: &str) -> Option<Arc<Update>> {
-        if let Some(u) = self.last.lock().as_ref().filter(|u| u.herald == herald) {
+        if let Some(u) = self.recent.lock().iter().rev().find(|u| u.herald == herald) {
             return Some(u.clone());
         }
         let u = Arc::new(Update::decode(herald, data)?);
-        *self.last.lock() = Some(u.clone());
+        let mut recent = self.recent.lock();
+        if !recent.iter().any(|r| r.herald == herald) {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(u.clone());
+        }
         Some(u)
     }
 
@@ -86,7 +96,7 @@ impl Mercure {
 pub(crate) fn routes(options: MercureOptions) -> Router<AppState> {
     let mercure = Arc::new(Mercure {
         options,
-        last: Mutex::new(None),
+        recent: Mutex::new(VecDeque::with_capacity(RECENT)),
     });
     Router::new()
         .route(PATH, get(subscribe).post(publish))
