@@ -28,7 +28,8 @@ struct Cli {
     /// The baseline binary [default: herald-bench-baseline beside this program].
     #[arg(long, global = true)]
     baseline: Option<String>,
-    /// Targets, run one after the other in this order: herald, nchan, baseline, ceiling.
+    /// Targets, run one after the other in this order: herald, herald-mercure (its Mercure
+    /// endpoint), herald-redis, herald-redis3, nchan, baseline, ceiling.
     #[arg(
         long,
         value_delimiter = ',',

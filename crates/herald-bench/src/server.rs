@@ -25,6 +25,8 @@ pub enum Kind {
     HeraldRedisR1,
     /// Three such nodes.
     HeraldRedis3R1,
+    /// herald's Mercure endpoint (`--mercure`, open hub): `/.well-known/mercure`, form publishes.
+    HeraldMercure,
     Nchan,
     Baseline,
     Ceiling,
@@ -38,6 +40,7 @@ impl Kind {
             Kind::HeraldRedis3 => "herald-redis3",
             Kind::HeraldRedisR1 => "herald-redis-r1",
             Kind::HeraldRedis3R1 => "herald-redis3-r1",
+            Kind::HeraldMercure => "herald-mercure",
             Kind::Nchan => "nchan",
             Kind::Baseline => "baseline",
             Kind::Ceiling => "ceiling",
@@ -51,11 +54,12 @@ impl Kind {
             "herald-redis3" => Kind::HeraldRedis3,
             "herald-redis-r1" => Kind::HeraldRedisR1,
             "herald-redis3-r1" => Kind::HeraldRedis3R1,
+            "herald-mercure" => Kind::HeraldMercure,
             "nchan" => Kind::Nchan,
             "baseline" => Kind::Baseline,
             "ceiling" => Kind::Ceiling,
             _ => bail!(
-                "unknown target {s} (herald, herald-redis, herald-redis3, herald-redis-r1, herald-redis3-r1, nchan, baseline, ceiling)"
+                "unknown target {s} (herald, herald-redis, herald-redis3, herald-redis-r1, herald-redis3-r1, herald-mercure, nchan, baseline, ceiling)"
             ),
         })
     }
@@ -158,8 +162,11 @@ impl Server {
     /// Starts `kind` on a free loopback port. `herald_args` go to `herald serve` only.
     pub async fn start(kind: Kind, bins: &Bins, herald_args: &[String]) -> anyhow::Result<Server> {
         match kind {
-            Kind::Herald => {
+            Kind::Herald | Kind::HeraldMercure => {
                 let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+                if kind == Kind::HeraldMercure {
+                    args.push("--mercure".into());
+                }
                 args.extend_from_slice(herald_args);
                 Self::spawn(kind, &bins.herald, &args).await
             }
@@ -369,6 +376,7 @@ impl Server {
             | Kind::Baseline => {
                 format!("/events?topic={topic}")
             }
+            Kind::HeraldMercure => format!("/.well-known/mercure?topic={topic}"),
             Kind::Nchan | Kind::Ceiling => format!("/sub/{topic}"),
         }
     }
@@ -386,6 +394,11 @@ impl Server {
                 "/publish".into(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}","data":"{data}"}}"#).into_bytes(),
+            ),
+            Kind::HeraldMercure => (
+                "/.well-known/mercure".into(),
+                "application/x-www-form-urlencoded",
+                format!("topic={topic}&data={}", data.replace(' ', "+")).into_bytes(),
             ),
             Kind::Nchan | Kind::Ceiling => (
                 format!("/pub/{topic}"),

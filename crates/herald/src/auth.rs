@@ -216,6 +216,21 @@ impl Auth {
         self
     }
 
+    /// The configured verification key, its one algorithm and the leeway in seconds: the Mercure
+    /// endpoint checks its own claims (`mercure`, `authorization_details`) with the same key.
+    pub(crate) fn jwt_key(&self) -> Option<(&DecodingKey, Algorithm, u64)> {
+        self.jwt
+            .as_deref()
+            .map(|v| (&v.key, v.algorithm, v.validation.leeway))
+    }
+
+    /// Whether `bearer` is one of the static publish keys.
+    pub(crate) fn is_publish_key(&self, bearer: &str) -> bool {
+        self.publish_keys
+            .iter()
+            .any(|k| same(k.as_bytes(), bearer.as_bytes()))
+    }
+
     /// Whether tokens are checked on subscribe.
     pub fn has_jwt(&self) -> bool {
         self.jwt.is_some()
@@ -439,7 +454,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
 }
 
 /// Every non-empty value of the cookie `name`, in the order sent.
-fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
+pub(crate) fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()

@@ -61,6 +61,8 @@ pub struct Config {
     pub cluster_report: Duration,
     /// Where events are POSTed (`--webhook`, with `--webhook-secret` and `--webhook-topics`).
     pub webhooks: Vec<crate::webhook::Hook>,
+    /// `--mercure`: the Mercure endpoint and its settings.
+    pub mercure: Option<crate::mercure::MercureOptions>,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -306,6 +308,19 @@ impl RawConfig {
             max_blocks: self.get(&s::MAX_BLOCKS)?,
         };
         let (tls, acme) = self.tls_and_acme()?;
+        let mercure_resource: Option<String> = self.value(&s::MERCURE_RESOURCE)?;
+        let mercure = if self.switch(&s::MERCURE)? {
+            Some(crate::mercure::MercureOptions {
+                resource: mercure_resource,
+            })
+        } else if mercure_resource.is_some() {
+            return Err(invalid(
+                "mercure-resource",
+                "only means something with --mercure",
+            ));
+        } else {
+            None
+        };
         Ok(Config {
             listen,
             heartbeat,
@@ -337,6 +352,7 @@ impl RawConfig {
             presence_grace: self.get(&s::PRESENCE_GRACE)?,
             cluster_report: self.get(&s::CLUSTER_REPORT)?,
             webhooks: self.webhooks()?,
+            mercure,
         })
     }
 

@@ -75,6 +75,12 @@ error_codes! {
     IncompleteBody = "incomplete_body", BAD_REQUEST, retry None, "the body ended early or its chunked framing is malformed";
     /// A form field or query value is not UTF-8.
     InvalidEncoding = "invalid_encoding", BAD_REQUEST, retry None, "a field is not valid UTF-8";
+    /// A Mercure publish (`POST /.well-known/mercure`) with a bad field: no topic, a reserved topic, id, type or retry.
+    InvalidMercureUpdate = "invalid_mercure_update", BAD_REQUEST, retry None, "the Mercure update is not valid";
+    /// A Mercure subscription with no topic, a bad or unsupported matcher, or an unknown `match*` parameter.
+    InvalidMercureSubscription = "invalid_mercure_subscription", BAD_REQUEST, retry None, "the Mercure subscription is not valid";
+    /// A Mercure token presented in a malformed way (RFC 6750 `invalid_request`).
+    InvalidMercureCredentials = "invalid_mercure_credentials", BAD_REQUEST, retry None, "the token is not presented as 'Bearer <token>'";
     /// More topics and users in one message than `--max-topics`.
     TooManyTargets = "too_many_targets", BAD_REQUEST, retry None, "a message has too many topics and users";
     InvalidLimit = "invalid_limit", BAD_REQUEST, retry None, "'limit' is not valid";

@@ -52,6 +52,7 @@ pub mod host;
 pub mod http;
 pub mod ipnet;
 mod listen;
+pub mod mercure;
 pub mod settings;
 mod stream_conn;
 pub mod tls;
@@ -198,6 +199,7 @@ pub async fn serve_split(
             config.data_dir.as_deref(),
             node.cluster.clone(),
         ),
+        mercure: config.mercure.clone(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);
     let settings = listen::ConnectionSettings {

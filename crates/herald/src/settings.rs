@@ -337,6 +337,16 @@ pub const ANONYMOUS: Setting = Setting::switch(
     "anonymous",
     "let token-less connections subscribe (no private events, no user messages)",
 );
+pub const MERCURE: Setting = Setting::switch(
+    "mercure",
+    "also speak the Mercure protocol at `/.well-known/mercure` (publish, subscribe, draft-08 and v0.x tokens)",
+);
+pub const MERCURE_RESOURCE: Setting = Setting::one(
+    "mercure-resource",
+    "URL",
+    "the hub's resource identifier: the `aud` draft-08 Mercure tokens must name",
+)
+.unset("the request's own URL of `/.well-known/mercure`");
 pub const OPEN_SUBSCRIBE: Setting = Setting::switch(
     "open-subscribe",
     "with `--publish-key` and no JWT key: let token-less connections name any `user` and receive private events (otherwise they are anonymous); only behind a gateway that authenticates subscribers",
@@ -580,6 +590,8 @@ pub const SETTINGS: &[Setting] = &[
     WEBHOOK,
     WEBHOOK_SECRET,
     WEBHOOK_TOPICS,
+    MERCURE,
+    MERCURE_RESOURCE,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

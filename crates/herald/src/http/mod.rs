@@ -27,6 +27,7 @@ pub use events::parse_since;
 pub use limits::Limits;
 pub use metrics::Metrics;
 pub use publish::parse_body as parse_publish_body;
+pub(crate) use publish::{cross_site_form, rate_limit, read_body};
 
 /// Options of the HTTP layer around a hub.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct HttpOptions {
     pub cluster: Option<Arc<herald_core::Cluster>>,
     /// The webhooks' progress, for `/metrics`.
     pub webhooks: Vec<Arc<crate::webhook::Progress>>,
+    /// `--mercure`: also serve the Mercure protocol at `/.well-known/mercure`.
+    pub mercure: Option<crate::mercure::MercureOptions>,
 }
 
 impl Default for HttpOptions {
@@ -58,6 +61,7 @@ impl Default for HttpOptions {
             metrics_route: true,
             cluster: None,
             webhooks: Vec::new(),
+            mercure: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
     if options.metrics_route {
         app = app.route("/metrics", get(metrics::render));
     }
+    if let Some(mercure) = options.mercure.clone() {
+        app = app.merge(crate::mercure::routes(mercure));
+    }
     let mut app = app
         .merge(web::routes())
         .fallback(|| async { ApiError::from(ErrorCode::NotFound) })
@@ -184,8 +191,14 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
             HeaderName::from_static("last-event-id"),
+            header::CACHE_CONTROL,
         ])
-        .expose_headers([header::RETRY_AFTER])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::LINK,
+            HeaderName::from_static("mercure-last-event-id"),
+            HeaderName::from_static("last-event-id"),
+        ])
         .max_age(std::time::Duration::from_secs(600));
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())

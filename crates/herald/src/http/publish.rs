@@ -110,7 +110,7 @@ pub(super) fn rate_key(app: &AppState, caller: &Caller, request: &Request) -> Op
 }
 
 /// Takes `n` publishes (one per event of a batch) from the caller's bucket.
-pub(super) fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
+pub(crate) fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<(), ApiError> {
     let (Some((rate, burst)), Some(key)) = (app.limits.publish_rate, key) else {
         return Ok(());
     };
@@ -125,7 +125,7 @@ pub(super) fn rate_limit(app: &AppState, key: Option<&str>, n: usize) -> Result<
 /// Refuses a form post a browser sent from another site: forms need no CORS preflight, so on an
 /// open hub any page a visitor opens could publish. Allowed: no `Origin` (not a browser, or a
 /// same-origin navigation of an old one), the hub's own origin, and `--cors-origin` origins.
-fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn cross_site_form(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
@@ -298,7 +298,7 @@ pub(super) fn publish_error(e: PublishError, batch: bool) -> ApiError {
 
 /// Reads the whole body within `--body-timeout` and `--max-body`. A body too large answers 413;
 /// one that does not arrive in time 408; one cut short or with broken chunked framing 400.
-async fn read_body(
+pub(crate) async fn read_body(
     app: &AppState,
     headers: &HeaderMap,
     body: axum::body::Body,

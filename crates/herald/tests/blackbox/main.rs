@@ -17,6 +17,7 @@ mod hostile;
 mod input;
 mod languages;
 mod limits;
+mod mercure;
 mod metrics;
 mod presence;
 mod readme_tour;

@@ -1,0 +1,578 @@
+//! The Mercure endpoint (`--mercure`) against the real binary: publish fields and publisher ids,
+//! draft-08 and v0.x subscriptions and tokens, private updates live and on replay, resume by a
+//! publisher's id in memory, on disk and across a Redis cluster, RFC 6750 refusals, every bad
+//! input of issue 17, heartbeats and CORS.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::auth::SECRET;
+use crate::cluster::{Redis, node};
+use crate::common::{PATIENCE, Server, Sse};
+
+const RESOURCE: &str = "https://hub.example/.well-known/mercure";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A draft-08 RFC 9068 access token (`typ: at+jwt`) for `aud`, granting `details`.
+fn draft08(aud: &str, exp: u64, details: Value) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.typ = Some("at+jwt".into());
+    let claims = json!({
+        "iss": "https://issuer.example", "aud": aud, "exp": exp, "sub": "tester",
+        "client_id": "tests", "iat": now(), "jti": "1", "authorization_details": details,
+    });
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn detail(actions: &[&str], matches: &[(&str, &str)]) -> Value {
+    json!({
+        "type": "https://mercure.rocks/authorization-detail",
+        "actions": actions,
+        "topics": matches.iter().map(|(m, t)| json!({"match": m, "match_type": t})).collect::<Vec<_>>(),
+    })
+}
+
+/// A token publishing and subscribing to everything (draft-08).
+fn all_rights() -> String {
+    draft08(
+        RESOURCE,
+        now() + 3600,
+        json!([detail(&["publish", "subscribe"], &[("*", "exact")])]),
+    )
+}
+
+/// A v0.x token: the `mercure` claim and nothing else (no exp, aud, iss).
+fn v0(claim: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({ "mercure": claim }),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn hub(extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--mercure",
+        "--jwt-secret",
+        SECRET,
+        "--mercure-resource",
+        RESOURCE,
+        "--anonymous",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+/// POSTs a Mercure update; returns status, `Content-Type`, `WWW-Authenticate` and body.
+async fn post(
+    s: &Server,
+    token: Option<&str>,
+    form: &[(&str, &str)],
+) -> (StatusCode, String, String, String) {
+    let mut req = s
+        .http()
+        .post(format!("{}/.well-known/mercure", s.url))
+        .form(form);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("post");
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let (ct, www) = (header("content-type"), header("www-authenticate"));
+    (r.status(), ct, www, r.text().await.unwrap())
+}
+
+async fn publish(s: &Server, form: &[(&str, &str)]) -> String {
+    let (status, ct, _, body) = post(s, Some(&all_rights()), form).await;
+    assert_eq!(status, StatusCode::OK, "{form:?}: {body}");
+    assert_eq!(ct, "text/plain; charset=utf-8");
+    body
+}
+
+async fn open(s: &Server, query: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = s
+        .http()
+        .get(format!("{}/.well-known/mercure?{query}", s.url));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("subscribe")
+}
+
+async fn subscribe(s: &Server, query: &str, headers: &[(&str, &str)]) -> Sse {
+    let r = open(s, query, headers).await;
+    assert_eq!(r.status(), StatusCode::OK, "subscribe {query}");
+    let mut sse = Sse::new(r);
+    sse.opened().await;
+    sse
+}
+
+/// The ids of what `sse` receives until (and including) the update with id `last`.
+async fn ids_until(sse: &mut Sse, last: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    loop {
+        let e = sse.next().await;
+        let id = e.id.clone().unwrap_or_default();
+        ids.push(id.clone());
+        if id == last {
+            return ids;
+        }
+    }
+}
+
+#[tokio::test]
+async fn mercure_publish_fields_reach_a_matching_subscriber_with_the_publishers_id() {
+    let s = hub(&[]).await;
+    let mut sub = subscribe(&s, "match=https://example.com/books/1", &[]).await;
+    let data = "first line\n\n  indented\nlast";
+    let id = publish(
+        &s,
+        &[
+            ("topic", "https://example.com/books/1"),
+            ("topic", "https://example.com/alternate"),
+            ("data", data),
+            ("id", "urn:uuid:publisher-chosen"),
+            ("type", "book.updated"),
+            ("retry", "2500"),
+            ("unknown", "ignored"),
+        ],
+    )
+    .await;
+    assert_eq!(id, "urn:uuid:publisher-chosen");
+    let e = sub.next().await;
+    assert_eq!(e.id.as_deref(), Some("urn:uuid:publisher-chosen"));
+    assert_eq!(e.event_type, "book.updated");
+    assert_eq!(e.data, data);
+    assert!(
+        String::from_utf8_lossy(&sub.raw).contains("retry: 2500\n"),
+        "the retry field is sent"
+    );
+    // Without an id the hub makes one, a fragment; an alternate topic alone also matches.
+    let mut alt = subscribe(&s, "match=https://example.com/alternate", &[]).await;
+    let hub_id = publish(
+        &s,
+        &[
+            ("topic", "https://example.com/books/1"),
+            ("topic", "https://example.com/alternate"),
+            ("data", "x"),
+        ],
+    )
+    .await;
+    assert!(hub_id.starts_with('#'), "{hub_id}");
+    assert_eq!(alt.next().await.id, Some(hub_id.clone()));
+    assert_eq!(sub.next().await.id, Some(hub_id));
+    // A duplicate of an earlier id is allowed.
+    assert_eq!(
+        publish(
+            &s,
+            &[
+                ("topic", "https://example.com/books/1"),
+                ("id", "urn:uuid:publisher-chosen")
+            ]
+        )
+        .await,
+        "urn:uuid:publisher-chosen"
+    );
+}
+
+#[tokio::test]
+async fn mercure_matchers_exact_wildcard_url_pattern_and_uri_template() {
+    let s = hub(&[]).await;
+    let mut pattern = subscribe(&s, "match_urlpattern=https://example.com/books/:id", &[]).await;
+    let mut template = subscribe(&s, "topic=https://example.com/books/{id}", &[]).await;
+    let mut any = subscribe(&s, "match=*", &[]).await;
+    let mut exact = subscribe(&s, "match_exact=https://example.com/books/2", &[]).await;
+    publish(
+        &s,
+        &[
+            ("topic", "https://example.com/books/1/reviews"),
+            ("id", "deep"),
+        ],
+    )
+    .await;
+    publish(
+        &s,
+        &[("topic", "https://example.com/books/1"), ("id", "one")],
+    )
+    .await;
+    publish(
+        &s,
+        &[("topic", "https://example.com/books/2"), ("id", "two")],
+    )
+    .await;
+    assert_eq!(ids_until(&mut pattern, "two").await, ["one", "two"]);
+    assert_eq!(ids_until(&mut template, "two").await, ["one", "two"]);
+    assert_eq!(ids_until(&mut any, "two").await, ["deep", "one", "two"]);
+    assert_eq!(ids_until(&mut exact, "two").await, ["two"]);
+}
+
+#[tokio::test]
+async fn mercure_private_updates_reach_only_matching_grants_live_and_on_replay() {
+    let s = hub(&[]).await;
+    let books = v0(json!({"subscribe": ["https://example.com/books/{id}"]}));
+    let draft = draft08(
+        RESOURCE,
+        now() + 3600,
+        json!([detail(
+            &["subscribe"],
+            &[("https://example.com/users/:id", "urlpattern")]
+        )]),
+    );
+    let mut anonymous = subscribe(&s, "match=*", &[]).await;
+    let mut by_header = subscribe(
+        &s,
+        "match=*",
+        &[("authorization", &format!("Bearer {books}"))],
+    )
+    .await;
+    let mut by_query = subscribe(&s, &format!("topic=*&authorization={books}"), &[]).await;
+    let mut by_cookie = subscribe(
+        &s,
+        "match=*",
+        &[("cookie", &format!("mercureAuthorization={draft}"))],
+    )
+    .await;
+    let mut by_draft_cookie = subscribe(
+        &s,
+        "match=*",
+        &[("cookie", &format!("__Secure-mercure_access_token={draft}"))],
+    )
+    .await;
+    publish(
+        &s,
+        &[
+            ("topic", "https://example.com/books/1"),
+            ("private", ""),
+            ("id", "pb"),
+        ],
+    )
+    .await;
+    publish(
+        &s,
+        &[
+            ("topic", "https://example.com/users/7"),
+            ("private", "on"),
+            ("id", "pu"),
+        ],
+    )
+    .await;
+    // Private to the union of its topics' audiences.
+    publish(
+        &s,
+        &[
+            ("topic", "https://example.com/other"),
+            ("topic", "https://example.com/users/8"),
+            ("private", "on"),
+            ("id", "pboth"),
+        ],
+    )
+    .await;
+    publish(
+        &s,
+        &[("topic", "https://example.com/books/1"), ("id", "public")],
+    )
+    .await;
+    assert_eq!(ids_until(&mut anonymous, "public").await, ["public"]);
+    assert_eq!(ids_until(&mut by_header, "public").await, ["pb", "public"]);
+    assert_eq!(ids_until(&mut by_query, "public").await, ["pb", "public"]);
+    assert_eq!(
+        ids_until(&mut by_cookie, "public").await,
+        ["pu", "pboth", "public"]
+    );
+    assert_eq!(
+        ids_until(&mut by_draft_cookie, "public").await,
+        ["pu", "pboth", "public"]
+    );
+    // On replay the same rules hold.
+    let mut replay = subscribe(&s, "match=*&last_event_id=earliest", &[]).await;
+    assert_eq!(ids_until(&mut replay, "public").await, ["public"]);
+    let mut replay = subscribe(
+        &s,
+        "topic=*&lastEventID=earliest",
+        &[("authorization", &format!("Bearer {books}"))],
+    )
+    .await;
+    assert_eq!(ids_until(&mut replay, "public").await, ["pb", "public"]);
+    // Without --anonymous a token-less subscriber is refused, RFC 6750 style.
+    let closed = Server::start(&["--mercure", "--jwt-secret", SECRET]).await;
+    let r = open(&closed, "match=*", &[]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+}
+
+/// Publishes a, b, c (and a duplicate id), then checks every way of resuming on `reader`.
+async fn check_resume(writer: &Server, reader: &Server) {
+    publish(writer, &[("topic", "r"), ("id", "a"), ("data", "A")]).await;
+    publish(writer, &[("topic", "r"), ("id", "b"), ("data", "B")]).await;
+    publish(writer, &[("topic", "r"), ("id", "a"), ("data", "A again")]).await;
+    publish(writer, &[("topic", "r"), ("id", "c"), ("data", "C")]).await;
+    // A repeated id resumes after its earliest occurrence, the later one included.
+    let r = open(reader, "match=r", &[("last-event-id", "a")]).await;
+    assert_eq!(r.headers()["mercure-last-event-id"], "a");
+    assert_eq!(r.headers()["last-event-id"], "a");
+    let mut sse = Sse::new(r);
+    assert_eq!(ids_until(&mut sse, "c").await, ["b", "a", "c"]);
+    let r = open(reader, "match=r&last_event_id=b", &[]).await;
+    assert_eq!(r.headers()["mercure-last-event-id"], "b");
+    assert_eq!(ids_until(&mut Sse::new(r), "c").await, ["a", "c"]);
+    let r = open(reader, "topic=r&lastEventID=b", &[]).await;
+    assert_eq!(ids_until(&mut Sse::new(r), "c").await, ["a", "c"]);
+    // An unknown id and `earliest` send everything retained, naming `earliest`.
+    for asked in ["never-published", "earliest"] {
+        let r = open(reader, "match=r", &[("last-event-id", asked)]).await;
+        assert_eq!(r.headers()["mercure-last-event-id"], "earliest");
+        assert_eq!(ids_until(&mut Sse::new(r), "c").await, ["a", "b", "a", "c"]);
+    }
+    // A hub-made id resumes too.
+    let made = publish(writer, &[("topic", "r"), ("data", "D")]).await;
+    publish(writer, &[("topic", "r"), ("id", "e")]).await;
+    let r = open(reader, "match=r", &[("last-event-id", &made)]).await;
+    assert_eq!(ids_until(&mut Sse::new(r), "e").await, ["e"]);
+}
+
+#[tokio::test]
+async fn mercure_resumes_from_a_publisher_id_in_memory() {
+    let s = hub(&[]).await;
+    check_resume(&s, &s).await;
+}
+
+#[tokio::test]
+async fn mercure_resumes_from_a_publisher_id_on_disk_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    {
+        let s = hub(&["--data-dir", data_dir]).await;
+        publish(&s, &[("topic", "t"), ("id", "before-restart")]).await;
+    }
+    let s = hub(&["--data-dir", data_dir]).await;
+    let r = open(&s, "match=t", &[("last-event-id", "before-restart")]).await;
+    assert_eq!(r.headers()["mercure-last-event-id"], "before-restart");
+    let mut sse = Sse::new(r);
+    sse.opened().await;
+    publish(&s, &[("topic", "t"), ("id", "after")]).await;
+    assert_eq!(ids_until(&mut sse, "after").await, ["after"]);
+    check_resume(&s, &s).await;
+}
+
+#[tokio::test]
+async fn mercure_resumes_from_a_publisher_id_across_a_redis_cluster() {
+    let redis = Redis::start();
+    let base = [
+        "--mercure",
+        "--jwt-secret",
+        SECRET,
+        "--mercure-resource",
+        RESOURCE,
+        "--anonymous",
+    ];
+    let (a, b) = (node(&redis, &base).await, node(&redis, &base).await);
+    let mut live_on_b = subscribe(&b, "match=r", &[]).await;
+    check_resume(&a, &b).await;
+    assert_eq!(ids_until(&mut live_on_b, "e").await.len(), 6);
+}
+
+#[tokio::test]
+async fn mercure_refuses_bad_updates_with_400_and_publishes_nothing() {
+    let s = hub(&[]).await;
+    let mut sub = subscribe(&s, "match=*", &[]).await;
+    let bad: &[&[(&str, &str)]] = &[
+        &[("topic", "t"), ("id", "earliest")],
+        &[("topic", "t"), ("id", "#x")],
+        &[("topic", "t"), ("id", "a\u{1}b")],
+        &[("topic", "/.well-known/mercure/subscriptions/x")],
+        &[(
+            "topic",
+            "https://hub.example/.well-known/mercure/subscriptions/x/y",
+        )],
+        &[("topic", "https://hub.example/.well-known/%6Dercure/x")],
+        &[("topic", "https://hub.example/a/../.well-known/mercure")],
+        &[("topic", "*")],
+        &[("topic", "t"), ("type", "mercure")],
+        &[("topic", "t"), ("type", "herald.gap")],
+        &[("topic", "t"), ("retry", "1s")],
+        &[("topic", "t"), ("retry", "-1")],
+        &[("data", "no topic")],
+        &[("topic", "")],
+    ];
+    for form in bad {
+        let (status, _, _, body) = post(&s, Some(&all_rights()), form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{form:?}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "invalid_mercure_update", "{form:?}");
+    }
+    // A browser form from another site is refused before anything else, as on `POST /publish`.
+    let r = s
+        .http()
+        .post(format!("{}/.well-known/mercure", s.url))
+        .bearer_auth(all_rights())
+        .header("origin", "https://evil.example")
+        .form(&[("topic", "t"), ("id", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "cross_origin_form"
+    );
+    publish(&s, &[("topic", "t"), ("id", "marker")]).await;
+    assert_eq!(ids_until(&mut sub, "marker").await, ["marker"]);
+}
+
+#[tokio::test]
+async fn mercure_refuses_bad_tokens_per_rfc_6750_and_publishes_nothing() {
+    let s = hub(&[]).await;
+    let mut sub = subscribe(&s, "match=*", &[]).await;
+    let form: &[(&str, &str)] = &[
+        ("topic", "https://example.com/a"),
+        ("topic", "https://example.com/b"),
+    ];
+    let publish_all = json!([detail(&["publish"], &[("*", "exact")])]);
+    let cases = [
+        (None, StatusCode::UNAUTHORIZED, "Bearer"),
+        (
+            Some(draft08(
+                "https://other.example/.well-known/mercure",
+                now() + 3600,
+                publish_all.clone(),
+            )),
+            StatusCode::UNAUTHORIZED,
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            Some(draft08(RESOURCE, now() - 3600, publish_all.clone())),
+            StatusCode::UNAUTHORIZED,
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            Some(v0(json!({"publish": ["https://example.com/a"]}))),
+            StatusCode::FORBIDDEN,
+            "Bearer error=\"insufficient_scope\"",
+        ),
+        (
+            Some(draft08(
+                RESOURCE,
+                now() + 3600,
+                json!([detail(&["publish"], &[("https://example.com/a", "exact")])]),
+            )),
+            StatusCode::FORBIDDEN,
+            "Bearer error=\"insufficient_scope\"",
+        ),
+        (
+            // A malformed Mercure detail refuses the whole token.
+            Some(draft08(
+                RESOURCE,
+                now() + 3600,
+                json!([detail(&["publish"], &[("*", "exact")]), {"type": "https://mercure.rocks/authorization-detail", "actions": ["publish"], "topics": []}]),
+            )),
+            StatusCode::UNAUTHORIZED,
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            Some("not.a.token".to_string()),
+            StatusCode::UNAUTHORIZED,
+            "Bearer error=\"invalid_token\"",
+        ),
+    ];
+    for (token, status, challenge) in cases {
+        let (got, _, www, body) = post(&s, token.as_deref(), form).await;
+        assert_eq!(
+            (got, www.as_str()),
+            (status, challenge),
+            "{token:?}: {body}"
+        );
+    }
+    // Both topics granted: published (v0.x token, no exp, URI Template grant).
+    let ok = v0(json!({"publish": ["https://example.com/{x}"]}));
+    let (status, _, _, _) = post(
+        &s,
+        Some(&ok),
+        &[
+            ("topic", "https://example.com/a"),
+            ("topic", "https://example.com/b"),
+            ("id", "marker"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ids_until(&mut sub, "marker").await,
+        ["marker"],
+        "nothing refused was published"
+    );
+    // Subscriptions: a bad token is refused, not downgraded to anonymous.
+    let r = open(&s, "match=*", &[("authorization", "Bearer not.a.token")]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = open(&s, "match=*", &[("authorization", "Basic eA==")]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer error=\"invalid_request\""
+    );
+}
+
+#[tokio::test]
+async fn mercure_refuses_bad_subscriptions() {
+    let s = hub(&[]).await;
+    for query in [
+        "",
+        "other=1",
+        "matchx=a",
+        "MATCH_regex=a",
+        "match=",
+        "match_urlpattern=https://x/(\\d%2B)",
+        "topic=https://x/{",
+        "match=a%E2%80%8Bb",
+    ] {
+        let r = open(&s, query, &[]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "invalid_mercure_subscription", "{query}");
+    }
+}
+
+#[tokio::test]
+async fn mercure_streams_send_heartbeats_and_cors_headers() {
+    let s = hub(&["--heartbeat", "1s", "--cors-origin", "https://app.example"]).await;
+    let r = open(&s, "match=t", &[("origin", "https://app.example")]).await;
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        exposed.contains("link") && exposed.contains("mercure-last-event-id"),
+        "{exposed}"
+    );
+    let mut sse = Sse::new(r);
+    sse.opened().await;
+    let before = sse.parser.comments;
+    let (ended, events) = sse.ends_within(Duration::from_millis(2500)).await;
+    assert!(!ended && events.is_empty());
+    assert!(sse.parser.comments > before, "a heartbeat comment came");
+    let _ = PATIENCE;
+}
