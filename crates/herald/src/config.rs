@@ -52,6 +52,8 @@ pub struct Config {
     pub h2_max_streams: u32,
     /// Certificates from ACME instead of `tls`.
     pub acme: Option<AcmeSettings>,
+    /// Connections the kernel queues on the listening socket before they are accepted.
+    pub listen_backlog: u32,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -302,6 +304,7 @@ impl RawConfig {
             log_format: self.get(&s::LOG_FORMAT)?,
             tls,
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
+            listen_backlog: self.get(&s::LISTEN_BACKLOG)?,
             acme,
         })
     }
