@@ -281,7 +281,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut rows = Vec::new();
             for p in publishers {
-                let r = scenario::durable::publish(&ctx.bins, !memory, p, events, size, batch).await?;
+                let r =
+                    scenario::durable::publish(&ctx.bins, !memory, p, events, size, batch).await?;
                 let rate = r.events as f64 / r.elapsed.as_secs_f64();
                 let q = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
                 let mut row = row("publish", Kind::Herald);

@@ -109,7 +109,15 @@ fn fanout_and_latency_deliver_everything() {
 
 #[test]
 fn unicast_and_batched_publish_count_everything() {
-    let rows = run(&["unicast", "-n", "10", "--messages", "30", "--publishers", "3"]);
+    let rows = run(&[
+        "unicast",
+        "-n",
+        "10",
+        "--messages",
+        "30",
+        "--publishers",
+        "3",
+    ]);
     assert_eq!(rows.len(), 3, "{rows:?}");
     for r in &rows {
         assert_eq!(r["received"], 30, "{r}");
