@@ -8,6 +8,7 @@ mod metrics;
 mod openapi;
 mod presence;
 mod publish;
+mod publish_fast;
 mod web;
 
 use std::sync::Arc;
