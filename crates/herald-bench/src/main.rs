@@ -111,7 +111,7 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         publishers: usize,
     },
-    /// herald only: publish throughput with 1 event per request, per number of publishers.
+    /// herald only: publish throughput with `--batch` events per request, per number of publishers.
     Publish {
         #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
         publishers: Vec<usize>,
@@ -122,6 +122,9 @@ enum Scenario {
         /// Use in-memory history instead of --data-dir.
         #[arg(long)]
         memory: bool,
+        /// Events per request (a JSON array when more than one).
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
     },
     /// herald only: replay speed, one client resuming from before `events` retained events.
     Resume {
@@ -331,10 +334,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             events,
             size,
             memory,
+            batch,
         } => {
             let mut rows = Vec::new();
             for p in publishers {
-                let r = scenario::durable::publish(&ctx.bins, !memory, p, events, size).await?;
+                let r =
+                    scenario::durable::publish(&ctx.bins, !memory, p, events, size, batch).await?;
                 let rate = r.events as f64 / r.elapsed.as_secs_f64();
                 let q = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
                 let mut row = row("publish", Kind::Herald);
@@ -342,6 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 row.insert("publishers", r.publishers);
                 row.insert("events", r.events);
                 row.insert("size", size);
+                row.insert("batch", batch);
                 row.insert("events_per_s", num(rate));
                 row.insert("p50_ms", num(q(0.5)));
                 row.insert("p99_ms", num(q(0.99)));
@@ -350,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             (
                 format!(
-                    "publish ({} history, {size}-byte data, one event per request)",
+                    "publish ({} history, {size}-byte data, {batch} event(s) per request)",
                     store(memory)
                 ),
                 rows,

@@ -372,12 +372,12 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         (
             "unicast",
             None,
-            "N subscribers each on its own topic; messages spread over them by concurrent publishers.",
+            "N subscribers each on its own topic; messages spread over them by concurrent publishers; `server_cpu_us_per_msg` is the server's CPU time (user + system) per message.",
         ),
         (
             "publish",
             None,
-            "herald only (durable history, every answer means fsynced): one event per request.",
+            "herald only (durable history, every answer means fsynced): `batch` events per request (one, or a JSON array).",
         ),
         (
             "resume",

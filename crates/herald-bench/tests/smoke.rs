@@ -106,3 +106,35 @@ fn fanout_and_latency_deliver_everything() {
     assert!(md.contains("The kernel's own cost"), "{md}");
     assert!(Path::new(&dir.path().join("bench-latency.svg")).exists());
 }
+
+#[test]
+fn unicast_and_batched_publish_count_everything() {
+    let rows = run(&[
+        "unicast",
+        "-n",
+        "10",
+        "--messages",
+        "30",
+        "--publishers",
+        "3",
+    ]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["received"], 30, "{r}");
+        assert_eq!(r["all_delivered"], true, "{r}");
+        assert!(r["server_cpu_us_per_msg"].as_f64().is_some(), "{r}");
+    }
+    // `publish` is herald-only and ignores --targets.
+    let rows = run(&[
+        "publish",
+        "--publishers",
+        "2",
+        "--batch",
+        "5",
+        "--events",
+        "20",
+    ]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["events"], 20, "{}", rows[0]);
+    assert_eq!(rows[0]["batch"], 5, "{}", rows[0]);
+}

@@ -63,6 +63,8 @@ pub struct Config {
     pub webhooks: Vec<crate::webhook::Hook>,
     /// `--mercure`: the Mercure endpoint and its settings.
     pub mercure: Option<crate::mercure::MercureOptions>,
+    /// Connections the kernel queues on the listening socket before they are accepted.
+    pub listen_backlog: u32,
 }
 
 /// The limits in force (all off by default, except the head and URL sizes).
@@ -348,6 +350,7 @@ impl RawConfig {
             log_format: self.get(&s::LOG_FORMAT)?,
             tls,
             h2_max_streams: self.get(&s::H2_MAX_STREAMS)?,
+            listen_backlog: self.get(&s::LISTEN_BACKLOG)?,
             acme,
             presence_grace: self.get(&s::PRESENCE_GRACE)?,
             cluster_report: self.get(&s::CLUSTER_REPORT)?,

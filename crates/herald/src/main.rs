@@ -183,8 +183,7 @@ async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Resul
     }
     // Open the store before listening: a bad data dir stops startup with its own message.
     let node = herald::node_from(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = bind(config.listen, config.listen_backlog)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when listening on port 0.
@@ -204,6 +203,21 @@ async fn serve(config: Config, streams: tokio::runtime::Handle) -> anyhow::Resul
     herald::serve_split(listener, node, config, shutdown_signal(), streams).await?;
     tracing::info!("herald stopped");
     Ok(())
+}
+
+/// A listening socket with a backlog of `backlog` (std's and tokio's `bind` use 128, so a burst
+/// of thousands of connecting clients overflowed it and waited for SYN retries).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's `bind` does on Unix: a restart may listen again while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Completes on the first SIGTERM or Ctrl-C; a second one exits at once.

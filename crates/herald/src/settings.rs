@@ -445,6 +445,14 @@ pub const MAX_BLOCKS: Setting = Setting::one(
 )
 .default("10000")
 .min("1");
+pub const LISTEN_BACKLOG: Setting = Setting::one(
+    "listen-backlog",
+    "N",
+    "connections the kernel queues for `--listen` before herald accepts them (capped by `net.core.somaxconn`); a burst of new clients beyond it waits for SYN retries",
+)
+.default("65535")
+.min("1")
+.max("2147483647");
 pub const LOG_FORMAT: Setting = Setting::one(
     "log-format",
     "FORMAT",
@@ -592,6 +600,7 @@ pub const SETTINGS: &[Setting] = &[
     WEBHOOK_TOPICS,
     MERCURE,
     MERCURE_RESOURCE,
+    LISTEN_BACKLOG,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

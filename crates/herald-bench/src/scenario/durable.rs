@@ -19,13 +19,15 @@ pub struct PublishResult {
     pub latency: Histogram<u64>,
 }
 
-/// `publishers` connections publish one event per request until `events` are acknowledged.
+/// `publishers` connections publish `batch` events per request (a JSON array when more than one)
+/// until `events` are acknowledged.
 pub async fn publish(
     bins: &Bins,
     durable: bool,
     publishers: usize,
     events: u64,
     size: usize,
+    batch: u64,
 ) -> anyhow::Result<PublishResult> {
     let dir = tempfile::tempdir()?;
     let mut args = vec!["--history".to_string(), (events * 2).to_string()];
@@ -34,7 +36,13 @@ pub async fn publish(
         args.push(dir.path().join("data").to_string_lossy().into_owned());
     }
     let herald = Server::start(Kind::Herald, bins, &args).await?;
-    let body = serde_json::to_vec(&json!({"topic": "bench/durable", "data": "x".repeat(size)}))?;
+    let one = json!({"topic": "bench/durable", "data": "x".repeat(size)});
+    let batch = batch.max(1);
+    let body = if batch == 1 {
+        serde_json::to_vec(&one)?
+    } else {
+        serde_json::to_vec(&vec![one; batch as usize])?
+    };
     let body: Arc<[u8]> = body.into();
     let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -44,7 +52,7 @@ pub async fn publish(
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::connect(addr).await?;
             let mut hist = Histogram::<u64>::new(3)?;
-            while issued.fetch_add(1, Ordering::Relaxed) < events {
+            while issued.fetch_add(batch, Ordering::Relaxed) < events {
                 let t = Instant::now();
                 let (status, answer) = conn.post_json("/publish", &body).await?;
                 anyhow::ensure!(
@@ -65,7 +73,7 @@ pub async fn publish(
     herald.stop().await;
     Ok(PublishResult {
         publishers,
-        events,
+        events: events.div_ceil(batch) * batch,
         elapsed,
         latency,
     })

@@ -134,6 +134,7 @@ pub async fn unicast(
         subs.reset_counts();
         let pb = bar(m, &format!("{} unicast", kind.name()));
         let issued = Arc::new(AtomicU64::new(0));
+        let cpu_before = server.cpu_seconds();
         let t0 = mono_ns();
         let mut tasks = Vec::new();
         let redis_before = server.redis_commands().await;
@@ -183,6 +184,9 @@ pub async fn unicast(
             .wait_total(m, Duration::from_secs(10), Duration::from_secs(120), &pb)
             .await;
         pb.finish_and_clear();
+        // Server CPU (user + system, every process of it) per message: from before the first
+        // publish until every message was delivered (or the wait gave up).
+        let cpu = server.cpu_seconds() - cpu_before;
         let received = subs.total();
         let elapsed = subs.last_delivery_ns().saturating_sub(t0) as f64 / 1e9;
         let per = m / n as u64;
@@ -199,6 +203,7 @@ pub async fn unicast(
         r.insert("events_per_s", num(received as f64 / elapsed));
         r.insert("publishes_per_s", num(m as f64 / publish_s));
         r.insert("pub_p99_ms", num(ms(&answers, 0.99)));
+        r.insert("server_cpu_us_per_msg", num(cpu * 1e6 / m.max(1) as f64));
         cluster_figures(&mut r, &server, redis_before, m, received as f64 / elapsed).await;
         subs.report(r, &mut rows);
         if let Ok(server) = Arc::try_unwrap(server) {

@@ -399,6 +399,17 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 }
 
 fn parse_json(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiError> {
+    let targets_allowed = matches!(route, Route::Publish);
+    if let Some(parsed) =
+        super::publish_fast::parse(bytes, targets_allowed, |d| d.finish(route).ok())
+    {
+        return Ok(parsed);
+    }
+    parse_json_full(bytes, route)
+}
+
+/// The full parser: every body, every error named.
+fn parse_json_full(bytes: &[u8], route: &Route) -> Result<(Vec<Message>, bool), ApiError> {
     let Strict(value) = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))?;
     match value {
@@ -430,7 +441,7 @@ fn field_error(field: &str, problem: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::InvalidField, format!("'{field}' {problem}"))
 }
 
-fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
+pub(super) fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
     let topic = Topic::new(s).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidTopic,
@@ -446,7 +457,7 @@ fn topic(field: &str, s: &str) -> Result<Topic, ApiError> {
     Ok(topic)
 }
 
-fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
+pub(super) fn user(field: &str, s: &str) -> Result<UserId, ApiError> {
     UserId::new(s)
         .map_err(|e| ApiError::new(ErrorCode::InvalidUser, format!("'{field}': user id {e}")))
 }
@@ -470,7 +481,7 @@ pub(super) fn event_type(s: &str) -> Result<EventType, ApiError> {
 /// EventSource, so it stays between 100 ms and one hour.
 const RETRY_MS: std::ops::RangeInclusive<u32> = 100..=3_600_000;
 
-fn retry_in_bounds(ms: u32) -> Result<u32, ApiError> {
+pub(super) fn retry_in_bounds(ms: u32) -> Result<u32, ApiError> {
     if RETRY_MS.contains(&ms) {
         Ok(ms)
     } else {
@@ -485,7 +496,7 @@ fn retry_in_bounds(ms: u32) -> Result<u32, ApiError> {
     }
 }
 
-fn idempotency_key(s: &str) -> Result<String, ApiError> {
+pub(super) fn idempotency_key(s: &str) -> Result<String, ApiError> {
     if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
         return Err(field_error(
             "idempotencyKey",
@@ -520,13 +531,13 @@ fn strings<'a>(field: &str, v: &'a Value) -> Result<Vec<&'a str>, ApiError> {
 
 /// The fields of one message as they are parsed, before the route adds its target.
 #[derive(Default)]
-struct Draft {
-    targets: Targets,
-    data: Option<String>,
-    event: Option<EventType>,
-    retry_ms: Option<u32>,
-    idempotency_key: Option<String>,
-    private: bool,
+pub(super) struct Draft {
+    pub(super) targets: Targets,
+    pub(super) data: Option<String>,
+    pub(super) event: Option<EventType>,
+    pub(super) retry_ms: Option<u32>,
+    pub(super) idempotency_key: Option<String>,
+    pub(super) private: bool,
 }
 
 impl Draft {
@@ -784,11 +795,57 @@ mod tests {
                 let _ = parse_body(body.as_bytes(), true);
             }
 
+            /// The quick read of a body, whenever it takes one, means what the full parser
+            /// makes of it.
+            #[test]
+            fn quick_read_agrees_with_the_full_parser(
+                body in r#"\[?\{("(topic|topics|user|users|data|event|retry|private|broadcast|idempotencyKey)":("[a-z/*\\]{0,5}"|true|false|null|1|500|-1|1e3|\{\}|\[\]|\["a"\]|\["a","b/c"\]),?){0,5}\}\]?"#,
+                route in 0..3u8,
+            ) {
+                let route = match route {
+                    0 => Route::Publish,
+                    1 => Route::User(UserId::new("u").unwrap()),
+                    _ => Route::Broadcast,
+                };
+                let allowed = matches!(route, Route::Publish);
+                if let Some(quick) = crate::http::publish_fast::parse(body.as_bytes(), allowed, |d| d.finish(&route).ok()) {
+                    let full = parse_json_full(body.as_bytes(), &route);
+                    prop_assert!(full.is_ok(), "{body}: quick read took it, the full parser: {:?}", full.err());
+                    prop_assert_eq!(quick, full.unwrap(), "{}", body);
+                }
+            }
+
             #[test]
             fn since_never_panics(s in "\\PC{0,20}|[0-9a-z]{0,8}") {
                 let _ = crate::http::parse_since(&s);
             }
         }
+    }
+
+    #[test]
+    fn common_bodies_take_the_quick_read() {
+        let quick = |body: &str| {
+            crate::http::publish_fast::parse(body.as_bytes(), true, |d| {
+                d.finish(&Route::Publish).ok()
+            })
+        };
+        let (m, batch) = quick(r#"{"topic":"u1","data":"hello"}"#).expect("quick");
+        assert!(!batch);
+        assert_eq!(m[0].targets.topics[0].as_str(), "u1");
+        assert_eq!(m[0].data, "hello");
+        let (m, batch) = quick(
+            r#"[{"users":["a","b"],"data":"x","retry":500},{"user":"c","data":"y","event":"e"}]"#,
+        )
+        .expect("quick");
+        assert!(batch);
+        assert_eq!(m[0].targets.users.len(), 2);
+        assert_eq!(m[1].event_type.as_ref().map(|e| e.as_str()), Some("e"));
+        // What it leaves to the full parser: non-string data, escapes, nulls, errors.
+        assert!(quick(r#"{"topic":"a","data":{"x":1}}"#).is_none());
+        assert!(quick(r#"{"topic":"a","data":"a\nb"}"#).is_none());
+        assert!(quick(r#"{"topic":null,"users":["u"],"data":"x"}"#).is_none());
+        assert!(quick(r#"{"topic":"a","data":"x","topic":"b"}"#).is_none());
+        assert!(quick(r#"{"topic":"a/*","data":"x"}"#).is_none());
     }
 
     #[test]
