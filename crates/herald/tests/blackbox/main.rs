@@ -16,6 +16,7 @@ mod input;
 mod languages;
 mod limits;
 mod metrics;
+mod pki;
 mod readme_tour;
 mod resume;
 mod streams;
