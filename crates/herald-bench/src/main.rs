@@ -58,14 +58,22 @@ enum Scenario {
         #[arg(long, default_value_t = 16)]
         cpu_secs: u64,
     },
-    /// herald only: memory per idle stream over plain HTTP/1.1, HTTP/1.1 over TLS and HTTP/2
-    /// over TLS (`conns` connections sharing N streams), and streams set up per second on each.
+    /// herald and nchan with TLS and HTTP/2: memory per idle stream over plain HTTP/1.1,
+    /// HTTP/1.1 over TLS and HTTP/2 over TLS (`conns` connections sharing N streams), streams set
+    /// up per second on each, and fan-out of M messages to the N HTTP/1.1 and the N HTTP/2 streams.
     Protocols {
         #[arg(long, short, default_value_t = 10_000)]
         n: usize,
         /// HTTP/2 connections the N streams share.
         #[arg(long, default_value_t = 100)]
         conns: usize,
+        #[arg(long, short, default_value_t = 20)]
+        messages: u64,
+        #[arg(long, short, default_value_t = 64)]
+        size: usize,
+        /// Concurrent publishers (HTTP/1.1 connections, or requests on one HTTP/2 connection).
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
     },
     /// Streams opened per second until N are open.
     Connect {
@@ -282,13 +290,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             scenario::idle::idle(&ctx, n, cpu_secs, c).await?,
             None,
         ),
-        Scenario::Protocols { n, conns } => (
-            format!(
-                "protocols: {n} idle streams over HTTP/1.1, HTTP/1.1+TLS, HTTP/2+TLS ({conns} connections)"
-            ),
-            scenario::protocols::protocols(&ctx, n, conns, c).await?,
-            None,
-        ),
+        Scenario::Protocols {
+            n,
+            conns,
+            messages,
+            size,
+            publishers,
+        } => {
+            let load = scenario::protocols::Load {
+                messages,
+                size,
+                publishers,
+            };
+            let rows = scenario::protocols::protocols(&ctx, n, conns, load, c).await?;
+            println!(
+                "\nprotocols: {n} streams over HTTP/1.1, HTTP/1.1+TLS, HTTP/2+TLS ({conns} connections); fan-out of {messages} x {size} bytes\n"
+            );
+            let mut scenarios: Vec<String> = Vec::new();
+            for r in &rows {
+                let s = r.get("scenario").and_then(|v| v.as_str()).unwrap_or("");
+                if !scenarios.iter().any(|x| x == s) {
+                    scenarios.push(s.to_string());
+                }
+            }
+            for s in scenarios {
+                let group: Vec<Row> = rows
+                    .iter()
+                    .filter(|r| r.get("scenario").and_then(|v| v.as_str()) == Some(s.as_str()))
+                    .cloned()
+                    .collect();
+                println!("{s}\n");
+                println!("{}", scenario::table(&group, None));
+            }
+            return Ok(());
+        }
         Scenario::Connect { n } => (
             format!("connect: {n} streams, {c} connecting at once"),
             scenario::idle::connect(&ctx, n, c).await?,

@@ -53,6 +53,11 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
     let latency = by("latency");
     let unicast = by("unicast");
     let connect = by("connect");
+    let idle_h1 = by("idle-h1");
+    let idle_tls = by("idle-h1-tls");
+    let idle_h2 = by("idle-h2");
+    let fanout_h1 = by("fanout-h1");
+    let fanout_h2 = by("fanout-h2");
     let headline_rate = m("headline_rate").parse::<f64>().unwrap_or(5.0);
     let at_rate = move |r: &Row| r.get("rate").and_then(Value::as_f64) == Some(headline_rate);
 
@@ -63,7 +68,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "Written by `scripts/bench` ({}); rerun it rather than editing this file. herald, nchan, \
          a hand-written axum baseline and a ceiling are measured side by side in the same run, \
          each started and stopped by `herald-bench`, which talks to them only over loopback \
-         HTTP/1.1.\n",
+         HTTP/1.1 (the protocols rows: also HTTPS and HTTP/2, herald and nchan only).\n",
         m("date")
     );
     let _ = writeln!(md, "## Machine and versions\n");
@@ -242,6 +247,74 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "",
         false,
     );
+    line(
+        "RSS per idle stream, plain HTTP/1.1, bytes (protocols)",
+        &idle_h1,
+        "bytes_per_stream",
+        false,
+        &any,
+        "",
+        false,
+    );
+    line(
+        "RSS per idle stream, HTTP/1.1 over TLS, bytes",
+        &idle_tls,
+        "bytes_per_stream",
+        false,
+        &any,
+        "≤ 4096",
+        false,
+    );
+    line(
+        "RSS per additional idle HTTP/2 stream on a shared TLS connection, bytes",
+        &idle_h2,
+        "bytes_per_extra_stream",
+        false,
+        &any,
+        "≤ 1536",
+        false,
+    );
+    line(
+        "TLS connections set up per second (full handshake, request, response head)",
+        &idle_tls,
+        "connects_per_s",
+        true,
+        &any,
+        "",
+        false,
+    );
+    line(
+        "fan-out to the plain HTTP/1.1 streams, delivered events/s",
+        &fanout_h1,
+        "events_per_s",
+        true,
+        &any,
+        "",
+        false,
+    );
+    line(
+        "fan-out to the HTTP/2 streams (TLS, shared connections), delivered events/s",
+        &fanout_h2,
+        "events_per_s",
+        true,
+        &any,
+        "",
+        false,
+    );
+    let _ = writeln!(md);
+    for target in ["herald", "nchan"] {
+        if let (Some(h2), Some(h1)) = (
+            f(&fanout_h2, target, "events_per_s", &any),
+            f(&fanout_h1, target, "events_per_s", &any),
+        ) && h1 > 0.0
+        {
+            let _ = writeln!(
+                md,
+                "{target}: fan-out over HTTP/2 (TLS) runs at {:.2}× its plain HTTP/1.1 rate.",
+                h2 / h1
+            );
+        }
+    }
     let _ = writeln!(md);
 
     let _ = writeln!(md, "## Reading these figures\n");
@@ -373,6 +446,31 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
             "unicast",
             None,
             "N subscribers each on its own topic; messages spread over them by concurrent publishers; `server_cpu_us_per_msg` is the server's CPU time (user + system) per message.",
+        ),
+        (
+            "idle-h1",
+            None,
+            "protocols, herald and nchan each serving plain HTTP/1.1: N idle streams, RSS per stream, and streams opened per second.",
+        ),
+        (
+            "idle-h1-tls",
+            None,
+            "protocols, HTTPS (herald: rustls; nchan: nginx with OpenSSL), one HTTP/1.1 stream per connection; `connects_per_s` is full TLS handshakes (the client never resumes) with request and response head.",
+        ),
+        (
+            "idle-h2",
+            None,
+            "protocols, HTTPS with HTTP/2: `connections` connections each opened with one stream, then the rest of the N streams spread over them; RSS per connection with its first stream, and per additional stream.",
+        ),
+        (
+            "fanout-h1",
+            None,
+            "protocols: M messages published to the N plain HTTP/1.1 streams of `idle-h1`; events/s from the first publish to the last delivery.",
+        ),
+        (
+            "fanout-h2",
+            None,
+            "protocols: the same M messages to the N HTTP/2 streams of `idle-h2` (published over HTTP/2 on the same server).",
         ),
         (
             "publish",

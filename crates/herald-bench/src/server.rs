@@ -158,9 +158,40 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// A certificate and key (PEM) a target serves HTTPS and HTTP/2 with.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 impl Server {
     /// Starts `kind` on a free loopback port. `herald_args` go to `herald serve` only.
     pub async fn start(kind: Kind, bins: &Bins, herald_args: &[String]) -> anyhow::Result<Server> {
+        Self::start_with(kind, bins, herald_args, None).await
+    }
+
+    /// As [`Server::start`], serving HTTPS with HTTP/2 when `tls` is given (herald and nchan).
+    pub async fn start_with(
+        kind: Kind,
+        bins: &Bins,
+        herald_args: &[String],
+        tls: Option<&Tls>,
+    ) -> anyhow::Result<Server> {
+        if let Some(tls) = tls {
+            return match kind {
+                Kind::Herald => {
+                    let mut args = herald_args.to_vec();
+                    for (flag, path) in [("--tls-cert", &tls.cert), ("--tls-key", &tls.key)] {
+                        args.push(flag.into());
+                        args.push(path.to_string_lossy().into_owned());
+                    }
+                    Box::pin(Self::start_with(kind, bins, &args, None)).await
+                }
+                Kind::Nchan => Self::start_nchan(Some(tls)).await,
+                _ => bail!("{} has no TLS", kind.name()),
+            };
+        }
         match kind {
             Kind::Herald | Kind::HeraldMercure => {
                 let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
@@ -182,7 +213,7 @@ impl Server {
                 ];
                 Self::spawn(kind, &bins.me.to_string_lossy(), &args).await
             }
-            Kind::Nchan => Self::start_nchan().await,
+            Kind::Nchan => Self::start_nchan(None).await,
             Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::HeraldRedisR1 | Kind::HeraldRedis3R1 => {
                 let nodes = if matches!(kind, Kind::HeraldRedis3 | Kind::HeraldRedis3R1) {
                     3
@@ -309,7 +340,7 @@ impl Server {
         })
     }
 
-    async fn start_nchan() -> anyhow::Result<Server> {
+    async fn start_nchan(tls: Option<&Tls>) -> anyhow::Result<Server> {
         let module = Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so");
         if !module.exists() {
             bail!("nchan is not installed (apt-get install nginx libnginx-mod-nchan)");
@@ -322,7 +353,7 @@ impl Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let conf = nchan_conf(dir.path(), port);
+        let conf = nchan_conf(dir.path(), port, tls);
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let out = Command::new("nginx")
@@ -479,9 +510,21 @@ impl Drop for Server {
     }
 }
 
-/// The nchan configuration: the shared template's settings, on `port`, files under `dir`.
-fn nchan_conf(dir: &Path, port: u16) -> String {
+/// The nchan configuration: the shared template's settings, on `port`, files under `dir`; with
+/// `tls`, HTTPS and HTTP/2 on that port (no session cache, like every full handshake measured).
+fn nchan_conf(dir: &Path, port: u16, tls: Option<&Tls>) -> String {
     let dir = dir.display();
+    let (ssl, certificate) = match tls {
+        None => ("", String::new()),
+        Some(t) => (
+            " ssl http2",
+            format!(
+                "ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    http2_max_concurrent_streams 256;",
+                t.cert.display(),
+                t.key.display()
+            ),
+        ),
+    };
     format!(
         r#"# written by herald-bench
 load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
@@ -509,7 +552,8 @@ http {{
   client_max_body_size 1m;
   client_body_buffer_size 64k;
   server {{
-    listen 127.0.0.1:{port} reuseport backlog=65535;
+    listen 127.0.0.1:{port}{ssl} reuseport backlog=65535;
+    {certificate}
     location ~ ^/pub/([\w\-\.]+)$ {{
       nchan_publisher;
       nchan_channel_id $1;

@@ -1,4 +1,5 @@
-//! A tiny run of the harness against herald, the baseline and the ceiling (a few connections):
+//! A tiny run of the harness against herald, the baseline and the ceiling (a few connections),
+//! and of the TLS and HTTP/2 scenario against herald:
 //! every subscriber gets every message, latency rows come out, and the report is written.
 
 use std::path::{Path, PathBuf};
@@ -76,12 +77,69 @@ fn fanout_and_latency_deliver_everything() {
             .is_some_and(|v| v > 0.0)
     );
 
+    // TLS and HTTP/2 (herald only here: nchan is not installed by the test suite).
+    let protocols = Command::new(bench())
+        .arg("--herald")
+        .arg(herald())
+        .args([
+            "--targets",
+            "herald",
+            "protocols",
+            "-n",
+            "30",
+            "--conns",
+            "3",
+        ])
+        .args(["--messages", "4"])
+        .output()
+        .expect("run protocols");
+    assert!(
+        protocols.status.success(),
+        "{}",
+        String::from_utf8_lossy(&protocols.stderr)
+    );
+    let protocols: Vec<serde_json::Value> = String::from_utf8_lossy(&protocols.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect();
+    let scenarios: Vec<&str> = protocols
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios,
+        [
+            "idle-h1",
+            "fanout-h1",
+            "idle-h1-tls",
+            "idle-h2",
+            "fanout-h2"
+        ],
+        "{protocols:?}"
+    );
+    for r in &protocols {
+        match r["scenario"].as_str().unwrap() {
+            "fanout-h1" | "fanout-h2" => {
+                assert_eq!(r["subscribers"], 30, "{r}");
+                assert_eq!(r["received"], 120, "{r}");
+                assert_eq!(r["all_delivered"], true, "{r}");
+            }
+            "idle-h2" => assert_eq!(r["streams"], 30, "{r}"),
+            _ => {
+                assert_eq!(r["streams"], 30, "{r}");
+                assert!(r["connects_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+            }
+        }
+    }
+
     let dir = tempfile::tempdir().expect("tempdir");
     let results = dir.path().join("results.jsonl");
     let lines: Vec<String> = rows
         .iter()
         .chain(&lat)
         .chain(&floor)
+        .chain(&protocols)
         .map(|r| r.to_string())
         .collect();
     std::fs::write(&results, lines.join("\n")).expect("write results");
@@ -104,6 +162,13 @@ fn fanout_and_latency_deliver_everything() {
     let md = std::fs::read_to_string(&out).expect("report written");
     assert!(md.contains("| fan-out, delivered events/s |"), "{md}");
     assert!(md.contains("The kernel's own cost"), "{md}");
+    assert!(md.contains("### idle-h2"), "{md}");
+    assert!(
+        md.contains(
+            "| fan-out to the HTTP/2 streams (TLS, shared connections), delivered events/s | "
+        ),
+        "{md}"
+    );
     assert!(Path::new(&dir.path().join("bench-latency.svg")).exists());
 }
 

@@ -293,7 +293,10 @@ fn service(
 > + Clone {
     hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        app.clone().oneshot(request)
+        // Boxed: hyper keeps each HTTP/2 stream's task as one allocation sized for the larger of
+        // this future and the response body; boxed, the router's future is freed once it has
+        // answered, and an open event stream keeps only the body.
+        Box::pin(app.clone().oneshot(request))
     })
 }
 

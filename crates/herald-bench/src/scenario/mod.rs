@@ -97,7 +97,9 @@ pub fn headline(scenario: &str) -> Option<(&'static str, bool)> {
         "idle-h1" | "idle-h1-tls" => ("bytes_per_stream", false),
         "idle-h2" => ("bytes_per_extra_stream", false),
         "connect" => ("connects_per_s", true),
-        "fanout" | "unicast" | "publish" | "resume" => ("events_per_s", true),
+        "fanout" | "fanout-h1" | "fanout-h2" | "unicast" | "publish" | "resume" => {
+            ("events_per_s", true)
+        }
         "latency" => ("p99_ms", false),
         _ => return None,
     })

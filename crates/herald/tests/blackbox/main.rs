@@ -19,6 +19,7 @@ mod languages;
 mod limits;
 mod mercure;
 mod metrics;
+mod pki;
 mod presence;
 mod readme_tour;
 mod resume;

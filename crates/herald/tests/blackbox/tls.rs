@@ -3,165 +3,17 @@
 //! the file; garbage on the TLS port, streams past `--h2-max-streams` and a header flood are each
 //! refused while other streams go on; SIGHUP swaps the certificate under open streams.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 
 use crate::common::{PATIENCE, Server};
-
-/// Certificates made by `openssl` in a temporary folder.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A self-signed ECDSA P-256 certificate for localhost and 127.0.0.1: (cert, key).
-    fn self_signed(&self, name: &str) -> (PathBuf, PathBuf) {
-        let (cert, key) = (
-            self.path(&format!("{name}.crt")),
-            self.path(&format!("{name}.key")),
-        );
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            // A leaf, not a CA: rustls (herald sub --ca) refuses a CA certificate as a server's.
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ]);
-        (cert, key)
-    }
-
-    /// The same key as `name`, with a certificate that expired yesterday.
-    fn expired(&self, name: &str) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.self_signed(name);
-        let old = self.path(&format!("{name}-expired.crt"));
-        openssl(&[
-            "x509",
-            "-in",
-            cert.to_str().unwrap(),
-            "-signkey",
-            key.to_str().unwrap(),
-            "-days",
-            "-1",
-            "-out",
-            old.to_str().unwrap(),
-        ]);
-        (old, key)
-    }
-}
-
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("the openssl CLI is needed (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> [&'a str; 4] {
-    [
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]
-}
-
-/// `curl -sSN -i` on an event stream; its output read line by line.
-struct Curl {
-    _child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Curl {
-    fn open(url: &str, args: &[&str]) -> Curl {
-        let mut child = Command::new("curl")
-            .args(["-sSN", "-i", "-H", "accept: text/event-stream"])
-            .args(args)
-            .arg(url)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("curl is needed");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Curl {
-            _child: child,
-            lines,
-        }
-    }
-
-    /// Reads lines until one satisfies `want`; returns it.
-    async fn until(&mut self, want: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
-                .await
-                .expect("curl printed nothing expected in time")
-                .expect("read curl's output")
-                .expect("curl's output ended");
-            if want(&line) {
-                return line;
-            }
-        }
-    }
-
-    /// The status line, then the stream's opening (its `retry:` line).
-    async fn opened(&mut self) -> String {
-        let status = self.until(|l| l.starts_with("HTTP/")).await;
-        self.until(|l| l.starts_with("retry:")).await;
-        status
-    }
-}
-
-/// Runs curl to completion; returns (success, stdout, stderr).
-async fn curl(args: &[&str]) -> (bool, String, String) {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        Command::new("curl").arg("-sS").args(args).output(),
-    )
-    .await
-    .expect("curl finished in time")
-    .expect("curl is needed");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use crate::pki::{Curl, Pki, curl, tls_args};
 
 #[tokio::test]
 async fn curl_receives_events_over_https_with_http2_and_http11() {
