@@ -53,8 +53,8 @@
 //! # }
 //! ```
 
-#[cfg(feature = "redis")]
 pub mod clock;
+#[cfg(feature = "redis")]
 mod cluster;
 pub mod defaults;
 pub mod duration;

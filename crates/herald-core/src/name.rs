@@ -277,6 +277,7 @@ impl EventType {
 
     /// A type read back from a store: what [`EventType::new`] accepts, and the reserved types
     /// the hub stores with an id (`herald.presence`, `herald.complete`, `herald.cancel`).
+    #[cfg(any(feature = "durable", feature = "redis"))]
     pub(crate) fn stored(s: &str) -> Result<Self, NameError> {
         match s {
             PRESENCE_EVENT => Ok(Self::reserved(PRESENCE_EVENT)),
