@@ -82,6 +82,8 @@ pub enum ServeError {
     Store(#[from] herald_core::OpenError),
     #[error("cannot reach Redis: {0}")]
     Redis(String),
+    #[error("cannot start webhooks (--webhook): {0}")]
+    Webhooks(String),
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -198,7 +200,8 @@ pub async fn serve_split(
             config.webhooks.clone(),
             config.data_dir.as_deref(),
             node.cluster.clone(),
-        ),
+        )
+        .map_err(|e| ServeError::Webhooks(e.to_string()))?,
         mercure: config.mercure.clone(),
     };
     let (app, metrics_app) = http::router_and_metrics(hub.clone(), options);

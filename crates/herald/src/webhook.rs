@@ -64,18 +64,20 @@ pub fn signature(secret: &str, t: u64, body: &[u8]) -> String {
 }
 
 /// Starts one deliverer per hook; `data_dir` keeps their cursors, or the cluster does (which also
-/// lets one node at a time deliver each hook).
+/// lets one node at a time deliver each hook). With no hooks it builds nothing (so a binary alone
+/// in an empty root, with no CA certificates to load, still serves); an HTTP client that cannot be
+/// built (no CA certificates on this system) is an error for startup to report.
 pub fn start(
     hub: &Hub,
     hooks: Vec<Hook>,
     data_dir: Option<&Path>,
     cluster: Option<Arc<Cluster>>,
-) -> Vec<Arc<Progress>> {
-    let client = reqwest::Client::builder()
-        .timeout(POST_TIMEOUT)
-        .build()
-        .expect("an HTTP client");
-    hooks
+) -> Result<Vec<Arc<Progress>>, reqwest::Error> {
+    if hooks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = reqwest::Client::builder().timeout(POST_TIMEOUT).build()?;
+    Ok(hooks
         .into_iter()
         .map(|hook| {
             let progress = Arc::new(Progress {
@@ -101,7 +103,7 @@ pub fn start(
             ));
             progress
         })
-        .collect()
+        .collect())
 }
 
 /// Where a hook's cursor is kept, and whether this node may deliver it.
