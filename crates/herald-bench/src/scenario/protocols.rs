@@ -256,15 +256,35 @@ fn read_h1<S: AsyncRead + Unpin + Send + 'static>(
     }))
 }
 
+/// The receive windows a browser advertises (Chromium's): 6 MiB per stream, 15 MiB per
+/// connection. They matter beyond flow control: the h2 crate closes a connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames received but not yet
+/// read by their streams pass a budget of half the connection window. With the 64 KiB default
+/// that is about 250 one-event frames across all of a connection's streams — a burst of fan-out
+/// to 100 streams that the reader tasks have not caught up with yet — and every stream of the
+/// connection would silently end mid-run.
+const H2_STREAM_WINDOW: u32 = 6 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 15 * 1024 * 1024;
+
 async fn h2_connect(
     connector: &TlsConnector,
     server: &Server,
 ) -> anyhow::Result<h2::client::SendRequest<Bytes>> {
     let tcp = TcpStream::connect(server.addr).await?;
     let tls = connector.connect(localhost(), tcp).await?;
-    let (send, connection) = h2::client::handshake(tls).await?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .handshake(tls)
+        .await?;
     tokio::spawn(async move {
-        let _ = connection.await;
+        // A connection that ends for a protocol reason (not a socket closed at teardown) takes
+        // all its streams with it: say so, as the run's figures are then incomplete.
+        if let Err(e) = connection.await
+            && !e.is_io()
+        {
+            crate::note(&format!("protocols: HTTP/2 connection ended: {e}"));
+        }
     });
     Ok(send)
 }
