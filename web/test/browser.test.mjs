@@ -385,7 +385,7 @@ test('herald.global.js works from a plain script, herald.js from a module of ano
     assert.equal(await page.evaluate(() => typeof window.herald), 'undefined');
     await page.addScriptTag({ url: `${hub.url}/herald.global.js` });
     const names = await page.evaluate(() => Object.keys(window.herald).sort());
-    assert.deepEqual(names, ['Connection', 'EventStreamParser', 'backoffDelay', 'connect', 'eventsUrl', 'matches']);
+    assert.deepEqual(names, ['Connection', 'EventStreamParser', 'FiniteStream', 'StreamEnded', 'backoffDelay', 'connect', 'eventsUrl', 'matches', 'stream']);
     await page.evaluate((url) => {
       window.got = [];
       const h = window.herald.connect(url, { topics: ['news/*'] });
