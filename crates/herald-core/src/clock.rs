@@ -17,17 +17,23 @@ thread_local! {
 }
 
 fn shift_ms() -> i64 {
-    #[allow(unused_mut)]
-    let mut shift = 0i64;
+    process_shift_ms().saturating_add(thread_shift_ms())
+}
+
+/// The shift set by [`shift_for_tests`]; always 0 in release builds.
+fn process_shift_ms() -> i64 {
     #[cfg(debug_assertions)]
-    {
-        shift = shift.saturating_add(SHIFT_MS.load(std::sync::atomic::Ordering::Relaxed));
-    }
+    return SHIFT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(debug_assertions))]
+    0
+}
+
+/// The calling thread's own shift (unit tests only); 0 elsewhere.
+fn thread_shift_ms() -> i64 {
     #[cfg(test)]
-    {
-        shift = shift.saturating_add(THREAD_SHIFT_MS.get());
-    }
-    shift
+    return THREAD_SHIFT_MS.get();
+    #[cfg(not(test))]
+    0
 }
 
 /// Microseconds since the Unix epoch.
