@@ -137,12 +137,9 @@ end
 return out
 "#;
 
-/// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker, rewound (see [`MARK`]);
-/// ARGV: mode (after|since|oldest), position (a stream id, or ms for since), count. Returns {gap
-/// 0/1, oldest id or '', entries}. A gap replays from the oldest entry, except a position inside
-/// the range the latest failover lost: it goes on after the last entry that survived (the marker
-/// first, then what the new primary appended), since nothing of that range is left to replay.
-const READ: &str = r#"
+/// Lua functions of stream ids (`ms-seq`) that [`READ`] and [`MARK`] start with: `parse` into
+/// numbers, `lt` for their order.
+const ID_ORDER: &str = r#"
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -152,6 +149,14 @@ local function lt(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
+"#;
+
+/// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker, rewound (see [`MARK`]);
+/// ARGV: mode (after|since|oldest), position (a stream id, or ms for since), count. Returns {gap
+/// 0/1, oldest id or '', entries}. A gap replays from the oldest entry, except a position inside
+/// the range the latest failover lost: it goes on after the last entry that survived (the marker
+/// first, then what the new primary appended), since nothing of that range is left to replay.
+const READ: &str = r#"
 local first, last = false, '0-0'
 local maxdel = redis.call('GET', KEYS[2]) or '0-0'
 local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
@@ -202,15 +207,6 @@ return {gap, first or '', range}
 /// one only when a node fanned out further than the marker says. KEYS: stream, rewound (the
 /// latest marker, `FROM TO ID`). Returns {marker id, FROM, TO}.
 const MARK: &str = r#"
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function lt(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
 local to = ARGV[1]
 local before = redis.call('XREVRANGE', KEYS[1], to, '-', 'COUNT', 1)
 local from = '0-0'
@@ -502,8 +498,8 @@ impl RedisHistory {
             fence: format!("{}:fence", options.prefix),
             rewound: format!("{}:rewound", options.prefix),
             append: Script::new(APPEND),
-            read: Script::new(READ),
-            mark: Script::new(MARK),
+            read: Script::new(&format!("{ID_ORDER}{READ}")),
+            mark: Script::new(&format!("{ID_ORDER}{MARK}")),
         })
     }
 
