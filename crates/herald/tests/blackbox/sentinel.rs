@@ -14,6 +14,12 @@ use serde_json::{Value, json};
 use crate::common::{PATIENCE, Server, Sse, expect_error, free_port, http_client};
 use crate::redis_servers::{FAILOVER_PATIENCE, Keeps, Redis, Sentinels, cli, node};
 
+/// How many events a burst publishes.
+const N: usize = 60;
+
+/// Acknowledged `(data, id)` pairs, in order.
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
+
 async fn sentinel_node(set: &Sentinels, extra: &[&str]) -> Server {
     node(&set.url(), extra).await
 }
@@ -63,12 +69,6 @@ fn publish_with_retries(
         refused
     })
 }
-
-/// How many events a burst publishes.
-const N: usize = 60;
-
-/// Acknowledged `(data, id)` pairs, in order.
-type Acked = Arc<Mutex<Vec<(String, String)>>>;
 
 /// Starts publishing a burst of [`N`] events on `node` (see [`publish_with_retries`]), one every
 /// `pause`, and returns once a third of them are acknowledged.
