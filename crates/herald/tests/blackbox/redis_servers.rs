@@ -215,6 +215,25 @@ impl Sentinels {
         }
     }
 
+    /// Asks the sentinel to hand the primary to the replica (`SENTINEL FAILOVER`), asking again
+    /// while it answers that no replica is fit yet (its view of the replica lags on a loaded
+    /// machine), and waits until the replica is the primary.
+    pub(crate) async fn fail_over(&self) {
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        loop {
+            let answer = cli(self.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]);
+            if answer == "OK" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel refused to fail over: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.await_primary(self.replica).await;
+    }
+
     /// Kills the redis-server on `port` (SIGKILL).
     pub(crate) fn kill(&mut self, port: u16) {
         if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {

@@ -141,11 +141,7 @@ async fn a_sentinel_failover_during_a_burst_loses_no_acknowledged_event_with_one
     sub.opened().await;
     // A third in, the sentinel hands the primary to the replica.
     let (acked, publisher) = a_third_published(&a, Duration::from_millis(30)).await;
-    assert_eq!(
-        cli(set.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]),
-        "OK"
-    );
-    set.await_primary(set.replica).await;
+    set.fail_over().await;
     publisher.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), N);
@@ -220,11 +216,7 @@ async fn presence_and_closing_a_user_work_across_a_failover() {
     let mut on_b = b.subscribe("user=ada").await;
     on_b.opened().await;
     a.eventually("/users/ada", |v| v["connections"] == 1).await;
-    assert_eq!(
-        cli(set.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]),
-        "OK"
-    );
-    set.await_primary(set.replica).await;
+    set.fail_over().await;
     // Presence comes from the new primary, where every node reports again.
     a.eventually("/stats", |v| v["connections"] == 1).await;
     a.eventually("/users/ada", |v| v["connections"] == 1).await;
