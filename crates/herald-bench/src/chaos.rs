@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::process::{Child, Command};
 
 use crate::http::Conn;
+use crate::redis_servers::{await_in_sync, cli, free_port, start_redis, wait_listening};
 
 /// A small deterministic generator (splitmix64): the same seed, the same faults.
 struct Rng(u64);
@@ -45,38 +46,6 @@ pub struct Options {
     pub nodes: usize,
     pub subscribers: usize,
     pub publishers: usize,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("{what} on port {port} did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-async fn cli(port: u16, args: &[&str]) -> String {
-    match Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .await
-    {
-        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        Err(_) => String::new(),
-    }
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -111,16 +80,7 @@ impl World {
         let (primary, replica) = (free_port()?, free_port()?);
         world.start_redis(primary, None).await?;
         world.start_redis(replica, Some(primary)).await?;
-        let started = Instant::now();
-        while !cli(replica, &["INFO", "replication"])
-            .await
-            .contains("master_link_status:up")
-        {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the replica did not sync");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        await_in_sync(replica).await?;
         for _ in 0..3 {
             let port = free_port()?;
             let conf = world.dir.path().join(format!("sentinel-{port}.conf"));
@@ -158,20 +118,9 @@ impl World {
     async fn start_redis(&mut self, port: u16, replica_of: Option<u16>) -> anyhow::Result<()> {
         let dir = self.dir.path().join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.to_str().context("dir")?]);
-        if let Some(p) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start redis-server (apt-get install redis-server)")?;
+        let child = start_redis(port, Some(&dir), replica_of, &[]).await?;
         self.redis.insert(port, Some(child));
-        wait_listening(port, "redis-server").await
+        Ok(())
     }
 
     fn sentinel_url(&self) -> String {

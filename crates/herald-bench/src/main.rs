@@ -4,6 +4,7 @@
 mod ceiling;
 mod chaos;
 mod http;
+mod redis_servers;
 mod report;
 mod scenario;
 mod server;

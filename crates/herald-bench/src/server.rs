@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::redis_servers::{await_in_sync, cli, free_port, start_redis};
+
 /// A server under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -63,42 +65,6 @@ impl Kind {
             ),
         })
     }
-}
-
-/// A `redis-server` on a free loopback port (a replica of `primary`, if given), once it listens.
-async fn start_redis(primary: Option<u16>) -> anyhow::Result<(Child, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ])
-    .args(["--appendonly", "no", "--maxclients", "1000"]);
-    if let Some(p) = primary {
-        cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
-    }
-    let redis = cmd
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start redis-server (apt-get install redis-server)")?;
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("redis-server did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok((redis, port))
 }
 
 /// Where the binaries are.
@@ -236,26 +202,15 @@ impl Server {
         nodes: usize,
         replicas: usize,
     ) -> anyhow::Result<Server> {
-        let (redis, port) = start_redis(None).await?;
+        let port = free_port()?;
+        let redis = start_redis(port, None, None, &["--maxclients", "1000"]).await?;
         let mut replica_children = Vec::new();
         for _ in 0..replicas {
-            let (child, replica_port) = start_redis(Some(port)).await?;
+            let replica_port = free_port()?;
+            let child =
+                start_redis(replica_port, None, Some(port), &["--maxclients", "1000"]).await?;
             replica_children.push(child);
-            let started = Instant::now();
-            loop {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &replica_port.to_string(), "INFO", "replication"])
-                    .output()
-                    .await
-                    .context("redis-cli (apt-get install redis-tools)")?;
-                if String::from_utf8_lossy(&out.stdout).contains("master_link_status:up") {
-                    break;
-                }
-                if started.elapsed() > Duration::from_secs(20) {
-                    bail!("the Redis replica did not sync");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            await_in_sync(replica_port).await?;
         }
         let mut args = vec![
             "serve".to_string(),
@@ -289,12 +244,10 @@ impl Server {
     /// Commands Redis has executed so far (a herald cluster only).
     pub async fn redis_commands(&self) -> Option<u64> {
         let (_, port) = self.redis.as_ref()?;
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "INFO", "commandstats"])
-            .output()
-            .await
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = cli(*port, &["INFO", "commandstats"]).await;
+        if text.is_empty() {
+            return None;
+        }
         Some(
             text.lines()
                 .filter_map(|l| l.split("calls=").nth(1))

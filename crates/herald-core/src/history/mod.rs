@@ -42,11 +42,16 @@ pub enum HistoryError {
     /// the events may be on the primary but are not acknowledged.
     #[error("only {acked} of {wanted} Redis replicas acknowledged in time")]
     NotReplicated { wanted: usize, acked: usize },
-    /// The shared history ends at `newest`, before events this node already fanned out: a primary
-    /// that took over did not have the old primary's last events.
-    #[error("the shared history ends before events this node already fanned out")]
+    /// A failover lost events of the shared history (a primary that took over did not have the
+    /// old primary's last ones): those after `after` (`None`: from the start) up to `through`. A
+    /// rewind marker at `marker` stands in their place, written once by a node that had fanned
+    /// them out and met by every node's follower: following goes on after it, and every stream
+    /// catches up from history, where crossing it is a gap.
+    #[error("a failover lost the shared history's events up to {through}")]
     Rewound {
-        newest: Option<crate::event::EventId>,
+        marker: EventId,
+        after: Option<EventId>,
+        through: EventId,
     },
 }
 

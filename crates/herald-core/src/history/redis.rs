@@ -137,9 +137,9 @@ end
 return out
 "#;
 
-/// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker; ARGV: mode (after|since|oldest),
-/// position (a stream id, or ms for since), count. Returns {gap 0/1, oldest id or '', entries}.
-const READ: &str = r#"
+/// Lua functions of stream ids (`ms-seq`) that [`READ`] and [`MARK`] start with: `parse` into
+/// numbers, `lt` for their order.
+const ID_ORDER: &str = r#"
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -149,6 +149,14 @@ local function lt(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
+"#;
+
+/// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker, rewound (see [`MARK`]);
+/// ARGV: mode (after|since|oldest), position (a stream id, or ms for since), count. Returns {gap
+/// 0/1, oldest id or '', entries}. A gap replays from the oldest entry, except a position inside
+/// the range the latest failover lost: it goes on after the last entry that survived (the marker
+/// first, then what the new primary appended), since nothing of that range is left to replay.
+const READ: &str = r#"
 local first, last = false, '0-0'
 local maxdel = redis.call('GET', KEYS[2]) or '0-0'
 local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[1])
@@ -160,7 +168,7 @@ if ok then
   end
 end
 local mode, pos, count = ARGV[1], ARGV[2], ARGV[3]
-local gap = 0
+local gap, resume = 0, false
 if mode == 'after' then
   if last == '0-0' or lt(last, pos) or lt(pos, maxdel) then
     gap = 1
@@ -168,13 +176,20 @@ if mode == 'after' then
     if not (pos == maxdel and maxdel ~= '0-0') then gap = 1 end
   elseif first and #redis.call('XRANGE', KEYS[1], pos, pos) == 0 and pos ~= last then
     gap = 1
+    local rewound = redis.call('GET', KEYS[3])
+    if rewound then
+      local from, to = string.match(rewound, '^(%S+) (%S+)')
+      if lt(from, pos) and not lt(to, pos) then resume = from end
+    end
   end
 elseif mode == 'since' then
   local dm = parse(maxdel)
   if maxdel ~= '0-0' and dm >= tonumber(pos) then gap = 1 end
 end
 local range
-if gap == 1 or mode == 'oldest' then
+if resume then
+  range = redis.call('XRANGE', KEYS[1], '(' .. resume, '+', 'COUNT', count)
+elseif gap == 1 or mode == 'oldest' then
   range = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
 elseif mode == 'after' then
   range = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', count)
@@ -182,6 +197,28 @@ else
   range = redis.call('XRANGE', KEYS[1], pos .. '-0', '+', 'COUNT', count)
 end
 return {gap, first or '', range}
+"#;
+
+/// Writes a rewind marker: the follower of a node found that the stream no longer holds ARGV[1],
+/// an event it fanned out (a failover lost the old primary's unreplicated tail). The marker is an
+/// entry `rewind = "FROM TO"` (no `m`): the events after FROM, the newest entry that survived,
+/// up to TO are gone. Every node's follower meets it and sends `herald.gap` to its streams; a
+/// read that crosses it is a gap. Several nodes detect the same loss: one marker per FROM, a new
+/// one only when a node fanned out further than the marker says. KEYS: stream, rewound (the
+/// latest marker, `FROM TO ID`). Returns {marker id, FROM, TO}.
+const MARK: &str = r#"
+local to = ARGV[1]
+local before = redis.call('XREVRANGE', KEYS[1], to, '-', 'COUNT', 1)
+local from = '0-0'
+if #before == 1 then from = before[1][1] end
+local known = redis.call('GET', KEYS[2])
+if known then
+  local kfrom, kto, kid = string.match(known, '^(%S+) (%S+) (%S+)$')
+  if kfrom == from and not lt(kto, to) then return {kid, kfrom, kto} end
+end
+local id = redis.call('XADD', KEYS[1], '*', 'v', '2', 'rewind', from .. ' ' .. to)
+redis.call('SET', KEYS[2], from .. ' ' .. to .. ' ' .. id)
+return {id, from, to}
 "#;
 
 /// Settings of a Redis-backed history.
@@ -226,8 +263,11 @@ pub struct RedisHistory {
     follower: tokio::sync::Mutex<Option<Primary>>,
     /// `{prefix}:fence`: the follower's own write, whose replication vouches for what it read.
     fence: String,
+    /// `{prefix}:rewound`: the latest rewind marker (see [`MARK`]).
+    rewound: String,
     append: Script,
     read: Script,
+    mark: Script,
 }
 
 impl std::fmt::Debug for RedisHistory {
@@ -264,8 +304,21 @@ fn bytes(v: &Value) -> Option<&[u8]> {
 /// another version (a newer herald in a rolling upgrade) skips the entry with a gap, never halts.
 const ROW_FORMAT: &str = "2";
 
-/// One stream entry: its event, or the id of an entry that cannot be read and why.
-type Entry = Result<Arc<Event>, (EventId, String)>;
+/// One stream entry.
+enum Entry {
+    Event(Arc<Event>),
+    /// A rewind marker (see [`MARK`]): the events after `after` up to `through` were lost.
+    Rewind {
+        id: EventId,
+        after: Option<EventId>,
+        through: EventId,
+    },
+    /// An entry this herald cannot read, and why.
+    Unreadable {
+        id: EventId,
+        reason: String,
+    },
+}
 
 /// The entries of a reply. A malformed reply is an error; a malformed entry is only that entry's.
 fn entries(v: &Value) -> Result<Vec<Entry>, HistoryError> {
@@ -283,38 +336,57 @@ fn entries(v: &Value) -> Result<Vec<Entry>, HistoryError> {
         };
         let sid = text(id).ok_or_else(|| bad("entry id"))?;
         let id = event_id(&sid).ok_or_else(|| bad("entry id"))?;
-        out.push(entry(id, fields).map_err(|reason| (id, reason)));
+        out.push(entry(id, fields));
     }
     Ok(out)
 }
 
-fn entry(id: EventId, fields: &[Value]) -> Result<Arc<Event>, String> {
+fn entry(id: EventId, fields: &[Value]) -> Entry {
     let field = |name: &str| {
         fields
             .chunks(2)
             .find(|kv| kv.first().and_then(text).as_deref() == Some(name))
             .and_then(|kv| kv.get(1))
     };
+    let unreadable = |reason: String| Entry::Unreadable { id, reason };
     if let Some(v) = field("v").map(|v| text(v).unwrap_or_default())
         && v != ROW_FORMAT
     {
-        return Err(format!(
+        return unreadable(format!(
             "row format {v:?}; this herald reads format {ROW_FORMAT} (upgrade every node)"
         ));
     }
-    let row = field("m")
-        .and_then(bytes)
-        .ok_or_else(|| "no `m` field".to_string())?;
-    let mut event = decode_body(id.0, row).map_err(|e| e.to_string())?;
-    // Redis's clock stamped the id; that is the publish time every node agrees on.
-    event.published_at_ms = id.0 >> SEQ_BITS;
-    Ok(Arc::new(event))
+    if let Some(range) = field("rewind").and_then(text) {
+        let lost = range
+            .split_once(' ')
+            .and_then(|(a, t)| Some((event_id(a)?, event_id(t)?)));
+        return match lost {
+            Some((after, through)) => Entry::Rewind {
+                id,
+                after: Some(after).filter(|a| a.0 != 0),
+                through,
+            },
+            None => unreadable(format!("a rewind marker with a bad range {range:?}")),
+        };
+    }
+    let Some(row) = field("m").and_then(bytes) else {
+        return unreadable("no `m` field".to_string());
+    };
+    match decode_body(id.0, row) {
+        Ok(mut event) => {
+            // Redis's clock stamped the id; that is the publish time every node agrees on.
+            event.published_at_ms = id.0 >> SEQ_BITS;
+            Entry::Event(Arc::new(event))
+        }
+        Err(e) => unreadable(e.to_string()),
+    }
 }
 
-/// A read's chunk from its entries: leading unreadable entries are skipped (and make it a gap);
-/// one after readable events ends the chunk there (`cut_short`), for the next read to skip. The
-/// follower logs what it skips (once per node); a reader's catch-up only at debug level.
-fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
+/// A read's chunk from its entries: leading unreadable entries and rewind markers are skipped (and
+/// make it a gap); one after readable events ends the chunk there (`cut_short`), for the next read
+/// to skip. A read that is a gap already passes over markers: it announced the loss once.
+fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>) -> Chunk {
+    let announced = gap.is_some();
     let mut chunk = Chunk {
         gap,
         events: Vec::with_capacity(entries.len()),
@@ -323,17 +395,15 @@ fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
     };
     for entry in entries {
         match entry {
-            Ok(event) => chunk.events.push(event),
-            Err(_) if !chunk.events.is_empty() => {
+            Entry::Event(event) => chunk.events.push(event),
+            Entry::Rewind { .. } if announced => {}
+            _ if !chunk.events.is_empty() => {
                 chunk.cut_short = true;
                 break;
             }
-            Err((id, reason)) => {
-                if following {
-                    tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history; readers get a herald.gap there");
-                } else {
-                    tracing::debug!(id = %id, %reason, "unreadable entry skipped by a catch-up");
-                }
+            Entry::Rewind { id, .. } => chunk.skipped.push(id),
+            Entry::Unreadable { id, reason } => {
+                tracing::debug!(id = %id, %reason, "unreadable entry skipped by a catch-up");
                 chunk.skipped.push(id);
             }
         }
@@ -344,6 +414,43 @@ fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
         });
     }
     chunk
+}
+
+/// The follower's chunk: events up to the first rewind marker, which (leading) is
+/// [`HistoryError::Rewound`]. Unreadable entries are logged (once per node) and skipped with no
+/// gap of the follower's own: it goes on after them, and lets every connection learn of them from
+/// history (see `publish::follower`).
+fn followed(entries: Vec<Entry>) -> Result<Chunk, HistoryError> {
+    let mut chunk = Chunk {
+        gap: None,
+        events: Vec::with_capacity(entries.len()),
+        cut_short: false,
+        skipped: Vec::new(),
+    };
+    for entry in entries {
+        match entry {
+            Entry::Event(event) => chunk.events.push(event),
+            Entry::Rewind { id, after, through }
+                if chunk.events.is_empty() && chunk.skipped.is_empty() =>
+            {
+                return Err(HistoryError::Rewound {
+                    marker: id,
+                    after,
+                    through,
+                });
+            }
+            Entry::Rewind { .. } => break,
+            _ if !chunk.events.is_empty() => {
+                chunk.cut_short = true;
+                break;
+            }
+            Entry::Unreadable { id, reason } => {
+                tracing::error!(id = %id, %reason, "skipping an unreadable entry of the shared history; readers get a herald.gap there");
+                chunk.skipped.push(id);
+            }
+        }
+    }
+    Ok(chunk)
 }
 
 impl RedisHistory {
@@ -389,8 +496,10 @@ impl RedisHistory {
             link,
             follower: tokio::sync::Mutex::new(None),
             fence: format!("{}:fence", options.prefix),
+            rewound: format!("{}:rewound", options.prefix),
             append: Script::new(APPEND),
-            read: Script::new(READ),
+            read: Script::new(&format!("{ID_ORDER}{READ}")),
+            mark: Script::new(&format!("{ID_ORDER}{MARK}")),
         })
     }
 
@@ -450,12 +559,18 @@ impl RedisHistory {
 
     /// A gap-checked read. With replicas to wait for, events are returned only once replicated,
     /// so a replay never shows an event that a failover could take back.
-    async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
+    async fn run_read(
+        &self,
+        mode: &str,
+        pos: String,
+        limit: usize,
+    ) -> Result<(Option<Gap>, Vec<Entry>), HistoryError> {
         let mut conn = self.link.primary().await.map_err(unavailable)?;
         let reply: Value = self
             .read
             .key(&self.stream)
             .key(&self.dropped)
+            .key(&self.rewound)
             .arg(mode)
             .arg(pos)
             .arg(limit)
@@ -473,11 +588,44 @@ impl RedisHistory {
         if matches!(range, Value::Array(r) if !r.is_empty()) {
             self.fence(&mut conn).await?;
         }
-        Ok(chunk_of(
-            gap.then_some(Gap { oldest }),
-            entries(range)?,
-            false,
-        ))
+        Ok((gap.then_some(Gap { oldest }), entries(range)?))
+    }
+
+    async fn read_entries(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+    ) -> Result<(Option<Gap>, Vec<Entry>), HistoryError> {
+        match from {
+            ReadFrom::Oldest => self.run_read("oldest", String::new(), limit).await,
+            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit).await,
+            ReadFrom::Since(ms) => self.run_read("since", ms.to_string(), limit).await,
+        }
+    }
+
+    /// Writes (or finds) the rewind marker for `lost`, an event this node fanned out that the
+    /// stream no longer holds (see [`MARK`]), and answers [`HistoryError::Rewound`] with it.
+    async fn rewound(&self, lost: EventId) -> HistoryError {
+        let mut conn = self.link.clone();
+        let reply: Result<(String, String, String), _> = self
+            .mark
+            .key(&self.stream)
+            .key(&self.rewound)
+            .arg(stream_id(lost))
+            .invoke_async(&mut conn)
+            .await;
+        let (marker, after, through) = match reply {
+            Ok(r) => r,
+            Err(e) => return unavailable(e),
+        };
+        match (event_id(&marker), event_id(&after), event_id(&through)) {
+            (Some(marker), Some(after), Some(through)) => HistoryError::Rewound {
+                marker,
+                after: Some(after).filter(|a| a.0 != 0),
+                through,
+            },
+            _ => unavailable("unexpected rewind marker reply"),
+        }
     }
 }
 
@@ -495,11 +643,8 @@ impl History for RedisHistory {
     }
 
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
-        match from {
-            ReadFrom::Oldest => self.run_read("oldest", String::new(), limit).await,
-            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit).await,
-            ReadFrom::Since(ms) => self.run_read("since", ms.to_string(), limit).await,
-        }
+        let (gap, entries) = self.read_entries(from, limit).await?;
+        Ok(chunk_of(gap, entries))
     }
 
     async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, HistoryError> {
@@ -512,7 +657,10 @@ impl History for RedisHistory {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(entries(&reply)?.into_iter().find_map(Result::ok))
+        Ok(entries(&reply)?.into_iter().find_map(|e| match e {
+            Entry::Event(event) => Some(event),
+            _ => None,
+        }))
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {
@@ -599,28 +747,29 @@ impl SharedHistory for RedisHistory {
         // noticed; from then on a blocking XREAD returns whatever follows, one command a wake-up.
         if slot.is_none() {
             // A primary that took over may hold less than this node already fanned out: the tail
-            // the old primary had not replicated is gone.
+            // the old primary had not replicated is gone. This node says so in the stream itself
+            // (a rewind marker), for every node: their streams may have wanted those events too.
             if let Some(after) = after {
                 let newest = self.newest().await?;
                 if newest.is_none_or(|n| n < after) {
-                    return Err(HistoryError::Rewound { newest });
+                    return Err(self.rewound(after).await);
                 }
             }
             let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
-            // (`read` returns only replicated events.)
-            let chunk = self.read(from, limit).await?;
+            // (Only replicated events are returned.)
+            let (gap, entries) = self.read_entries(from, limit).await?;
             // The stream holds events older than `after` but not `after` itself: it was replaced
-            // (a failover, events appended since), not trimmed. Follow on after `after`; the
-            // follower makes streams catch up, and those past the new stream's end get a gap.
-            if let (Some(after), Some(gap)) = (after, chunk.gap)
+            // (a failover, events appended since), not trimmed.
+            if let (Some(after), Some(gap)) = (after, gap)
                 && gap.oldest.is_some_and(|o| o < after)
             {
-                *slot = Some(self.follower_connection().await?);
-                return Err(HistoryError::Rewound {
-                    newest: Some(after),
-                });
+                return Err(self.rewound(after).await);
             }
-            if chunk.gap.is_some() || !chunk.events.is_empty() {
+            if gap.is_some() {
+                return Ok(chunk_of(gap, entries));
+            }
+            let chunk = followed(entries)?;
+            if !chunk.events.is_empty() || !chunk.skipped.is_empty() {
                 return Ok(chunk);
             }
         }
@@ -664,11 +813,7 @@ impl SharedHistory for RedisHistory {
             *slot = None;
             return Err(e);
         }
-        // Following, a skipped entry is no gap of the follower's own: it goes on after it, and
-        // lets every connection learn of it from history (see `publish::follower`).
-        let mut chunk = chunk_of(None, events, true);
-        chunk.gap = None;
-        Ok(chunk)
+        followed(events)
     }
 
     async fn newest(&self) -> Result<Option<EventId>, HistoryError> {
@@ -761,6 +906,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// The options of a test node on `url` with keys under `prefix`: no replicas, the default
+    /// idempotency bounds.
+    fn options(url: &str, prefix: &str) -> RedisOptions {
+        RedisOptions {
+            url: url.to_string(),
+            prefix: prefix.to_string(),
+            retention: Retention::default(),
+            idempotency_window: Duration::from_secs(60),
+            idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
+            idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
+            replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+        }
+    }
+
     #[tokio::test]
     async fn conformance() {
         let redis = RedisServer::start();
@@ -770,14 +930,8 @@ pub(crate) mod tests {
             let url = redis.url.clone();
             async move {
                 let h = RedisHistory::connect(RedisOptions {
-                    url,
-                    prefix,
                     retention,
-                    idempotency_window: Duration::from_secs(60),
-                    idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
-                    idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
-                    replicas: 0,
-                    wait_timeout: Duration::from_secs(1),
+                    ..options(&url, &prefix)
                 })
                 .await
                 .unwrap();
@@ -791,18 +945,9 @@ pub(crate) mod tests {
     async fn keys_are_claimed_once_and_followers_see_every_event() {
         let redis = RedisServer::start();
         let node = || async {
-            RedisHistory::connect(RedisOptions {
-                url: redis.url.clone(),
-                prefix: "claims".into(),
-                retention: Retention::default(),
-                idempotency_window: Duration::from_secs(60),
-                idempotency_keys: crate::defaults::IDEMPOTENCY_KEYS,
-                idempotency_bytes: crate::defaults::IDEMPOTENCY_BYTES,
-                replicas: 0,
-                wait_timeout: Duration::from_secs(1),
-            })
-            .await
-            .unwrap()
+            RedisHistory::connect(options(&redis.url, "claims"))
+                .await
+                .unwrap()
         };
         let h = node().await;
         assert_eq!(h.newest().await.unwrap(), None);
@@ -859,14 +1004,10 @@ pub(crate) mod tests {
         let redis = RedisServer::start();
         let node_for = |prefix: &str, window: Duration, keys: usize, bytes: usize| {
             RedisHistory::connect(RedisOptions {
-                url: redis.url.clone(),
-                prefix: prefix.into(),
-                retention: Retention::default(),
                 idempotency_window: window,
                 idempotency_keys: keys,
                 idempotency_bytes: bytes,
-                replicas: 0,
-                wait_timeout: Duration::from_secs(1),
+                ..options(&redis.url, prefix)
             })
         };
         let node = |prefix: &str, keys: usize, bytes: usize| {
@@ -960,6 +1101,92 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!((order, kept), (vec!["b".to_string()], 2 + 64));
+    }
+
+    /// A failover that lost the stream's tail, replayed on one Redis: the stream is put back to a
+    /// copy taken after its first event. The first node to find it writes one rewind marker; a
+    /// node that never read the tail meets that marker, another that read it finds the same
+    /// one; reads from before or inside the lost range are gaps that go on after the marker.
+    #[tokio::test]
+    async fn a_lost_tail_gets_one_rewind_marker_that_every_follower_meets() {
+        let redis = RedisServer::start();
+        let node = || async {
+            RedisHistory::connect(options(&redis.url, "rw"))
+                .await
+                .unwrap()
+        };
+        let (read_all, read_first, read_tail_too) = (node().await, node().await, node().await);
+        let m = |d: &str| Message::broadcast().data(d);
+        let kept = read_all.append(vec![m("kept")]).await.unwrap()[0].id;
+        let mut conn = read_all.link().primary().await.unwrap();
+        let copied: bool = redis::cmd("COPY")
+            .arg("rw:events")
+            .arg("rw:replica")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(copied);
+        let lost = read_all.append(vec![m("lost1"), m("lost2")]).await.unwrap();
+        let (lost1, lost2) = (lost[0].id, lost[1].id);
+        // (So that the marker's id, from the clock, is past the tail's.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The replica takes over, without the tail.
+        redis::cmd("RENAME")
+            .arg("rw:replica")
+            .arg("rw:events")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let rewound = |r: Result<Chunk, HistoryError>| match r {
+            Err(HistoryError::Rewound {
+                marker,
+                after,
+                through,
+            }) => (marker, after, through),
+            other => panic!("expected a rewind, got {other:?}"),
+        };
+        let (marker, after, through) = rewound(read_all.follow(Some(lost2), 10).await);
+        assert_eq!((after, through), (Some(kept), lost2));
+        assert!(marker > lost2);
+        assert_eq!(
+            rewound(read_first.follow(Some(kept), 10).await),
+            (marker, Some(kept), lost2),
+            "a node that never read the tail meets the marker"
+        );
+        assert_eq!(
+            rewound(read_tail_too.follow(Some(lost1), 10).await),
+            (marker, Some(kept), lost2),
+            "a node that read part of the tail finds the same marker"
+        );
+        let len: usize = redis::cmd("XLEN")
+            .arg("rw:events")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(len, 2, "kept and one marker");
+        // Following goes on after the marker.
+        let new = read_first.append(vec![m("new")]).await.unwrap()[0].id;
+        let chunk = read_first.follow(Some(marker), 10).await.unwrap();
+        assert_eq!(chunk.events.iter().map(|e| e.id).collect::<Vec<_>>(), [new]);
+        // Reads from before the loss or inside it: one gap, then what follows the marker.
+        for from in [kept, lost1, lost2] {
+            let chunk = read_all.read(ReadFrom::After(from), 10).await.unwrap();
+            assert!(chunk.gap.is_some(), "after {from}");
+            assert_eq!(
+                chunk.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+                [new],
+                "after {from}"
+            );
+        }
+        // From the oldest: `kept`, cut short at the marker; the next read is the gap.
+        let first = read_all.read(ReadFrom::Oldest, 10).await.unwrap();
+        assert_eq!(
+            (first.gap, first.events.len(), first.cut_short),
+            (None, 1, true)
+        );
+        let next = read_all.read(ReadFrom::After(kept), 10).await.unwrap();
+        assert_eq!(next.skipped, [marker]);
+        assert_eq!(read_all.event(marker).await.unwrap().map(|e| e.id), None);
     }
 
     #[test]

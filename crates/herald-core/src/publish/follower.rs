@@ -206,23 +206,27 @@ pub(crate) async fn follow(hub: Weak<Fanout>, feed: Arc<Feed>, shared: Arc<dyn S
                 cursor = Some(last);
                 feed.watermark.send_replace(last.0);
             }
-            Err(HistoryError::Rewound { newest }) => {
-                // A failover lost the old primary's unreplicated tail, which this node fanned out
-                // already. Streams past the new end catch up from history, which tells them of the
-                // gap; following goes on from the new end, so what the new primary appends is seen.
+            Err(HistoryError::Rewound {
+                marker,
+                after,
+                through,
+            }) => {
+                // A failover lost events: this node or another one found it and wrote a rewind
+                // marker in their place. Any stream here may have wanted them, and nobody can tell
+                // their topics any more: every stream catches up from history, which reports the
+                // marker (or a position past the new end) as a gap. Following goes on after it.
                 tracing::warn!(
                     fanned_out = ?cursor,
-                    newest = ?newest,
-                    "the shared history ends before events this node fanned out (lost in a Redis failover): streams past it get herald.gap"
+                    lost_after = ?after,
+                    lost_through = %through,
+                    "events were lost in a Redis failover (unreplicated): every stream gets herald.gap"
                 );
                 feed.set_ready(true);
                 inner.counters.rewinds.fetch_add(1, Ordering::Relaxed);
                 inner.lag_everyone();
-                cursor = newest;
-                if let Some(n) = newest {
-                    inner.start_at(n);
-                    feed.watermark.send_replace(n.0);
-                }
+                cursor = Some(marker);
+                inner.start_at(marker);
+                feed.watermark.send_replace(marker.0);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "following the shared history failed");

@@ -83,7 +83,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "herald_history_rewinds_total",
         Kind::Counter,
-        "Times the shared Redis stream, after a failover, ended before events this node had fanned out (the streams past it got a herald.gap).",
+        "Rewind markers this node met: acknowledged events a Redis failover lost (every stream of the node got a herald.gap).",
     ),
     (
         "herald_streams_ended_by_age_total",

@@ -11,18 +11,10 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, free_port};
 use crate::pki::{Curl, Pki};
 
 const NAME: &str = "herald.test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(program: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(program)

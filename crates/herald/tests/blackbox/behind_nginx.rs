@@ -3,11 +3,10 @@
 //! through it to the real binary. A missing nginx fails the test (scripts/test installs it).
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{PATIENCE, Server, Sse};
+use crate::common::{PATIENCE, Server, Sse, free_port, wait_listening};
 
 fn snippet() -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
@@ -16,14 +15,6 @@ fn snippet() -> String {
     let section = &readme[start..];
     let block = &section[section.find("```nginx\n").expect("an nginx block") + 9..];
     block[..block.find("\n```").unwrap()].to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Nginx(Child);
@@ -89,11 +80,7 @@ async fn the_readme_nginx_snippet_passes_nginx_t_and_proxies_streams() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port, "nginx");
     let proxy = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let r = http

@@ -1,89 +1,22 @@
-//! Several nodes sharing one real `redis-server` (started here on a free port): cross-node
+//! Several nodes sharing one real `redis-server` (see `redis_servers`): cross-node
 //! delivery with agreeing ids, a node killed mid-stream, a Redis outage, cluster-wide presence,
 //! close and idempotency.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{PATIENCE, Server, Sse};
+use crate::common::{PATIENCE, Server, Sse, free_port};
+use crate::redis_servers::cli;
+// Other tests' clusters start their Redis from here too.
+pub(crate) use crate::redis_servers::Redis;
 
-/// A real Redis with an fsynced append-only file, so an acknowledged write survives a kill.
-pub(crate) struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    pub(crate) fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis {
-            child: None,
-            port,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        redis.restart();
-        redis
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .args(["--dir", self.dir.path().to_str().unwrap()])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test installs it)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
+/// A node of the cluster on `redis`.
 pub(crate) async fn node(redis: &Redis, extra: &[&str]) -> Server {
-    let url = redis.url();
-    let mut args = vec!["--redis", url.as_str(), "--heartbeat", "1s"];
-    args.extend_from_slice(extra);
-    Server::start(&args).await
+    crate::redis_servers::node(&redis.url(), extra).await
 }
 
 #[tokio::test]
@@ -365,11 +298,7 @@ async fn idempotency_keys_are_bounded_across_nodes() {
 
 #[tokio::test]
 async fn an_unreachable_redis_stops_startup() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args([
             "serve",
@@ -387,12 +316,10 @@ async fn an_unreachable_redis_stops_startup() {
 
 /// Adds an entry to the shared stream by hand, as `redis-cli` would.
 fn xadd(redis: &Redis, fields: &[&str]) {
-    let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "XADD", "herald:events", "*"])
-        .args(fields)
-        .output()
-        .expect("redis-cli (from redis-server's package)");
-    assert!(out.status.success(), "{out:?}");
+    let mut args = vec!["XADD", "herald:events", "*"];
+    args.extend_from_slice(fields);
+    let id = cli(redis.port, &args);
+    assert!(id.contains('-'), "XADD answered {id:?}");
 }
 
 /// Reproduces issue 12 (defect 9): one undecodable entry in the Redis stream (`XADD herald:events

@@ -390,3 +390,22 @@ impl Sse {
         }
     }
 }
+
+/// A loopback port free at the time of asking, for a process that needs it on its command line.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on `port` (a process started by a test), failing after
+/// [`PATIENCE`].
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -22,6 +22,7 @@ mod metrics;
 mod pki;
 mod presence;
 mod readme_tour;
+mod redis_servers;
 mod resume;
 mod sentinel;
 mod streams;

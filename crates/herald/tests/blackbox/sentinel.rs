@@ -1,182 +1,27 @@
-//! Redis Sentinel failover with real processes: a primary, a replica and a sentinel started here
-//! on free ports, herald nodes reaching them with `redis+sentinel://`. Acknowledged events survive
-//! a failover (with `--redis-replicas 1`), or their loss is announced (`herald.gap`, with 0);
-//! presence and closing a user work on the new primary; bad configurations fail clearly.
+//! Redis Sentinel failover with real processes: a primary, a replica and a sentinel (see
+//! `redis_servers`), herald nodes reaching them with `redis+sentinel://`. Acknowledged events
+//! survive a failover (with `--redis-replicas 1`), or their loss is announced (`herald.gap`, with
+//! 0) on every node, through the rewind marker; presence and closing a user work on the new
+//! primary; bad configurations fail clearly.
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{PATIENCE, Server, Sse, expect_error, http_client};
+use crate::common::{PATIENCE, Server, Sse, expect_error, free_port, http_client};
+use crate::redis_servers::{FAILOVER_PATIENCE, Keeps, Redis, Sentinels, cli, node};
 
-/// How long a failover may take on a loaded machine (sentinel notices within a second, then elects).
-const FAILOVER_PATIENCE: Duration = Duration::from_secs(60);
+/// How many events a burst publishes.
+const N: usize = 60;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `redis-cli -p port args…`, its output trimmed ("" if it failed).
-pub(crate) fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli must be installed (scripts/test installs redis-tools)");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A primary, one replica and one sentinel (quorum 1, down after 1 s), stopped when dropped.
-pub(crate) struct Sentinels {
-    pub(crate) primary: u16,
-    pub(crate) replica: u16,
-    pub(crate) sentinel: u16,
-    children: Vec<(u16, Child)>,
-    dir: tempfile::TempDir,
-}
-
-impl Sentinels {
-    pub(crate) fn start() -> Sentinels {
-        let dir = tempfile::tempdir().unwrap();
-        let (primary, replica, sentinel) = (free_port(), free_port(), free_port());
-        let mut set = Sentinels {
-            primary,
-            replica,
-            sentinel,
-            children: Vec::new(),
-            dir,
-        };
-        set.start_redis(primary, None);
-        set.start_redis(replica, Some(primary));
-        // The replica is in sync before the sentinel watches.
-        let deadline = Instant::now() + PATIENCE;
-        while !cli(replica, &["INFO", "replication"]).contains("master_link_status:up") {
-            assert!(Instant::now() < deadline, "the replica did not sync");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let conf = set.dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {sentinel}\nbind 127.0.0.1\ndir {dir}\n\
-                 sentinel monitor mymaster 127.0.0.1 {primary} 1\n\
-                 sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 10000\n\
-                 sentinel parallel-syncs mymaster 1\n",
-                dir = set.dir.path().display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-sentinel")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-sentinel must be installed (scripts/test installs it)");
-        set.children.push((sentinel, child));
-        wait_listening(sentinel, "redis-sentinel");
-        // The sentinel has found the replica (from the primary's INFO).
-        let deadline = Instant::now() + PATIENCE;
-        while !cli(sentinel, &["SENTINEL", "REPLICAS", "mymaster"]).contains(&replica.to_string()) {
-            assert!(
-                Instant::now() < deadline,
-                "the sentinel did not find the replica"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        set
-    }
-
-    fn start_redis(&mut self, port: u16, replica_of: Option<u16>) {
-        let dir = self.dir.path().join(port.to_string());
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no", "--dir", dir.to_str().unwrap()]);
-        if let Some(p) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test installs it)");
-        self.children.push((port, child));
-        wait_listening(port, "redis-server");
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel)
-    }
-
-    /// The port the sentinel names as the primary.
-    pub(crate) fn named_primary(&self) -> Option<u16> {
-        cli(
-            self.sentinel,
-            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
-        )
-        .lines()
-        .nth(1)
-        .and_then(|p| p.trim().parse().ok())
-    }
-
-    /// Waits until the sentinel names `port` as the primary and `port` says it is one.
-    pub(crate) async fn await_primary(&self, port: u16) {
-        let deadline = Instant::now() + FAILOVER_PATIENCE;
-        loop {
-            if self.named_primary() == Some(port) && cli(port, &["ROLE"]).starts_with("master") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no failover to {port}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Kills the redis-server on `port` (SIGKILL).
-    pub(crate) fn kill(&mut self, port: u16) {
-        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Sentinels {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+/// Acknowledged `(data, id)` pairs, in order.
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
 
 async fn sentinel_node(set: &Sentinels, extra: &[&str]) -> Server {
-    let url = set.url();
-    let mut args = vec!["--redis", url.as_str(), "--heartbeat", "1s"];
-    args.extend_from_slice(extra);
-    Server::start(&args).await
+    node(&set.url(), extra).await
 }
 
 /// Publishes `m0…m{n-1}` one after another, each with its idempotency key, retrying a refusal
@@ -185,7 +30,7 @@ fn publish_with_retries(
     url: String,
     n: usize,
     pause: Duration,
-    acked: Arc<Mutex<Vec<(String, String)>>>,
+    acked: Acked,
 ) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         let http = http_client();
@@ -223,6 +68,22 @@ fn publish_with_retries(
         }
         refused
     })
+}
+
+/// Starts publishing a burst of [`N`] events on `node` (see [`publish_with_retries`]), one every
+/// `pause`, and returns once a third of them are acknowledged.
+async fn a_third_published(
+    node: &Server,
+    pause: Duration,
+) -> (Acked, tokio::task::JoinHandle<usize>) {
+    let acked: Acked = Arc::default();
+    let publisher = publish_with_retries(node.url.clone(), N, pause, acked.clone());
+    let deadline = Instant::now() + PATIENCE * 3;
+    while acked.lock().unwrap().len() < N / 3 {
+        assert!(Instant::now() < deadline, "publishing did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (acked, publisher)
 }
 
 /// What a subscriber that resumes with `Last-Event-ID` saw: `(id, data)` in order, and gaps.
@@ -278,21 +139,9 @@ async fn a_sentinel_failover_during_a_burst_loses_no_acknowledged_event_with_one
     let b = sentinel_node(&set, &["--redis-replicas", "1"]).await;
     let mut sub = b.subscribe("topic=burst").await;
     sub.opened().await;
-    const N: usize = 60;
-    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let publisher =
-        publish_with_retries(a.url.clone(), N, Duration::from_millis(30), acked.clone());
     // A third in, the sentinel hands the primary to the replica.
-    let deadline = Instant::now() + PATIENCE * 3;
-    while acked.lock().unwrap().len() < N / 3 {
-        assert!(Instant::now() < deadline, "publishing did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        cli(set.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]),
-        "OK"
-    );
-    set.await_primary(set.replica).await;
+    let (acked, publisher) = a_third_published(&a, Duration::from_millis(30)).await;
+    set.fail_over().await;
     publisher.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), N);
@@ -339,15 +188,7 @@ async fn killing_the_primary_without_replicas_loses_nothing_silently() {
     let a = sentinel_node(&set, &[]).await;
     let mut sub = a.subscribe("topic=burst").await;
     sub.opened().await;
-    const N: usize = 60;
-    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let publisher =
-        publish_with_retries(a.url.clone(), N, Duration::from_millis(20), acked.clone());
-    let deadline = Instant::now() + PATIENCE * 3;
-    while acked.lock().unwrap().len() < N / 3 {
-        assert!(Instant::now() < deadline, "publishing did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (acked, publisher) = a_third_published(&a, Duration::from_millis(20)).await;
     let old = set.primary;
     set.kill(old);
     set.await_primary(set.replica).await;
@@ -375,11 +216,7 @@ async fn presence_and_closing_a_user_work_across_a_failover() {
     let mut on_b = b.subscribe("user=ada").await;
     on_b.opened().await;
     a.eventually("/users/ada", |v| v["connections"] == 1).await;
-    assert_eq!(
-        cli(set.sentinel, &["SENTINEL", "FAILOVER", "mymaster"]),
-        "OK"
-    );
-    set.await_primary(set.replica).await;
+    set.fail_over().await;
     // Presence comes from the new primary, where every node reports again.
     a.eventually("/stats", |v| v["connections"] == 1).await;
     a.eventually("/users/ada", |v| v["connections"] == 1).await;
@@ -486,44 +323,14 @@ async fn bad_sentinel_configurations_fail_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("redis-replicas"));
 }
 
-/// A `redis-server` on `port` that saves only when told (`SAVE`) and loads that snapshot when
-/// restarted: a restart after writes since looks to a node like a replica promoted without the old
-/// primary's last writes (a stream that ends before what it fanned out).
-fn bare_redis(port: u16, dir: &std::path::Path) -> Bare {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no", "--dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (scripts/test installs it)");
-    wait_listening(port, "redis-server");
-    Bare(child)
-}
-
-/// A redis-server killed when dropped (also when the test fails).
-struct Bare(Child);
-
-impl Drop for Bare {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let redis = bare_redis(port, dir.path());
-    let url = format!("redis://127.0.0.1:{port}/0");
-    let a = Server::start(&["--redis", &url, "--heartbeat", "1s"]).await;
+    // A Redis that saves only when told (`SAVE`) and loads that snapshot when restarted: a
+    // restart after writes since looks to a node like a replica promoted without the old
+    // primary's last writes (a stream that ends before what it fanned out).
+    let mut redis = Redis::keeping(Keeps::Snapshot);
+    let port = redis.port;
+    let a = node(&redis.url(), &[]).await;
     let mut sub = a.subscribe("topic=back").await;
     sub.opened().await;
     for i in 0..3 {
@@ -534,15 +341,11 @@ async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
             assert_eq!(cli(port, &["SAVE"]), "OK");
         }
     }
-    let mut old_ids = HashSet::new();
     for want in ["old0", "old1", "old2"] {
-        let e = sub.next().await;
-        assert_eq!(e.data, want);
-        old_ids.insert((e.id.unwrap(), e.data));
+        assert_eq!(sub.next().await.data, want);
     }
     // The Redis the node finds next holds old0 but not old1 and old2, which it fanned out.
-    drop(redis);
-    let _redis = bare_redis(port, dir.path());
+    redis.restart();
     let deadline = Instant::now() + PATIENCE * 3;
     let after = loop {
         let (status, v) = a
@@ -554,21 +357,132 @@ async fn a_stream_that_went_back_is_announced_with_a_gap_and_counted() {
         assert!(Instant::now() < deadline, "publishing did not come back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // The stream hears of the gap, replays what the new stream still holds (ids it already has,
-    // which a client drops), then goes on with what the new stream adds.
+    // The stream hears of the gap, then goes on with what the new stream holds after the last
+    // event that survived (old0, which it had): none of the lost ones, nothing twice.
     let gap = sub.next().await;
     assert_eq!(gap.event_type, "herald.gap", "{gap:?}");
-    loop {
-        let next = sub.next().await;
-        if next.data == "new" {
-            assert_eq!(next.id.as_deref(), after["id"].as_str());
-            break;
-        }
-        assert!(
-            old_ids.contains(&(next.id.clone().unwrap(), next.data.clone())),
-            "only events the stream already had come again: {next:?}"
-        );
-    }
+    let next = sub.next().await;
+    assert_eq!(
+        (next.data.as_str(), next.id.as_deref()),
+        ("new", after["id"].as_str())
+    );
     assert_eq!(a.metric("herald_history_rewinds_total").await, Some(1.0));
     a.eventually("/stats", |v| v["rewinds"] == 1).await;
+}
+
+/// The number of entries of the shared stream on the Redis at `port`.
+fn stream_len(port: u16) -> usize {
+    cli(port, &["XLEN", "herald:events"]).parse().unwrap_or(0)
+}
+
+/// With `--redis-replicas 0` a failover can lose acknowledged events that only one node read.
+/// The node that finds its stream went back writes a rewind marker on the new primary, so the
+/// other node, which never read the lost events, tells its streams too (before, they went on
+/// silently), and resuming from before or inside the lost range answers `herald.gap`.
+#[tokio::test]
+async fn events_lost_in_a_failover_are_announced_on_every_node() {
+    let mut set = Sentinels::start();
+    let a = sentinel_node(&set, &[]).await;
+    let b = sentinel_node(&set, &[]).await;
+    let mut on_a = a.subscribe("topic=lost").await;
+    let mut on_b = b.subscribe("topic=lost").await;
+    let mut elsewhere_on_b = b.subscribe("topic=elsewhere").await;
+    for sse in [&mut on_a, &mut on_b, &mut elsewhere_on_b] {
+        sse.opened().await;
+    }
+    let kept = a.publish(json!({"topic": "lost", "data": "kept"})).await;
+    for sse in [&mut on_a, &mut on_b] {
+        assert_eq!(sse.next().await.data, "kept");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while stream_len(set.replica) != stream_len(set.primary) {
+        assert!(Instant::now() < deadline, "the replica did not get `kept`");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The replica stops replicating: it cannot authenticate to the primary (which has no password)
+    // once its link is cut, so what the primary takes from now on is on the primary only.
+    assert_eq!(
+        cli(
+            set.replica,
+            &["CONFIG", "SET", "masterauth", "not-the-password"]
+        ),
+        "OK"
+    );
+    cli(set.replica, &["CLIENT", "KILL", "TYPE", "master"]);
+    let deadline = Instant::now() + PATIENCE;
+    while !cli(set.replica, &["INFO", "replication"]).contains("master_link_status:down") {
+        assert!(
+            Instant::now() < deadline,
+            "the replica's link did not go down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b reads nothing more from this primary: paused, its connections closed.
+    b.signal("STOP");
+    cli(set.primary, &["CLIENT", "KILL", "TYPE", "normal"]);
+    let mut lost = Vec::new();
+    for data in ["lost1", "lost2"] {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (status, v) = a
+                .post_json("/publish", &json!({"topic": "lost", "data": data}))
+                .await;
+            if status == StatusCode::OK {
+                lost.push(v["id"].as_str().unwrap().to_string());
+                break;
+            }
+            assert!(Instant::now() < deadline, "{data} was not acknowledged");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let e = on_a.next().await;
+        assert_eq!((e.data.as_str(), e.id.as_ref()), (data, lost.last()));
+    }
+    assert_eq!(stream_len(set.replica) + 2, stream_len(set.primary));
+    let old = set.primary;
+    set.kill(old);
+    set.await_primary(set.replica).await;
+    b.signal("CONT");
+
+    // Every stream on both nodes hears of the loss, whatever its topic; b never had the events.
+    for sse in [&mut on_a, &mut on_b, &mut elsewhere_on_b] {
+        let e = sse
+            .next_within(FAILOVER_PATIENCE)
+            .await
+            .expect("a herald.gap after the failover");
+        assert_eq!(e.event_type, "herald.gap", "{e:?}");
+    }
+    let after = b.publish(json!({"topic": "lost", "data": "after"})).await;
+    loop {
+        let e = on_b.next().await;
+        assert!(
+            !e.data.starts_with("lost"),
+            "b never read the lost events: {e:?}"
+        );
+        if e.data == "after" {
+            assert_eq!(e.id.as_deref(), Some(after.as_str()));
+            break;
+        }
+    }
+    // One marker in the stream, counted once on each node (`/stats` sums the nodes).
+    let stream = cli(set.replica, &["XRANGE", "herald:events", "-", "+"]);
+    assert_eq!(stream.matches("rewind").count(), 1, "{stream}");
+    for n in [&a, &b] {
+        assert_eq!(n.metric("herald_history_rewinds_total").await, Some(1.0));
+        n.eventually("/stats", |v| v["rewinds"] == 2).await;
+    }
+    // Resuming from before the lost range, or inside it, on either node: a gap, then what the new
+    // primary holds after the loss, never a lost event.
+    for (n, from) in [(&b, &kept), (&b, &lost[0]), (&a, &lost[1]), (&a, &kept)] {
+        let mut resumed = n
+            .subscribe_with("topic=lost", &[("last-event-id", from.as_str())])
+            .await;
+        let gap = resumed.next().await;
+        assert_eq!(gap.event_type, "herald.gap", "from {from}: {gap:?}");
+        let next = resumed.next().await;
+        assert_eq!(
+            (next.data.as_str(), next.id.as_deref()),
+            ("after", Some(after.as_str())),
+            "from {from}"
+        );
+    }
 }
