@@ -1,6 +1,10 @@
 //! History in a Redis Stream shared by every node of a cluster. Redis assigns the ids (`ms-seq`, so
 //! they increase in publish order cluster-wide); Lua scripts make appends with idempotency keys and
 //! gap-checked reads atomic. Nodes learn of new events, their own included, by following the stream.
+//! With retention rules the stream stays one (reads and the follower are unchanged); each log (the
+//! default one, one per rule) lists its entries' ids (`{prefix}:log:N`), and trimming pops a log's
+//! oldest and deletes that entry (`XDEL`) by the log's own bounds. `{prefix}:dropped-logs` holds
+//! each log's newest dropped id (`N`) and newest dropped broadcast or user event (`Na`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +13,12 @@ use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Script, Value};
 
 use super::row::{decode_body, encode_row};
-use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use super::rules::addressed;
+use super::{
+    Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, SharedHistory, Stored,
+};
 use crate::event::{Event, EventId, Message, now_ms};
+use crate::name::Selector;
 use crate::redis_link::{Primary, RedisLink};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
@@ -44,10 +52,26 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 /// original, then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
 /// Claiming a key forgets those past the window, then the oldest while a bound is exceeded
 /// (counted as the in-memory store counts them), so the keys stay bounded cluster-wide.
+/// With retention rules (the ARGV before the two bounds: `r`, then per message `log:addressed`,
+/// joined by `,`; per log `maxlen,cutoff` joined by `;`, the log key prefix, the drops hash), each new entry
+/// is listed in its log, and each log is trimmed instead of the stream.
 /// Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
 const APPEND: &str = r#"
 local out = {}
 local n = tonumber(ARGV[5])
+local ruled = ARGV[7 + 4 * n] ~= ''
+local msg_logs = {}
+if ruled then
+  for spec in string.gmatch(ARGV[7 + 4 * n], '[^,]+') do
+    if spec ~= 'r' then msg_logs[#msg_logs + 1] = spec end
+  end
+end
+local function newer(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
 local max_keys, max_bytes = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
 local kept = tonumber(redis.call('GET', KEYS[4]) or '0')
 local function cost(key) return 2 * #key + 64 end
@@ -109,6 +133,12 @@ while i <= n do
       out[#out + 1] = 1
     else
       local new = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', ARGV[5 + 4 * j])
+      if ruled then
+        local log, addressed = string.match(msg_logs[j], '^(%d+):(%d)$')
+        local entry = new
+        if addressed == '1' then entry = new .. ' a' end
+        redis.call('RPUSH', ARGV[9 + 4 * n] .. log, entry)
+      end
       if key ~= '' and max_keys > 0 then
         redis.call('SET', ARGV[3] .. key, new .. ' ' .. ARGV[4 + 4 * j], 'PX', ARGV[2])
         remember(key, new)
@@ -121,6 +151,31 @@ while i <= n do
 end
 if kept < 0 then kept = 0 end
 redis.call('SET', KEYS[4], kept)
+if ruled then
+  local log = 0
+  local newest = redis.call('GET', KEYS[2]) or '0-0'
+  for spec in string.gmatch(ARGV[8 + 4 * n], '[^;]+') do
+    local maxlen, cutoff = string.match(spec, '^(%d+),(%d+)$')
+    maxlen, cutoff = tonumber(maxlen), tonumber(cutoff)
+    local key = ARGV[9 + 4 * n] .. log
+    local len = redis.call('LLEN', key)
+    while len > 0 do
+      local front = redis.call('LINDEX', key, 0)
+      local id, addressed = string.match(front, '^(%S+) ?(%S*)$')
+      local ms = tonumber(string.match(id, '^(%d+)-'))
+      if len <= maxlen and not (cutoff > 0 and ms < cutoff) then break end
+      redis.call('LPOP', key)
+      redis.call('XDEL', KEYS[1], id)
+      redis.call('HSET', ARGV[10 + 4 * n], tostring(log), id)
+      if addressed == 'a' then redis.call('HSET', ARGV[10 + 4 * n], log .. 'a', id) end
+      if newer(id, newest) then newest = id end
+      len = len - 1
+    end
+    log = log + 1
+  end
+  if newest ~= '0-0' then redis.call('SET', KEYS[2], newest) end
+  return out
+end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
@@ -138,7 +193,10 @@ return out
 "#;
 
 /// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker; ARGV: mode (after|since|oldest),
-/// position (a stream id, or ms for since), count. Returns {gap 0/1, oldest id or '', entries}.
+/// position (a stream id, or ms for since), count, then with retention rules the reader's interest
+/// (per log `1` when its topics reach it, else `0`: only its dropped broadcasts and user events
+/// count) and the drops hash. Returns {gap 0/1, oldest id or '', entries}; with rules, the oldest
+/// id is the first returned, and a gap continues after the position when it was issued.
 const READ: &str = r#"
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -161,6 +219,39 @@ if ok then
 end
 local mode, pos, count = ARGV[1], ARGV[2], ARGV[3]
 local gap = 0
+local interest = ARGV[4] or ''
+if interest ~= '' then
+  local relevant = '0-0'
+  for l = 0, #interest - 1 do
+    local field = tostring(l)
+    if string.sub(interest, l + 1, l + 1) ~= '1' then field = l .. 'a' end
+    local d = redis.call('HGET', ARGV[5], field)
+    if d and lt(relevant, d) then relevant = d end
+  end
+  local known = true
+  if mode == 'after' then
+    if last == '0-0' or lt(last, pos) then
+      gap, known = 1, false
+    elseif lt(pos, relevant) then
+      gap = 1
+    elseif pos ~= last and lt(maxdel, pos) and #redis.call('XRANGE', KEYS[1], pos, pos) == 0 then
+      gap, known = 1, false
+    end
+  elseif mode == 'since' then
+    if relevant ~= '0-0' and parse(relevant) >= tonumber(pos) then gap = 1 end
+  end
+  local range
+  if mode == 'oldest' or not known then
+    range = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+  elseif mode == 'after' then
+    range = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', count)
+  else
+    range = redis.call('XRANGE', KEYS[1], pos .. '-0', '+', 'COUNT', count)
+  end
+  local oldest = ''
+  if #range > 0 then oldest = range[1][1] end
+  return {gap, oldest, range}
+end
 if mode == 'after' then
   if last == '0-0' or lt(last, pos) or lt(pos, maxdel) then
     gap = 1
@@ -209,6 +300,9 @@ pub struct RedisHistory {
     stream: String,
     /// Holds the newest id dropped by retention.
     dropped: String,
+    /// With retention rules: the prefix of each log's list of ids, and the hash of their drops.
+    log_prefix: String,
+    log_drops: String,
     key_prefix: String,
     /// The claimed keys by publish time, and their counted bytes: the keys' bounds.
     key_order: String,
@@ -376,6 +470,8 @@ impl RedisHistory {
         Ok(RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
+            log_prefix: format!("{}:log:", options.prefix),
+            log_drops: format!("{}:dropped-logs", options.prefix),
             key_prefix: format!("{}:idem:", options.prefix),
             key_order: format!("{}:idem-order", options.prefix),
             key_bytes: format!("{}:idem-bytes", options.prefix),
@@ -450,8 +546,21 @@ impl RedisHistory {
 
     /// A gap-checked read. With replicas to wait for, events are returned only once replicated,
     /// so a replay never shows an event that a failover could take back.
-    async fn run_read(&self, mode: &str, pos: String, limit: usize) -> Result<Chunk, HistoryError> {
+    async fn run_read(
+        &self,
+        mode: &str,
+        pos: String,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
         let mut conn = self.link.primary().await.map_err(unavailable)?;
+        let interest: String = if self.retention.rules.is_empty() {
+            String::new()
+        } else {
+            (0..self.retention.rules.logs())
+                .map(|l| if interest.includes(l) { '1' } else { '0' })
+                .collect()
+        };
         let reply: Value = self
             .read
             .key(&self.stream)
@@ -459,6 +568,8 @@ impl RedisHistory {
             .arg(mode)
             .arg(pos)
             .arg(limit)
+            .arg(interest)
+            .arg(&self.log_drops)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -495,11 +606,30 @@ impl History for RedisHistory {
     }
 
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.read_for(from, limit, Interest::ALL).await
+    }
+
+    async fn read_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
         match from {
-            ReadFrom::Oldest => self.run_read("oldest", String::new(), limit).await,
-            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit).await,
-            ReadFrom::Since(ms) => self.run_read("since", ms.to_string(), limit).await,
+            ReadFrom::Oldest => {
+                self.run_read("oldest", String::new(), limit, interest)
+                    .await
+            }
+            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit, interest).await,
+            ReadFrom::Since(ms) => {
+                self.run_read("since", ms.to_string(), limit, interest)
+                    .await
+            }
         }
+    }
+
+    fn interest(&self, selectors: &[Selector]) -> Interest {
+        self.retention.rules.interest(selectors)
     }
 
     async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, HistoryError> {
@@ -517,7 +647,13 @@ impl History for RedisHistory {
 
     async fn maintain(&self) -> Result<(), HistoryError> {
         // An append of nothing applies the retention limits (the script trims after appending).
-        if self.retention.max_age.is_some() {
+        let ages = self.retention.max_age.is_some()
+            || self
+                .retention
+                .rules
+                .iter()
+                .any(|r| r.keep.max_age.is_some());
+        if ages {
             self.append_claiming(Vec::new(), &[]).await?;
         }
         Ok(())
@@ -560,6 +696,31 @@ impl SharedHistory for RedisHistory {
         }
         // With replicas to wait for, a repeat touches its key, so that `WAIT` covers the original.
         invocation.arg(if self.replicas > 0 { "1" } else { "0" });
+        let rules = &self.retention.rules;
+        if rules.is_empty() {
+            invocation.arg("").arg("").arg("").arg("");
+        } else {
+            let logs: Vec<String> = messages
+                .iter()
+                .map(|m| {
+                    let a = u8::from(addressed(&m.targets));
+                    format!("{}:{a}", rules.log_of(&m.targets))
+                })
+                .collect();
+            let now = now_ms();
+            let bounds: Vec<String> = (0..rules.logs())
+                .map(|l| {
+                    let b = self.retention.bounds_of(l);
+                    format!("{},{}", b.max_events, b.cutoff_ms(now).unwrap_or(0))
+                })
+                .collect();
+            // `r` first: with rules, even an append of nothing (maintenance) trims the logs.
+            invocation
+                .arg(format!("r,{}", logs.join(",")))
+                .arg(bounds.join(";"))
+                .arg(&self.log_prefix)
+                .arg(&self.log_drops);
+        }
         invocation.arg(self.max_keys).arg(self.max_key_bytes);
         // One connection for the script and its `WAIT`: `WAIT` counts this connection's writes.
         let mut conn = self.link.primary().await.map_err(unavailable)?;
@@ -785,6 +946,7 @@ pub(crate) mod tests {
             }
         };
         super::super::conformance::run_without_byte_limit(&make).await;
+        super::super::conformance::run_rules(&make, false).await;
     }
 
     #[tokio::test]

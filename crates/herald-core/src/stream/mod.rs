@@ -15,7 +15,7 @@ use futures_util::Stream;
 
 use crate::event::{Event, EventId, control_frame, now_ms, user_line};
 use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
-use crate::history::{Chunk, Gap, HistoryError, ReadFrom};
+use crate::history::{Chunk, Gap, HistoryError, Interest, ReadFrom};
 use crate::name::EventType;
 pub(crate) use start::FirstRead;
 pub use start::Start;
@@ -100,6 +100,8 @@ struct Replay {
     lagging: bool,
     /// Events this replay has sent so far.
     sent: u64,
+    /// The history logs this connection's selectors reach (see `History::read_for`).
+    interest: Interest,
     read: Option<ReadFuture>,
 }
 
@@ -125,6 +127,7 @@ impl EventStream {
             forced,
             lagging: false,
             sent: 0,
+            interest: hub.history.interest(&sub.selectors),
             read: None,
         };
         let (cursor, replay) = match start.first_read() {
@@ -222,8 +225,8 @@ impl EventStream {
     fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
         let read = replay.read.get_or_insert_with(|| {
             let history = self.hub.history.clone();
-            let from = replay.from;
-            Box::pin(async move { history.read(from, REPLAY_CHUNK).await })
+            let (from, interest) = (replay.from, replay.interest);
+            Box::pin(async move { history.read_for(from, REPLAY_CHUNK, interest).await })
         });
         match read.as_mut().poll(cx) {
             Poll::Pending => {
@@ -342,6 +345,7 @@ impl Stream for EventStream {
                             forced: false,
                             lagging: true,
                             sent: 0,
+                            interest: this.hub.history.interest(&this.sub.selectors),
                             read: None,
                         });
                     }
