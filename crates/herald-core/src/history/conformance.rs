@@ -186,6 +186,25 @@ async fn a_burst_on_other_topics_keeps_a_ruled_topic(h: &Arc<dyn History>) {
         .await
         .unwrap();
     assert!(c.gap.is_some(), "a reader of the trimmed topics is told");
+    // A replay from the oldest goes on, chunk by chunk, past what was dropped before it began.
+    let first = h.read_for(ReadFrom::Oldest, 20, news).await.unwrap();
+    assert_eq!(ids_of(&first), sent[..20].to_vec());
+    let on = news.after_drops(first.drops);
+    let c = h
+        .read_for(ReadFrom::After(sent[19]), 100, on)
+        .await
+        .unwrap();
+    assert_eq!((c.gap, c.events.len()), (None, 20));
+    // Drops after that first read count again.
+    let late = (0..10)
+        .map(|i| to(&["news/x"], format!("late{i}")))
+        .collect();
+    h.append(late).await.unwrap();
+    let c = h
+        .read_for(ReadFrom::After(sent[19]), 100, on)
+        .await
+        .unwrap();
+    assert!(c.gap.is_some(), "news dropped during the replay");
     // A broadcast dropped is a gap for every reader.
     let mut bursts = Vec::new();
     for i in 0..12 {

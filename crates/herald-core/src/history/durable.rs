@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::row::{decode_body, decode_row, encode_checked_row, lost_row, published_at};
-use super::rules::{Dropped, addressed, ends_stream, millis};
+use super::rules::{Drop, Dropped, addressed, ends_stream, millis};
 use super::{
     Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, continues, fresh_base,
 };
@@ -29,7 +29,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// With retention rules: each log's events, by (log, id).
 const LOG_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("log_index");
 /// With retention rules: each log's [`LogMeta`].
-const LOGS: TableDefinition<u64, [u64; 6]> = TableDefinition::new("logs");
+const LOGS: TableDefinition<u64, [u64; 8]> = TableDefinition::new("logs");
 /// With `after-complete` rules: (log, topic) -> [id, ms] of the topic's newest end event.
 const ENDS: TableDefinition<(u64, &str), [u64; 2]> = TableDefinition::new("ends");
 /// The rules the log index was built for: `"selectors"` -> the rules' selectors, one a line.
@@ -103,6 +103,8 @@ struct Meta {
     /// Publish time of the newest dropped event, plus one (0: none dropped).
     dropped_at_plus1: u64,
     last_published_ms: u64,
+    /// With retention rules: events dropped so far, by any log (see `Chunk::drops`).
+    drops: u64,
 }
 
 impl Meta {
@@ -117,6 +119,7 @@ impl Meta {
             bytes: get("bytes")?,
             dropped_at_plus1: get("dropped_at_plus1")?,
             last_published_ms: get("last_published_ms")?,
+            drops: get("drops")?,
         })
     }
 
@@ -127,6 +130,9 @@ impl Meta {
         table.insert("bytes", self.bytes)?;
         table.insert("dropped_at_plus1", self.dropped_at_plus1)?;
         table.insert("last_published_ms", self.last_published_ms)?;
+        if self.drops > 0 {
+            table.insert("drops", self.drops)?;
+        }
         Ok(())
     }
 }
@@ -141,34 +147,50 @@ struct LogMeta {
 
 impl LogMeta {
     fn load(
-        table: &impl ReadableTable<u64, [u64; 6]>,
+        table: &impl ReadableTable<u64, [u64; 8]>,
         log: u64,
     ) -> Result<LogMeta, redb::StorageError> {
         let Some(v) = table.get(log)? else {
             return Ok(LogMeta::default());
         };
-        let [count, bytes, any_id, any_ms, addr_id, addr_ms] = v.value();
-        let pair = |id: u64, ms: u64| (id != 0).then_some((id, ms));
+        let [
+            count,
+            bytes,
+            any_id,
+            any_ms,
+            any_nth,
+            addr_id,
+            addr_ms,
+            addr_nth,
+        ] = v.value();
+        let drop = |id: u64, at_ms: u64, nth: u64| (id != 0).then_some(Drop { id, at_ms, nth });
         Ok(LogMeta {
             count,
             bytes,
             dropped: Dropped {
-                any: pair(any_id, any_ms),
-                addressed: pair(addr_id, addr_ms),
+                any: drop(any_id, any_ms, any_nth),
+                addressed: drop(addr_id, addr_ms, addr_nth),
             },
         })
     }
 
     fn store(
         &self,
-        table: &mut redb::Table<u64, [u64; 6]>,
+        table: &mut redb::Table<u64, [u64; 8]>,
         log: u64,
     ) -> Result<(), redb::StorageError> {
-        let (any_id, any_ms) = self.dropped.any.unwrap_or((0, 0));
-        let (addr_id, addr_ms) = self.dropped.addressed.unwrap_or((0, 0));
+        let none = Drop {
+            id: 0,
+            at_ms: 0,
+            nth: 0,
+        };
+        let any = self.dropped.any.unwrap_or(none);
+        let addr = self.dropped.addressed.unwrap_or(none);
         table.insert(
             log,
-            [self.count, self.bytes, any_id, any_ms, addr_id, addr_ms],
+            [
+                self.count, self.bytes, any.id, any.at_ms, any.nth, addr.id, addr.at_ms, addr.nth,
+            ],
         )?;
         Ok(())
     }
@@ -364,7 +386,10 @@ fn trim_logs(
             meta.bytes = meta.bytes.saturating_sub(front.len + ROW_OVERHEAD);
             meta.dropped_at_plus1 = meta.dropped_at_plus1.max(front.at + 1);
             let counts_for_all = front.event.as_ref().is_none_or(|e| addressed(&e.targets));
-            counters.dropped.record(front.id, front.at, counts_for_all);
+            meta.drops += 1;
+            counters
+                .dropped
+                .record(front.id, front.at, meta.drops, counts_for_all);
             if let Some(e) = &front.event {
                 for t in &e.targets.topics {
                     let key = (log as u64, t.as_str());
@@ -459,6 +484,7 @@ impl DurableHistory {
                         bytes: 0,
                         dropped_at_plus1: 0,
                         last_published_ms: 0,
+                        drops: 0,
                     };
                     fresh.store(&mut meta).map_err(|e| corrupt(&path, e))?;
                 }
@@ -626,7 +652,7 @@ impl DurableHistory {
             let mut drops = Vec::with_capacity(retention.rules.logs());
             for log in 0..retention.rules.logs() {
                 let m = LogMeta::load(&logs, log as u64).map_err(unavailable)?;
-                drops.extend(m.dropped.against(interest.includes(log)));
+                drops.extend(m.dropped.against(interest, log));
             }
             let knows = |a: u64| {
                 meta.next != meta.first_issued
@@ -644,7 +670,7 @@ impl DurableHistory {
                         .transpose()
                         .map_err(unavailable)?
                         .map(|(k, _)| k.value());
-                    let gap = drops.iter().any(|(id, _)| *id > a.0);
+                    let gap = drops.iter().any(|d| d.id > a.0);
                     (
                         gap.then_some(Gap {
                             oldest: start.map(EventId),
@@ -660,7 +686,7 @@ impl DurableHistory {
                 ),
                 ReadFrom::Since(at) => {
                     let start = first_published_at_or_after(&events, oldest, meta.next, at)?;
-                    let gap = drops.iter().any(|(_, ms)| *ms >= at);
+                    let gap = drops.iter().any(|d| d.at_ms >= at);
                     (
                         gap.then_some(Gap {
                             oldest: start.map(EventId),
@@ -670,7 +696,9 @@ impl DurableHistory {
                 }
             }
         };
-        Self::scan_from(&events, gap, start, limit)
+        let mut chunk = Self::scan_from(&events, gap, start, limit)?;
+        chunk.drops = meta.drops;
+        Ok(chunk)
     }
 
     /// The gap verdict and the first id to read, without retention rules (one log, ids consecutive).
@@ -751,6 +779,7 @@ impl DurableHistory {
             events: out,
             cut_short,
             skipped,
+            drops: 0,
         })
     }
 
@@ -1231,6 +1260,7 @@ mod tests {
                     bytes: 100,
                     dropped_at_plus1: 0,
                     last_published_ms: 5,
+                    drops: 0,
                 }
                 .store(&mut meta)
                 .unwrap();

@@ -31,6 +31,8 @@ struct Ring {
     first_issued: u64,
     next: u64,
     last_published_ms: u64,
+    /// Events dropped so far, by any log (see `Chunk::drops`).
+    drops: u64,
 }
 
 /// The events one log keeps (the default log's, or a rule's), and what it dropped.
@@ -77,13 +79,15 @@ impl MemoryHistory {
                 first_issued: first,
                 next: first,
                 last_published_ms: 0,
+                drops: 0,
             }),
         }
     }
 }
 
 impl Log {
-    fn trim(&mut self, now_ms: u64) {
+    /// Drops the oldest events while a bound is exceeded; `drops` counts the store's drops.
+    fn trim(&mut self, now_ms: u64, drops: &mut u64) {
         let cutoff = self.keep.cutoff_ms(now_ms);
         while let Some(front) = self.events.front() {
             let over = self.events.len() > self.keep.max_events
@@ -97,9 +101,11 @@ impl Log {
             }
             let dropped = self.events.pop_front().expect("front exists");
             self.bytes -= size_of(&dropped);
+            *drops += 1;
             self.dropped.record(
                 dropped.id.0,
                 dropped.published_at_ms,
+                *drops,
                 addressed(&dropped.targets),
             );
             self.ends.forget(&dropped);
@@ -110,7 +116,7 @@ impl Log {
 impl Ring {
     fn trim(&mut self, now_ms: u64) {
         for log in &mut self.logs {
-            log.trim(now_ms);
+            log.trim(now_ms, &mut self.drops);
         }
     }
 
@@ -185,11 +191,11 @@ impl History for MemoryHistory {
             .logs
             .iter()
             .enumerate()
-            .filter_map(|(l, log)| log.dropped.against(interest.includes(l)));
+            .filter_map(|(l, log)| log.dropped.against(interest, l));
         let (gap, starts): (bool, Vec<usize>) = match from {
             ReadFrom::Oldest => (false, vec![0; ring.logs.len()]),
             ReadFrom::After(a) if ring.knows(a.0) => (
-                drops.any(|(id, _)| id > a.0),
+                drops.any(|d| d.id > a.0),
                 ring.logs
                     .iter()
                     .map(|log| log.events.partition_point(|e| e.id <= a))
@@ -197,7 +203,7 @@ impl History for MemoryHistory {
             ),
             ReadFrom::After(_) => (true, vec![0; ring.logs.len()]),
             ReadFrom::Since(at) => (
-                drops.any(|(_, ms)| ms >= at),
+                drops.any(|d| d.at_ms >= at),
                 ring.logs
                     .iter()
                     .map(|log| log.events.partition_point(|e| e.published_at_ms < at))
@@ -214,6 +220,7 @@ impl History for MemoryHistory {
             events,
             cut_short: false,
             skipped: Vec::new(),
+            drops: ring.drops,
         })
     }
 

@@ -79,6 +79,10 @@ pub struct Chunk {
     pub cut_short: bool,
     /// Ids of unreadable events this read passed over, before `events` (their place is the gap).
     pub skipped: Vec<EventId>,
+    /// With retention rules: how many events the store had dropped when it read. A reader that
+    /// goes on after this read passes it back ([`Interest::after_drops`]): what was dropped
+    /// before is no gap of its continuation (0 without rules).
+    pub drops: u64,
 }
 
 /// Events a read asked for may be missing; what follows starts at the oldest retained event.

@@ -166,8 +166,9 @@ if ruled then
       if len <= maxlen and not (cutoff > 0 and ms < cutoff) then break end
       redis.call('LPOP', key)
       redis.call('XDEL', KEYS[1], id)
-      redis.call('HSET', ARGV[10 + 4 * n], tostring(log), id)
-      if addressed == 'a' then redis.call('HSET', ARGV[10 + 4 * n], log .. 'a', id) end
+      local nth = redis.call('HINCRBY', ARGV[10 + 4 * n], 'n', 1)
+      redis.call('HSET', ARGV[10 + 4 * n], tostring(log), id .. ' ' .. nth)
+      if addressed == 'a' then redis.call('HSET', ARGV[10 + 4 * n], log .. 'a', id .. ' ' .. nth) end
       if newer(id, newest) then newest = id end
       len = len - 1
     end
@@ -195,7 +196,8 @@ return out
 /// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker; ARGV: mode (after|since|oldest),
 /// position (a stream id, or ms for since), count, then with retention rules the reader's interest
 /// (per log `1` when its topics reach it, else `0`: only its dropped broadcasts and user events
-/// count) and the drops hash. Returns {gap 0/1, oldest id or '', entries}; with rules, the oldest
+/// count), the drops hash, and the drops the reader accepted (the `n` of an earlier read; the
+/// hash holds each log's newest drop as `id n`). With rules a fourth element is that `n`. Returns {gap 0/1, oldest id or '', entries}; with rules, the oldest
 /// id is the first returned, and a gap continues after the position when it was issued.
 const READ: &str = r#"
 local function parse(id)
@@ -222,11 +224,15 @@ local gap = 0
 local interest = ARGV[4] or ''
 if interest ~= '' then
   local relevant = '0-0'
+  local accepted = tonumber(ARGV[6])
   for l = 0, #interest - 1 do
     local field = tostring(l)
     if string.sub(interest, l + 1, l + 1) ~= '1' then field = l .. 'a' end
     local d = redis.call('HGET', ARGV[5], field)
-    if d and lt(relevant, d) then relevant = d end
+    if d then
+      local id, nth = string.match(d, '^(%S+) (%d+)$')
+      if tonumber(nth) > accepted and lt(relevant, id) then relevant = id end
+    end
   end
   local known = true
   if mode == 'after' then
@@ -250,7 +256,7 @@ if interest ~= '' then
   end
   local oldest = ''
   if #range > 0 then oldest = range[1][1] end
-  return {gap, oldest, range}
+  return {gap, oldest, range, tonumber(redis.call('HGET', ARGV[5], 'n') or '0')}
 end
 if mode == 'after' then
   if last == '0-0' or lt(last, pos) or lt(pos, maxdel) then
@@ -414,6 +420,7 @@ fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>, following: bool) -> Chunk {
         events: Vec::with_capacity(entries.len()),
         cut_short: false,
         skipped: Vec::new(),
+        drops: 0,
     };
     for entry in entries {
         match entry {
@@ -554,12 +561,10 @@ impl RedisHistory {
         interest: Interest,
     ) -> Result<Chunk, HistoryError> {
         let mut conn = self.link.primary().await.map_err(unavailable)?;
-        let interest: String = if self.retention.rules.is_empty() {
+        let flags = if self.retention.rules.is_empty() {
             String::new()
         } else {
-            (0..self.retention.rules.logs())
-                .map(|l| if interest.includes(l) { '1' } else { '0' })
-                .collect()
+            interest.flags(self.retention.rules.logs())
         };
         let reply: Value = self
             .read
@@ -568,27 +573,28 @@ impl RedisHistory {
             .arg(mode)
             .arg(pos)
             .arg(limit)
-            .arg(interest)
+            .arg(flags)
             .arg(&self.log_drops)
+            .arg(interest.accepted())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         let Value::Array(parts) = &reply else {
             return Err(unavailable("unexpected read reply"));
         };
-        let [gap, oldest, range] = parts.as_slice() else {
-            return Err(unavailable("unexpected read reply"));
+        let (gap, oldest, range, drops) = match parts.as_slice() {
+            [gap, oldest, range] => (gap, oldest, range, 0),
+            [gap, oldest, range, Value::Int(n)] => (gap, oldest, range, *n as u64),
+            _ => return Err(unavailable("unexpected read reply")),
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
         if matches!(range, Value::Array(r) if !r.is_empty()) {
             self.fence(&mut conn).await?;
         }
-        Ok(chunk_of(
-            gap.then_some(Gap { oldest }),
-            entries(range)?,
-            false,
-        ))
+        let mut chunk = chunk_of(gap.then_some(Gap { oldest }), entries(range)?, false);
+        chunk.drops = drops;
+        Ok(chunk)
     }
 }
 

@@ -190,7 +190,10 @@ impl RetentionRules {
                 bits |= 1 << (i + 1);
             }
         }
-        Interest(bits)
+        Interest {
+            logs: bits,
+            after: 0,
+        }
     }
 }
 
@@ -214,17 +217,50 @@ fn overlaps(a: &Selector, b: &Selector) -> bool {
 }
 
 /// The logs whose dropped events count against a reader by topic (one bit per log, the default
-/// log first). Dropped broadcasts and events to users count against every reader, whatever this
-/// says: any reader may have wanted them.
+/// log first), and the drops it already accepted. Dropped broadcasts and events to users count
+/// against every reader, whatever the bits say: any reader may have wanted them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interest(u64);
+pub struct Interest {
+    logs: u64,
+    /// Drops up to this count of the store's ([`super::Chunk::drops`]) are no gap: a replay that
+    /// began at each log's oldest event goes on past events other logs dropped before it began.
+    after: u64,
+}
 
 impl Interest {
     /// Every log: the verdict for a reader nothing is known of.
-    pub const ALL: Interest = Interest(u64::MAX);
+    pub const ALL: Interest = Interest {
+        logs: u64::MAX,
+        after: 0,
+    };
 
     pub(crate) fn includes(self, log: usize) -> bool {
-        log < 64 && self.0 & (1 << log) != 0
+        log < 64 && self.logs & (1 << log) != 0
+    }
+
+    /// The same reader going on after a read that found `drops` (its [`super::Chunk::drops`]).
+    pub fn after_drops(self, drops: u64) -> Interest {
+        Interest {
+            after: drops,
+            ..self
+        }
+    }
+
+    /// Whether a drop, the store's `nth`, counts against this reader.
+    pub(crate) fn counts(self, nth: u64) -> bool {
+        nth > self.after
+    }
+
+    /// The logs as `1`/`0` per log, for a store of `logs` logs (the Redis script's form).
+    pub(crate) fn flags(self, logs: usize) -> String {
+        (0..logs)
+            .map(|l| if self.includes(l) { '1' } else { '0' })
+            .collect()
+    }
+
+    /// The drops already accepted (for the Redis script).
+    pub(crate) fn accepted(self) -> u64 {
+        self.after
     }
 }
 
@@ -233,33 +269,39 @@ pub(crate) fn addressed(targets: &Targets) -> bool {
     targets.broadcast || !targets.users.is_empty()
 }
 
+/// A log's newest dropped event: its id, publish time (ms), and which of the store's drops it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drop {
+    pub(crate) id: u64,
+    pub(crate) at_ms: u64,
+    pub(crate) nth: u64,
+}
+
 /// The newest events a log dropped: of any kind, and of the [`addressed`] ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Dropped {
-    /// Id and publish time (ms) of the newest dropped event.
-    pub(crate) any: Option<(u64, u64)>,
-    /// Id and publish time of the newest dropped broadcast or event to users.
-    pub(crate) addressed: Option<(u64, u64)>,
+    pub(crate) any: Option<Drop>,
+    pub(crate) addressed: Option<Drop>,
 }
 
 impl Dropped {
-    pub(crate) fn record(&mut self, id: u64, at_ms: u64, addressed: bool) {
-        self.any = Some(
-            self.any
-                .map_or((id, at_ms), |(i, a)| (i.max(id), a.max(at_ms))),
-        );
+    /// Records the store's `nth` drop (a log drops in id order, so it is the log's newest).
+    pub(crate) fn record(&mut self, id: u64, at_ms: u64, nth: u64, addressed: bool) {
+        let d = Drop { id, at_ms, nth };
+        self.any = Some(d);
         if addressed {
-            self.addressed = Some(
-                self.addressed
-                    .map_or((id, at_ms), |(i, a)| (i.max(id), a.max(at_ms))),
-            );
+            self.addressed = Some(d);
         }
     }
 
-    /// The newest drop that counts against a reader of this log with (`wanted`) or without
-    /// interest in its topics.
-    pub(crate) fn against(&self, wanted: bool) -> Option<(u64, u64)> {
-        if wanted { self.any } else { self.addressed }
+    /// The newest drop that counts against `interest`'s reader, this being log `log`.
+    pub(crate) fn against(&self, interest: Interest, log: usize) -> Option<Drop> {
+        let d = if interest.includes(log) {
+            self.any
+        } else {
+            self.addressed
+        };
+        d.filter(|d| interest.counts(d.nth))
     }
 }
 

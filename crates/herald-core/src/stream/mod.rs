@@ -170,6 +170,8 @@ impl EventStream {
 
     /// Applies one chunk of history; returns whether the replay is complete.
     fn apply_chunk(&mut self, replay: &mut Replay, chunk: Chunk) -> bool {
+        // The next step goes on from here: what was dropped before this read is no gap of it.
+        replay.interest = replay.interest.after_drops(chunk.drops);
         let report = replay.report.take();
         let forced = std::mem::take(&mut replay.forced);
         if let Some(Gap { oldest }) = chunk.gap {

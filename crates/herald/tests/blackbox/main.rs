@@ -23,6 +23,7 @@ mod pki;
 mod presence;
 mod readme_tour;
 mod resume;
+mod retention;
 mod sentinel;
 mod streams;
 mod tls;
