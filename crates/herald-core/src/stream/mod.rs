@@ -46,7 +46,8 @@ pub struct EventStream {
     /// The newest event id this stream has written or passed over; live events at or below it are
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
-    replay: Option<Replay>,
+    /// Only while replaying or catching up. Boxed, so a live stream does not carry its size.
+    replay: Option<Box<Replay>>,
     /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
     /// streams without it stay one pointer bigger, not a `Bytes` bigger.
     route: Option<Box<Route>>,
@@ -143,7 +144,10 @@ impl EventStream {
                     ReadFrom::After(id) => Some(id),
                     ReadFrom::Oldest | ReadFrom::Since(_) => None,
                 };
-                (cursor, Some(replay(read.from, report, read.unknown_id)))
+                (
+                    cursor,
+                    Some(Box::new(replay(read.from, report, read.unknown_id))),
+                )
             }
         };
         EventStream {
@@ -224,7 +228,7 @@ impl EventStream {
         self.hub.counters.replayed.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
+    fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Box<Replay>) -> Poll<()> {
         let read = replay.read.get_or_insert_with(|| {
             let history = self.hub.history.clone();
             let (from, interest) = (replay.from, replay.interest);
@@ -341,7 +345,7 @@ impl Stream for EventStream {
                         this.out.push_back(Bytes::from_static(HEARTBEAT));
                     }
                     if lagging {
-                        this.replay = Some(Replay {
+                        this.replay = Some(Box::new(Replay {
                             from: this.cursor.map_or(ReadFrom::Oldest, ReadFrom::After),
                             report: None,
                             forced: false,
@@ -349,7 +353,7 @@ impl Stream for EventStream {
                             sent: 0,
                             interest: this.hub.history.interest(&this.sub.selectors),
                             read: None,
-                        });
+                        }));
                     }
                 }
                 Poll::Ready(Signal::Ending(Ending::Closed(reason))) => {
