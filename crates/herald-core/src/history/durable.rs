@@ -1309,6 +1309,39 @@ mod tests {
         );
     }
 
+    /// Retention rules given to a file written without them: the stored events are sorted into
+    /// the rules' logs when it opens, so the rule keeps its topic's older events too.
+    #[tokio::test]
+    async fn rules_given_later_sort_the_stored_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = |t: &str, d: String| Message::to_topic(Topic::new(t).unwrap()).data(d);
+        {
+            let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+            for i in 0..5 {
+                h.append(vec![
+                    to("ai/a", format!("a{i}")),
+                    to("news", format!("n{i}")),
+                ])
+                .await
+                .unwrap();
+            }
+        }
+        let global = Retention {
+            max_events: 3,
+            ..Retention::default()
+        };
+        let rule = super::super::RetentionRule::parse("ai/**:events=100", &global).unwrap();
+        let ruled = Retention {
+            rules: super::super::RetentionRules::new(vec![rule]).unwrap(),
+            ..global
+        };
+        let h = DurableHistory::open(dir.path(), ruled).unwrap();
+        h.append(vec![to("news", "n5".into())]).await.unwrap();
+        let c = h.read(ReadFrom::Oldest, 100).await.unwrap();
+        let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a0", "a1", "a2", "a3", "n3", "a4", "n4", "n5"]);
+    }
+
     /// Reproduces issue 12 (weak spot): `--data-dir` naming a file answered "File exists".
     #[test]
     fn a_data_dir_that_is_a_file_is_named_as_such() {
