@@ -14,7 +14,7 @@ use crate::event::{Event, EventId, Message};
 use crate::fanout::{AgePolicy, CancelWatch, Fanout, QueueBound, Stats};
 use crate::grant::Grant;
 use crate::history::{
-    Chunk, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention, SharedHistory,
+    Chunk, Gap, History, HistoryError, Interest, MemoryHistory, ReadFrom, Retention, SharedHistory,
 };
 use crate::name::{COMPLETE, Selector, Topic, UserId};
 use crate::publish::{Feed, Job, KeyBounds, Keys, PublishError, Published};
@@ -447,8 +447,11 @@ impl Hub {
             events: Vec::new(),
         };
         let mut first = true;
+        let mut interest = Interest::ALL;
         loop {
-            let chunk = self.inner.history.read(from, 512).await?;
+            let chunk = self.inner.history.read_for(from, 512, interest).await?;
+            // Going on, what was dropped before this read is no gap (retention rules).
+            interest = interest.after_drops(chunk.drops);
             if first {
                 out.gap = chunk.gap;
                 if unknown_id {

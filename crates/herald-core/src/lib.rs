@@ -81,7 +81,7 @@ pub use grant::Grant;
 pub use history::{CheckReport, DurableHistory, OpenError};
 pub use history::{
     Chunk, DEFAULT_HISTORY_BYTES, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention,
-    SharedHistory, Stored,
+    RetentionRule, RetentionRules, RuleError, SharedHistory, Stored,
 };
 #[cfg(feature = "redis")]
 pub use history::{RedisHistory, RedisOptions};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
-use herald_core::Retention;
+use herald_core::{Retention, RetentionRule, RetentionRules};
 
 use crate::acme::AcmeSettings;
 use crate::auth::{Auth, JwtChecks};
@@ -165,6 +165,7 @@ impl RawConfig {
             max_events: self.get(&s::HISTORY)?,
             max_age: self.value(&s::HISTORY_AGE)?,
             max_bytes: self.value(&s::HISTORY_BYTES)?,
+            rules: herald_core::RetentionRules::default(),
         };
         let mut retention = retention;
         let data_dir: Option<PathBuf> = self.value(&s::DATA_DIR)?;
@@ -220,6 +221,21 @@ impl RawConfig {
         // Redis streams cannot bound bytes; elsewhere history has a byte bound by default.
         if redis.is_none() && retention.max_bytes.is_none() {
             retention.max_bytes = Some(herald_core::DEFAULT_HISTORY_BYTES);
+        }
+        retention.rules = retention_rules(&self.list(&s::RETENTION)?, &retention)?;
+        if redis.is_some()
+            && let Some(r) = retention
+                .rules
+                .iter()
+                .find(|r| r.after_complete.is_some() || r.keep.max_bytes.is_some())
+        {
+            return Err(invalid(
+                "retention",
+                format!(
+                    "rule '{}': bytes and after-complete are not supported with Redis: use events and age",
+                    r.topics
+                ),
+            ));
         }
         let max_connections = match self.value(&s::MAX_CONNECTIONS)? {
             Some(n) => n,
@@ -481,6 +497,37 @@ fn default_max_connections() -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     let soft = usize::try_from(soft).unwrap_or(usize::MAX);
     soft.saturating_sub((soft / 20).max(32)).max(1)
+}
+
+/// The retention rules of `--retention`, each checked. A flag or env value is split at commas,
+/// so a rule's `key=value` pieces come apart: a piece without `SELECTOR:` continues the rule
+/// before it.
+fn retention_rules(pieces: &[String], global: &Retention) -> Result<RetentionRules, ConfigError> {
+    let mut specs: Vec<String> = Vec::new();
+    for piece in pieces.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let head = piece.split('=').next().unwrap_or(piece);
+        let starts_rule = head.contains(':') || !piece.contains('=');
+        match specs.last_mut() {
+            Some(spec) if !starts_rule => {
+                spec.push(',');
+                spec.push_str(piece);
+            }
+            None if !starts_rule => {
+                return Err(invalid(
+                    "retention",
+                    format!("'{piece}' is not a rule like ai/**:events=5000,age=1h"),
+                ));
+            }
+            _ => specs.push(piece.to_string()),
+        }
+    }
+    let rules = specs
+        .iter()
+        .map(|spec| RetentionRule::parse(spec, global))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(RetentionRules::new)
+        .map_err(|e| invalid("retention", e.to_string()))?;
+    Ok(rules)
 }
 
 #[cfg(test)]

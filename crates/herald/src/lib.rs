@@ -98,13 +98,13 @@ pub struct Node {
 /// The node configured by `config`: its history store is opened (or Redis reached) here, so a
 /// bad data dir or an unreachable Redis stops startup with its own message.
 pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
-    let mut builder = Hub::builder().retention(config.retention);
+    let mut builder = Hub::builder().retention(config.retention.clone());
     let mut redis = None;
     if let Some((url, prefix)) = &config.redis {
         let store = herald_core::RedisHistory::connect(herald_core::RedisOptions {
             url: url.clone(),
             prefix: prefix.clone(),
-            retention: config.retention,
+            retention: config.retention.clone(),
             idempotency_window: config.idempotency_window,
             idempotency_keys: config.idempotency_keys,
             idempotency_bytes: config.idempotency_bytes,
@@ -117,7 +117,7 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
         builder = builder.shared_history(store.clone());
         redis = Some(store);
     } else if let Some(dir) = &config.data_dir {
-        let store = herald_core::DurableHistory::open(dir, config.retention)?;
+        let store = herald_core::DurableHistory::open(dir, config.retention.clone())?;
         builder = builder.history(std::sync::Arc::new(store));
     }
     let hub = builder

@@ -453,6 +453,12 @@ pub const LISTEN_BACKLOG: Setting = Setting::one(
 .default("65535")
 .min("1")
 .max("2147483647");
+pub const RETENTION: Setting = Setting::list(
+    "retention",
+    "RULE",
+    "keep the events of some topics apart from the others, by their own bounds: `SELECTOR:events=N,age=DUR,bytes=N,after-complete=DUR` (a key left out takes `--history`, `--history-age`, `--history-bytes`; `after-complete`: how long a topic's events stay once its stream ended with `herald.complete` or `herald.cancel`); an event goes to the first rule naming one of its topics; in TOML, `[[retention]]` tables with `topics` and those keys; repeatable",
+)
+.unset("none: every event keeps the global bounds");
 pub const LOG_FORMAT: Setting = Setting::one(
     "log-format",
     "FORMAT",
@@ -601,6 +607,7 @@ pub const SETTINGS: &[Setting] = &[
     MERCURE,
     MERCURE_RESOURCE,
     LISTEN_BACKLOG,
+    RETENTION,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a
@@ -694,6 +701,18 @@ impl RawConfig {
             let Some(setting) = find(&key) else {
                 return Err(format!("unknown key '{key}'"));
             };
+            // `[[retention]]` tables: each becomes the rule's flag text.
+            if setting.name == RETENTION.name
+                && let toml::Value::Array(items) = &value
+                && items.iter().all(toml::Value::is_table)
+            {
+                let rules = items
+                    .iter()
+                    .map(retention_rule_text)
+                    .collect::<Result<_, _>>()?;
+                raw.values.insert(setting.name, rules);
+                continue;
+            }
             let scalar = |v: &toml::Value| match v {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),
@@ -781,6 +800,31 @@ impl RawConfig {
     pub fn switch(&self, setting: &Setting) -> Result<bool, ConfigError> {
         Ok(self.value(setting)?.unwrap_or(false))
     }
+}
+
+/// A `[[retention]]` table as the flag's rule text: `topics`, then `key=value` for each other key
+/// (the rule's parser names a bad or unknown one).
+fn retention_rule_text(table: &toml::Value) -> Result<String, String> {
+    let table = table.as_table().expect("a table");
+    let topics = match table.get("topics") {
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(_) => return Err("[[retention]] topics must be a string like \"ai/**\"".into()),
+        None => return Err("a [[retention]] table needs topics = \"SELECTOR\"".into()),
+    };
+    let mut keys = Vec::new();
+    for (k, v) in table.iter().filter(|(k, _)| *k != "topics") {
+        let v = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            _ => {
+                return Err(format!(
+                    "[[retention]] {k} (topics \"{topics}\") must be a string or a whole number"
+                ));
+            }
+        };
+        keys.push(format!("{k}={v}"));
+    }
+    Ok(format!("{topics}:{}", keys.join(",")))
 }
 
 fn parse_within<T: Value>(setting: &Setting, text: &str) -> Result<T, ConfigError> {

@@ -1,13 +1,14 @@
 //! The conformance suite every history store must pass: ids, fidelity, windows, gaps, retention by
-//! count, age and bytes. A store's tests call [`run`] with a factory for fresh stores.
+//! count, age and bytes, and retention rules per topic. A store's tests call [`run`] with a
+//! factory for fresh stores.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Chunk, Gap, History, ReadFrom, Retention};
+use super::{Chunk, Gap, History, ReadFrom, Retention, RetentionRule, RetentionRules};
 use crate::event::{Event, EventId, Message};
-use crate::name::{EventType, Topic, UserId};
+use crate::name::{EventType, Selector, Topic, UserId};
 
 fn msg(i: usize) -> Message {
     let mut m = Message::to_topic(Topic::new("conf/t").unwrap())
@@ -50,18 +51,292 @@ where
     Fut: Future<Output = Arc<dyn History>>,
 {
     run_without_byte_limit(&make).await;
+    run_rules(&make, true).await;
     byte_retention(
         &make(
             Retention {
                 max_events: 100,
                 max_age: None,
                 max_bytes: Some(4_000),
+                rules: RetentionRules::default(),
             },
             7000,
         )
         .await,
     )
     .await;
+    rule_byte_bound(&make(with_rules(1000, None, &["ai/**:bytes=4000"]), 8000).await).await;
+}
+
+/// A store keeping `events` of the topics no rule names (and for `age`), with these rules.
+fn with_rules(events: usize, age: Option<Duration>, rules: &[&str]) -> Retention {
+    let global = Retention {
+        max_events: events,
+        max_age: age,
+        max_bytes: None,
+        rules: RetentionRules::default(),
+    };
+    let rules = rules
+        .iter()
+        .map(|r| RetentionRule::parse(r, &global).unwrap())
+        .collect();
+    Retention {
+        rules: RetentionRules::new(rules).unwrap(),
+        ..global
+    }
+}
+
+fn to(topics: &[&str], data: impl Into<String>) -> Message {
+    let mut m = Message::to_topic(Topic::new(topics[0]).unwrap()).data(data.into());
+    m.targets.topics = topics.iter().map(|t| Topic::new(t).unwrap()).collect();
+    m
+}
+
+/// Every event of a read from `from` to the end, following `read` chunk by chunk.
+async fn read_all(h: &Arc<dyn History>, from: ReadFrom) -> (Option<Gap>, Vec<Arc<Event>>) {
+    let mut chunk = h.read(from, 64).await.unwrap();
+    let gap = chunk.gap;
+    let mut all = Vec::new();
+    loop {
+        let last = chunk.events.last().map(|e| e.id);
+        all.append(&mut chunk.events);
+        match last {
+            Some(last) => chunk = h.read(ReadFrom::After(last), 64).await.unwrap(),
+            None => return (gap, all),
+        }
+    }
+}
+
+/// The retention-rule cases, for every store; `after-complete` for the stores that keep it (not
+/// Redis: startup refuses such a rule there).
+pub(crate) async fn run_rules<F, Fut>(make: &F, after_complete: bool)
+where
+    F: Fn(Retention, u64) -> Fut,
+    Fut: Future<Output = Arc<dyn History>>,
+{
+    a_burst_on_other_topics_keeps_a_ruled_topic(
+        &make(with_rules(10, None, &["ai/**:events=50"]), 20_000).await,
+    )
+    .await;
+    a_rule_age_expires_its_events(&make(with_rules(100, None, &["ai/**:age=150ms"]), 30_000).await)
+        .await;
+    an_event_of_a_ruled_and_an_unruled_topic_is_read_once(
+        &make(with_rules(3, None, &["ai/**"]), 40_000).await,
+    )
+    .await;
+    if after_complete {
+        after_complete_expires_a_finished_stream(
+            &make(
+                with_rules(100, None, &["ai/**:after-complete=150ms"]),
+                50_000,
+            )
+            .await,
+        )
+        .await;
+    }
+}
+
+async fn a_burst_on_other_topics_keeps_a_ruled_topic(h: &Arc<dyn History>) {
+    let mut answer = Vec::new();
+    for i in 0..30 {
+        answer.extend(
+            h.append(vec![to(&["ai/answer/1"], format!("t{i}"))])
+                .await
+                .unwrap(),
+        );
+    }
+    let mut burst = Vec::new();
+    for b in 0..4 {
+        let batch = (0..50)
+            .map(|i| to(&["news/x"], format!("n{b}.{i}")))
+            .collect();
+        burst.extend(h.append(batch).await.unwrap());
+    }
+    let (gap, all) = read_all(h, ReadFrom::Oldest).await;
+    assert_eq!(gap, None);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "in id order");
+    let kept: Vec<EventId> = all
+        .iter()
+        .filter(|e| e.targets.topics[0].as_str() == "ai/answer/1")
+        .map(|e| e.id)
+        .collect();
+    let sent: Vec<EventId> = answer.iter().map(|e| e.id).collect();
+    assert_eq!(kept, sent, "every event of the ruled topic is kept");
+    let news: Vec<EventId> = all.iter().skip(30).map(|e| e.id).collect();
+    let newest: Vec<EventId> = burst[190..].iter().map(|e| e.id).collect();
+    assert_eq!(news, newest, "the others keep the global bound");
+    // A reader of the ruled topic resuming in the middle misses nothing: no gap for it.
+    let ai = h.interest(&[Selector::new("ai/answer/1").unwrap()]);
+    let c = h.read_for(ReadFrom::After(sent[9]), 100, ai).await.unwrap();
+    assert_eq!(c.gap, None);
+    assert_eq!(c.events.first().map(|e| e.id), Some(sent[10]));
+    assert_eq!(c.events.len(), 20 + 10);
+    // A reader of everything missed the dropped news: a gap, then what is kept after its id.
+    let c = h.read(ReadFrom::After(sent[9]), 100).await.unwrap();
+    assert_eq!(
+        c.gap,
+        Some(Gap {
+            oldest: Some(sent[10])
+        })
+    );
+    assert_eq!(c.events.len(), 30);
+    let news = h.interest(&[Selector::new("news/*").unwrap()]);
+    let c = h
+        .read_for(ReadFrom::After(sent[29]), 100, news)
+        .await
+        .unwrap();
+    assert!(c.gap.is_some(), "a reader of the trimmed topics is told");
+    // A replay from the oldest goes on, chunk by chunk, past what was dropped before it began.
+    let first = h.read_for(ReadFrom::Oldest, 20, news).await.unwrap();
+    assert_eq!(ids_of(&first), sent[..20].to_vec());
+    let on = news.after_drops(first.drops);
+    let c = h
+        .read_for(ReadFrom::After(sent[19]), 100, on)
+        .await
+        .unwrap();
+    assert_eq!((c.gap, c.events.len()), (None, 20));
+    // Drops after that first read count again.
+    let late = (0..10)
+        .map(|i| to(&["news/x"], format!("late{i}")))
+        .collect();
+    h.append(late).await.unwrap();
+    let c = h
+        .read_for(ReadFrom::After(sent[19]), 100, on)
+        .await
+        .unwrap();
+    assert!(c.gap.is_some(), "news dropped during the replay");
+    // A broadcast dropped is a gap for every reader.
+    let mut bursts = Vec::new();
+    for i in 0..12 {
+        let b = Message::broadcast().data(format!("b{i}"));
+        bursts.extend(h.append(vec![b]).await.unwrap());
+    }
+    let c = h
+        .read_for(ReadFrom::After(sent[29]), 100, ai)
+        .await
+        .unwrap();
+    assert!(
+        c.gap.is_some(),
+        "dropped broadcasts count against every reader"
+    );
+}
+
+async fn a_rule_age_expires_its_events(h: &Arc<dyn History>) {
+    let old = h.append(vec![to(&["ai/a"], "old")]).await.unwrap();
+    let news = h.append(vec![to(&["news"], "kept")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.maintain().await.unwrap();
+    let (gap, all) = read_all(h, ReadFrom::Oldest).await;
+    let ids: Vec<EventId> = all.iter().map(|e| e.id).collect();
+    assert_eq!(
+        (gap, ids),
+        (None, vec![news[0].id]),
+        "the ruled event aged out"
+    );
+    let fresh = h.append(vec![to(&["ai/a"], "fresh")]).await.unwrap();
+    let ai = h.interest(&[Selector::new("ai/a").unwrap()]);
+    let c = h
+        .read_for(ReadFrom::After(EventId(old[0].id.0 - 1)), 10, ai)
+        .await
+        .unwrap();
+    assert_eq!(c.gap.map(|g| g.oldest), Some(Some(news[0].id)));
+    let c = h
+        .read_for(ReadFrom::After(news[0].id), 10, ai)
+        .await
+        .unwrap();
+    assert_eq!((c.gap, ids_of(&c)), (None, vec![fresh[0].id]));
+}
+
+fn ids_of(c: &Chunk) -> Vec<EventId> {
+    c.events.iter().map(|e| e.id).collect()
+}
+
+async fn an_event_of_a_ruled_and_an_unruled_topic_is_read_once(h: &Arc<dyn History>) {
+    let mut sent = Vec::new();
+    sent.extend(h.append(vec![to(&["news"], "n0")]).await.unwrap());
+    sent.extend(h.append(vec![to(&["ai/x", "news"], "both")]).await.unwrap());
+    sent.extend(
+        h.append(vec![to(&["ai/x"], "a1"), to(&["news"], "n1")])
+            .await
+            .unwrap(),
+    );
+    sent.extend(
+        h.append(vec![to(&["news", "ai/x"], "both again")])
+            .await
+            .unwrap(),
+    );
+    let (gap, all) = read_all(h, ReadFrom::Oldest).await;
+    let data: Vec<&str> = all.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(gap, None);
+    assert_eq!(data, ["n0", "both", "a1", "n1", "both again"]);
+    // A burst on news trims the default log, not the events that also name ai/x.
+    for i in 0..5 {
+        h.append(vec![to(&["news"], format!("m{i}"))])
+            .await
+            .unwrap();
+    }
+    let (_, all) = read_all(h, ReadFrom::Oldest).await;
+    let data: Vec<&str> = all.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["both", "a1", "both again", "m2", "m3", "m4"]);
+    let both = h.interest(&[
+        Selector::new("ai/x").unwrap(),
+        Selector::new("news").unwrap(),
+    ]);
+    let c = h
+        .read_for(ReadFrom::After(sent[0].id), 100, both)
+        .await
+        .unwrap();
+    assert!(c.gap.is_some(), "news events were dropped after n0");
+    assert_eq!(c.events.len(), 6);
+}
+
+async fn after_complete_expires_a_finished_stream(h: &Arc<dyn History>) {
+    let a = Topic::new("ai/a").unwrap();
+    h.append(vec![to(&["ai/a"], "a token")]).await.unwrap();
+    let running = h.append(vec![to(&["ai/b"], "b token")]).await.unwrap();
+    h.append(vec![
+        Message::to_topic(a.clone()).data("a2"),
+        Message::to_topic(a).event(EventType::complete()).data("{}"),
+    ])
+    .await
+    .unwrap();
+    let (_, all) = read_all(h, ReadFrom::Oldest).await;
+    assert_eq!(all.len(), 4, "a finished stream stays for after-complete");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.maintain().await.unwrap();
+    let (_, all) = read_all(h, ReadFrom::Oldest).await;
+    let data: Vec<&str> = all.iter().map(|e| e.data.as_str()).collect();
+    // ai/a's first token goes; the running ai/b holds the rest of the log behind it.
+    assert_eq!(data, ["b token", "a2", "{}"]);
+    h.append(vec![
+        Message::to_topic(Topic::new("ai/b").unwrap())
+            .event(EventType::cancel())
+            .data("{}"),
+    ])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.maintain().await.unwrap();
+    let (gap, all) = read_all(h, ReadFrom::Oldest).await;
+    assert_eq!(
+        (gap, all.len()),
+        (None, 0),
+        "both finished streams are gone"
+    );
+    let c = h.read(ReadFrom::After(running[0].id), 10).await.unwrap();
+    assert!(c.gap.is_some());
+}
+
+async fn rule_byte_bound(h: &Arc<dyn History>) {
+    let big = |i: usize| to(&["ai/big"], format!("{i}:{}", "x".repeat(900)));
+    for i in 0..20 {
+        h.append(vec![big(i)]).await.unwrap();
+    }
+    h.append(vec![to(&["news"], "small")]).await.unwrap();
+    let (_, all) = read_all(h, ReadFrom::Oldest).await;
+    let ruled = all.iter().filter(|e| e.data.len() > 900).count();
+    assert!((1..5).contains(&ruled), "kept {ruled}");
+    assert_eq!(all.last().map(|e| e.data.as_str()), Some("small"));
 }
 
 /// Every case but `max_bytes` retention, for stores that cannot bound bytes (Redis streams).
@@ -80,6 +355,7 @@ where
                 max_events: 100,
                 max_age: Some(Duration::from_millis(150)),
                 max_bytes: None,
+                rules: RetentionRules::default(),
             },
             5000,
         )

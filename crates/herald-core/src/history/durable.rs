@@ -3,6 +3,11 @@
 //! that was acknowledged and never leaves a half-applied append. Blocking I/O runs off the runtime.
 //! Every row carries a checksum: a damaged row is reported at startup, skipped by reads (readers
 //! get a `herald.gap` in its place and everything else), and `herald check` finds and repairs it.
+//! With retention rules, every event stays in the one `events` table (reads scan it in id order,
+//! as without rules), and an index per log (`log_index`: log, id) lets each log trim its own
+//! oldest events by its own bounds; `logs` holds each log's counters and newest drops. The index
+//! is rebuilt when the file was last opened with other rules (events then go to the log the new
+//! rules give them).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,11 +17,23 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::row::{decode_body, decode_row, encode_checked_row, lost_row, published_at};
-use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
+use super::rules::{Drop, Dropped, addressed, ends_stream, millis};
+use super::{
+    Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, continues, fresh_base,
+};
 use crate::event::{Event, EventId, Message, now_ms};
+use crate::name::Selector;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// With retention rules: each log's events, by (log, id).
+const LOG_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("log_index");
+/// With retention rules: each log's [`LogMeta`].
+const LOGS: TableDefinition<u64, [u64; 8]> = TableDefinition::new("logs");
+/// With `after-complete` rules: (log, topic) -> [id, ms] of the topic's newest end event.
+const ENDS: TableDefinition<(u64, &str), [u64; 2]> = TableDefinition::new("ends");
+/// The rules the log index was built for: `"selectors"` -> the rules' selectors, one a line.
+const RULES: TableDefinition<&str, &str> = TableDefinition::new("rules");
 const FILE: &str = "herald.redb";
 /// Version of the row and meta layout below; a file with another one is refused. Format 2 added
 /// the private bit to a row's flags byte; format 3 put a CRC-32 before every row. A format-1 or -2
@@ -86,6 +103,8 @@ struct Meta {
     /// Publish time of the newest dropped event, plus one (0: none dropped).
     dropped_at_plus1: u64,
     last_published_ms: u64,
+    /// With retention rules: events dropped so far, by any log (see `Chunk::drops`).
+    drops: u64,
 }
 
 impl Meta {
@@ -100,6 +119,7 @@ impl Meta {
             bytes: get("bytes")?,
             dropped_at_plus1: get("dropped_at_plus1")?,
             last_published_ms: get("last_published_ms")?,
+            drops: get("drops")?,
         })
     }
 
@@ -110,8 +130,301 @@ impl Meta {
         table.insert("bytes", self.bytes)?;
         table.insert("dropped_at_plus1", self.dropped_at_plus1)?;
         table.insert("last_published_ms", self.last_published_ms)?;
+        if self.drops > 0 {
+            table.insert("drops", self.drops)?;
+        }
         Ok(())
     }
+}
+
+/// One log's counters, with retention rules (in `LOGS`; ids and times 0: none).
+#[derive(Debug, Clone, Copy, Default)]
+struct LogMeta {
+    count: u64,
+    bytes: u64,
+    dropped: Dropped,
+}
+
+impl LogMeta {
+    fn load(
+        table: &impl ReadableTable<u64, [u64; 8]>,
+        log: u64,
+    ) -> Result<LogMeta, redb::StorageError> {
+        let Some(v) = table.get(log)? else {
+            return Ok(LogMeta::default());
+        };
+        let [
+            count,
+            bytes,
+            any_id,
+            any_ms,
+            any_nth,
+            addr_id,
+            addr_ms,
+            addr_nth,
+        ] = v.value();
+        let drop = |id: u64, at_ms: u64, nth: u64| (id != 0).then_some(Drop { id, at_ms, nth });
+        Ok(LogMeta {
+            count,
+            bytes,
+            dropped: Dropped {
+                any: drop(any_id, any_ms, any_nth),
+                addressed: drop(addr_id, addr_ms, addr_nth),
+            },
+        })
+    }
+
+    fn store(
+        &self,
+        table: &mut redb::Table<u64, [u64; 8]>,
+        log: u64,
+    ) -> Result<(), redb::StorageError> {
+        let none = Drop {
+            id: 0,
+            at_ms: 0,
+            nth: 0,
+        };
+        let any = self.dropped.any.unwrap_or(none);
+        let addr = self.dropped.addressed.unwrap_or(none);
+        table.insert(
+            log,
+            [
+                self.count, self.bytes, any.id, any.at_ms, any.nth, addr.id, addr.at_ms, addr.nth,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// The rules' selectors, one a line: what the log index was built for.
+fn signature(retention: &Retention) -> String {
+    retention
+        .rules
+        .iter()
+        .map(|r| r.topics.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Rebuilds the log index for `retention`'s rules when it was built for others: every event goes
+/// to the log these rules give it (an unreadable row to the default log). Nothing to do when the
+/// rules are the ones the index was built for.
+fn index_for_rules(db: &Database, retention: &Retention) -> Result<(), String> {
+    let wanted = signature(retention);
+    {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let built = match txn.open_table(RULES) {
+            Ok(t) => t
+                .get("selectors")
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().to_string()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        if built.unwrap_or_default() == wanted {
+            return Ok(());
+        }
+    }
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.delete_table(LOG_INDEX).map_err(|e| e.to_string())?;
+    txn.delete_table(LOGS).map_err(|e| e.to_string())?;
+    txn.delete_table(ENDS).map_err(|e| e.to_string())?;
+    {
+        let events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+        let mut index = txn.open_table(LOG_INDEX).map_err(|e| e.to_string())?;
+        let mut logs = txn.open_table(LOGS).map_err(|e| e.to_string())?;
+        let mut ends = txn.open_table(ENDS).map_err(|e| e.to_string())?;
+        let mut metas = vec![LogMeta::default(); retention.rules.logs()];
+        if !retention.rules.is_empty() {
+            for entry in events.iter().map_err(|e| e.to_string())? {
+                let (k, v) = entry.map_err(|e| e.to_string())?;
+                let (id, row) = (k.value(), v.value());
+                let event = decode_row(id, row).ok();
+                let log = event
+                    .as_ref()
+                    .map_or(0, |e| retention.rules.log_of(&e.targets));
+                index
+                    .insert((log as u64, id), ())
+                    .map_err(|e| e.to_string())?;
+                metas[log].count += 1;
+                metas[log].bytes += row.len() as u64 + ROW_OVERHEAD;
+                if let Some(e) = &event {
+                    note_end(&mut ends, retention, log, e).map_err(|e| e.to_string())?;
+                }
+            }
+            for (log, meta) in metas.iter().enumerate() {
+                meta.store(&mut logs, log as u64)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let mut rules = txn.open_table(RULES).map_err(|e| e.to_string())?;
+        rules
+            .insert("selectors", wanted.as_str())
+            .map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Records `event` as its topics' end in `log`, when it ends their streams and the log's rule has
+/// `after-complete`.
+fn note_end(
+    ends: &mut redb::Table<(u64, &'static str), [u64; 2]>,
+    retention: &Retention,
+    log: usize,
+    event: &Event,
+) -> Result<(), redb::StorageError> {
+    let keeps_ends = retention
+        .rules
+        .rule(log)
+        .is_some_and(|r| r.after_complete.is_some());
+    if keeps_ends && ends_stream(event) {
+        for t in &event.targets.topics {
+            ends.insert(
+                (log as u64, t.as_str()),
+                [event.id.0, event.published_at_ms],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The oldest event of `log` and whether a bound drops it now (counters aside): its age, or its
+/// stream's end longer than `after-complete` ago. `None` when the log is empty.
+fn front_of(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    index: &impl ReadableTable<(u64, u64), ()>,
+    ends: &impl ReadableTable<(u64, &'static str), [u64; 2]>,
+    retention: &Retention,
+    log: usize,
+    now: u64,
+) -> Result<Option<Front>, redb::StorageError> {
+    let Some(first) = index
+        .range((log as u64, 0)..=(log as u64, u64::MAX))?
+        .next()
+    else {
+        return Ok(None);
+    };
+    let id = first?.0.value().1;
+    let Some(row) = events.get(id)? else {
+        return Ok(Some(Front {
+            id,
+            at: 0,
+            len: 0,
+            event: None,
+            expired: true,
+        }));
+    };
+    let row = row.value();
+    let at = published_at(row).unwrap_or(0);
+    let event = decode_row(id, row).ok();
+    let keep = retention.bounds_of(log);
+    let aged = keep.cutoff_ms(now).is_some_and(|c| at < c);
+    let after = retention.rules.rule(log).and_then(|r| r.after_complete);
+    let ended = match (&event, after) {
+        (Some(e), Some(after)) if !e.targets.topics.is_empty() => {
+            let mut all = true;
+            for t in &e.targets.topics {
+                let end = ends.get((log as u64, t.as_str()))?.map(|v| v.value());
+                all &= end.is_some_and(|[end_id, end_ms]| {
+                    end_id >= id && end_ms.saturating_add(millis(after)) <= now
+                });
+            }
+            all
+        }
+        _ => false,
+    };
+    Ok(Some(Front {
+        id,
+        at,
+        len: row.len() as u64,
+        event,
+        expired: aged || ended,
+    }))
+}
+
+/// A log's oldest event, as [`front_of`] found it.
+struct Front {
+    id: u64,
+    at: u64,
+    len: u64,
+    /// `None` for an unreadable row (counted as addressed when dropped: any reader may miss it).
+    event: Option<Event>,
+    expired: bool,
+}
+
+/// Drops the oldest events of each log while one of its bounds is exceeded.
+fn trim_logs(
+    txn: &redb::WriteTransaction,
+    events: &mut redb::Table<u64, &'static [u8]>,
+    meta: &mut Meta,
+    retention: &Retention,
+    now: u64,
+) -> Result<(), HistoryError> {
+    let mut index = txn.open_table(LOG_INDEX).map_err(unavailable)?;
+    let mut logs = txn.open_table(LOGS).map_err(unavailable)?;
+    let mut ends = txn.open_table(ENDS).map_err(unavailable)?;
+    for log in 0..retention.rules.logs() {
+        let keep = retention.bounds_of(log);
+        let mut counters = LogMeta::load(&logs, log as u64).map_err(unavailable)?;
+        let before = (counters.count, counters.dropped);
+        loop {
+            let over = counters.count > keep.max_events as u64
+                || keep.max_bytes.is_some_and(|m| counters.bytes > m);
+            let Some(front) =
+                front_of(&*events, &index, &ends, retention, log, now).map_err(unavailable)?
+            else {
+                break;
+            };
+            if !over && !front.expired {
+                break;
+            }
+            events.remove(front.id).map_err(unavailable)?;
+            index.remove((log as u64, front.id)).map_err(unavailable)?;
+            counters.count = counters.count.saturating_sub(1);
+            counters.bytes = counters.bytes.saturating_sub(front.len + ROW_OVERHEAD);
+            meta.count = meta.count.saturating_sub(1);
+            meta.bytes = meta.bytes.saturating_sub(front.len + ROW_OVERHEAD);
+            meta.dropped_at_plus1 = meta.dropped_at_plus1.max(front.at + 1);
+            let counts_for_all = front.event.as_ref().is_none_or(|e| addressed(&e.targets));
+            meta.drops += 1;
+            counters
+                .dropped
+                .record(front.id, front.at, meta.drops, counts_for_all);
+            if let Some(e) = &front.event {
+                for t in &e.targets.topics {
+                    let key = (log as u64, t.as_str());
+                    let ends_here = ends
+                        .get(key)
+                        .map_err(unavailable)?
+                        .is_some_and(|v| v.value()[0] == front.id);
+                    if ends_here {
+                        ends.remove(key).map_err(unavailable)?;
+                    }
+                }
+            }
+        }
+        if (counters.count, counters.dropped) != before {
+            counters.store(&mut logs, log as u64).map_err(unavailable)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether some log's oldest event is past its age or `after-complete` (maintenance then writes).
+fn any_log_expired(db: &Database, retention: &Retention, now: u64) -> Result<bool, HistoryError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let events = txn.open_table(EVENTS).map_err(unavailable)?;
+    let index = txn.open_table(LOG_INDEX).map_err(unavailable)?;
+    let ends = txn.open_table(ENDS).map_err(unavailable)?;
+    for log in 0..retention.rules.logs() {
+        if front_of(&events, &index, &ends, retention, log, now)
+            .map_err(unavailable)?
+            .is_some_and(|f| f.expired)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HistoryError {
@@ -171,6 +484,7 @@ impl DurableHistory {
                         bytes: 0,
                         dropped_at_plus1: 0,
                         last_published_ms: 0,
+                        drops: 0,
                     };
                     fresh.store(&mut meta).map_err(|e| corrupt(&path, e))?;
                 }
@@ -197,6 +511,7 @@ impl DurableHistory {
                 );
             }
         }
+        index_for_rules(&db, &retention).map_err(|e| corrupt(&path, e))?;
         Ok(DurableHistory {
             path,
             retention,
@@ -265,6 +580,16 @@ impl DurableHistory {
             let now = now_ms().max(meta.last_published_ms);
             meta.last_published_ms = now;
             let mut row = Vec::new();
+            let ruled = !retention.rules.is_empty();
+            let mut added = vec![(0u64, 0u64); retention.rules.logs()];
+            let mut index = ruled
+                .then(|| txn.open_table(LOG_INDEX))
+                .transpose()
+                .map_err(unavailable)?;
+            let mut ends = ruled
+                .then(|| txn.open_table(ENDS))
+                .transpose()
+                .map_err(unavailable)?;
             for message in messages {
                 row.clear();
                 encode_checked_row(&mut row, now, &message)?;
@@ -273,23 +598,117 @@ impl DurableHistory {
                     .map_err(unavailable)?;
                 meta.bytes += row.len() as u64 + ROW_OVERHEAD;
                 meta.count += 1;
-                out.push(Arc::new(Event::new(EventId(meta.next), message, now)));
+                let event = Event::new(EventId(meta.next), message, now);
+                if let (Some(index), Some(ends)) = (index.as_mut(), ends.as_mut()) {
+                    let log = retention.rules.log_of(&event.targets);
+                    index
+                        .insert((log as u64, meta.next), ())
+                        .map_err(unavailable)?;
+                    note_end(ends, retention, log, &event).map_err(unavailable)?;
+                    added[log].0 += 1;
+                    added[log].1 += row.len() as u64 + ROW_OVERHEAD;
+                }
+                out.push(Arc::new(event));
                 meta.next += 1;
             }
-            let cutoff = retention.cutoff_ms(now);
-            trim(&mut events, &mut meta, retention, cutoff)?;
+            drop((index, ends));
+            if ruled {
+                let mut logs = txn.open_table(LOGS).map_err(unavailable)?;
+                for (log, (count, bytes)) in added.into_iter().enumerate() {
+                    if count > 0 {
+                        let mut m = LogMeta::load(&logs, log as u64).map_err(unavailable)?;
+                        m.count += count;
+                        m.bytes += bytes;
+                        m.store(&mut logs, log as u64).map_err(unavailable)?;
+                    }
+                }
+                drop(logs);
+                trim_logs(&txn, &mut events, &mut meta, retention, now)?;
+            } else {
+                let cutoff = retention.cutoff_ms(now);
+                trim(&mut events, &mut meta, retention, cutoff)?;
+            }
             meta.store(&mut meta_table).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(out)
     }
 
-    fn read_blocking(db: &Database, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+    fn read_blocking(
+        db: &Database,
+        retention: &Retention,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
         let txn = db.begin_read().map_err(unavailable)?;
         let events = txn.open_table(EVENTS).map_err(unavailable)?;
         let meta = Meta::load(&txn.open_table(META).map_err(unavailable)?).map_err(unavailable)?;
         let oldest = events.first().map_err(unavailable)?.map(|(k, _)| k.value());
-        let (gap, start) = match from {
+        let (gap, start) = if retention.rules.is_empty() {
+            Self::verdict(&events, &meta, oldest, from)?
+        } else {
+            let logs = txn.open_table(LOGS).map_err(unavailable)?;
+            let mut drops = Vec::with_capacity(retention.rules.logs());
+            for log in 0..retention.rules.logs() {
+                let m = LogMeta::load(&logs, log as u64).map_err(unavailable)?;
+                drops.extend(m.dropped.against(interest, log));
+            }
+            let knows = |a: u64| {
+                meta.next != meta.first_issued
+                    && a.saturating_add(1) >= meta.first_issued
+                    && a < meta.next
+            };
+            // What follows a gap starts at the oldest retained event the read asked for.
+            match from {
+                ReadFrom::Oldest => (None, oldest),
+                ReadFrom::After(a) if knows(a.0) => {
+                    let start = events
+                        .range(a.0 + 1..)
+                        .map_err(unavailable)?
+                        .next()
+                        .transpose()
+                        .map_err(unavailable)?
+                        .map(|(k, _)| k.value());
+                    let gap = drops.iter().any(|d| d.id > a.0);
+                    (
+                        gap.then_some(Gap {
+                            oldest: start.map(EventId),
+                        }),
+                        start,
+                    )
+                }
+                ReadFrom::After(_) => (
+                    Some(Gap {
+                        oldest: oldest.map(EventId),
+                    }),
+                    oldest,
+                ),
+                ReadFrom::Since(at) => {
+                    let start = first_published_at_or_after(&events, oldest, meta.next, at)?;
+                    let gap = drops.iter().any(|d| d.at_ms >= at);
+                    (
+                        gap.then_some(Gap {
+                            oldest: start.map(EventId),
+                        }),
+                        start,
+                    )
+                }
+            }
+        };
+        let mut chunk = Self::scan_from(&events, gap, start, limit)?;
+        chunk.drops = meta.drops;
+        Ok(chunk)
+    }
+
+    /// The gap verdict and the first id to read, without retention rules (one log, ids consecutive).
+    fn verdict(
+        events: &impl ReadableTable<u64, &'static [u8]>,
+        meta: &Meta,
+        oldest: Option<u64>,
+        from: ReadFrom,
+    ) -> Result<(Option<Gap>, Option<u64>), HistoryError> {
+        Ok(match from {
             ReadFrom::Oldest => (None, oldest),
             ReadFrom::After(a) => {
                 if continues(a.0, meta.first_issued, meta.next, oldest) {
@@ -314,11 +733,20 @@ impl DurableHistory {
                 } else {
                     (
                         None,
-                        first_published_at_or_after(&events, oldest, meta.next, at)?,
+                        first_published_at_or_after(events, oldest, meta.next, at)?,
                     )
                 }
             }
-        };
+        })
+    }
+
+    /// Up to `limit` events from `start` on, skipping unreadable rows at the start (a gap).
+    fn scan_from(
+        events: &impl ReadableTable<u64, &'static [u8]>,
+        gap: Option<Gap>,
+        start: Option<u64>,
+        limit: usize,
+    ) -> Result<Chunk, HistoryError> {
         let mut out = Vec::new();
         let mut gap = gap;
         let mut cut_short = false;
@@ -351,10 +779,26 @@ impl DurableHistory {
             events: out,
             cut_short,
             skipped,
+            drops: 0,
         })
     }
 
     fn maintain_blocking(db: &Database, retention: &Retention) -> Result<(), HistoryError> {
+        if !retention.rules.is_empty() {
+            let now = now_ms();
+            if !any_log_expired(db, retention, now)? {
+                return Ok(());
+            }
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
+                let mut meta_table = txn.open_table(META).map_err(unavailable)?;
+                let mut meta = Meta::load(&meta_table).map_err(unavailable)?;
+                trim_logs(&txn, &mut events, &mut meta, retention, now)?;
+                meta.store(&mut meta_table).map_err(unavailable)?;
+            }
+            return txn.commit().map_err(unavailable);
+        }
         let Some(cutoff) = retention.cutoff_ms(now_ms()) else {
             return Ok(());
         };
@@ -441,12 +885,21 @@ fn first_published_at_or_after(
     let mut hi = next;
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let t = match events.get(mid).map_err(unavailable)? {
-            Some(v) => published_at(v.value()).ok_or_else(|| HistoryError::Corrupt {
-                id: mid,
-                reason: "short row".into(),
-            })?,
-            None => u64::MAX,
+        // The first event at or after `mid` (with retention rules, ids leave holes).
+        let found = events
+            .range(mid..)
+            .map_err(unavailable)?
+            .next()
+            .transpose()
+            .map_err(unavailable)?;
+        let t = match found {
+            Some((k, v)) if k.value() < hi => {
+                published_at(v.value()).ok_or_else(|| HistoryError::Corrupt {
+                    id: k.value(),
+                    reason: "short row".into(),
+                })?
+            }
+            _ => u64::MAX,
         };
         if t < at {
             lo = mid + 1;
@@ -541,7 +994,7 @@ fn id_list(ids: &[u64]) -> String {
 impl History for DurableHistory {
     async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError> {
         let db = self.handle()?;
-        let retention = self.retention;
+        let retention = self.retention.clone();
         let result = tokio::task::spawn_blocking({
             let db = db.clone();
             move || Self::append_blocking(&db, &retention, messages)
@@ -556,15 +1009,31 @@ impl History for DurableHistory {
     }
 
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.read_for(from, limit, Interest::ALL).await
+    }
+
+    async fn read_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
         let db = self.handle()?;
-        tokio::task::spawn_blocking(move || Self::read_blocking(&db, from, limit))
-            .await
-            .map_err(unavailable)?
+        let retention = self.retention.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::read_blocking(&db, &retention, from, limit, interest)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    fn interest(&self, selectors: &[Selector]) -> Interest {
+        self.retention.rules.interest(selectors)
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {
         let db = self.handle()?;
-        let retention = self.retention;
+        let retention = self.retention.clone();
         let result = tokio::task::spawn_blocking({
             let db = db.clone();
             move || Self::maintain_blocking(&db, &retention)
@@ -606,7 +1075,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention::default();
         let first = {
-            let h = DurableHistory::open_starting_at(dir.path(), retention, 50).unwrap();
+            let h = DurableHistory::open_starting_at(dir.path(), retention.clone(), 50).unwrap();
             h.append(vec![
                 Message::broadcast().data("a"),
                 Message::broadcast().data("b"),
@@ -634,7 +1103,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention::default();
         let a = {
-            let h = DurableHistory::open(dir.path(), retention).unwrap();
+            let h = DurableHistory::open(dir.path(), retention.clone()).unwrap();
             h.append(vec![Message::broadcast().data("a")])
                 .await
                 .unwrap()
@@ -791,6 +1260,7 @@ mod tests {
                     bytes: 100,
                     dropped_at_plus1: 0,
                     last_published_ms: 5,
+                    drops: 0,
                 }
                 .store(&mut meta)
                 .unwrap();
@@ -837,6 +1307,39 @@ mod tests {
             None,
             "in use"
         );
+    }
+
+    /// Retention rules given to a file written without them: the stored events are sorted into
+    /// the rules' logs when it opens, so the rule keeps its topic's older events too.
+    #[tokio::test]
+    async fn rules_given_later_sort_the_stored_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = |t: &str, d: String| Message::to_topic(Topic::new(t).unwrap()).data(d);
+        {
+            let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+            for i in 0..5 {
+                h.append(vec![
+                    to("ai/a", format!("a{i}")),
+                    to("news", format!("n{i}")),
+                ])
+                .await
+                .unwrap();
+            }
+        }
+        let global = Retention {
+            max_events: 3,
+            ..Retention::default()
+        };
+        let rule = super::super::RetentionRule::parse("ai/**:events=100", &global).unwrap();
+        let ruled = Retention {
+            rules: super::super::RetentionRules::new(vec![rule]).unwrap(),
+            ..global
+        };
+        let h = DurableHistory::open(dir.path(), ruled).unwrap();
+        h.append(vec![to("news", "n5".into())]).await.unwrap();
+        let c = h.read(ReadFrom::Oldest, 100).await.unwrap();
+        let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a0", "a1", "a2", "a3", "n3", "a4", "n4", "n5"]);
     }
 
     /// Reproduces issue 12 (weak spot): `--data-dir` naming a file answered "File exists".

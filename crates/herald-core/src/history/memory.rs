@@ -5,12 +5,18 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, continues, fresh_base};
+use super::rules::{Dropped, Ends, addressed};
+use super::{
+    Bounds, Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, RetentionRules,
+    fresh_base,
+};
 use crate::event::{Event, EventId, Message, now_ms};
+use crate::name::Selector;
 
 #[derive(Debug)]
 pub struct MemoryHistory {
@@ -19,14 +25,26 @@ pub struct MemoryHistory {
 
 #[derive(Debug)]
 struct Ring {
-    events: VecDeque<Arc<Event>>,
-    retention: Retention,
+    /// The default log, then one per retention rule; each in id order, trimmed from its front.
+    logs: Vec<Log>,
+    rules: RetentionRules,
     first_issued: u64,
     next: u64,
-    bytes: u64,
-    /// Publish time of the newest event dropped by retention.
-    dropped_at_ms: Option<u64>,
     last_published_ms: u64,
+    /// Events dropped so far, by any log (see `Chunk::drops`).
+    drops: u64,
+}
+
+/// The events one log keeps (the default log's, or a rule's), and what it dropped.
+#[derive(Debug)]
+struct Log {
+    events: VecDeque<Arc<Event>>,
+    keep: Bounds,
+    after_complete: Option<Duration>,
+    bytes: u64,
+    dropped: Dropped,
+    /// The topics whose streams ended, for `after_complete`.
+    ends: Ends,
 }
 
 /// Bytes an event is counted as, for `max_bytes`.
@@ -41,34 +59,96 @@ impl MemoryHistory {
 
     /// A ring whose first event gets id `first`.
     pub fn starting_at(retention: Retention, first: u64) -> Self {
+        let logs = (0..retention.rules.logs())
+            .map(|log| {
+                let keep = retention.bounds_of(log);
+                Log {
+                    events: VecDeque::with_capacity(keep.max_events.min(4096)),
+                    keep,
+                    after_complete: retention.rules.rule(log).and_then(|r| r.after_complete),
+                    bytes: 0,
+                    dropped: Dropped::default(),
+                    ends: Ends::default(),
+                }
+            })
+            .collect();
         MemoryHistory {
             state: Mutex::new(Ring {
-                events: VecDeque::with_capacity(retention.max_events.min(4096)),
-                retention,
+                logs,
+                rules: retention.rules,
                 first_issued: first,
                 next: first,
-                bytes: 0,
-                dropped_at_ms: None,
                 last_published_ms: 0,
+                drops: 0,
             }),
+        }
+    }
+}
+
+impl Log {
+    /// Drops the oldest events while a bound is exceeded; `drops` counts the store's drops.
+    fn trim(&mut self, now_ms: u64, drops: &mut u64) {
+        let cutoff = self.keep.cutoff_ms(now_ms);
+        while let Some(front) = self.events.front() {
+            let over = self.events.len() > self.keep.max_events
+                || self.keep.max_bytes.is_some_and(|m| self.bytes > m)
+                || cutoff.is_some_and(|c| front.published_at_ms < c)
+                || self
+                    .after_complete
+                    .is_some_and(|after| self.ends.expired(front, after, now_ms));
+            if !over {
+                break;
+            }
+            let dropped = self.events.pop_front().expect("front exists");
+            self.bytes -= size_of(&dropped);
+            *drops += 1;
+            self.dropped.record(
+                dropped.id.0,
+                dropped.published_at_ms,
+                *drops,
+                addressed(&dropped.targets),
+            );
+            self.ends.forget(&dropped);
         }
     }
 }
 
 impl Ring {
     fn trim(&mut self, now_ms: u64) {
-        let cutoff = self.retention.cutoff_ms(now_ms);
-        while let Some(front) = self.events.front() {
-            let over = self.events.len() > self.retention.max_events
-                || self.retention.max_bytes.is_some_and(|m| self.bytes > m)
-                || cutoff.is_some_and(|c| front.published_at_ms < c);
-            if !over {
-                break;
-            }
-            let dropped = self.events.pop_front().expect("front exists");
-            self.bytes -= size_of(&dropped);
-            self.dropped_at_ms = Some(dropped.published_at_ms);
+        for log in &mut self.logs {
+            log.trim(now_ms, &mut self.drops);
         }
+    }
+
+    /// Whether `after` is an id this ring issued (or the one just before its first).
+    fn knows(&self, after: u64) -> bool {
+        self.next != self.first_issued
+            && after.saturating_add(1) >= self.first_issued
+            && after < self.next
+    }
+
+    /// Up to `limit` events merged by id from each log's position `starts[log]`.
+    fn merged(&self, starts: &[usize], limit: usize) -> Vec<Arc<Event>> {
+        if let [only] = &self.logs[..] {
+            return only
+                .events
+                .iter()
+                .skip(starts[0])
+                .take(limit)
+                .cloned()
+                .collect();
+        }
+        let mut at = starts.to_vec();
+        let mut out = Vec::with_capacity(limit.min(256));
+        while out.len() < limit {
+            let next = (0..self.logs.len())
+                .filter_map(|l| self.logs[l].events.get(at[l]).map(|e| (e.id, l)))
+                .min();
+            let Some((_, l)) = next else { break };
+            out.push(self.logs[l].events[at[l]].clone());
+            at[l] += 1;
+        }
+        out
     }
 }
 
@@ -80,10 +160,15 @@ impl History for MemoryHistory {
         ring.last_published_ms = now;
         let mut out = Vec::with_capacity(messages.len());
         for message in messages {
+            let log = ring.rules.log_of(&message.targets);
             let event = Arc::new(Event::new(EventId(ring.next), message, now));
             ring.next += 1;
-            ring.bytes += size_of(&event);
-            ring.events.push_back(event.clone());
+            let log = &mut ring.logs[log];
+            log.bytes += size_of(&event);
+            if log.after_complete.is_some() {
+                log.ends.note(&event);
+            }
+            log.events.push_back(event.clone());
             out.push(event);
         }
         ring.trim(now);
@@ -91,36 +176,56 @@ impl History for MemoryHistory {
     }
 
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.read_for(from, limit, Interest::ALL).await
+    }
+
+    async fn read_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
         let ring = self.state.lock();
-        let oldest = ring.events.front().map(|e| e.id);
-        let (gap, skip) = match from {
-            ReadFrom::Oldest => (None, 0),
-            ReadFrom::After(a) => {
-                if continues(a.0, ring.first_issued, ring.next, oldest.map(|o| o.0)) {
-                    let skip = oldest.map_or(0, |o| (a.0 + 1).saturating_sub(o.0) as usize);
-                    (None, skip)
-                } else {
-                    (Some(Gap { oldest }), 0)
-                }
-            }
-            ReadFrom::Since(at) => {
-                if ring.dropped_at_ms.is_some_and(|d| d >= at) {
-                    (Some(Gap { oldest }), 0)
-                } else {
-                    (
-                        None,
-                        ring.events.partition_point(|e| e.published_at_ms < at),
-                    )
-                }
-            }
+        // The newest drop of each log that counts against this reader.
+        let mut drops = ring
+            .logs
+            .iter()
+            .enumerate()
+            .filter_map(|(l, log)| log.dropped.against(interest, l));
+        let (gap, starts): (bool, Vec<usize>) = match from {
+            ReadFrom::Oldest => (false, vec![0; ring.logs.len()]),
+            ReadFrom::After(a) if ring.knows(a.0) => (
+                drops.any(|d| d.id > a.0),
+                ring.logs
+                    .iter()
+                    .map(|log| log.events.partition_point(|e| e.id <= a))
+                    .collect(),
+            ),
+            ReadFrom::After(_) => (true, vec![0; ring.logs.len()]),
+            ReadFrom::Since(at) => (
+                drops.any(|d| d.at_ms >= at),
+                ring.logs
+                    .iter()
+                    .map(|log| log.events.partition_point(|e| e.published_at_ms < at))
+                    .collect(),
+            ),
         };
-        let events = ring.events.iter().skip(skip).take(limit).cloned().collect();
+        let events = ring.merged(&starts, limit);
+        // What follows a gap starts at the oldest retained event the read asked for.
+        let gap = gap.then(|| Gap {
+            oldest: events.first().map(|e| e.id),
+        });
         Ok(Chunk {
             gap,
             events,
             cut_short: false,
             skipped: Vec::new(),
+            drops: ring.drops,
         })
+    }
+
+    fn interest(&self, selectors: &[Selector]) -> Interest {
+        self.state.lock().rules.interest(selectors)
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {

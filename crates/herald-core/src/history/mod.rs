@@ -8,6 +8,7 @@ mod memory;
 mod redis;
 #[cfg(any(feature = "durable", feature = "redis"))]
 mod row;
+mod rules;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -18,12 +19,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::event::{Event, EventId, Message};
+use crate::name::Selector;
 
 #[cfg(feature = "durable")]
 pub use durable::{CheckReport, DurableHistory, OpenError};
 pub use memory::MemoryHistory;
 #[cfg(feature = "redis")]
 pub use redis::{RedisHistory, RedisOptions};
+pub use rules::{Bounds, Interest, MAX_RULES, RetentionRule, RetentionRules, RuleError};
 
 /// A store failure. Publishing answers 503 on it; nothing is half-applied.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,6 +84,10 @@ pub struct Chunk {
     pub cut_short: bool,
     /// Ids of unreadable events this read passed over, before `events` (their place is the gap).
     pub skipped: Vec<EventId>,
+    /// With retention rules: how many events the store had dropped when it read. A reader that
+    /// goes on after this read passes it back ([`Interest::after_drops`]): what was dropped
+    /// before is no gap of its continuation (0 without rules).
+    pub drops: u64,
 }
 
 /// Events a read asked for may be missing; what follows starts at the oldest retained event.
@@ -90,12 +97,14 @@ pub struct Gap {
     pub oldest: Option<EventId>,
 }
 
-/// What a store keeps. Whichever limit is reached first drops the oldest events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a store keeps. Whichever limit is reached first drops the oldest events. The limits are
+/// those of the events no rule names; each of `rules` keeps its topics' events apart, by its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retention {
     pub max_events: usize,
     pub max_age: Option<Duration>,
     pub max_bytes: Option<u64>,
+    pub rules: RetentionRules,
 }
 
 /// The byte bound of a history when none is given: without it, 10,000 events of 1 MiB (the
@@ -108,6 +117,7 @@ impl Default for Retention {
             max_events: crate::defaults::HISTORY_EVENTS,
             max_age: None,
             max_bytes: Some(DEFAULT_HISTORY_BYTES),
+            rules: RetentionRules::default(),
         }
     }
 }
@@ -115,8 +125,23 @@ impl Default for Retention {
 impl Retention {
     /// Events published before this time (ms) are past `max_age`.
     pub(crate) fn cutoff_ms(&self, now_ms: u64) -> Option<u64> {
-        self.max_age
-            .map(|a| now_ms.saturating_sub(a.as_millis().min(u128::from(u64::MAX)) as u64))
+        self.bounds().cutoff_ms(now_ms)
+    }
+
+    /// The bounds of the default log (the events no rule names).
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            max_events: self.max_events,
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+        }
+    }
+
+    /// The bounds of log `log` (0: the default log; `i + 1`: rule `i`).
+    pub(crate) fn bounds_of(&self, log: usize) -> Bounds {
+        self.rules
+            .rule(log)
+            .map_or_else(|| self.bounds(), |r| r.keep)
     }
 }
 
@@ -130,6 +155,25 @@ pub trait History: Send + Sync + 'static {
 
     /// Up to `limit` events from `from`, with the gap verdict (see [`Chunk::gap`]).
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError>;
+
+    /// As [`read`](Self::read), for a reader whose topics reach only the logs of `interest`: with
+    /// retention rules, events another log dropped are no gap of this reader's (but dropped
+    /// broadcasts and events to users are). Stores without rules read as `read`.
+    async fn read_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
+        let _ = interest;
+        self.read(from, limit).await
+    }
+
+    /// The logs a reader with these selectors reaches (see [`read_for`](Self::read_for)).
+    fn interest(&self, selectors: &[Selector]) -> Interest {
+        let _ = selectors;
+        Interest::ALL
+    }
 
     /// The retained event with this id, if any (unreadable counts as none). Stores whose ids
     /// are not consecutive (Redis) find it directly.

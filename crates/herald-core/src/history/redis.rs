@@ -1,6 +1,10 @@
 //! History in a Redis Stream shared by every node of a cluster. Redis assigns the ids (`ms-seq`, so
 //! they increase in publish order cluster-wide); Lua scripts make appends with idempotency keys and
 //! gap-checked reads atomic. Nodes learn of new events, their own included, by following the stream.
+//! With retention rules the stream stays one (reads and the follower are unchanged); each log (the
+//! default one, one per rule) lists its entries' ids (`{prefix}:log:N`), and trimming pops a log's
+//! oldest and deletes that entry (`XDEL`) by the log's own bounds. `{prefix}:dropped-logs` holds
+//! each log's newest dropped id (`N`) and newest dropped broadcast or user event (`Na`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +13,12 @@ use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Script, Value};
 
 use super::row::{decode_body, encode_row};
-use super::{Chunk, Gap, History, HistoryError, ReadFrom, Retention, SharedHistory, Stored};
+use super::rules::addressed;
+use super::{
+    Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, SharedHistory, Stored,
+};
 use crate::event::{Event, EventId, Message, now_ms};
+use crate::name::Selector;
 use crate::redis_link::{Primary, RedisLink};
 
 /// Bits of an [`EventId`] that hold the stream id's sequence part; the rest hold its milliseconds.
@@ -44,10 +52,26 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 /// original, then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
 /// Claiming a key forgets those past the window, then the oldest while a bound is exceeded
 /// (counted as the in-memory store counts them), so the keys stay bounded cluster-wide.
+/// With retention rules (the ARGV before the two bounds: `r`, then per message `log:addressed`,
+/// joined by `,`; per log `maxlen,cutoff` joined by `;`, the log key prefix, the drops hash), each new entry
+/// is listed in its log, and each log is trimmed instead of the stream.
 /// Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
 const APPEND: &str = r#"
 local out = {}
 local n = tonumber(ARGV[5])
+local ruled = ARGV[7 + 4 * n] ~= ''
+local msg_logs = {}
+if ruled then
+  for spec in string.gmatch(ARGV[7 + 4 * n], '[^,]+') do
+    if spec ~= 'r' then msg_logs[#msg_logs + 1] = spec end
+  end
+end
+local function newer(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
 local max_keys, max_bytes = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
 local kept = tonumber(redis.call('GET', KEYS[4]) or '0')
 local function cost(key) return 2 * #key + 64 end
@@ -109,6 +133,12 @@ while i <= n do
       out[#out + 1] = 1
     else
       local new = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', ARGV[5 + 4 * j])
+      if ruled then
+        local log, addressed = string.match(msg_logs[j], '^(%d+):(%d)$')
+        local entry = new
+        if addressed == '1' then entry = new .. ' a' end
+        redis.call('RPUSH', ARGV[9 + 4 * n] .. log, entry)
+      end
       if key ~= '' and max_keys > 0 then
         redis.call('SET', ARGV[3] .. key, new .. ' ' .. ARGV[4 + 4 * j], 'PX', ARGV[2])
         remember(key, new)
@@ -121,6 +151,32 @@ while i <= n do
 end
 if kept < 0 then kept = 0 end
 redis.call('SET', KEYS[4], kept)
+if ruled then
+  local log = 0
+  local newest = redis.call('GET', KEYS[2]) or '0-0'
+  for spec in string.gmatch(ARGV[8 + 4 * n], '[^;]+') do
+    local maxlen, cutoff = string.match(spec, '^(%d+),(%d+)$')
+    maxlen, cutoff = tonumber(maxlen), tonumber(cutoff)
+    local key = ARGV[9 + 4 * n] .. log
+    local len = redis.call('LLEN', key)
+    while len > 0 do
+      local front = redis.call('LINDEX', key, 0)
+      local id, addressed = string.match(front, '^(%S+) ?(%S*)$')
+      local ms = tonumber(string.match(id, '^(%d+)-'))
+      if len <= maxlen and not (cutoff > 0 and ms < cutoff) then break end
+      redis.call('LPOP', key)
+      redis.call('XDEL', KEYS[1], id)
+      local nth = redis.call('HINCRBY', ARGV[10 + 4 * n], 'n', 1)
+      redis.call('HSET', ARGV[10 + 4 * n], tostring(log), id .. ' ' .. nth)
+      if addressed == 'a' then redis.call('HSET', ARGV[10 + 4 * n], log .. 'a', id .. ' ' .. nth) end
+      if newer(id, newest) then newest = id end
+      len = len - 1
+    end
+    log = log + 1
+  end
+  if newest ~= '0-0' then redis.call('SET', KEYS[2], newest) end
+  return out
+end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
@@ -152,10 +208,15 @@ end
 "#;
 
 /// Reads with the gap verdict, atomically. KEYS: stream, dropped-marker, rewound (see [`MARK`]);
-/// ARGV: mode (after|since|oldest), position (a stream id, or ms for since), count. Returns {gap
-/// 0/1, oldest id or '', entries}. A gap replays from the oldest entry, except a position inside
-/// the range the latest failover lost: it goes on after the last entry that survived (the marker
-/// first, then what the new primary appended), since nothing of that range is left to replay.
+/// ARGV: mode (after|since|oldest), position (a stream id, or ms for since), count, then with
+/// retention rules the reader's interest (per log `1` when its topics reach it, else `0`: only its
+/// dropped broadcasts and user events count), the drops hash, and the drops the reader accepted
+/// (the `n` of an earlier read; the hash holds each log's newest drop as `id n`). Returns {gap
+/// 0/1, oldest id or '', entries}, with rules a fourth element, that `n`; with rules the oldest id
+/// is the first returned, and a gap continues after the position when it was issued. A gap
+/// replays from the oldest entry, except a position inside the range the latest failover lost: it
+/// goes on after the last entry that survived (the marker first, then what the new primary
+/// appended), since nothing of that range is left to replay.
 const READ: &str = r#"
 local first, last = false, '0-0'
 local maxdel = redis.call('GET', KEYS[2]) or '0-0'
@@ -168,7 +229,55 @@ if ok then
   end
 end
 local mode, pos, count = ARGV[1], ARGV[2], ARGV[3]
+local function lost_in_failover(pos)
+  local rewound = redis.call('GET', KEYS[3])
+  if rewound then
+    local from, to = string.match(rewound, '^(%S+) (%S+)')
+    if lt(from, pos) and not lt(to, pos) then return from end
+  end
+  return false
+end
 local gap, resume = 0, false
+local interest = ARGV[4] or ''
+if interest ~= '' then
+  local relevant = '0-0'
+  local accepted = tonumber(ARGV[6])
+  for l = 0, #interest - 1 do
+    local field = tostring(l)
+    if string.sub(interest, l + 1, l + 1) ~= '1' then field = l .. 'a' end
+    local d = redis.call('HGET', ARGV[5], field)
+    if d then
+      local id, nth = string.match(d, '^(%S+) (%d+)$')
+      if tonumber(nth) > accepted and lt(relevant, id) then relevant = id end
+    end
+  end
+  local known = true
+  if mode == 'after' then
+    if last == '0-0' or lt(last, pos) then
+      gap, known = 1, false
+    elseif lt(pos, relevant) then
+      gap = 1
+    elseif pos ~= last and lt(maxdel, pos) and #redis.call('XRANGE', KEYS[1], pos, pos) == 0 then
+      gap, known = 1, false
+      resume = lost_in_failover(pos)
+    end
+  elseif mode == 'since' then
+    if relevant ~= '0-0' and parse(relevant) >= tonumber(pos) then gap = 1 end
+  end
+  local range
+  if resume then
+    range = redis.call('XRANGE', KEYS[1], '(' .. resume, '+', 'COUNT', count)
+  elseif mode == 'oldest' or not known then
+    range = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+  elseif mode == 'after' then
+    range = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', count)
+  else
+    range = redis.call('XRANGE', KEYS[1], pos .. '-0', '+', 'COUNT', count)
+  end
+  local oldest = ''
+  if #range > 0 then oldest = range[1][1] end
+  return {gap, oldest, range, tonumber(redis.call('HGET', ARGV[5], 'n') or '0')}
+end
 if mode == 'after' then
   if last == '0-0' or lt(last, pos) or lt(pos, maxdel) then
     gap = 1
@@ -176,11 +285,7 @@ if mode == 'after' then
     if not (pos == maxdel and maxdel ~= '0-0') then gap = 1 end
   elseif first and #redis.call('XRANGE', KEYS[1], pos, pos) == 0 and pos ~= last then
     gap = 1
-    local rewound = redis.call('GET', KEYS[3])
-    if rewound then
-      local from, to = string.match(rewound, '^(%S+) (%S+)')
-      if lt(from, pos) and not lt(to, pos) then resume = from end
-    end
+    resume = lost_in_failover(pos)
   end
 elseif mode == 'since' then
   local dm = parse(maxdel)
@@ -246,6 +351,9 @@ pub struct RedisHistory {
     stream: String,
     /// Holds the newest id dropped by retention.
     dropped: String,
+    /// With retention rules: the prefix of each log's list of ids, and the hash of their drops.
+    log_prefix: String,
+    log_drops: String,
     key_prefix: String,
     /// The claimed keys by publish time, and their counted bytes: the keys' bounds.
     key_order: String,
@@ -392,6 +500,7 @@ fn chunk_of(gap: Option<Gap>, entries: Vec<Entry>) -> Chunk {
         events: Vec::with_capacity(entries.len()),
         cut_short: false,
         skipped: Vec::new(),
+        drops: 0,
     };
     for entry in entries {
         match entry {
@@ -426,6 +535,7 @@ fn followed(entries: Vec<Entry>) -> Result<Chunk, HistoryError> {
         events: Vec::with_capacity(entries.len()),
         cut_short: false,
         skipped: Vec::new(),
+        drops: 0,
     };
     for entry in entries {
         match entry {
@@ -483,6 +593,8 @@ impl RedisHistory {
         Ok(RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
+            log_prefix: format!("{}:log:", options.prefix),
+            log_drops: format!("{}:dropped-logs", options.prefix),
             key_prefix: format!("{}:idem:", options.prefix),
             key_order: format!("{}:idem-order", options.prefix),
             key_bytes: format!("{}:idem-bytes", options.prefix),
@@ -564,8 +676,14 @@ impl RedisHistory {
         mode: &str,
         pos: String,
         limit: usize,
-    ) -> Result<(Option<Gap>, Vec<Entry>), HistoryError> {
+        interest: Interest,
+    ) -> Result<(Option<Gap>, Vec<Entry>, u64), HistoryError> {
         let mut conn = self.link.primary().await.map_err(unavailable)?;
+        let flags = if self.retention.rules.is_empty() {
+            String::new()
+        } else {
+            interest.flags(self.retention.rules.logs())
+        };
         let reply: Value = self
             .read
             .key(&self.stream)
@@ -574,32 +692,46 @@ impl RedisHistory {
             .arg(mode)
             .arg(pos)
             .arg(limit)
+            .arg(flags)
+            .arg(&self.log_drops)
+            .arg(interest.accepted())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         let Value::Array(parts) = &reply else {
             return Err(unavailable("unexpected read reply"));
         };
-        let [gap, oldest, range] = parts.as_slice() else {
-            return Err(unavailable("unexpected read reply"));
+        let (gap, oldest, range, drops) = match parts.as_slice() {
+            [gap, oldest, range] => (gap, oldest, range, 0),
+            [gap, oldest, range, Value::Int(n)] => (gap, oldest, range, *n as u64),
+            _ => return Err(unavailable("unexpected read reply")),
         };
         let gap = matches!(gap, Value::Int(1));
         let oldest = text(oldest).and_then(|s| event_id(&s));
         if matches!(range, Value::Array(r) if !r.is_empty()) {
             self.fence(&mut conn).await?;
         }
-        Ok((gap.then_some(Gap { oldest }), entries(range)?))
+        Ok((gap.then_some(Gap { oldest }), entries(range)?, drops))
     }
 
+    /// [`Self::run_read`] from where `from` says: the gap verdict, the entries and the drops
+    /// count the reader now accepts.
     async fn read_entries(
         &self,
         from: ReadFrom,
         limit: usize,
-    ) -> Result<(Option<Gap>, Vec<Entry>), HistoryError> {
+        interest: Interest,
+    ) -> Result<(Option<Gap>, Vec<Entry>, u64), HistoryError> {
         match from {
-            ReadFrom::Oldest => self.run_read("oldest", String::new(), limit).await,
-            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit).await,
-            ReadFrom::Since(ms) => self.run_read("since", ms.to_string(), limit).await,
+            ReadFrom::Oldest => {
+                self.run_read("oldest", String::new(), limit, interest)
+                    .await
+            }
+            ReadFrom::After(id) => self.run_read("after", stream_id(id), limit, interest).await,
+            ReadFrom::Since(ms) => {
+                self.run_read("since", ms.to_string(), limit, interest)
+                    .await
+            }
         }
     }
 
@@ -643,8 +775,23 @@ impl History for RedisHistory {
     }
 
     async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
-        let (gap, entries) = self.read_entries(from, limit).await?;
-        Ok(chunk_of(gap, entries))
+        self.read_for(from, limit, Interest::ALL).await
+    }
+
+    async fn read_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
+        let (gap, entries, drops) = self.read_entries(from, limit, interest).await?;
+        let mut chunk = chunk_of(gap, entries);
+        chunk.drops = drops;
+        Ok(chunk)
+    }
+
+    fn interest(&self, selectors: &[Selector]) -> Interest {
+        self.retention.rules.interest(selectors)
     }
 
     async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, HistoryError> {
@@ -665,7 +812,13 @@ impl History for RedisHistory {
 
     async fn maintain(&self) -> Result<(), HistoryError> {
         // An append of nothing applies the retention limits (the script trims after appending).
-        if self.retention.max_age.is_some() {
+        let ages = self.retention.max_age.is_some()
+            || self
+                .retention
+                .rules
+                .iter()
+                .any(|r| r.keep.max_age.is_some());
+        if ages {
             self.append_claiming(Vec::new(), &[]).await?;
         }
         Ok(())
@@ -708,6 +861,31 @@ impl SharedHistory for RedisHistory {
         }
         // With replicas to wait for, a repeat touches its key, so that `WAIT` covers the original.
         invocation.arg(if self.replicas > 0 { "1" } else { "0" });
+        let rules = &self.retention.rules;
+        if rules.is_empty() {
+            invocation.arg("").arg("").arg("").arg("");
+        } else {
+            let logs: Vec<String> = messages
+                .iter()
+                .map(|m| {
+                    let a = u8::from(addressed(&m.targets));
+                    format!("{}:{a}", rules.log_of(&m.targets))
+                })
+                .collect();
+            let now = now_ms();
+            let bounds: Vec<String> = (0..rules.logs())
+                .map(|l| {
+                    let b = self.retention.bounds_of(l);
+                    format!("{},{}", b.max_events, b.cutoff_ms(now).unwrap_or(0))
+                })
+                .collect();
+            // `r` first: with rules, even an append of nothing (maintenance) trims the logs.
+            invocation
+                .arg(format!("r,{}", logs.join(",")))
+                .arg(bounds.join(";"))
+                .arg(&self.log_prefix)
+                .arg(&self.log_drops);
+        }
         invocation.arg(self.max_keys).arg(self.max_key_bytes);
         // One connection for the script and its `WAIT`: `WAIT` counts this connection's writes.
         let mut conn = self.link.primary().await.map_err(unavailable)?;
@@ -757,7 +935,7 @@ impl SharedHistory for RedisHistory {
             }
             let from = after.map_or(ReadFrom::Oldest, ReadFrom::After);
             // (Only replicated events are returned.)
-            let (gap, entries) = self.read_entries(from, limit).await?;
+            let (gap, entries, _) = self.read_entries(from, limit, Interest::ALL).await?;
             // The stream holds events older than `after` but not `after` itself: it was replaced
             // (a failover, events appended since), not trimmed.
             if let (Some(after), Some(gap)) = (after, gap)
@@ -939,6 +1117,7 @@ pub(crate) mod tests {
             }
         };
         super::super::conformance::run_without_byte_limit(&make).await;
+        super::super::conformance::run_rules(&make, false).await;
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use futures_util::Stream;
 
 use crate::event::{Event, EventId, control_frame, now_ms, user_line};
 use crate::fanout::{Ending, Fanout, Signal, Subscriber, TOKEN_EXPIRED};
-use crate::history::{Chunk, Gap, HistoryError, ReadFrom};
+use crate::history::{Chunk, Gap, HistoryError, Interest, ReadFrom};
 use crate::name::EventType;
 pub(crate) use start::FirstRead;
 pub use start::Start;
@@ -46,7 +46,8 @@ pub struct EventStream {
     /// The newest event id this stream has written or passed over; live events at or below it are
     /// duplicates of what replay already covered.
     cursor: Option<EventId>,
-    replay: Option<Replay>,
+    /// Only while replaying or catching up. Boxed, so a live stream does not carry its size.
+    replay: Option<Box<Replay>>,
     /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
     /// streams without it stay one pointer bigger, not a `Bytes` bigger.
     route: Option<Box<Route>>,
@@ -100,6 +101,8 @@ struct Replay {
     lagging: bool,
     /// Events this replay has sent so far.
     sent: u64,
+    /// The history logs this connection's selectors reach (see `History::read_for`).
+    interest: Interest,
     read: Option<ReadFuture>,
 }
 
@@ -125,6 +128,7 @@ impl EventStream {
             forced,
             lagging: false,
             sent: 0,
+            interest: hub.history.interest(&sub.selectors),
             read: None,
         };
         let (cursor, replay) = match start.first_read() {
@@ -140,7 +144,10 @@ impl EventStream {
                     ReadFrom::After(id) => Some(id),
                     ReadFrom::Oldest | ReadFrom::Since(_) => None,
                 };
-                (cursor, Some(replay(read.from, report, read.unknown_id)))
+                (
+                    cursor,
+                    Some(Box::new(replay(read.from, report, read.unknown_id))),
+                )
             }
         };
         EventStream {
@@ -167,6 +174,8 @@ impl EventStream {
 
     /// Applies one chunk of history; returns whether the replay is complete.
     fn apply_chunk(&mut self, replay: &mut Replay, chunk: Chunk) -> bool {
+        // The next step goes on from here: what was dropped before this read is no gap of it.
+        replay.interest = replay.interest.after_drops(chunk.drops);
         let report = replay.report.take();
         let forced = std::mem::take(&mut replay.forced);
         if let Some(Gap { oldest }) = chunk.gap {
@@ -219,11 +228,11 @@ impl EventStream {
         self.hub.counters.replayed.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Replay) -> Poll<()> {
+    fn poll_replay(&mut self, cx: &mut Context<'_>, mut replay: Box<Replay>) -> Poll<()> {
         let read = replay.read.get_or_insert_with(|| {
             let history = self.hub.history.clone();
-            let from = replay.from;
-            Box::pin(async move { history.read(from, REPLAY_CHUNK).await })
+            let (from, interest) = (replay.from, replay.interest);
+            Box::pin(async move { history.read_for(from, REPLAY_CHUNK, interest).await })
         });
         match read.as_mut().poll(cx) {
             Poll::Pending => {
@@ -336,14 +345,15 @@ impl Stream for EventStream {
                         this.out.push_back(Bytes::from_static(HEARTBEAT));
                     }
                     if lagging {
-                        this.replay = Some(Replay {
+                        this.replay = Some(Box::new(Replay {
                             from: this.cursor.map_or(ReadFrom::Oldest, ReadFrom::After),
                             report: None,
                             forced: false,
                             lagging: true,
                             sent: 0,
+                            interest: this.hub.history.interest(&this.sub.selectors),
                             read: None,
-                        });
+                        }));
                     }
                 }
                 Poll::Ready(Signal::Ending(Ending::Closed(reason))) => {

@@ -24,6 +24,7 @@ mod presence;
 mod readme_tour;
 mod redis_servers;
 mod resume;
+mod retention;
 mod sentinel;
 mod streams;
 mod tls;
