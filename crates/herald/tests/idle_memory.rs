@@ -29,7 +29,7 @@ use std::time::Duration;
 const STREAMS: usize = 2000;
 const WARM_UP: usize = 300;
 /// Heap bytes (as requested, before the allocator's rounding) one idle stream may hold.
-const BUDGET: f64 = 1000.0;
+const BUDGET: f64 = 900.0;
 
 /// Requested sizes counted exactly up to this; larger blocks are counted together.
 const EXACT: usize = 4096;
