@@ -230,21 +230,18 @@ impl Connection {
         .await;
         match first {
             stream_conn::First::Stream(request) => {
-                // A task of its own, on the streams' runtime, holding none of this task's state.
-                let (held, serve) = (
-                    self.held,
-                    stream_conn::serve(io, self.peer, self.app, request),
-                );
-                self.streams.spawn(async move {
-                    serve.await;
-                    drop(held);
-                });
+                // A task of its own, on the streams' runtime, holding none of this task's state
+                // but the connection's count, given back when the stream ends.
+                let serve = stream_conn::serve(io, self.peer, self.app, request, self.held);
+                self.streams.spawn(serve);
             }
+            // Boxed: hyper's connection state is large and a connection that becomes a lean
+            // stream never needs it, so the task that reads the first head stays small.
             stream_conn::First::Other(prefix) if prefix.starts_with(H2_PREFACE) => {
-                self.http2(stream_conn::Prefixed::new(prefix, io)).await;
+                Box::pin(self.http2(stream_conn::Prefixed::new(prefix, io))).await;
             }
             stream_conn::First::Other(prefix) => {
-                self.http1(stream_conn::Prefixed::new(prefix, io)).await;
+                Box::pin(self.http1(stream_conn::Prefixed::new(prefix, io))).await;
             }
             stream_conn::First::Gone => {}
         }

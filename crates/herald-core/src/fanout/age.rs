@@ -85,7 +85,7 @@ impl Ages {
     }
 
     pub(crate) fn add(&self, sub: &Arc<Subscriber>) {
-        let Some(at) = sub.ends_at_ms else { return };
+        let Some(at) = sub.ends_at_ms() else { return };
         let key = (at, Arc::as_ptr(sub) as usize);
         let mut due = self.due.lock();
         let earliest = due.first_key_value().is_none_or(|(first, _)| key < *first);
@@ -97,7 +97,7 @@ impl Ages {
     }
 
     pub(crate) fn remove(&self, sub: &Arc<Subscriber>) {
-        if let Some(at) = sub.ends_at_ms {
+        if let Some(at) = sub.ends_at_ms() {
             self.due.lock().remove(&(at, Arc::as_ptr(sub) as usize));
         }
     }

@@ -21,7 +21,7 @@ pub(crate) struct Expiries {
 
 impl Expiries {
     pub(crate) fn add(&self, sub: &Arc<Subscriber>) {
-        if let Some(at) = sub.expires_at_ms {
+        if let Some(at) = sub.expires_at_ms() {
             self.due
                 .lock()
                 .insert((at, Arc::as_ptr(sub) as usize), Arc::downgrade(sub));
@@ -29,7 +29,7 @@ impl Expiries {
     }
 
     pub(crate) fn remove(&self, sub: &Arc<Subscriber>) {
-        if let Some(at) = sub.expires_at_ms {
+        if let Some(at) = sub.expires_at_ms() {
             self.due.lock().remove(&(at, Arc::as_ptr(sub) as usize));
         }
     }

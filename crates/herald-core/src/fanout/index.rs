@@ -94,6 +94,30 @@ impl SelectorIndex {
         node.here.push(sub.clone());
     }
 
+    /// An equal `Selector` an open stream already holds, if any: a new stream takes it instead of
+    /// keeping its own copy of the same text (many streams share few selectors). Each
+    /// subscriber's selectors are sorted, so the holder's copy is found by a binary search.
+    pub(crate) fn shared(&self, selector: &Selector) -> Option<Selector> {
+        let mut node = &self.root;
+        let mut segs = selector.segments().peekable();
+        let mut rest = false;
+        while let Some(seg) = segs.next() {
+            if seg == "**" && segs.peek().is_none() {
+                rest = true;
+                break;
+            }
+            node = if seg == "*" {
+                node.star.as_deref()?
+            } else {
+                node.child(seg)?
+            };
+        }
+        let holders = if rest { &node.rest } else { &node.here };
+        let holder = holders.first()?;
+        let i = holder.selectors.binary_search(selector).ok()?;
+        Some(holder.selectors[i].clone())
+    }
+
     pub(crate) fn remove(&mut self, selector: &Selector, sub: &Arc<Subscriber>) {
         let segs: Vec<&str> = selector.segments().collect();
         if remove_at(&mut self.root, &segs, sub) {
@@ -274,6 +298,31 @@ mod tests {
             );
             node = child;
         }
+    }
+
+    /// A new stream shares the text of a selector another stream holds, wildcards included.
+    #[test]
+    fn equal_selectors_are_shared() {
+        let mut index = SelectorIndex::default();
+        for (key, text) in ["news/*", "chat/**", "a/b"].into_iter().enumerate() {
+            let selector = Selector::new(text).unwrap();
+            assert!(index.shared(&selector).is_none());
+            let holder = Arc::new(Subscriber::new(
+                key,
+                None,
+                vec![selector.clone()],
+                Default::default(),
+                None,
+                None,
+            ));
+            index.insert(&selector, &holder);
+            let asked = Selector::new(text).unwrap();
+            let shared = index.shared(&asked).expect("shared");
+            assert_eq!(shared, asked);
+            assert!(std::ptr::eq(shared.as_str(), selector.as_str()));
+        }
+        assert!(index.shared(&Selector::new("news").unwrap()).is_none());
+        assert!(index.shared(&Selector::new("a/*").unwrap()).is_none());
     }
 
     #[test]

@@ -152,6 +152,13 @@ impl Fanout {
         if reg.subs.len() >= self.max_connections {
             return None;
         }
+        // The same text as open streams hold is shared, not copied: an idle stream's selectors
+        // and user id are then one pointer each.
+        let selectors = selectors
+            .into_iter()
+            .map(|s| reg.index.shared(&s).unwrap_or(s))
+            .collect();
+        let user = user.map(|u| reg.users.get_key_value(&u).map_or(u, |(k, _)| k.clone()));
         let entry = reg.subs.vacant_entry();
         let sub = Arc::new(Subscriber::new(
             entry.key(),

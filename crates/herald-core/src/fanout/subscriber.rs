@@ -1,7 +1,7 @@
 //! One connection's inbox: a bounded queue of shared events plus flags for heartbeat and close.
 //! Publishers only push under a short lock and never wait; a full queue marks the connection lagging.
 
-use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -32,34 +32,48 @@ impl Ending {
     }
 }
 
+/// Every open connection has one, so it is kept small (see "Memory per idle stream" in
+/// docs/ARCHITECTURE.md): what only authorization adds is boxed, optional times are
+/// `NonZeroU64`s (8 bytes, not 16), the selectors a boxed slice sized to fit, the inbox's queue
+/// allocated only while events wait.
 #[derive(Debug)]
 pub(crate) struct Subscriber {
     pub(crate) key: usize,
     pub(crate) user: Option<UserId>,
-    pub(crate) selectors: Vec<Selector>,
-    /// What this connection may see of private events.
-    pub(crate) grant: Grant,
-    /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
-    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) selectors: Box<[Selector]>,
+    /// The grant and token expiry; `None` (the streams of an open hub): `Grant::All`, no expiry.
+    auth: Option<Box<Auth>>,
     /// The newest event id this connection may still deliver, once an operator closed it: nothing
     /// published after the close reaches it on any path (live, replay, catch-up). `u64::MAX`: open.
     last_deliverable: AtomicU64,
-    /// When the stream reaches its maximum age (ms after the hub's `Ages` origin).
-    pub(crate) ends_at_ms: Option<u64>,
+    /// When the stream reaches its maximum age (ms after the hub's `Ages` origin, at least 1).
+    ends_at_ms: Option<NonZeroU64>,
     inbox: Mutex<Inbox>,
+}
+
+/// What authorization adds to a connection.
+#[derive(Debug)]
+struct Auth {
+    /// What this connection may see of private events.
+    grant: Grant,
+    /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
+    expires_at_ms: Option<NonZeroU64>,
 }
 
 #[derive(Debug, Default)]
 struct Inbox {
-    events: VecDeque<Arc<Event>>,
+    /// A `Vec`, not a `VecDeque` (8 bytes smaller): it is only pushed to and taken whole.
+    events: Vec<Arc<Event>>,
     /// Bytes of the frames in `events`.
     bytes: usize,
-    /// The id of the newest event offered; an event matching several targets is queued once.
-    last_offered: Option<EventId>,
+    /// The id of the newest event offered (0: none yet; ids start at 1); an event matching
+    /// several targets is queued once.
+    last_offered: u64,
     /// Events were dropped because the queue was full: the writer must catch up from history.
     lagging: bool,
     heartbeat: bool,
-    ending: Option<Ending>,
+    /// Boxed: rare, and 8 bytes instead of 24 in every inbox.
+    ending: Option<Box<Ending>>,
     waker: Option<Waker>,
 }
 
@@ -103,21 +117,38 @@ impl Subscriber {
         expires_at_ms: Option<u64>,
         ends_at_ms: Option<u64>,
     ) -> Self {
+        // An expiry at 0 ms is one long past, as 1 ms is.
+        let expires_at_ms = expires_at_ms.and_then(|at| NonZeroU64::new(at.max(1)));
+        let auth = (grant != Grant::All || expires_at_ms.is_some()).then(|| {
+            Box::new(Auth {
+                grant,
+                expires_at_ms,
+            })
+        });
         Subscriber {
             key,
             user,
-            selectors,
-            grant,
-            expires_at_ms,
+            selectors: selectors.into_boxed_slice(),
+            auth,
             last_deliverable: AtomicU64::new(u64::MAX),
-            ends_at_ms,
+            ends_at_ms: ends_at_ms.and_then(|at| NonZeroU64::new(at.max(1))),
             inbox: Mutex::new(Inbox::default()),
         }
     }
 
+    /// When its token expires (ms since the epoch): the stream then ends with `herald.close`.
+    pub(crate) fn expires_at_ms(&self) -> Option<u64> {
+        self.auth.as_ref()?.expires_at_ms.map(NonZeroU64::get)
+    }
+
+    /// When the stream reaches its maximum age (ms after the hub's `Ages` origin).
+    pub(crate) fn ends_at_ms(&self) -> Option<u64> {
+        self.ends_at_ms.map(NonZeroU64::get)
+    }
+
     /// Whether the token's expiry has passed at `now_ms`: the stream then gets nothing more.
     pub(crate) fn expired_at(&self, now_ms: u64) -> bool {
-        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+        self.expires_at_ms().is_some_and(|at| now_ms >= at)
     }
 
     /// Whether an event with this id may still be delivered (see `last_deliverable`).
@@ -134,7 +165,10 @@ impl Subscriber {
 
     /// Whether its grant lets this connection see `event` (fan-out has already routed it here).
     pub(crate) fn may_see(&self, event: &Event) -> bool {
-        self.grant.sees(event, self.user.as_ref())
+        match &self.auth {
+            None => true,
+            Some(auth) => auth.grant.sees(event, self.user.as_ref()),
+        }
     }
 
     /// Whether this connection receives `event`: routed to it and allowed by its grant. Replay
@@ -153,10 +187,10 @@ impl Subscriber {
         wakers: &mut Vec<Waker>,
     ) -> Offer {
         let mut inbox = self.inbox.lock();
-        if inbox.last_offered.is_some_and(|id| id >= event.id) || inbox.ending.is_some() {
+        if inbox.last_offered >= event.id.0 || inbox.ending.is_some() {
             return Offer::Skipped;
         }
-        inbox.last_offered = Some(event.id);
+        inbox.last_offered = event.id.0;
         let size = event.frame.len();
         // One event always fits an empty queue, however large: its bytes are bounded by the body.
         let full = inbox.events.len() >= bound.events
@@ -169,7 +203,7 @@ impl Subscriber {
             inbox.bytes = 0;
             Offer::Overflowed
         } else {
-            inbox.events.push_back(event.clone());
+            inbox.events.push(event.clone());
             inbox.bytes += size;
             Offer::Queued
         };
@@ -186,7 +220,7 @@ impl Subscriber {
     pub(crate) fn end(&self, ending: Ending) {
         self.poke(|inbox| {
             if inbox.ending.is_none() {
-                inbox.ending = Some(ending);
+                inbox.ending = Some(Box::new(ending));
             }
         });
     }
@@ -207,7 +241,7 @@ impl Subscriber {
             .lock()
             .ending
             .as_ref()
-            .is_some_and(Ending::is_quiet)
+            .is_some_and(|e| e.is_quiet())
     }
 
     /// Makes the writer catch up from history, as after an overflow. True if it was not lagging.
@@ -222,6 +256,12 @@ impl Subscriber {
         !was
     }
 
+    /// The inbox queue's allocated slots (tests check that an idle stream keeps none).
+    #[cfg(test)]
+    pub(crate) fn queue_capacity(&self) -> usize {
+        self.inbox.lock().events.capacity()
+    }
+
     /// Whether an overflow is still waiting for the writer to take it.
     pub(crate) fn is_lagging(&self) -> bool {
         self.inbox.lock().lagging
@@ -233,7 +273,7 @@ impl Subscriber {
     pub(crate) fn poll_take(
         &self,
         cx: &mut Context<'_>,
-        into: &mut VecDeque<Arc<Event>>,
+        into: &mut Vec<Arc<Event>>,
     ) -> Poll<Signal> {
         let mut inbox = self.inbox.lock();
         let heartbeat = std::mem::take(&mut inbox.heartbeat);
@@ -245,12 +285,16 @@ impl Subscriber {
                 lagging: false,
             });
         }
+        if heartbeat && inbox.events.capacity() > 0 {
+            // Nothing came since the last heartbeat: the queue keeps no buffer while idle.
+            inbox.events = Vec::new();
+        }
         // A closed stream first catches up what its overflow dropped; a quiet ending does not
         // wait (clients resume from their last id, on the next hub after a shutdown).
         if let Some(ending) = &inbox.ending
             && (!inbox.lagging || ending.is_quiet())
         {
-            return Poll::Ready(Signal::Ending(ending.clone()));
+            return Poll::Ready(Signal::Ending(Ending::clone(ending)));
         }
         let lagging = std::mem::take(&mut inbox.lagging);
         if heartbeat || lagging {
@@ -264,5 +308,35 @@ impl Subscriber {
             inbox.waker = Some(cx.waker().clone());
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open connection holds one `Subscriber` (in an `Arc`: 16 bytes more), so a field that
+    /// makes it larger makes every idle stream larger: 144 bytes is mimalloc's 160-byte class
+    /// with the `Arc`'s counts ("Memory per idle stream" in docs/ARCHITECTURE.md).
+    #[test]
+    fn a_subscriber_stays_small() {
+        let size = std::mem::size_of::<Subscriber>();
+        println!(
+            "Subscriber: {size} bytes, Inbox: {}",
+            std::mem::size_of::<Inbox>()
+        );
+        assert!(size <= 144, "Subscriber: {size} bytes");
+    }
+
+    /// An expiry or a planned end at 0 ms is kept as 1 ms: as long past, never lost.
+    #[test]
+    fn times_at_zero_are_kept() {
+        let sub = Subscriber::new(0, None, Vec::new(), Grant::All, Some(0), Some(0));
+        assert_eq!(sub.expires_at_ms(), Some(1));
+        assert_eq!(sub.ends_at_ms(), Some(1));
+        assert!(sub.expired_at(1));
+        let sub = Subscriber::new(0, None, Vec::new(), Grant::All, None, Some(7));
+        assert_eq!((sub.expires_at_ms(), sub.ends_at_ms()), (None, Some(7)));
+        assert!(!sub.expired_at(u64::MAX));
     }
 }

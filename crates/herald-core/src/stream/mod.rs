@@ -41,18 +41,20 @@ impl std::fmt::Debug for ReplayObserver {
 pub struct EventStream {
     hub: Arc<Fanout>,
     sub: Arc<Subscriber>,
+    /// Frames ready for the writer. Its storage is given back whenever the stream waits, so an
+    /// idle stream holds none.
     out: VecDeque<Bytes>,
-    live: VecDeque<Arc<Event>>,
-    /// The newest event id this stream has written or passed over; live events at or below it are
-    /// duplicates of what replay already covered.
-    cursor: Option<EventId>,
+    /// Events taken from the inbox (swapped with its queue, so the two keep one buffer each
+    /// while events flow; both are given back at a heartbeat that finds nothing to send).
+    live: Vec<Arc<Event>>,
+    /// The newest event id this stream has written or passed over (0: none; ids start at 1);
+    /// live events at or below it are duplicates of what replay already covered.
+    cursor: u64,
     /// Only while replaying or catching up. Boxed, so a live stream does not carry its size.
     replay: Option<Box<Replay>>,
     /// Set for `route=1`: each event is preceded by its routing lines (see [`Route`]). Boxed, so
     /// streams without it stay one pointer bigger, not a `Bytes` bigger.
     route: Option<Box<Route>>,
-    /// Told the length of the start's replay when it is over. Boxed, so streams stay small.
-    on_replayed: Option<Box<ReplayObserver>>,
     done: bool,
 }
 
@@ -84,7 +86,7 @@ impl Route {
 impl std::fmt::Debug for EventStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventStream")
-            .field("cursor", &self.cursor)
+            .field("cursor", &self.cursor())
             .field("replaying", &self.replay.is_some())
             .finish_non_exhaustive()
     }
@@ -103,6 +105,8 @@ struct Replay {
     sent: u64,
     /// The history logs this connection's selectors reach (see `History::read_for`).
     interest: Interest,
+    /// Told how many events the start's replay sent, once it is over (a catch-up has none).
+    on_replayed: Option<ReplayObserver>,
     read: Option<ReadFuture>,
 }
 
@@ -129,6 +133,7 @@ impl EventStream {
             lagging: false,
             sent: 0,
             interest: hub.history.interest(&sub.selectors),
+            on_replayed,
             read: None,
         };
         let (cursor, replay) = match start.first_read() {
@@ -154,13 +159,17 @@ impl EventStream {
             hub,
             sub,
             out,
-            live: VecDeque::new(),
-            cursor,
+            live: Vec::new(),
+            cursor: cursor.map_or(0, |c| c.0),
             replay,
             route,
-            on_replayed: on_replayed.map(Box::new),
             done: false,
         }
+    }
+
+    /// The newest event id written or passed over, if any.
+    fn cursor(&self) -> Option<EventId> {
+        (self.cursor > 0).then_some(EventId(self.cursor))
     }
 
     fn gap_frame(&self, last_event_id: Option<&str>, oldest: Option<EventId>) -> Bytes {
@@ -186,7 +195,7 @@ impl EventStream {
             let frame = self.gap_frame(shown.as_deref(), oldest);
             self.out.push_back(frame);
             // A gap replays from the oldest retained event, whatever the position was.
-            self.cursor = None;
+            self.cursor = 0;
         } else if forced {
             let oldest = chunk.events.first().map(|e| e.id);
             let frame = self.gap_frame(report.flatten().as_deref(), oldest);
@@ -201,7 +210,7 @@ impl EventStream {
                 cut_short = true;
                 break;
             }
-            if self.cursor.is_some_and(|c| event.id <= c) {
+            if event.id.0 <= self.cursor {
                 continue;
             }
             if !self.sub.deliverable(event.id) {
@@ -209,7 +218,7 @@ impl EventStream {
                 self.count_replayed(replayed);
                 return true;
             }
-            self.cursor = Some(event.id);
+            self.cursor = event.id.0;
             if self.sub.wants(event) {
                 Route::push(self.route.as_deref(), &self.sub, event, &mut self.out);
                 budget = budget.saturating_sub(event.frame.len());
@@ -218,7 +227,7 @@ impl EventStream {
         }
         self.count_replayed(replayed);
         replay.sent += replayed;
-        if let Some(c) = self.cursor {
+        if let Some(c) = self.cursor() {
             replay.from = ReadFrom::After(c);
         }
         !cut_short && !chunk.cut_short && chunk.events.len() < REPLAY_CHUNK
@@ -260,7 +269,7 @@ impl EventStream {
     fn finish_replay(&mut self, replay: &Replay) {
         if replay.lagging {
             self.hub.counters.lagging.fetch_sub(1, Ordering::Relaxed);
-        } else if let Some(observer) = self.on_replayed.take() {
+        } else if let Some(observer) = &replay.on_replayed {
             (observer.0)(replay.sent);
         }
     }
@@ -289,20 +298,28 @@ impl EventStream {
         self.done = true;
     }
 
+    /// Gives back the storage of `out` (empty whenever the stream waits): one small allocation
+    /// per wake-up, against a buffer held by every idle stream.
+    fn release_out(&mut self) {
+        if self.out.capacity() > 0 {
+            self.out = VecDeque::new();
+        }
+    }
+
     fn take_live(&mut self) {
         for event in self.live.drain(..) {
-            if self.cursor.is_some_and(|c| event.id <= c) {
+            if event.id.0 <= self.cursor {
                 continue;
             }
             if !self.sub.deliverable(event.id) {
                 continue;
             }
-            self.cursor = Some(event.id);
+            self.cursor = event.id.0;
             Route::push(self.route.as_deref(), &self.sub, &event, &mut self.out);
         }
         // After a burst, give the memory back: idle connections should stay small.
         if self.live.capacity() > 64 {
-            self.live = VecDeque::new();
+            self.live = Vec::new();
         }
     }
 }
@@ -313,7 +330,7 @@ impl Stream for EventStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let this = &mut *self;
         loop {
-            if this.sub.expires_at_ms.is_some() {
+            if this.sub.expires_at_ms().is_some() {
                 this.end_if_expired();
             }
             if let Some(frame) = this.out.pop_front() {
@@ -330,7 +347,10 @@ impl Stream for EventStream {
                     continue;
                 }
                 match this.poll_replay(cx, replay) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        this.release_out();
+                        return Poll::Pending;
+                    }
                     Poll::Ready(()) => continue,
                 }
             }
@@ -338,20 +358,26 @@ impl Stream for EventStream {
             let signal = this.sub.poll_take(cx, &mut live);
             this.live = live;
             match signal {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    this.release_out();
+                    return Poll::Pending;
+                }
                 Poll::Ready(Signal::Ready { heartbeat, lagging }) => {
                     this.take_live();
                     if heartbeat && this.out.is_empty() {
+                        // Nothing came since the last heartbeat: keep no buffer while idle.
+                        this.live = Vec::new();
                         this.out.push_back(Bytes::from_static(HEARTBEAT));
                     }
                     if lagging {
                         this.replay = Some(Box::new(Replay {
-                            from: this.cursor.map_or(ReadFrom::Oldest, ReadFrom::After),
+                            from: this.cursor().map_or(ReadFrom::Oldest, ReadFrom::After),
                             report: None,
                             forced: false,
                             lagging: true,
                             sent: 0,
                             interest: this.hub.history.interest(&this.sub.selectors),
+                            on_replayed: None,
                             read: None,
                         }));
                     }
@@ -385,5 +411,72 @@ impl Drop for EventStream {
             .counters
             .lagging
             .fetch_sub(counted, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use futures_util::StreamExt as _;
+    use futures_util::task::noop_waker_ref;
+
+    use super::*;
+    use crate::name::{Selector, Topic};
+    use crate::{Hub, Message, SubscribeRequest};
+
+    fn poll(stream: &mut EventStream) -> Poll<Option<Bytes>> {
+        stream.poll_next_unpin(&mut Context::from_waker(noop_waker_ref()))
+    }
+
+    /// Takes every frame that is ready; true if the stream then waits.
+    fn drain(stream: &mut EventStream) -> Vec<Bytes> {
+        let mut frames = Vec::new();
+        while let Poll::Ready(Some(frame)) = poll(stream) {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// What an idle stream holds is what "Memory per idle stream" (docs/ARCHITECTURE.md) counts:
+    /// a waiting stream keeps no frame buffer, a heartbeat that finds nothing to send gives back
+    /// the event buffers a burst left, and a live start keeps no replay state or observer.
+    #[tokio::test]
+    async fn an_idle_stream_keeps_no_buffers() {
+        assert!(std::mem::size_of::<EventStream>() <= 104);
+        let hub = Hub::builder().build().unwrap();
+        let mut stream = hub
+            .subscribe(SubscribeRequest {
+                selectors: vec![Selector::new("t").unwrap()],
+                on_replayed: Some(ReplayObserver(Arc::new(|_| {}))),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(stream.replay.is_none());
+        assert_eq!(drain(&mut stream).len(), 1, "the preamble");
+        assert_eq!(stream.out.capacity(), 0);
+        for _ in 0..3 {
+            hub.publish(Message::to_topic(Topic::new("t").unwrap()))
+                .await
+                .unwrap();
+        }
+        let frames = drain(&mut stream);
+        assert_eq!(frames.len(), 3);
+        assert_eq!(stream.out.capacity(), 0);
+        assert!(stream.live.capacity() > 0, "kept while events flow");
+        // The inbox and `live` swap buffers; both are kept while events flow.
+        hub.publish(Message::to_topic(Topic::new("t").unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(drain(&mut stream).len(), 1);
+        stream.sub.heartbeat();
+        assert_eq!(drain(&mut stream), vec![Bytes::from_static(HEARTBEAT)]);
+        assert_eq!(stream.live.capacity(), 0);
+        assert_eq!(stream.sub.queue_capacity(), 0);
+        // And events still arrive after.
+        hub.publish(Message::to_topic(Topic::new("t").unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(drain(&mut stream).len(), 1);
     }
 }

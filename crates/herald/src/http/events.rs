@@ -30,8 +30,11 @@ pub(crate) async fn subscribe(
     if !names_user && super::finite::finished(&app, &request.start, &request.selectors).await {
         return Ok(super::finite::finished_response());
     }
-    let metrics = app.metrics.clone();
-    request.on_replayed = Some(ReplayObserver(Arc::new(move |n| metrics.replayed(n))));
+    // Only a stream that starts with a replay reports one: a live stream holds no observer.
+    if request.start != Start::Live {
+        let metrics = app.metrics.clone();
+        request.on_replayed = Some(ReplayObserver(Arc::new(move |n| metrics.replayed(n))));
+    }
     let slot = app
         .connections
         .acquire(&app.limits, ip, request.user.as_ref())

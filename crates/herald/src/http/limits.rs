@@ -88,9 +88,14 @@ pub(crate) struct Connections {
     per_user: Mutex<HashMap<UserId, usize>>,
 }
 
-/// Held by a stream's body; gives its slots back when the stream ends.
+/// Held by a stream's body; gives its slots back when the stream ends. Nothing is counted for a
+/// limit that is not set, and with none set a stream holds an empty slot: one pointer, not the
+/// 48 bytes of a counted one (every idle stream carries it, see "Memory per idle stream").
 #[derive(Debug)]
-pub(crate) struct ConnectionSlot {
+pub(crate) struct ConnectionSlot(Option<Box<Counted>>);
+
+#[derive(Debug)]
+struct Counted {
     owner: Arc<Connections>,
     ip: Option<IpAddr>,
     user: Option<UserId>,
@@ -98,11 +103,12 @@ pub(crate) struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some(ip) = self.ip {
-            release(&mut self.owner.per_ip.lock(), &ip);
+        let Some(counted) = self.0.take() else { return };
+        if let Some(ip) = counted.ip {
+            release(&mut counted.owner.per_ip.lock(), &ip);
         }
-        if let Some(user) = &self.user {
-            release(&mut self.owner.per_user.lock(), user);
+        if let Some(user) = &counted.user {
+            release(&mut counted.owner.per_user.lock(), user);
         }
     }
 }
@@ -136,17 +142,23 @@ impl Connections {
         {
             return Err("connections_per_user");
         }
+        // A limit that is not set needs no count.
+        let ip = ip.filter(|_| limits.per_ip != usize::MAX);
+        let user = user.filter(|_| limits.per_user != usize::MAX);
+        if ip.is_none() && user.is_none() {
+            return Ok(ConnectionSlot(None));
+        }
         if let Some(ip) = ip {
             *per_ip.entry(ip).or_default() += 1;
         }
         if let Some(u) = user {
             *per_user.entry(u.clone()).or_default() += 1;
         }
-        Ok(ConnectionSlot {
+        Ok(ConnectionSlot(Some(Box::new(Counted {
             owner: self.clone(),
             ip,
             user: user.cloned(),
-        })
+        }))))
     }
 }
 
@@ -369,5 +381,28 @@ mod tests {
         );
         drop(slot);
         assert!(c.acquire(&limits, ip, Some(&u)).is_ok());
+    }
+
+    /// Without limits nothing is counted and a slot is one empty pointer.
+    #[test]
+    fn without_limits_a_slot_holds_nothing() {
+        assert_eq!(std::mem::size_of::<ConnectionSlot>(), 8);
+        let c = Arc::new(Connections::default());
+        let ip = Some("1.2.3.4".parse().unwrap());
+        let u = UserId::new("u").unwrap();
+        let slots: Vec<_> = (0..3)
+            .map(|_| c.acquire(&Limits::default(), ip, Some(&u)).unwrap())
+            .collect();
+        assert!(slots.iter().all(|s| s.0.is_none()));
+        assert!(c.per_ip.lock().is_empty() && c.per_user.lock().is_empty());
+        let only_ip = Limits {
+            per_ip: 5,
+            ..Limits::default()
+        };
+        let slot = c.acquire(&only_ip, ip, Some(&u)).unwrap();
+        assert_eq!(c.per_ip.lock().len(), 1);
+        assert!(c.per_user.lock().is_empty());
+        drop(slot);
+        assert!(c.per_ip.lock().is_empty());
     }
 }
