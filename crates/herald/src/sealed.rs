@@ -1,24 +1,28 @@
 //! An event stream over TLS 1.3 once its request is read, holding only what sending needs: the
-//! connection's write key (rustls' own record encrypter for the negotiated suite) and its record
-//! sequence number, over the bare socket. The rule it keeps: every record it writes is sealed by
-//! that encrypter with the next sequence number, so the client cannot tell it from rustls' own
-//! records, and never past the suite's confidentiality limit.
+//! server's traffic key and IV as rustls hands them over, and the record sequence number, over the
+//! bare socket. The rule it keeps: every record it writes is a TLS 1.3 record (RFC 8446 §5.2,
+//! §5.3) sealed with that key under the next sequence number, so the client cannot tell it from
+//! rustls' own, and never past the suite's confidentiality limit.
 //!
-//! Why not rustls' connection: its buffered API keeps about 7.3 KB per idle connection that no call
-//! releases (a 4 KiB read buffer it regrows on every read, both directions' keys, the key schedule
-//! and handshake state, see docs/ARCHITECTURE.md), twice the whole plain stream, and issue 13 asks
-//! for at most 4 KiB per idle TLS stream. The unbuffered API (`UnbufferedServerConnection`) would
-//! drop only the read buffer and keep the rest. An event stream expects nothing from its client
-//! after the request, so once the lean path takes a TLS 1.3 connection the secrets are extracted
-//! (the handoff rustls offers for kernel TLS) and the connection is dropped: what stays is the
-//! sending key, about 560 B. Encryption is rustls' (`Tls13AeadAlgorithm::encrypter`), not ours.
+//! Why not rustls' connection: its buffered API keeps about 6.5 KB of heap per idle connection
+//! that no call releases (a 4 KiB read buffer it regrows on every read, both directions' keys,
+//! the key schedule and handshake state, see docs/ARCHITECTURE.md) plus 1.2 KB inline, more than
+//! the whole plain stream, and issue 13 asks for at most 4 KiB per idle TLS stream. The
+//! unbuffered API (`UnbufferedServerConnection`) would drop only the read buffer. An event stream
+//! expects nothing from its client after the request, so once the lean path takes a TLS 1.3
+//! connection its secrets are extracted (the handoff rustls offers for kernel TLS) and the
+//! connection is dropped. Even rustls' record encrypter is not kept: ring's expanded AES-GCM key
+//! is about 560 B, so the key is expanded on the stack for each write (a few hundred nanoseconds,
+//! beside a system call) and an idle stream keeps 44 bytes of key and IV. The encryption is
+//! ring's AEAD, the one rustls uses; only the record framing around it is written here, because
+//! rustls can rebuild its encrypter from extracted secrets for 32-byte keys only.
 //!
 //! What the client sends is not decrypted: an open event stream ignores it (counted as stray bytes
 //! by the writer), and the end of the socket ends the stream (a client's `close_notify` arrives
 //! just before it). So a client's TLS 1.3 `KeyUpdate` asking for ours is not answered; herald keeps
 //! writing with the key the client reads with, which it keeps until it gets a `KeyUpdate` from us,
-//! so the stream goes on. At the suite's confidentiality limit (2^24 records for AES-GCM) the stream
-//! ends instead of updating its key, and the client resumes on a new connection with
+//! so the stream goes on. At the suite's confidentiality limit (2^24 records for AES-GCM) the
+//! stream ends instead of updating its key, and the client resumes on a new connection with
 //! `Last-Event-ID`. TLS 1.2 connections stay on rustls' buffered connection.
 
 use std::io::{self, IoSlice};
@@ -26,8 +30,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use rustls::crypto::cipher::{MessageEncrypter, OutboundChunks, OutboundPlainMessage};
-use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -39,8 +44,13 @@ const MAX_SEAL: usize = 4 * MAX_FRAGMENT;
 /// Most slices of one vectored write taken at once (the lean writer gathers at most 64 frames,
 /// plus a chunk's size line and end).
 const MAX_SLICES: usize = 66;
+/// Record content types (RFC 8446 §5.1).
+const ALERT: u8 = 21;
+const APPLICATION_DATA: u8 = 23;
 /// `close_notify`: alert level warning (1), description close_notify (0).
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// A TLS 1.3 record's header: outer type application data, legacy version TLS 1.2, then length.
+const RECORD_PREFIX: [u8; 3] = [APPLICATION_DATA, 3, 3];
 
 /// What became of a TLS connection handed to the lean path.
 pub(crate) enum Sealing {
@@ -62,6 +72,7 @@ pub(crate) async fn seal(mut tls: TlsStream<TcpStream>, timeout: Duration) -> Se
     if connection.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
         return Sealing::Kept(tls);
     }
+    let limit = suite.common.confidentiality_limit;
     // rustls hands its secrets over only with nothing left to send.
     match tokio::time::timeout(timeout, tls.flush()).await {
         Ok(Ok(())) => {}
@@ -75,10 +86,12 @@ pub(crate) async fn seal(mut tls: TlsStream<TcpStream>, timeout: Duration) -> Se
             return Sealing::Failed;
         }
     };
-    let (key, iv) = match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+    let (algorithm, key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (&aead::CHACHA20_POLY1305, key, iv)
+        }
         _ => {
             tracing::warn!("a TLS 1.3 suite without a known record key: connection dropped");
             return Sealing::Failed;
@@ -86,10 +99,12 @@ pub(crate) async fn seal(mut tls: TlsStream<TcpStream>, timeout: Duration) -> Se
     };
     Sealing::Sealed(SealedStream {
         tcp,
-        key: suite.aead_alg.encrypter(key, iv),
+        algorithm,
+        key,
+        iv,
         seq,
         // One record is kept for the closing alert.
-        limit: suite.common.confidentiality_limit.saturating_sub(1),
+        limit: limit.saturating_sub(1),
         out: Vec::new(),
         sent: 0,
         closing: false,
@@ -100,7 +115,10 @@ pub(crate) async fn seal(mut tls: TlsStream<TcpStream>, timeout: Duration) -> Se
 /// Reading passes the client's bytes through unopened (see the module's comment).
 pub(crate) struct SealedStream {
     tcp: TcpStream,
-    key: Box<dyn MessageEncrypter>,
+    algorithm: &'static aead::Algorithm,
+    /// The server's traffic key and IV (rustls' types, which zero them when dropped).
+    key: AeadKey,
+    iv: Iv,
     /// The sequence number of the next record.
     seq: u64,
     /// Application records end here (the suite's confidentiality limit, less the closing alert).
@@ -126,26 +144,55 @@ impl SealedStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Seals one record of at most `MAX_FRAGMENT` bytes after what is waiting in `out`.
-    fn seal(&mut self, typ: ContentType, payload: OutboundChunks<'_>) -> io::Result<()> {
-        if typ == ContentType::ApplicationData && self.seq >= self.limit {
+    /// The expanded key, for one write's records.
+    fn expand(&self) -> io::Result<LessSafeKey> {
+        UnboundKey::new(self.algorithm, self.key.as_ref())
+            .map(LessSafeKey::new)
+            .map_err(|_| io::Error::other("the TLS traffic key does not fit its cipher"))
+    }
+
+    /// Appends one record of at most `MAX_FRAGMENT` bytes of `payload`, of inner content type
+    /// `typ`, to `out`: header, payload, type, then the tag, sealed under the next sequence
+    /// number, the header being the additional data (RFC 8446 §5.2).
+    fn seal(&mut self, key: &LessSafeKey, typ: u8, payload: OutboundChunks<'_>) -> io::Result<()> {
+        if typ == APPLICATION_DATA && self.seq >= self.limit {
             return Err(io::Error::other(
                 "the TLS key's record limit is reached: the stream ends and the client resumes",
             ));
         }
-        let plain = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload,
-        };
-        let record = self.key.encrypt(plain, self.seq).map_err(io::Error::other)?;
-        self.seq += 1;
-        let record = record.encode();
-        if self.out.is_empty() {
-            self.out = record;
-        } else {
-            self.out.extend_from_slice(&record);
+        let tag_len = key.algorithm().tag_len();
+        let length = u16::try_from(payload.len() + 1 + tag_len).map_err(io::Error::other)?;
+        let [high, low] = length.to_be_bytes();
+        let header = [
+            RECORD_PREFIX[0],
+            RECORD_PREFIX[1],
+            RECORD_PREFIX[2],
+            high,
+            low,
+        ];
+        // The per-record nonce: the IV with the sequence number XORed into its last 8 bytes.
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce.copy_from_slice(self.iv.as_ref());
+        for (n, s) in nonce[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *n ^= s;
         }
+        self.out.reserve(header.len() + usize::from(length));
+        self.out.extend_from_slice(&header);
+        let start = self.out.len();
+        payload.copy_to_vec(&mut self.out);
+        self.out.push(typ);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(header),
+                &mut self.out[start..],
+            )
+            .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
+        self.out.extend_from_slice(tag.as_ref());
+        self.seq += 1;
         Ok(())
     }
 }
@@ -183,10 +230,11 @@ impl AsyncWrite for SealedStream {
             return Poll::Ready(Ok(0));
         }
         let taken = total.min(MAX_SEAL);
+        let key = this.expand()?;
         let (mut rest, _) = OutboundChunks::new(&chunks[..count]).split_at(taken);
         while !rest.is_empty() {
             let (record, after) = rest.split_at(MAX_FRAGMENT);
-            this.seal(ContentType::ApplicationData, record)?;
+            this.seal(&key, APPLICATION_DATA, record)?;
             rest = after;
         }
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -211,7 +259,8 @@ impl AsyncWrite for SealedStream {
         ready!(this.poll_drain(cx))?;
         if !this.closing {
             this.closing = true;
-            this.seal(ContentType::Alert, OutboundChunks::Single(&CLOSE_NOTIFY))?;
+            let key = this.expand()?;
+            this.seal(&key, ALERT, OutboundChunks::Single(&CLOSE_NOTIFY))?;
             ready!(this.poll_drain(cx))?;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
@@ -252,12 +301,15 @@ mod tests {
         }
     }
 
-    /// The sealed stream takes the socket's place in the lean writer's task: it adds the key's
-    /// pointer and the sending state, nothing of rustls' connection (about 1.2 KB inline).
+    /// The sealed stream takes the socket's place in the lean writer's task: it adds the key, the
+    /// IV and the sending state, nothing of rustls' connection (about 1.2 KB inline).
     #[test]
     fn a_sealed_stream_is_a_socket_and_a_few_words() {
         let (sealed, socket) = (size_of::<SealedStream>(), size_of::<TcpStream>());
-        assert!(sealed <= socket + 80, "SealedStream {sealed} B, TcpStream {socket} B");
+        assert!(
+            sealed <= socket + 128,
+            "SealedStream {sealed} B, TcpStream {socket} B"
+        );
     }
 
     /// A TLS connection over loopback: the listener's rustls settings with a fresh self-signed
@@ -371,8 +423,11 @@ mod tests {
     /// the close is still clean.
     #[tokio::test]
     async fn the_record_limit_ends_the_stream_cleanly() {
-        let (server, client) =
-            connected(cipher_suite::TLS13_AES_128_GCM_SHA256, &rustls::version::TLS13).await;
+        let (server, client) = connected(
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            &rustls::version::TLS13,
+        )
+        .await;
         let reading = read_all(client);
         let Sealing::Sealed(mut sealed) = seal(server, Duration::from_secs(10)).await else {
             panic!("not sealed");
