@@ -56,8 +56,8 @@ const RECORD_PREFIX: [u8; 3] = [APPLICATION_DATA, 3, 3];
 pub(crate) enum Sealing {
     /// TLS 1.3: from now on records are sealed here.
     Sealed(SealedStream),
-    /// Not TLS 1.3: rustls' connection stays.
-    Kept(TlsStream<TcpStream>),
+    /// Not TLS 1.3: rustls' connection stays (boxed: it is 1.2 KB).
+    Kept(Box<TlsStream<TcpStream>>),
     /// The connection failed while rustls' last bytes were written.
     Failed,
 }
@@ -67,10 +67,10 @@ pub(crate) enum Sealing {
 pub(crate) async fn seal(mut tls: TlsStream<TcpStream>, timeout: Duration) -> Sealing {
     let connection = tls.get_ref().1;
     let Some(SupportedCipherSuite::Tls13(suite)) = connection.negotiated_cipher_suite() else {
-        return Sealing::Kept(tls);
+        return Sealing::Kept(Box::new(tls));
     };
     if connection.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
-        return Sealing::Kept(tls);
+        return Sealing::Kept(Box::new(tls));
     }
     let limit = suite.common.confidentiality_limit;
     // rustls hands its secrets over only with nothing left to send.
