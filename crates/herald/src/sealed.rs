@@ -12,10 +12,11 @@
 //! expects nothing from its client after the request, so once the lean path takes a TLS 1.3
 //! connection its secrets are extracted (the handoff rustls offers for kernel TLS) and the
 //! connection is dropped. Even rustls' record encrypter is not kept: ring's expanded AES-GCM key
-//! is about 560 B, so the key is expanded on the stack for each write (about 0.3 µs for AES-GCM and
-//! 0.06 µs for ChaCha20 in a release build, beside the write's system call) and an idle stream keeps 44 bytes of key and IV. The encryption is
-//! ring's AEAD, the one rustls uses; only the record framing around it is written here, because
-//! rustls can rebuild its encrypter from extracted secrets for 32-byte keys only.
+//! is about 560 B, so the key is expanded on the stack for each write (about 0.3 µs for AES-GCM,
+//! 0.06 µs for ChaCha20 in a release build, beside the write's system call) and an idle stream
+//! keeps 44 bytes of key and IV. The encryption is ring's AEAD, the one rustls uses; only the
+//! record framing around it is written here, because rustls can rebuild its encrypter from
+//! extracted secrets for 32-byte keys only.
 //!
 //! What the client sends is not decrypted: an open event stream ignores it (counted as stray bytes
 //! by the writer), and the end of the socket ends the stream (a client's `close_notify` arrives
