@@ -2,7 +2,9 @@
 // EventSources (each on its own topic) plus a fetch of /stats, and all of them work, because they
 // share one HTTP/2 connection. The same page over plain HTTP/1.1 shows the browser's limit of 6
 // connections per origin: it must not see all 20. The certificate is self-signed, made here with
-// the openssl CLI; Chromium runs with --ignore-certificate-errors.
+// the openssl CLI; Chromium runs with --ignore-certificate-errors. A third test makes Chromium
+// speak HTTP/1.1 over TLS (--disable-http2), so its streams take herald's lean path, where
+// herald writes the TLS records itself after the handshake (crates/herald/src/sealed.rs).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
@@ -180,6 +182,46 @@ test('over plain HTTP/1.1 the same page hits the browser limit of 6 connections'
     assert.equal(state.stats, false, `the fetch should still wait for a connection: ${JSON.stringify(state)}`);
     await page.close();
   } finally {
+    await herald.stop();
+  }
+});
+
+test('over HTTPS with HTTP/1.1, Chromium reads records herald seals itself, large events included', async () => {
+  const herald = await startHerald(['--tls-cert', cert, '--tls-key', key]);
+  const h1 = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-http2',
+      '--ignore-certificate-errors'],
+  });
+  try {
+    const page = await h1.newPage();
+    await page.goto(`${herald.url}/stats`);
+    const protocol = await page.evaluate(() => performance.getEntriesByType('navigation')[0].nextHopProtocol);
+    assert.equal(protocol, 'http/1.1');
+    await page.evaluate(() => {
+      window.opened = 0;
+      window.got = { 0: [], 1: [], 2: [] };
+      for (let i = 0; i < 3; i++) {
+        const es = new EventSource(`/events?topic=sealed${i}`);
+        es.onopen = () => window.opened++;
+        es.onmessage = (e) => window.got[i].push(e.data);
+      }
+    });
+    await waitFor(page, 'window.opened === 3', 'three streams open');
+    // 40,000 bytes span three TLS records (at most 16 KiB each).
+    const large = 'x'.repeat(40000);
+    for (let i = 0; i < 3; i++) {
+      await publish(herald.url, { topic: `sealed${i}`, data: `small ${i}` });
+      await publish(herald.url, { topic: `sealed${i}`, data: large });
+      await publish(herald.url, { topic: `sealed${i}`, data: `after ${i}` });
+    }
+    await waitFor(page, 'Object.values(window.got).every((g) => g.length === 3)', 'every stream got its three events');
+    const got = await page.evaluate(() => window.got);
+    for (let i = 0; i < 3; i++) assert.deepEqual(got[i], [`small ${i}`, large, `after ${i}`]);
+    await page.close();
+  } finally {
+    await h1.close();
     await herald.stop();
   }
 });

@@ -53,6 +53,7 @@ pub mod http;
 pub mod ipnet;
 mod listen;
 pub mod mercure;
+mod sealed;
 pub mod settings;
 mod stream_conn;
 pub mod tls;

@@ -4,7 +4,8 @@
 //! Plain listener: a first request `GET /events` over HTTP/1.1 goes to the lean stream path, a
 //! connection that opens with the HTTP/2 preface (h2c with prior knowledge) to hyper's HTTP/2,
 //! anything else to hyper's HTTP/1.1. TLS listener: the handshake first (ALPN picks `h2` or
-//! `http/1.1`), then the same choice inside TLS. Every HTTP/2 stream is a task on the streams'
+//! `http/1.1`), then the same choice inside TLS, where a lean stream over TLS 1.3 is handed from
+//! rustls to `sealed.rs`. Every HTTP/2 stream is a task on the streams'
 //! runtime, so one connection carries many streams and a stalled one holds up no other.
 //!
 //! It keeps a reserve of file descriptors: near the process's open-file limit a new connection
@@ -17,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -28,6 +31,7 @@ use tower::ServiceExt;
 
 use crate::acme::ALPN_ACME;
 use crate::error_code::ErrorCode;
+use crate::sealed::{self, Sealing};
 use crate::stream_conn;
 use crate::tls::ALPN_H2;
 
@@ -184,7 +188,9 @@ struct Connection {
 
 impl Connection {
     async fn plain(self, tcp: TcpStream) {
-        self.after_handshake(tcp).await;
+        if let Some((connection, tcp, request)) = self.after_handshake(tcp).await {
+            connection.stream(tcp, request);
+        }
     }
 
     async fn secure(self, acceptor: TlsAcceptor, tcp: TcpStream) {
@@ -214,11 +220,20 @@ impl Connection {
             Some(ALPN_ACME) => return,
             _ => {}
         }
-        self.after_handshake(tls).await;
+        let Some((connection, tls, request)) = self.after_handshake(tls).await else {
+            return;
+        };
+        // An event stream over TLS 1.3 keeps only its sending key, not rustls' connection.
+        match sealed::seal(tls, connection.settings.header_timeout).await {
+            Sealing::Sealed(sealed) => connection.stream(sealed, request),
+            Sealing::Kept(tls) => connection.stream(tls, request),
+            Sealing::Failed => {}
+        }
     }
 
-    /// Reads the first request head and picks the path: lean stream, HTTP/2 (h2c), HTTP/1.1.
-    async fn after_handshake<I>(self, mut io: I)
+    /// Reads the first request head and picks the path: HTTP/2 (h2c) and HTTP/1.1 are served
+    /// here; a lean stream's request is handed back with the connection, for [`Self::stream`].
+    async fn after_handshake<I>(self, mut io: I) -> Option<(Self, I, Box<Request<Body>>)>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -229,12 +244,7 @@ impl Connection {
         )
         .await;
         match first {
-            stream_conn::First::Stream(request) => {
-                // A task of its own, on the streams' runtime, holding none of this task's state
-                // but the connection's count, given back when the stream ends.
-                let serve = stream_conn::serve(io, self.peer, self.app, request, self.held);
-                self.streams.spawn(serve);
-            }
+            stream_conn::First::Stream(request) => return Some((self, io, request)),
             // Boxed: hyper's connection state is large and a connection that becomes a lean
             // stream never needs it, so the task that reads the first head stays small.
             stream_conn::First::Other(prefix) if prefix.starts_with(H2_PREFACE) => {
@@ -245,6 +255,17 @@ impl Connection {
             }
             stream_conn::First::Gone => {}
         }
+        None
+    }
+
+    /// Serves a lean stream on a task of its own, on the streams' runtime, holding none of this
+    /// task's state but the connection's count, given back when the stream ends.
+    fn stream<I>(self, io: I, request: Box<Request<Body>>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let serve = stream_conn::serve(io, self.peer, self.app, request, self.held);
+        self.streams.spawn(serve);
     }
 
     async fn http1<I>(self, io: I)

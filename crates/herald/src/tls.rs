@@ -2,7 +2,7 @@
 //! file and the problem, and swapped in place on reload (SIGHUP or a change of the files), so new
 //! connections get the new pair while open ones keep theirs. A bad new pair is refused with a log
 //! line and the pair in use stays. Also the rustls settings every TLS listener uses (ALPN `h2`
-//! then `http/1.1`).
+//! then `http/1.1`, secrets extractable for `sealed.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -244,5 +244,7 @@ pub(crate) fn server_config(
     config
         .alpn_protocols
         .extend(extra_alpn.iter().map(|p| p.to_vec()));
+    // The lean path takes an event stream's TLS 1.3 connection over from rustls (`sealed.rs`).
+    config.enable_secret_extraction = true;
     Arc::new(config)
 }
