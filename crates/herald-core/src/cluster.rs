@@ -611,13 +611,16 @@ impl Presence for Cluster {
         self.all_subscriptions().await
     }
 
-    async fn share(&self, key: &str, value: Option<&str>) -> Result<(), ClusterError> {
+    async fn share(&self, entries: &[(String, Option<String>)]) -> Result<(), ClusterError> {
         let shared = self.keys.shared(&self.node);
         let mut pipe = redis::pipe();
-        match value {
-            Some(v) => pipe.hset(&shared, key, v).ignore(),
-            None => pipe.hdel(&shared, key).ignore(),
-        };
+        pipe.atomic();
+        for (key, value) in entries {
+            match value {
+                Some(v) => pipe.hset(&shared, key, v).ignore(),
+                None => pipe.hdel(&shared, key).ignore(),
+            };
+        }
         pipe.pexpire(&shared, USERS_KEEP_MS).ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)

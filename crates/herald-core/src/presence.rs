@@ -54,9 +54,9 @@ pub trait Presence: Send + Sync + std::fmt::Debug {
     async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
         Ok(None)
     }
-    /// Shares one entry of this node's with the other nodes (`Some` sets it, `None` removes it).
-    /// The caller keeps its own entries; a single node has no one to tell.
-    async fn share(&self, _key: &str, _value: Option<&str>) -> Result<(), ClusterError> {
+    /// Shares entries of this node's with the other nodes, as `(key, value)`: `Some` sets one,
+    /// `None` removes it. The caller keeps its own entries; a single node has no one to tell.
+    async fn share(&self, _entries: &[(String, Option<String>)]) -> Result<(), ClusterError> {
         Ok(())
     }
     /// The entries the other live nodes share, as `(key, value)`.

@@ -127,8 +127,8 @@ fn subscriber_id() -> String {
     )
 }
 
-/// Publishes the subscription event of `doc` with `active`.
-async fn announce(hub: &Hub, doc: &Value, active: bool) {
+/// The subscription event of `doc` with `active`: a private Mercure update on its own topic.
+fn event(doc: &Value, active: bool) -> Option<Message> {
     let mut doc = doc.clone();
     doc["active"] = active.into();
     let v0 = is_v0(&doc);
@@ -143,13 +143,26 @@ async fn announce(hub: &Hub, doc: &Value, active: bool) {
         private: true,
         data: doc.to_string(),
     };
-    let Ok(json) = serde_json::to_string(&envelope) else {
+    let json = serde_json::to_string(&envelope).ok()?;
+    Some(Message::to_topic(herald_topic()).private(true).data(json))
+}
+
+/// Publishes the events of `docs` with `active`, in one batch.
+async fn announce(hub: &Hub, docs: &[Value], active: bool) {
+    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
+    if messages.is_empty() {
         return;
-    };
-    let message = Message::to_topic(herald_topic()).private(true).data(json);
-    if let Err(e) = hub.publish(message).await {
-        tracing::warn!(error = %e, subscription = doc_id(&doc), active, "a Mercure subscription event was not published");
     }
+    if let Err(e) = hub.publish_batch(messages).await {
+        tracing::warn!(error = %e, subscriptions = docs.len(), active, "Mercure subscription events were not published");
+    }
+}
+
+/// The cluster entries of `docs`: set (`active`) or removed.
+fn entries(docs: &[Value], active: bool) -> Vec<(String, Option<String>)> {
+    docs.iter()
+        .map(|d| (doc_id(d).to_string(), active.then(|| d.to_string())))
+        .collect()
 }
 
 /// This node's active subscriptions, by document id.
@@ -198,12 +211,10 @@ impl Registry {
                 local.insert(doc_id(d).to_string(), d.clone());
             }
         }
-        for d in &registration.docs {
-            if let Err(e) = app.presence.share(doc_id(d), Some(&d.to_string())).await {
-                tracing::warn!(error = %e, "a Mercure subscription was not shared with the cluster");
-            }
-            announce(&app.hub, d, true).await;
+        if let Err(e) = app.presence.share(&entries(&registration.docs, true)).await {
+            tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster");
         }
+        announce(&app.hub, &registration.docs, true).await;
         registration
     }
 
@@ -229,29 +240,24 @@ impl Drop for Registration {
             std::mem::take(&mut self.docs),
         );
         runtime.spawn(async move {
-            for d in &docs {
-                if let Err(e) = presence.share(doc_id(d), None).await {
-                    tracing::warn!(error = %e, "an ended Mercure subscription stays shared until this node's entries expire");
-                }
-                announce(&hub, d, false).await;
+            if let Err(e) = presence.share(&entries(&docs, false)).await {
+                tracing::warn!(error = %e, "ended Mercure subscriptions stay listed for the other nodes until this node's entries expire");
             }
+            announce(&hub, &docs, false).await;
         });
     }
 }
 
 /// The hook the cluster calls with a dead node's shared subscriptions: announces their end.
 pub fn on_peer_gone(hub: Hub) -> PeerGone {
-    Arc::new(move |entries: Vec<(String, String)>| {
+    Arc::new(move |shared: Vec<(String, String)>| {
         let hub = hub.clone();
-        tokio::spawn(async move {
-            for (_, doc) in entries {
-                if let Ok(doc) = serde_json::from_str::<Value>(&doc)
-                    && doc["id"].is_string()
-                {
-                    announce(&hub, &doc, false).await;
-                }
-            }
-        });
+        let docs: Vec<Value> = shared
+            .iter()
+            .filter_map(|(_, doc)| serde_json::from_str::<Value>(doc).ok())
+            .filter(|doc| doc["id"].is_string())
+            .collect();
+        tokio::spawn(async move { announce(&hub, &docs, false).await });
     })
 }
 
@@ -414,10 +420,12 @@ pub(crate) async fn api(
         .newest(&app.hub)
         .await
         .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
+    // A publisher's id is the cursor when a header can carry it as is; `#<herald id>` names the
+    // same event otherwise.
     let cursor = match (newest.mercure, newest.herald) {
-        (Some(id), _) => id,
-        (None, Some(h)) => format!("#{h}"),
-        (None, None) => "earliest".to_string(),
+        (Some(id), _) if id.bytes().all(|b| (0x20..0x7f).contains(&b)) => id,
+        (_, Some(h)) => format!("#{h}"),
+        (_, None) => "earliest".to_string(),
     };
     let tag = etag(&cursor);
     let mut docs = registry.snapshot();

@@ -954,6 +954,27 @@ async fn mercure_subscriptions_api_answers_json_and_json_ld() {
         assert!(tokio::time::Instant::now() < deadline, "still listed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The cursor is the newest update's id when a header can carry it, else its `#<id>`.
+    let link_after = |id: &'static str| {
+        let s = &s;
+        async move {
+            publish(s, &[("topic", "https://example.com/c"), ("id", id)]).await;
+            let r = api(s, SUBS, Some(&draft08_watcher())).await;
+            assert!(r.headers().contains_key("etag"));
+            r.headers()["link"].to_str().unwrap().to_string()
+        }
+    };
+    assert!(
+        link_after("plain-id")
+            .await
+            .contains("last-event-id=\"plain-id\""),
+        "a publisher's id"
+    );
+    assert!(
+        link_after("ünïcode").await.contains("last-event-id=\"#"),
+        "a hub id for an id no header can carry"
+    );
 }
 
 #[tokio::test]
