@@ -611,10 +611,17 @@ impl Presence for Cluster {
         self.all_subscriptions().await
     }
 
-    async fn share(&self, entries: &[(String, Option<String>)]) -> Result<(), ClusterError> {
+    async fn share(
+        &self,
+        entries: &[(String, Option<String>)],
+        replace: bool,
+    ) -> Result<(), ClusterError> {
         let shared = self.keys.shared(&self.node);
         let mut pipe = redis::pipe();
         pipe.atomic();
+        if replace {
+            pipe.del(&shared).ignore();
+        }
         for (key, value) in entries {
             match value {
                 Some(v) => pipe.hset(&shared, key, v).ignore(),

@@ -55,8 +55,13 @@ pub trait Presence: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
     /// Shares entries of this node's with the other nodes, as `(key, value)`: `Some` sets one,
-    /// `None` removes it. The caller keeps its own entries; a single node has no one to tell.
-    async fn share(&self, _entries: &[(String, Option<String>)]) -> Result<(), ClusterError> {
+    /// `None` removes it; with `replace`, these are all of them (the others are removed). The
+    /// caller keeps its own entries; a single node has no one to tell.
+    async fn share(
+        &self,
+        _entries: &[(String, Option<String>)],
+        _replace: bool,
+    ) -> Result<(), ClusterError> {
         Ok(())
     }
     /// The entries the other live nodes share, as `(key, value)`.

@@ -106,7 +106,9 @@ pub(crate) fn routes(options: MercureOptions, app: &AppState) -> Router<AppState
     let registry = options.subscriptions.then(|| {
         app.presence
             .on_peer_gone(subscriptions::on_peer_gone(app.hub.clone()));
-        Arc::new(subscriptions::Registry::default())
+        let registry = Arc::new(subscriptions::Registry::default());
+        registry.keep_shared(app.presence.clone());
+        registry
     });
     let mercure = Arc::new(Mercure {
         options,

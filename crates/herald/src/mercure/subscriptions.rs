@@ -165,10 +165,17 @@ fn entries(docs: &[Value], active: bool) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// How often this node's whole registry is shared again, mending what a failed share (Redis
+/// unreachable) left behind.
+const RESHARE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// This node's active subscriptions, by document id.
 #[derive(Debug, Default)]
 pub struct Registry {
     local: Mutex<BTreeMap<String, Value>>,
+    /// Held while sharing: a change is made here first, then shared under this lock, so a
+    /// re-share of the whole registry never undoes a newer change.
+    sharing: tokio::sync::Mutex<()>,
 }
 
 /// One subscriber's subscriptions; dropping it (the stream ended) ends them.
@@ -211,8 +218,15 @@ impl Registry {
                 local.insert(doc_id(d).to_string(), d.clone());
             }
         }
-        if let Err(e) = app.presence.share(&entries(&registration.docs, true)).await {
-            tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster");
+        {
+            let _sharing = self.sharing.lock().await;
+            if let Err(e) = app
+                .presence
+                .share(&entries(&registration.docs, true), false)
+                .await
+            {
+                tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster yet");
+            }
         }
         announce(&app.hub, &registration.docs, true).await;
         registration
@@ -220,6 +234,29 @@ impl Registry {
 
     fn snapshot(&self) -> Vec<Value> {
         self.local.lock().values().cloned().collect()
+    }
+
+    /// Shares the whole registry every [`RESHARE`] while the registry lives.
+    pub(crate) fn keep_shared(self: &Arc<Self>, presence: Arc<dyn Presence>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let registry = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(RESHARE);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let _sharing = registry.sharing.lock().await;
+                let all = entries(&registry.snapshot(), true);
+                if let Err(e) = presence.share(&all, true).await {
+                    tracing::debug!(error = %e, "Mercure subscriptions not re-shared");
+                }
+            }
+        });
     }
 }
 
@@ -239,9 +276,13 @@ impl Drop for Registration {
             self.presence.clone(),
             std::mem::take(&mut self.docs),
         );
+        let registry = self.registry.clone();
         runtime.spawn(async move {
-            if let Err(e) = presence.share(&entries(&docs, false)).await {
-                tracing::warn!(error = %e, "ended Mercure subscriptions stay listed for the other nodes until this node's entries expire");
+            {
+                let _sharing = registry.sharing.lock().await;
+                if let Err(e) = presence.share(&entries(&docs, false), false).await {
+                    tracing::warn!(error = %e, "ended Mercure subscriptions stay listed for the other nodes until the next re-share");
+                }
             }
             announce(&hub, &docs, false).await;
         });
