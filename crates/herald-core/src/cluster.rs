@@ -4,8 +4,10 @@
 //! dead, and the first survivor to notice takes its users offline (once: it removes the node with
 //! `ZREM`, and only the remover reaps). Presence transitions (`herald.presence`) are decided by
 //! Lua scripts over the same keys, so exactly one node announces each one, with a generation from
-//! one cluster-wide `INCR`. Closing a user travels to every node on a pub/sub channel. This node's
-//! own share is always read live.
+//! one cluster-wide `INCR`. Closing a user travels to every node on a pub/sub channel. Entries a
+//! layer above shares (Mercure's active subscriptions) are one hash per node, written as they
+//! change and handed to the reaper's [`PeerGone`] hooks when the node dies. This node's own share
+//! is always read live.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use crate::fanout::Stats;
 use crate::history::RedisHistory;
 use crate::hub::Hub;
 use crate::name::UserId;
-use crate::presence::{ClusterError, Online, Presence};
+use crate::presence::{ClusterError, Online, PeerGone, Presence};
 use crate::presence_events::{self, Ledger, Transition};
 use crate::redis_link::RedisLink;
 
@@ -67,6 +69,8 @@ pub struct Cluster {
     /// Held while this node's users are written (a report or a pushed change), so a report's
     /// snapshot never overwrites a newer change.
     writing: Arc<tokio::sync::Mutex<()>>,
+    /// Told of the shared entries of each node this one reaps.
+    gone: parking_lot::Mutex<Vec<PeerGone>>,
 }
 
 /// The Redis keys of one node and of the cluster's presence.
@@ -88,6 +92,9 @@ impl Keys {
     }
     fn generation(&self) -> String {
         format!("{}:presence:generation", self.prefix)
+    }
+    fn shared(&self, node: &str) -> String {
+        format!("{}:node:{node}:shared", self.prefix)
     }
 }
 
@@ -222,6 +229,7 @@ impl Cluster {
             conn,
             node_ttl_ms,
             writing,
+            gone: parking_lot::Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&cluster);
         tokio::spawn(async move {
@@ -275,6 +283,8 @@ impl Cluster {
             pipe.hset_multiple(&selectors_key, &fields).ignore();
         }
         pipe.pexpire(&selectors_key, self.node_ttl_ms as i64)
+            .ignore();
+        pipe.pexpire(self.keys.shared(&self.node), USERS_KEEP_MS)
             .ignore();
         pipe.pexpire(&users_key, USERS_KEEP_MS)
             .ignore()
@@ -375,6 +385,16 @@ impl Cluster {
                 }
             }
             conn.del::<_, ()>(&users_key).await.map_err(unavailable)?;
+            let shared_key = self.keys.shared(&node);
+            let shared: Vec<(String, String)> =
+                conn.hgetall(&shared_key).await.map_err(unavailable)?;
+            if !shared.is_empty() {
+                let hooks = self.gone.lock().clone();
+                for hook in hooks {
+                    hook(shared.clone());
+                }
+            }
+            conn.del::<_, ()>(&shared_key).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -589,6 +609,47 @@ impl Presence for Cluster {
 
     async fn subscriptions(&self) -> Result<Vec<(String, usize)>, ClusterError> {
         self.all_subscriptions().await
+    }
+
+    async fn share(
+        &self,
+        entries: &[(String, Option<String>)],
+        replace: bool,
+    ) -> Result<(), ClusterError> {
+        let shared = self.keys.shared(&self.node);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if replace {
+            pipe.del(&shared).ignore();
+        }
+        for (key, value) in entries {
+            match value {
+                Some(v) => pipe.hset(&shared, key, v).ignore(),
+                None => pipe.hdel(&shared, key).ignore(),
+            };
+        }
+        pipe.pexpire(&shared, USERS_KEEP_MS).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn shared_by_peers(&self) -> Result<Vec<(String, String)>, ClusterError> {
+        let peers = self.peers().await?;
+        if peers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for p in &peers {
+            pipe.hgetall(self.keys.shared(p));
+        }
+        let mut conn = self.conn.clone();
+        let shares: Vec<Vec<(String, String)>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(shares.into_iter().flatten().collect())
+    }
+
+    fn on_peer_gone(&self, gone: PeerGone) {
+        self.gone.lock().push(gone);
     }
 }
 

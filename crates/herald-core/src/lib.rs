@@ -90,7 +90,7 @@ pub use hub::{
     SubscribeRequest, UserMessages,
 };
 pub use name::{CANCEL, COMPLETE, EventType, NameError, Selector, Topic, UserId};
-pub use presence::{ClusterError, Online, Presence};
+pub use presence::{ClusterError, Online, PeerGone, Presence};
 pub use publish::{PublishError, Published};
 #[cfg(feature = "redis")]
 pub use redis_link::{LinkError, RedisLink};

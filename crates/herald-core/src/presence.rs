@@ -1,8 +1,10 @@
 //! Presence and control as the HTTP layer asks for them: who is online, how many connections a
-//! user has, closing a user's streams, the counters. One trait, answered by this node's [`Hub`]
+//! user has, closing a user's streams, the counters, and entries a layer above shares with the
+//! other nodes (Mercure's active subscriptions). One trait, answered by this node's [`Hub`]
 //! alone, or across every node of a cluster by `Cluster` (feature `redis`), so callers never branch
 //! on the mode.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,6 +27,9 @@ pub struct Online {
     /// Sorted by id.
     pub page: Vec<(String, usize)>,
 }
+
+/// Told the entries a dead node shared (see [`Presence::share`]), by the one node that reaps it.
+pub type PeerGone = Arc<dyn Fn(Vec<(String, String)>) + Send + Sync>;
 
 /// Presence and control, for this node or for every node.
 #[async_trait]
@@ -49,6 +54,22 @@ pub trait Presence: Send + Sync + std::fmt::Debug {
     async fn nodes(&self) -> Result<Option<Vec<(String, usize)>>, ClusterError> {
         Ok(None)
     }
+    /// Shares entries of this node's with the other nodes, as `(key, value)`: `Some` sets one,
+    /// `None` removes it; with `replace`, these are all of them (the others are removed). The
+    /// caller keeps its own entries; a single node has no one to tell.
+    async fn share(
+        &self,
+        _entries: &[(String, Option<String>)],
+        _replace: bool,
+    ) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    /// The entries the other live nodes share, as `(key, value)`.
+    async fn shared_by_peers(&self) -> Result<Vec<(String, String)>, ClusterError> {
+        Ok(Vec::new())
+    }
+    /// Calls `gone` with the entries of each node found dead, on the one node that reaps it.
+    fn on_peer_gone(&self, _gone: PeerGone) {}
 }
 
 /// This node alone: never fails.

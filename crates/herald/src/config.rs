@@ -327,13 +327,20 @@ impl RawConfig {
         };
         let (tls, acme) = self.tls_and_acme()?;
         let mercure_resource: Option<String> = self.value(&s::MERCURE_RESOURCE)?;
+        let mercure_subscriptions = self.switch(&s::MERCURE_SUBSCRIPTIONS)?;
         let mercure = if self.switch(&s::MERCURE)? {
             Some(crate::mercure::MercureOptions {
                 resource: mercure_resource,
+                subscriptions: mercure_subscriptions,
             })
         } else if mercure_resource.is_some() {
             return Err(invalid(
                 "mercure-resource",
+                "only means something with --mercure",
+            ));
+        } else if mercure_subscriptions {
+            return Err(invalid(
+                "mercure-subscriptions",
                 "only means something with --mercure",
             ));
         } else {

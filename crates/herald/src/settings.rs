@@ -347,6 +347,10 @@ pub const MERCURE_RESOURCE: Setting = Setting::one(
     "the hub's resource identifier: the `aud` draft-08 Mercure tokens must name",
 )
 .unset("the request's own URL of `/.well-known/mercure`");
+pub const MERCURE_SUBSCRIPTIONS: Setting = Setting::switch(
+    "mercure-subscriptions",
+    "Mercure active subscriptions: subscription events on `/.well-known/mercure/subscriptions/…` and the subscriptions API there",
+);
 pub const OPEN_SUBSCRIBE: Setting = Setting::switch(
     "open-subscribe",
     "with `--publish-key` and no JWT key: let token-less connections name any `user` and receive private events (otherwise they are anonymous); only behind a gateway that authenticates subscribers",
@@ -608,6 +612,7 @@ pub const SETTINGS: &[Setting] = &[
     MERCURE_RESOURCE,
     LISTEN_BACKLOG,
     RETENTION,
+    MERCURE_SUBSCRIPTIONS,
 ];
 
 /// A setting's value type: parsed from text (a flag, an env var, a TOML value, a default or a

@@ -177,7 +177,7 @@ pub fn router_and_metrics(hub: Hub, options: HttpOptions) -> (Router, Router) {
         app = app.route("/metrics", get(metrics::render));
     }
     if let Some(mercure) = options.mercure.clone() {
-        app = app.merge(crate::mercure::routes(mercure));
+        app = app.merge(crate::mercure::routes(mercure, &state));
     }
     let mut app = app
         .merge(web::routes())

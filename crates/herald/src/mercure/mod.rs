@@ -4,11 +4,14 @@
 //! [`update::HERALD_TOPIC`] (see `update`), so history, resume, clusters and limits are herald's;
 //! this module owns the Mercure names: the publishers' ids, topic matchers (`matcher`,
 //! `selector`), tokens (`token`) and private updates, filtered here for every subscriber, live and
-//! on replay alike. Rule: a Mercure subscriber never sees an herald id, only the publisher's id or
-//! the hub's `#<herald id>`.
+//! on replay alike; publisher ids are resolved by an index (`resume`); active subscriptions
+//! (`--mercure-subscriptions`) are `subscriptions`. Rule: a Mercure subscriber never sees an
+//! herald id, only the publisher's id or the hub's `#<herald id>`.
 
 pub mod matcher;
+pub mod resume;
 pub mod selector;
+pub mod subscriptions;
 pub mod token;
 pub mod update;
 
@@ -25,7 +28,7 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_core::{
-    EventId, Grant, Message, ReadFrom, Selector, Start, SubscribeError, SubscribeRequest, Topic,
+    EventId, Grant, Message, Selector, Start, SubscribeError, SubscribeRequest, Topic,
 };
 use parking_lot::Mutex;
 
@@ -46,6 +49,8 @@ pub struct MercureOptions {
     /// `--mercure-resource`: the `aud` draft-08 tokens must name. Default: the request's
     /// `https://` and `http://` URL of the hub (`Host` + [`PATH`]).
     pub resource: Option<String>,
+    /// `--mercure-subscriptions`: subscription events and the subscriptions API.
+    pub subscriptions: bool,
 }
 
 /// Shared by every Mercure request.
@@ -55,6 +60,10 @@ pub(crate) struct Mercure {
     /// The updates decoded last, by herald id, newest at the back: subscribers writing at
     /// different points of a burst decode each event once between them, not once each.
     recent: Mutex<VecDeque<Arc<Update>>>,
+    /// Publisher ids to herald ids, for resuming.
+    ids: resume::PublisherIds,
+    /// This node's active subscriptions, with `--mercure-subscriptions`.
+    subscriptions: Option<Arc<subscriptions::Registry>>,
 }
 
 /// Updates kept decoded in [`Mercure::recent`].
@@ -93,14 +102,30 @@ impl Mercure {
 }
 
 /// The Mercure routes, for [`crate::http::router_and_metrics`] to merge.
-pub(crate) fn routes(options: MercureOptions) -> Router<AppState> {
+pub(crate) fn routes(options: MercureOptions, app: &AppState) -> Router<AppState> {
+    let registry = options.subscriptions.then(|| {
+        app.presence
+            .on_peer_gone(subscriptions::on_peer_gone(app.hub.clone()));
+        let registry = Arc::new(subscriptions::Registry::default());
+        registry.keep_shared(app.presence.clone());
+        registry
+    });
     let mercure = Arc::new(Mercure {
         options,
         recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+        ids: resume::PublisherIds::default(),
+        subscriptions: registry,
     });
-    Router::new()
-        .route(PATH, get(subscribe).post(publish))
-        .layer(Extension(mercure))
+    let mut router = Router::new().route(PATH, get(subscribe).post(publish));
+    if mercure.subscriptions.is_some() {
+        router = router
+            .route(subscriptions::BASE, get(subscriptions::api))
+            .route(
+                &format!("{}/{{*rest}}", subscriptions::BASE),
+                get(subscriptions::api),
+            );
+    }
+    router.layer(Extension(mercure))
 }
 
 fn herald_topic() -> Topic {
@@ -321,41 +346,6 @@ fn bad_subscription(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidMercureSubscription, message)
 }
 
-/// Finds the herald event of a publisher's id: the earliest update in history with that id.
-async fn resolve(app: &AppState, id: &str) -> Result<Option<EventId>, ApiError> {
-    if let Some(h) = update::herald_id(id) {
-        return Ok(Some(h));
-    }
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: Option<String>,
-    }
-    let topic = herald_topic();
-    let mut from = ReadFrom::Oldest;
-    loop {
-        let chunk = app
-            .hub
-            .read_history(from, 512)
-            .await
-            .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
-        for event in &chunk.events {
-            if event.targets.topics.contains(&topic)
-                && serde_json::from_str::<IdOnly>(&event.data)
-                    .is_ok_and(|e| e.id.as_deref() == Some(id))
-            {
-                return Ok(Some(event.id));
-            }
-        }
-        let Some(last) = chunk.events.last() else {
-            return Ok(None);
-        };
-        if chunk.events.len() < 512 && !chunk.cut_short {
-            return Ok(None);
-        }
-        from = ReadFrom::After(last.id);
-    }
-}
-
 async fn subscribe(
     State(app): State<AppState>,
     Extension(mercure): Extension<Arc<Mercure>>,
@@ -364,14 +354,24 @@ async fn subscribe(
     let ip = limits::client_ip(&app.limits, request.extensions(), request.headers());
     let headers = request.headers();
     let mut selectors = Vec::new();
+    let mut asked = Vec::new();
     let mut query_token = None;
     let mut query_last = None;
     let mut v0_last = None;
     for (key, value) in form_pairs(request.uri().query().unwrap_or_default().as_bytes())? {
         let made = match key.as_str() {
-            "match" | "match_exact" => TopicSelector::exact(&value),
-            "match_urlpattern" => TopicSelector::url_pattern(&value),
-            "topic" => TopicSelector::v0(&value),
+            "match" | "match_exact" => {
+                asked.push(subscriptions::Asked::Exact(value.clone()));
+                TopicSelector::exact(&value)
+            }
+            "match_urlpattern" => {
+                asked.push(subscriptions::Asked::UrlPattern(value.clone()));
+                TopicSelector::url_pattern(&value)
+            }
+            "topic" => {
+                asked.push(subscriptions::Asked::V0(value.clone()));
+                TopicSelector::v0(&value)
+            }
             k if k.len() >= 5 && k[..5].eq_ignore_ascii_case("match") => {
                 return Err(bad_subscription(format!(
                     "'{key}' is not a matcher this hub supports (match, match_exact, match_urlpattern)"
@@ -423,7 +423,12 @@ async fn subscribe(
     let (start, answered) = match last_id.as_deref() {
         None => (Start::Live, None),
         Some("earliest") => (Start::All, Some("earliest".to_string())),
-        Some(id) => match resolve(&app, id).await? {
+        Some(id) => match mercure
+            .ids
+            .resolve(&app.hub, id)
+            .await
+            .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?
+        {
             Some(h) => (Start::After(h.to_string()), Some(id.to_string())),
             None => (Start::All, Some("earliest".to_string())),
         },
@@ -455,6 +460,10 @@ async fn subscribe(
             SubscribeError::ShuttingDown => ApiError::new(ErrorCode::ShuttingDown, e.to_string()),
             other => ApiError::new(ErrorCode::InvalidMercureSubscription, other.to_string()),
         })?;
+    let registration = match &mercure.subscriptions {
+        Some(registry) => Some(registry.register(&app, &asked, grants.as_ref()).await),
+        None => None,
+    };
     let subscriber = Subscriber {
         mercure,
         selectors,
@@ -462,7 +471,7 @@ async fn subscribe(
         asked: last_id,
     };
     let body = Body::from_stream(stream.filter_map(move |frame| {
-        let _held = &slot;
+        let _held = (&slot, &registration);
         let out = subscriber.translate(frame);
         async move { out.map(Ok::<_, Infallible>) }
     }));

@@ -27,12 +27,26 @@ const LIST_MAX: usize = 256;
 pub struct Grants {
     pub publish: Vec<TopicSelector>,
     pub subscribe: Vec<TopicSelector>,
-    /// `payload` of the v0.x `mercure` claim or of a draft-08 subscribe detail (subscriptions API).
-    pub payload: Option<Value>,
+    /// Payloads for the subscriptions API, in the token's order: each with the subscribe matchers
+    /// of its draft-08 detail (`*` for the v0.x `mercure.payload`). See [`Grants::payload_for`].
+    pub payloads: Vec<(Vec<TopicSelector>, Value)>,
     /// `sub`, if any.
     pub subject: Option<String>,
     /// `exp`, in ms since the epoch.
     pub expires_at_ms: Option<u64>,
+    /// A draft-08 `at+jwt` token (else v0.x).
+    pub draft08: bool,
+}
+
+impl Grants {
+    /// The payload of a subscription made with `matcher`: the first payload whose matchers match
+    /// the matcher's own text, as if it were a topic (draft-08 "Payloads"); v0.x's for any.
+    pub fn payload_for(&self, matcher: &str) -> Option<&Value> {
+        self.payloads
+            .iter()
+            .find(|(on, _)| on.iter().any(|s| s.matches(matcher)))
+            .map(|(_, p)| p)
+    }
 }
 
 /// Why a request's credentials were refused, in RFC 6750 terms.
@@ -147,6 +161,7 @@ pub fn verify(auth: &Auth, token: &str, resources: &[String]) -> Result<Grants, 
     let mut grants = Grants {
         subject: claims.sub,
         expires_at_ms: claims.exp.map(|s| s.saturating_mul(1000)),
+        draft08,
         ..Grants::default()
     };
     if draft08 {
@@ -184,7 +199,9 @@ pub fn verify(auth: &Auth, token: &str, resources: &[String]) -> Result<Grants, 
         };
         grants.publish = list(m.publish)?;
         grants.subscribe = list(m.subscribe)?;
-        grants.payload = m.payload;
+        if let Some(p) = m.payload {
+            grants.payloads.push((vec![TopicSelector::Any], p));
+        }
     }
     Ok(grants)
 }
@@ -238,8 +255,8 @@ fn read_details(details: &Value, grants: &mut Grants) -> Result<(), Refusal> {
                 "publish" => grants.publish.extend(topics.iter().cloned()),
                 "subscribe" => {
                     grants.subscribe.extend(topics.iter().cloned());
-                    if payload.is_some() {
-                        grants.payload.clone_from(&payload);
+                    if let Some(p) = &payload {
+                        grants.payloads.push((topics.clone(), p.clone()));
                     }
                 }
                 _ => {} // unknown actions grant nothing

@@ -472,7 +472,9 @@ impl Started {
     }
 
     async fn healthz_on_loopback(&self) -> reqwest::StatusCode {
-        reqwest::get(format!("http://127.0.0.1:{}/healthz", self.port()))
+        crate::common::http_client()
+            .get(format!("http://127.0.0.1:{}/healthz", self.port()))
+            .send()
             .await
             .unwrap()
             .status()

@@ -1,13 +1,16 @@
 //! The Mercure endpoint (`--mercure`) against the real binary: publish fields and publisher ids,
 //! draft-08 and v0.x subscriptions and tokens, private updates live and on replay, resume by a
 //! publisher's id in memory, on disk and across a Redis cluster, RFC 6750 refusals, every bad
-//! input of issue 17, heartbeats and CORS.
+//! input of issue 17, heartbeats and CORS; active subscriptions (events and the API, on one node
+//! and across a Redis cluster).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+use herald_core::sse_parser::SseEvent;
 
 use crate::auth::SECRET;
 use crate::cluster::{Redis, node};
@@ -575,4 +578,492 @@ async fn mercure_streams_send_heartbeats_and_cors_headers() {
     assert!(!ended && events.is_empty());
     assert!(sse.parser.comments > before, "a heartbeat comment came");
     let _ = PATIENCE;
+}
+
+// Active subscriptions (`--mercure-subscriptions`).
+
+const SUBS: &str = "/.well-known/mercure/subscriptions";
+
+/// A hub with active subscriptions; closed streams are noticed within a heartbeat.
+async fn subscriptions_hub() -> Server {
+    hub(&["--mercure-subscriptions", "--heartbeat", "1s"]).await
+}
+
+/// A v0.x token subscribing to the subscription events and the API (and `extra`).
+fn v0_watcher() -> String {
+    v0(json!({"subscribe": [format!("{SUBS}{{/topic}}{{/subscriber}}")]}))
+}
+
+/// A draft-08 token subscribing to everything under the subscriptions namespace and the
+/// collection itself (`/.well-known/mercure/subscriptions*`).
+fn draft08_watcher() -> String {
+    draft08(
+        RESOURCE,
+        now() + 3600,
+        json!([detail(
+            &["subscribe"],
+            &[(&format!("{SUBS}*"), "urlpattern")]
+        )]),
+    )
+}
+
+/// A subscriber's token carrying a payload (draft-08: on the detail whose matcher matches).
+fn draft08_with_payload() -> String {
+    let mut specific = detail(
+        &["subscribe"],
+        &[("https://example.com/books/:id", "urlpattern")],
+    );
+    specific["payload"] = json!({"tenant": "books"});
+    let mut default = detail(&["subscribe"], &[("*", "exact")]);
+    default["payload"] = json!({"tenant": "default"});
+    draft08(RESOURCE, now() + 3600, json!([specific, default]))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Reads `sse` until an event whose JSON data satisfies `check`; returns it and its data.
+async fn event_where(sse: &mut Sse, check: impl Fn(&Value) -> bool) -> (SseEvent, Value) {
+    loop {
+        let e = sse.next().await;
+        if let Ok(v) = serde_json::from_str::<Value>(&e.data)
+            && check(&v)
+        {
+            return (e, v);
+        }
+    }
+}
+
+async fn api(s: &Server, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut req = s.http().get(format!("{}{path}", s.url));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.expect("subscriptions api")
+}
+
+/// The documents of a collection answer, or panics naming the status.
+async fn listed(s: &Server, path: &str, token: &str) -> Vec<Value> {
+    let r = api(s, path, Some(token)).await;
+    assert_eq!(r.status(), StatusCode::OK, "{path}");
+    let v: Value = r.json().await.unwrap();
+    v["subscriptions"]
+        .as_array()
+        .expect("subscriptions")
+        .clone()
+}
+
+/// Percent-encodes like an RFC 6570 simple expansion (independently of the hub's code).
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn mercure_subscription_events_announce_a_subscriber_arriving_and_leaving() {
+    let s = subscriptions_hub().await;
+    // Watchers in each dialect: a v0.x URI Template over `{topic}/{subscriber}`, a draft-08 URL
+    // Pattern over `{match_type}/{match}/{subscriber}`; an anonymous one gets nothing (private).
+    let mut v0_watch = subscribe(
+        &s,
+        &format!("topic={SUBS}/{{topic}}/{{subscriber}}"),
+        &[("authorization", &bearer(&v0_watcher()))],
+    )
+    .await;
+    let mut d8_watch = subscribe(
+        &s,
+        &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
+        &[("authorization", &bearer(&draft08_watcher()))],
+    )
+    .await;
+    let mut anonymous = subscribe(&s, &format!("match_urlpattern={SUBS}/*"), &[]).await;
+
+    // A draft-08 subscriber, with a payload.
+    let d8 = subscribe(
+        &s,
+        "match_urlpattern=https://example.com/books/:id",
+        &[("authorization", &bearer(&draft08_with_payload()))],
+    )
+    .await;
+    let (e, doc) = event_where(&mut d8_watch, |v| {
+        v["match"] == "https://example.com/books/:id"
+    })
+    .await;
+    assert_eq!(
+        e.event_type, "mercure",
+        "draft-08 events have the reserved SSE type"
+    );
+    assert_eq!(doc["type"], "subscription");
+    assert_eq!(doc["match_type"], "urlpattern");
+    assert_eq!(doc["active"], true);
+    assert_eq!(doc["payload"], json!({"tenant": "books"}));
+    let subscriber = doc["subscriber"].as_str().unwrap().to_string();
+    assert!(subscriber.starts_with("urn:uuid:"), "{subscriber}");
+    assert_eq!(
+        doc["id"],
+        format!(
+            "{SUBS}/urlpattern/{}/{}",
+            enc("https://example.com/books/:id"),
+            enc(&subscriber)
+        )
+    );
+
+    // A v0.x subscriber, with `mercure.payload`.
+    let v0_token = v0(json!({"subscribe": ["https://example.com/{x}"], "payload": {"user": 7}}));
+    let v0_sub = subscribe(
+        &s,
+        &format!("topic=https://example.com/{{x}}&authorization={v0_token}"),
+        &[],
+    )
+    .await;
+    let (e, v0_doc) = event_where(&mut v0_watch, |v| v["topic"] == "https://example.com/{x}").await;
+    assert_eq!(e.event_type, "message", "v0.x events have no SSE type");
+    assert_eq!(v0_doc["@context"], "https://mercure.rocks/");
+    assert_eq!(v0_doc["type"], "Subscription");
+    assert_eq!(v0_doc["active"], true);
+    assert_eq!(v0_doc["payload"], json!({"user": 7}));
+    let v0_subscriber = v0_doc["subscriber"].as_str().unwrap().to_string();
+    assert_ne!(v0_subscriber, subscriber, "each connection has its own id");
+    assert_eq!(
+        v0_doc["id"],
+        format!(
+            "{SUBS}/{}/{}",
+            enc("https://example.com/{x}"),
+            enc(&v0_subscriber)
+        )
+    );
+
+    // Leaving: the same documents with active false.
+    drop(d8);
+    let (_, gone) = event_where(&mut d8_watch, |v| v["subscriber"] == subscriber.as_str()).await;
+    assert_eq!(gone["active"], false);
+    assert_eq!(gone["id"], doc["id"]);
+    drop(v0_sub);
+    let (_, gone) = event_where(&mut v0_watch, |v| v["subscriber"] == v0_subscriber.as_str()).await;
+    assert_eq!(gone["active"], false);
+    assert_eq!(gone["id"], v0_doc["id"]);
+
+    // The anonymous watcher saw none of it.
+    publish(
+        &s,
+        &[("topic", "https://example.com/marker"), ("id", "marker")],
+    )
+    .await;
+    let mut anonymous_all = subscribe(&s, "match=*&last_event_id=earliest", &[]).await;
+    assert_eq!(ids_until(&mut anonymous_all, "marker").await, ["marker"]);
+    let (ended, events) = anonymous.ends_within(Duration::from_millis(300)).await;
+    assert!(!ended && events.is_empty(), "{events:?}");
+}
+
+#[tokio::test]
+async fn mercure_subscriptions_api_answers_json_and_json_ld() {
+    let s = subscriptions_hub().await;
+    let _d8 = subscribe(
+        &s,
+        "match_urlpattern=https://example.com/books/:id&match=https://example.com/news",
+        &[("authorization", &bearer(&draft08_with_payload()))],
+    )
+    .await;
+    let v0_token = v0(json!({"subscribe": ["*"], "payload": {"user": 7}}));
+    let v0_sub = subscribe(
+        &s,
+        "topic=https://example.com/{x}",
+        &[("authorization", &bearer(&v0_token))],
+    )
+    .await;
+
+    // draft-08: JSON, the cursor on the Link header.
+    let r = api(&s, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let link = r.headers()["link"].to_str().unwrap().to_string();
+    assert!(
+        link.starts_with("</.well-known/mercure>; rel=\"mercure\"; last-event-id=\"#"),
+        "{link}"
+    );
+    assert!(r.headers().contains_key("etag"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["id"], SUBS);
+    assert_eq!(body["type"], "subscriptions");
+    assert!(body.get("@context").is_none());
+    let docs = body["subscriptions"].as_array().unwrap();
+    assert_eq!(docs.len(), 3, "{body}");
+    let books = docs
+        .iter()
+        .find(|d| d["match"] == "https://example.com/books/:id")
+        .unwrap()
+        .clone();
+    assert_eq!(books["payload"], json!({"tenant": "books"}));
+    let news = docs
+        .iter()
+        .find(|d| d["match"] == "https://example.com/news")
+        .unwrap();
+    assert_eq!(
+        news["payload"],
+        json!({"tenant": "default"}),
+        "the first matching detail"
+    );
+    assert_eq!(
+        news["subscriber"], books["subscriber"],
+        "one connection, one id"
+    );
+    let v0_doc = docs
+        .iter()
+        .find(|d| d["topic"] == "https://example.com/{x}")
+        .unwrap()
+        .clone();
+    assert_eq!(v0_doc["type"], "Subscription");
+    assert_eq!(v0_doc["payload"], json!({"user": 7}));
+
+    // v0.x: JSON-LD, the cursor in the body.
+    let r = api(&s, SUBS, Some(&v0_watcher())).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/ld+json");
+    let ld: Value = r.json().await.unwrap();
+    assert_eq!(ld["@context"], "https://mercure.rocks/");
+    assert_eq!(ld["type"], "Subscriptions");
+    assert_eq!(ld["id"], SUBS);
+    assert_eq!(ld["subscriptions"].as_array().unwrap().len(), 3);
+    let cursor = ld["lastEventID"].as_str().unwrap().to_string();
+    assert!(
+        link.contains(&format!("last-event-id=\"{cursor}\"")),
+        "{link} vs {cursor}"
+    );
+
+    // One subscription: the event's document; JSON-LD adds @context and lastEventID.
+    let one = api(&s, books["id"].as_str().unwrap(), Some(&draft08_watcher())).await;
+    assert_eq!(one.status(), StatusCode::OK);
+    assert_eq!(one.json::<Value>().await.unwrap(), books);
+    let one = api(&s, v0_doc["id"].as_str().unwrap(), Some(&v0_watcher())).await;
+    assert_eq!(one.headers()["content-type"], "application/ld+json");
+    let mut one: Value = one.json().await.unwrap();
+    assert_eq!(one["@context"], "https://mercure.rocks/");
+    assert_eq!(one["lastEventID"], cursor.as_str());
+    one.as_object_mut().unwrap().remove("@context");
+    one.as_object_mut().unwrap().remove("lastEventID");
+    assert_eq!(one, v0_doc);
+
+    // Per matcher (draft-08) and per topic (v0.x).
+    let by_matcher = listed(
+        &s,
+        &format!("{SUBS}/urlpattern/{}", enc("https://example.com/books/:id")),
+        &draft08_watcher(),
+    )
+    .await;
+    assert_eq!(by_matcher, vec![books.clone()]);
+    let by_topic = listed(
+        &s,
+        &format!("{SUBS}/{}", enc("https://example.com/{x}")),
+        &v0_watcher(),
+    )
+    .await;
+    assert_eq!(by_topic, vec![v0_doc.clone()]);
+
+    // Resuming the subscription events from the cursor misses nothing and repeats nothing.
+    let mut watch = subscribe(
+        &s,
+        &format!(
+            "topic={SUBS}/{{topic}}/{{subscriber}}&lastEventID={}",
+            enc(&cursor)
+        ),
+        &[("authorization", &bearer(&v0_watcher()))],
+    )
+    .await;
+    let _late = subscribe(
+        &s,
+        "topic=https://example.com/late",
+        &[("authorization", &bearer(&v0_token))],
+    )
+    .await;
+    // The watcher's own subscription first (announced before its stream opened), then the late.
+    let first: Value = serde_json::from_str(&watch.next().await.data).unwrap();
+    assert_eq!(first["topic"], format!("{SUBS}/{{topic}}/{{subscriber}}"));
+    assert_eq!(first["active"], true);
+    let next: Value = serde_json::from_str(&watch.next().await.data).unwrap();
+    assert_eq!(next["topic"], "https://example.com/late");
+
+    // Not found, bad shapes.
+    let missing = format!("{SUBS}/exact/{}/{}", enc("nope"), enc("urn:uuid:x"));
+    let r = api(&s, &missing, Some(&draft08_watcher())).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
+    let r = api(&s, &format!("{SUBS}/regex/a/b"), Some(&draft08_watcher())).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "invalid_mercure_subscription"
+    );
+
+    // Unauthorised: no token 401; a token without a subscribe right on the path 403.
+    let r = api(&s, SUBS, None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    for token in [
+        v0(json!({"subscribe": ["https://example.com/{x}"], "publish": ["*"]})),
+        draft08(
+            RESOURCE,
+            now() + 3600,
+            json!([detail(
+                &["subscribe"],
+                &[(&format!("{SUBS}/exact/*"), "urlpattern")]
+            )]),
+        ),
+    ] {
+        let r = api(&s, SUBS, Some(&token)).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer error=\"insufficient_scope\""
+        );
+    }
+    // That draft-08 token may read what its matcher covers.
+    let narrow = draft08(
+        RESOURCE,
+        now() + 3600,
+        json!([detail(
+            &["subscribe"],
+            &[(&format!("{SUBS}/urlpattern/*"), "urlpattern")]
+        )]),
+    );
+    assert_eq!(
+        listed(
+            &s,
+            &format!("{SUBS}/urlpattern/{}", enc("https://example.com/books/:id")),
+            &narrow
+        )
+        .await,
+        vec![books]
+    );
+
+    // A subscriber gone is gone from the list.
+    drop(v0_sub);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while listed(&s, SUBS, &draft08_watcher())
+        .await
+        .iter()
+        .any(|d| d["topic"] == "https://example.com/{x}")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The cursor is the newest update's id when a header can carry it, else its `#<id>`.
+    let link_after = |id: &'static str| {
+        let s = &s;
+        async move {
+            publish(s, &[("topic", "https://example.com/c"), ("id", id)]).await;
+            let r = api(s, SUBS, Some(&draft08_watcher())).await;
+            assert!(r.headers().contains_key("etag"));
+            r.headers()["link"].to_str().unwrap().to_string()
+        }
+    };
+    assert!(
+        link_after("plain-id")
+            .await
+            .contains("last-event-id=\"plain-id\""),
+        "a publisher's id"
+    );
+    assert!(
+        link_after("ünïcode").await.contains("last-event-id=\"#"),
+        "a hub id for an id no header can carry"
+    );
+}
+
+#[tokio::test]
+async fn mercure_subscriptions_are_off_unless_asked_for() {
+    let s = hub(&[]).await;
+    let r = api(&s, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--mercure-subscriptions",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("herald should exit")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mercure-subscriptions"), "{stderr}");
+}
+
+async fn subscriber_on(s: &Server, topic: &str) -> Sse {
+    subscribe(
+        s,
+        &format!("match={}", enc(topic)),
+        &[("authorization", &bearer(&draft08_with_payload()))],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn mercure_subscriptions_span_a_redis_cluster() {
+    let redis = Redis::start();
+    let base = [
+        "--mercure",
+        "--mercure-subscriptions",
+        "--jwt-secret",
+        SECRET,
+        "--mercure-resource",
+        RESOURCE,
+        "--anonymous",
+    ];
+    let (a, mut b) = (node(&redis, &base).await, node(&redis, &base).await);
+    let mut watch = subscribe(
+        &a,
+        &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
+        &[("authorization", &bearer(&draft08_watcher()))],
+    )
+    .await;
+    // A subscriber on B: announced to A's watcher, listed by A's API.
+    let leaving = subscriber_on(&b, "https://example.com/leaving").await;
+    let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/leaving").await;
+    assert_eq!(doc["active"], true);
+    let on_a: Vec<Value> = listed(&a, SUBS, &draft08_watcher()).await;
+    assert!(on_a.contains(&doc), "{on_a:?}");
+    drop(leaving);
+    let (_, gone) = event_where(&mut watch, |v| v["subscriber"] == doc["subscriber"]).await;
+    assert_eq!(gone["active"], false);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while listed(&a, SUBS, &draft08_watcher())
+        .await
+        .iter()
+        .any(|d| d["id"] == doc["id"])
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still listed on A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B killed with a subscriber: A, reaping it, announces the end and stops listing it.
+    let stays = subscriber_on(&b, "https://example.com/killed").await;
+    let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/killed").await;
+    assert!(listed(&a, SUBS, &draft08_watcher()).await.contains(&doc));
+    b.signal("KILL");
+    b.wait_exit(PATIENCE).await;
+    let (_, gone) = event_where(&mut watch, |v| {
+        v["subscriber"] == doc["subscriber"] && v["active"] == false
+    })
+    .await;
+    assert_eq!(gone["id"], doc["id"]);
+    assert!(
+        !listed(&a, SUBS, &draft08_watcher())
+            .await
+            .iter()
+            .any(|d| d["id"] == doc["id"])
+    );
+    drop(stays);
 }

@@ -1,0 +1,608 @@
+//! Mercure's active subscriptions (`--mercure-subscriptions`): each topic selector of a Mercure
+//! subscriber is one subscription, announced as a private update when it starts (`active: true`)
+//! and ends (`active: false`), and listed by the subscriptions API under
+//! `/.well-known/mercure/subscriptions`. A subscription is described in the dialect it was made
+//! in: `match=`/`match_urlpattern=` (draft-08) on `…/subscriptions/{match_type}/{match}/{subscriber}`
+//! as JSON with SSE type `mercure`; v0.x `topic=` on `…/subscriptions/{topic}/{subscriber}` as
+//! JSON-LD. Cluster-wide: each node keeps its own subscriptions and shares them through
+//! [`Presence::share`]; the API merges them with the other live nodes'; the node that reaps a dead
+//! one announces the end of its subscriptions. Rule: the subscriber id is the hub's (a random
+//! `urn:uuid:`), never taken from the client, and every document the API lists was announced.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::{Hub, Message, PeerGone, Presence};
+use parking_lot::Mutex;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde_json::{Map, Value, json};
+
+use super::token::{Grants, Refusal};
+use super::update::Envelope;
+use super::{Mercure, PATH, grants_of, herald_topic, refuse};
+use crate::error_code::ErrorCode;
+use crate::http::{ApiError, AppState, form_pairs};
+
+/// Where the subscriptions API and the subscription events' topics live.
+pub const BASE: &str = "/.well-known/mercure/subscriptions";
+/// The JSON-LD `@context` of v0.x documents.
+const CONTEXT: &str = "https://mercure.rocks/";
+/// RFC 6570 simple expansion: everything but the unreserved characters is percent-encoded.
+const EXPANSION: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// How a subscriber named one topic selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// Draft-08 `match=` / `match_exact=`.
+    Exact(String),
+    /// Draft-08 `match_urlpattern=`.
+    UrlPattern(String),
+    /// v0.x `topic=`.
+    V0(String),
+}
+
+impl Asked {
+    fn text(&self) -> &str {
+        match self {
+            Asked::Exact(t) | Asked::UrlPattern(t) | Asked::V0(t) => t,
+        }
+    }
+}
+
+fn expand(value: &str) -> String {
+    utf8_percent_encode(value, EXPANSION).to_string()
+}
+
+/// The document of one active subscription (`active: true`).
+pub fn document(subscriber: &str, asked: &Asked, payload: Option<&Value>) -> Value {
+    let mut doc = Map::new();
+    let (id, doc_type) = match asked {
+        Asked::Exact(m) | Asked::UrlPattern(m) => {
+            let kind = if matches!(asked, Asked::Exact(_)) {
+                "exact"
+            } else {
+                "urlpattern"
+            };
+            doc.insert("match_type".into(), kind.into());
+            doc.insert("match".into(), m.as_str().into());
+            (
+                format!("{BASE}/{kind}/{}/{}", expand(m), expand(subscriber)),
+                "subscription",
+            )
+        }
+        Asked::V0(t) => {
+            doc.insert("topic".into(), t.as_str().into());
+            (
+                format!("{BASE}/{}/{}", expand(t), expand(subscriber)),
+                "Subscription",
+            )
+        }
+    };
+    doc.insert("id".into(), id.into());
+    doc.insert("type".into(), doc_type.into());
+    doc.insert("subscriber".into(), subscriber.into());
+    doc.insert("active".into(), true.into());
+    if let Some(p) = payload {
+        doc.insert("payload".into(), p.clone());
+    }
+    Value::Object(doc)
+}
+
+fn is_v0(doc: &Value) -> bool {
+    doc["type"] == "Subscription"
+}
+
+fn doc_id(doc: &Value) -> &str {
+    doc["id"].as_str().unwrap_or_default()
+}
+
+/// A fresh subscriber id: a random (version 4) UUID URN.
+fn subscriber_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No system randomness: time and a counter still tell connections apart.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        b[..8].copy_from_slice(&herald_core::clock::now_ms().to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "urn:uuid:{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+/// The subscription event of `doc` with `active`: a private Mercure update on its own topic.
+fn event(doc: &Value, active: bool) -> Option<Message> {
+    let mut doc = doc.clone();
+    doc["active"] = active.into();
+    let v0 = is_v0(&doc);
+    if v0 && let Value::Object(m) = &mut doc {
+        m.insert("@context".into(), CONTEXT.into());
+    }
+    let envelope = Envelope {
+        id: None,
+        topics: vec![doc_id(&doc).to_string()],
+        r#type: (!v0).then(|| "mercure".to_string()),
+        retry: None,
+        private: true,
+        data: doc.to_string(),
+    };
+    let json = serde_json::to_string(&envelope).ok()?;
+    Some(Message::to_topic(herald_topic()).private(true).data(json))
+}
+
+/// Publishes the events of `docs` with `active`, in one batch.
+async fn announce(hub: &Hub, docs: &[Value], active: bool) {
+    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
+    if messages.is_empty() {
+        return;
+    }
+    if let Err(e) = hub.publish_batch(messages).await {
+        tracing::warn!(error = %e, subscriptions = docs.len(), active, "Mercure subscription events were not published");
+    }
+}
+
+/// The cluster entries of `docs`: set (`active`) or removed.
+fn entries(docs: &[Value], active: bool) -> Vec<(String, Option<String>)> {
+    docs.iter()
+        .map(|d| (doc_id(d).to_string(), active.then(|| d.to_string())))
+        .collect()
+}
+
+/// How often this node's whole registry is shared again, mending what a failed share (Redis
+/// unreachable) left behind.
+const RESHARE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// This node's active subscriptions, by document id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    local: Mutex<BTreeMap<String, Value>>,
+    /// Held while sharing: a change is made here first, then shared under this lock, so a
+    /// re-share of the whole registry never undoes a newer change.
+    sharing: tokio::sync::Mutex<()>,
+}
+
+/// One subscriber's subscriptions; dropping it (the stream ended) ends them.
+#[derive(Debug)]
+pub struct Registration {
+    hub: Hub,
+    presence: Arc<dyn Presence>,
+    registry: Arc<Registry>,
+    docs: Vec<Value>,
+}
+
+impl Registry {
+    /// Registers a new subscriber's subscriptions: kept here, shared with the other nodes, and
+    /// announced (`active: true`) before this returns.
+    pub(crate) async fn register(
+        self: &Arc<Self>,
+        app: &AppState,
+        asked: &[Asked],
+        grants: Option<&Grants>,
+    ) -> Registration {
+        let subscriber = subscriber_id();
+        let mut docs: Vec<Value> = Vec::new();
+        for a in asked {
+            let payload = grants.and_then(|g| g.payload_for(a.text()));
+            let doc = document(&subscriber, a, payload);
+            if !docs.iter().any(|d| doc_id(d) == doc_id(&doc)) {
+                docs.push(doc);
+            }
+        }
+        // The guard exists before the first await: a request dropped half-way still cleans up.
+        let registration = Registration {
+            hub: app.hub.clone(),
+            presence: app.presence.clone(),
+            registry: self.clone(),
+            docs,
+        };
+        {
+            let mut local = self.local.lock();
+            for d in &registration.docs {
+                local.insert(doc_id(d).to_string(), d.clone());
+            }
+        }
+        {
+            let _sharing = self.sharing.lock().await;
+            if let Err(e) = app
+                .presence
+                .share(&entries(&registration.docs, true), false)
+                .await
+            {
+                tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster yet");
+            }
+        }
+        announce(&app.hub, &registration.docs, true).await;
+        registration
+    }
+
+    fn snapshot(&self) -> Vec<Value> {
+        self.local.lock().values().cloned().collect()
+    }
+
+    /// Shares the whole registry every [`RESHARE`] while the registry lives.
+    pub(crate) fn keep_shared(self: &Arc<Self>, presence: Arc<dyn Presence>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let registry = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(RESHARE);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let _sharing = registry.sharing.lock().await;
+                let all = entries(&registry.snapshot(), true);
+                if let Err(e) = presence.share(&all, true).await {
+                    tracing::debug!(error = %e, "Mercure subscriptions not re-shared");
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        {
+            let mut local = self.registry.local.lock();
+            for d in &self.docs {
+                local.remove(doc_id(d));
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (hub, presence, docs) = (
+            self.hub.clone(),
+            self.presence.clone(),
+            std::mem::take(&mut self.docs),
+        );
+        let registry = self.registry.clone();
+        runtime.spawn(async move {
+            {
+                let _sharing = registry.sharing.lock().await;
+                if let Err(e) = presence.share(&entries(&docs, false), false).await {
+                    tracing::warn!(error = %e, "ended Mercure subscriptions stay listed for the other nodes until the next re-share");
+                }
+            }
+            announce(&hub, &docs, false).await;
+        });
+    }
+}
+
+/// The hook the cluster calls with a dead node's shared subscriptions: announces their end.
+pub fn on_peer_gone(hub: Hub) -> PeerGone {
+    Arc::new(move |shared: Vec<(String, String)>| {
+        let hub = hub.clone();
+        let docs: Vec<Value> = shared
+            .iter()
+            .filter_map(|(_, doc)| serde_json::from_str::<Value>(doc).ok())
+            .filter(|doc| doc["id"].is_string())
+            .collect();
+        tokio::spawn(async move { announce(&hub, &docs, false).await });
+    })
+}
+
+/// What an API request names.
+#[derive(Debug, PartialEq, Eq)]
+enum Wanted {
+    /// `…/subscriptions`.
+    All,
+    /// v0.x `…/subscriptions/{topic}`.
+    V0Topic(String),
+    /// v0.x `…/subscriptions/{topic}/{subscriber}`.
+    V0One { topic: String, subscriber: String },
+    /// Draft-08 `…/subscriptions/{match_type}/{match}`.
+    Matcher { kind: String, pattern: String },
+    /// Draft-08 `…/subscriptions/{match_type}/{match}/{subscriber}`.
+    One {
+        kind: String,
+        pattern: String,
+        subscriber: String,
+    },
+}
+
+const KINDS: [&str; 2] = ["exact", "urlpattern"];
+
+impl Wanted {
+    /// Reads the request's path (as sent, percent-encoded). A two-segment path is draft-08's
+    /// per-matcher collection when its first segment is a matcher type, else v0.x's subscription.
+    fn parse(path: &str) -> Result<Wanted, ApiError> {
+        let rest = path.strip_prefix(BASE).unwrap_or_default();
+        if rest.is_empty() {
+            return Ok(Wanted::All);
+        }
+        let Some(rest) = rest.strip_prefix('/') else {
+            return Err(ErrorCode::NotFound.into());
+        };
+        let segments = rest
+            .split('/')
+            .map(|s| {
+                if s.is_empty() {
+                    return Err(bad("a path segment is empty"));
+                }
+                percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|d| d.into_owned())
+                    .map_err(|_| bad("a path segment is not UTF-8 once percent-decoded"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let known = |k: &String| KINDS.contains(&k.as_str());
+        match segments.as_slice() {
+            [topic] => Ok(Wanted::V0Topic(topic.clone())),
+            [kind, pattern] if known(kind) => Ok(Wanted::Matcher {
+                kind: kind.clone(),
+                pattern: pattern.clone(),
+            }),
+            [topic, subscriber] => Ok(Wanted::V0One {
+                topic: topic.clone(),
+                subscriber: subscriber.clone(),
+            }),
+            [kind, pattern, subscriber] if known(kind) => Ok(Wanted::One {
+                kind: kind.clone(),
+                pattern: pattern.clone(),
+                subscriber: subscriber.clone(),
+            }),
+            [kind, _, _] => Err(bad(format!(
+                "'{kind}' is not a matcher type (exact, urlpattern)"
+            ))),
+            _ => Err(ErrorCode::NotFound.into()),
+        }
+    }
+
+    fn selects(&self, doc: &Value) -> bool {
+        let is = |k: &str, v: &str| doc[k].as_str() == Some(v);
+        match self {
+            Wanted::All => true,
+            Wanted::V0Topic(t) => is_v0(doc) && is("topic", t),
+            Wanted::V0One { topic, subscriber } => {
+                is_v0(doc) && is("topic", topic) && is("subscriber", subscriber)
+            }
+            Wanted::Matcher { kind, pattern } => is("match_type", kind) && is("match", pattern),
+            Wanted::One {
+                kind,
+                pattern,
+                subscriber,
+            } => is("match_type", kind) && is("match", pattern) && is("subscriber", subscriber),
+        }
+    }
+
+    fn single(&self) -> bool {
+        matches!(self, Wanted::V0One { .. } | Wanted::One { .. })
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidMercureSubscription, message)
+}
+
+/// Whether the answer is v0.x JSON-LD: by the path's shape, else by the token's dialect, else
+/// (no token checked) by `Accept: application/ld+json`.
+fn json_ld(wanted: &Wanted, grants: Option<&Grants>, headers: &HeaderMap) -> bool {
+    match wanted {
+        Wanted::V0Topic(_) | Wanted::V0One { .. } => true,
+        Wanted::Matcher { .. } | Wanted::One { .. } => false,
+        Wanted::All => match grants {
+            Some(g) => !g.draft08,
+            None => headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains("application/ld+json"))),
+        },
+    }
+}
+
+/// An entity-tag for `cursor`: bytes outside `etagc`, and `%`, percent-encoded.
+fn etag(cursor: &str) -> String {
+    let mut out = String::from("\"");
+    for b in cursor.bytes() {
+        if b < 0x21 || b == b'"' || b == b'%' || b == 0x7f {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `GET /.well-known/mercure/subscriptions[/…]`.
+pub(crate) async fn api(
+    State(app): State<AppState>,
+    Extension(mercure): Extension<Arc<Mercure>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Some(registry) = &mercure.subscriptions else {
+        return Err(ErrorCode::NotFound.into());
+    };
+    let path = request.uri().path().to_string();
+    let headers = request.headers();
+    let wanted = Wanted::parse(&path)?;
+    let query = form_pairs(request.uri().query().unwrap_or_default().as_bytes())?;
+    let query_token = query
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.as_str());
+    let grants = match grants_of(&app, &mercure, headers, query_token, false) {
+        Ok(g) => g,
+        Err(r) => return Ok(refuse(r)),
+    };
+    // The topic to authorize is the path as requested, without the query.
+    if let Some(g) = &grants
+        && !g.subscribe.iter().any(|s| s.matches(&path))
+    {
+        return Ok(refuse(Refusal::InsufficientScope(format!(
+            "the token has no subscribe right on '{path}'"
+        ))));
+    }
+    let ld = json_ld(&wanted, grants.as_ref(), headers);
+    // The cursor first: whatever changes while the list is read comes after it.
+    let newest = mercure
+        .ids
+        .newest(&app.hub)
+        .await
+        .map_err(|e| ApiError::unavailable(ErrorCode::StoreUnavailable, &e))?;
+    // A publisher's id is the cursor when a header can carry it as is; `#<herald id>` names the
+    // same event otherwise.
+    let cursor = match (newest.mercure, newest.herald) {
+        (Some(id), _) if id.bytes().all(|b| (0x20..0x7f).contains(&b)) => id,
+        (_, Some(h)) => format!("#{h}"),
+        (_, None) => "earliest".to_string(),
+    };
+    let tag = etag(&cursor);
+    let mut docs = registry.snapshot();
+    let peers = app
+        .presence
+        .shared_by_peers()
+        .await
+        .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?;
+    docs.extend(
+        peers
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok()),
+    );
+    docs.retain(|d| wanted.selects(d));
+    docs.sort_by(|a, b| doc_id(a).cmp(doc_id(b)));
+    let body = if wanted.single() {
+        let Some(mut doc) = docs.into_iter().next() else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no active subscription at {path}"),
+            ));
+        };
+        if ld && let Value::Object(m) = &mut doc {
+            m.insert("@context".into(), CONTEXT.into());
+            m.insert("lastEventID".into(), cursor.as_str().into());
+        }
+        doc
+    } else if ld {
+        json!({
+            "@context": CONTEXT,
+            "id": path,
+            "type": "Subscriptions",
+            "lastEventID": cursor,
+            "subscriptions": docs,
+        })
+    } else {
+        json!({
+            "id": path,
+            "type": "subscriptions",
+            "subscriptions": docs,
+        })
+    };
+    let quoted = cursor.replace('\\', "\\\\").replace('"', "\\\"");
+    let link = format!(
+        "<{PATH}>; rel=\"mercure\"; last-event-id=\"{quoted}\"; type=\"mercure\"; content-type=\"application/json\""
+    );
+    let mut response = if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
+    {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let content_type = if ld {
+            "application/ld+json"
+        } else {
+            "application/json"
+        };
+        ([(header::CONTENT_TYPE, content_type)], body.to_string()).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&link) {
+        h.insert(header::LINK, v);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("must-revalidate"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_in_both_dialects() {
+        let d = document(
+            "urn:uuid:1",
+            &Asked::UrlPattern("https://example.com/:selector".into()),
+            Some(&json!({"foo": "bar"})),
+        );
+        assert_eq!(
+            d,
+            json!({
+                "id": "/.well-known/mercure/subscriptions/urlpattern/https%3A%2F%2Fexample.com%2F%3Aselector/urn%3Auuid%3A1",
+                "type": "subscription", "match_type": "urlpattern",
+                "match": "https://example.com/:selector", "subscriber": "urn:uuid:1",
+                "active": true, "payload": {"foo": "bar"},
+            })
+        );
+        let d = document("urn:uuid:1", &Asked::V0("https://e.com/{x} y".into()), None);
+        assert_eq!(
+            d,
+            json!({
+                "id": "/.well-known/mercure/subscriptions/https%3A%2F%2Fe.com%2F%7Bx%7D%20y/urn%3Auuid%3A1",
+                "type": "Subscription", "topic": "https://e.com/{x} y",
+                "subscriber": "urn:uuid:1", "active": true,
+            })
+        );
+        let id = subscriber_id();
+        assert_eq!(id.len(), "urn:uuid:".len() + 36, "{id}");
+        assert_ne!(id, subscriber_id());
+    }
+
+    #[test]
+    fn paths_name_what_they_select() {
+        use Wanted as W;
+        assert_eq!(W::parse(BASE).unwrap(), W::All);
+        assert_eq!(
+            W::parse(&format!("{BASE}/a%2Fb")).unwrap(),
+            W::V0Topic("a/b".into())
+        );
+        assert_eq!(
+            W::parse(&format!("{BASE}/exact/a")).unwrap(),
+            W::Matcher {
+                kind: "exact".into(),
+                pattern: "a".into()
+            }
+        );
+        assert_eq!(
+            W::parse(&format!("{BASE}/t/s")).unwrap(),
+            W::V0One {
+                topic: "t".into(),
+                subscriber: "s".into()
+            }
+        );
+        assert!(matches!(
+            W::parse(&format!("{BASE}/urlpattern/p/s")).unwrap(),
+            W::One { .. }
+        ));
+        for bad in ["/regex/a/b", "//a", "/a%FF", "/a/b/c/d", "x"] {
+            assert!(W::parse(&format!("{BASE}{bad}")).is_err(), "{bad}");
+        }
+        assert_eq!(etag("a \"b%"), "\"a%20%22b%25\"");
+    }
+}
