@@ -151,7 +151,7 @@ enum Scenario {
         #[arg(long, default_value_t = 300)]
         samples: usize,
         /// Events delivered to the webhook, per store.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 5_000)]
         deliveries: u64,
     },
     /// No server: what the kernel alone costs to write one event to each of N loopback sockets

@@ -211,7 +211,11 @@ fn presence_and_webhooks_measure_every_sample() {
     assert_eq!(rows.len(), 3, "{rows:?}");
     let p = &rows[0];
     assert_eq!(p["scenario"], "presence", "{p}");
-    assert_eq!((p["nodes"].as_u64(), p["samples"].as_u64()), (Some(2), Some(5)), "{p}");
+    assert_eq!(
+        (p["nodes"].as_u64(), p["samples"].as_u64()),
+        (Some(2), Some(5)),
+        "{p}"
+    );
     for key in [
         "online_event_p50_ms",
         "online_event_p99_ms",
@@ -233,7 +237,10 @@ fn presence_and_webhooks_measure_every_sample() {
         assert_eq!(r["scenario"], "webhook", "{r}");
         assert_eq!(r["received"], 50, "every event once: {r}");
         assert_eq!(r["in_order"], true, "{r}");
-        assert!(r["deliveries_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(
+            r["deliveries_per_s"].as_f64().is_some_and(|v| v > 0.0),
+            "{r}"
+        );
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -257,7 +264,13 @@ fn presence_and_webhooks_measure_every_sample() {
         .expect("run report");
     assert!(status.success());
     let md = std::fs::read_to_string(&out).expect("report written");
-    assert!(md.contains("Presence across nodes (two nodes, one Redis)"), "{md}");
+    assert!(
+        md.contains("Presence across nodes (two nodes, one Redis)"),
+        "{md}"
+    );
     assert!(md.contains("Webhook deliveries per second"), "{md}");
-    assert!(md.contains("### presence") && md.contains("### webhook"), "{md}");
+    assert!(
+        md.contains("### presence") && md.contains("### webhook"),
+        "{md}"
+    );
 }

@@ -403,9 +403,7 @@ impl RawConfig {
             }
             let topics = match &table.topics {
                 Some(t) if t.is_empty() => {
-                    return Err(at(
-                        "'topics' is empty: leave it out for $presence/**".into()
-                    ));
+                    return Err(at("'topics' is empty: leave it out for $presence/**".into()));
                 }
                 Some(t) => selectors(t, |e| at(format!("'topics': {e}")))?,
                 None => selectors(&[], &at)?,
@@ -646,7 +644,11 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                ("http://flag.example/hook", Some("s0"), vec!["$presence/**".into()]),
+                (
+                    "http://flag.example/hook",
+                    Some("s0"),
+                    vec!["$presence/**".into()]
+                ),
                 (
                     "http://a.example/hook",
                     Some("sa"),
@@ -687,9 +689,17 @@ mod tests {
     #[test]
     fn bad_webhook_tables_are_named() {
         let parse_err = |toml: &str| RawConfig::from_toml(toml).unwrap_err();
-        assert!(parse_err("[[webhook]]\nsecret = \"x\"").contains("[[webhook]] 1: 'url' is missing"));
-        assert!(parse_err("[[webhook]]\nurl = \"http://a/\"\nsecrte = \"x\"").contains("unknown key 'secrte'"));
-        assert!(parse_err("[[webhook]]\nurl = \"http://a/\"\ntopics = \"a/**\"").contains("'topics' must be an array"));
+        assert!(
+            parse_err("[[webhook]]\nsecret = \"x\"").contains("[[webhook]] 1: 'url' is missing")
+        );
+        assert!(
+            parse_err("[[webhook]]\nurl = \"http://a/\"\nsecrte = \"x\"")
+                .contains("unknown key 'secrte'")
+        );
+        assert!(
+            parse_err("[[webhook]]\nurl = \"http://a/\"\ntopics = \"a/**\"")
+                .contains("'topics' must be an array")
+        );
         assert!(parse_err("[[webhook]]\nurl = 7").contains("'url' must be a string"));
         let invalid = |toml: &str| {
             RawConfig::from_toml(toml)
@@ -699,9 +709,15 @@ mod tests {
                 .to_string()
         };
         let err = invalid("[[webhook]]\nurl = \"http://a/\"\n[[webhook]]\nurl = \"ftp://b/\"");
-        assert_eq!(err, "invalid webhook: [[webhook]] 2: 'ftp://b/' is not an http(s) URL");
+        assert_eq!(
+            err,
+            "invalid webhook: [[webhook]] 2: 'ftp://b/' is not an http(s) URL"
+        );
         let err = invalid("[[webhook]]\nurl = \"http://a/\"\ntopics = [\"a/**/b\"]");
-        assert!(err.starts_with("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"), "{err}");
+        assert!(
+            err.starts_with("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"),
+            "{err}"
+        );
         let err = invalid("[[webhook]]\nurl = \"http://a/\"\ntopics = []");
         assert!(err.contains("'topics' is empty"), "{err}");
         let err = invalid("[[webhook]]\nurl = \"http://a/\"\nsecret = \"\"");
@@ -709,6 +725,9 @@ mod tests {
         let err = invalid("webhook = [\"http://a/\", { url = \"http://a/\" }]");
         assert!(err.contains("'http://a/' is given twice"), "{err}");
         let err = invalid("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a/\"");
-        assert!(err.starts_with("invalid webhook-secret: applies to --webhook URLs"), "{err}");
+        assert!(
+            err.starts_with("invalid webhook-secret: applies to --webhook URLs"),
+            "{err}"
+        );
     }
 }

@@ -365,8 +365,14 @@ async fn webhook_tables_each_with_its_secret_and_topics_beside_the_flag() {
         let all = receiver.got.lock().unwrap().clone();
         assert_eq!(all.len(), n, "{all:?}");
         for (signature, body, _) in &all {
-            assert!(verify_with(secret, signature, body), "{signature} over {body}");
-            assert!(!verify_with(wrong, signature, body), "another hook's secret fails");
+            assert!(
+                verify_with(secret, signature, body),
+                "{signature} over {body}"
+            );
+            assert!(
+                !verify_with(wrong, signature, body),
+                "another hook's secret fails"
+            );
         }
     }
 }
@@ -386,9 +392,15 @@ async fn a_bad_webhook_table_stops_startup_naming_it() {
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     let err = stderr("[[webhook]]\nurl = \"http://a.example/\"\ntopics = [\"a/**/b\"]\n");
-    assert!(err.contains("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"), "{err}");
+    assert!(
+        err.contains("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"),
+        "{err}"
+    );
     let err = stderr("[[webhook]]\nsecret = \"s\"\n");
     assert!(err.contains("[[webhook]] 1: 'url' is missing"), "{err}");
     let err = stderr("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a.example/\"\n");
-    assert!(err.contains("invalid webhook-secret: applies to --webhook URLs"), "{err}");
+    assert!(
+        err.contains("invalid webhook-secret: applies to --webhook URLs"),
+        "{err}"
+    );
 }
