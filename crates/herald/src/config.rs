@@ -406,10 +406,10 @@ impl RawConfig {
                     return Err(at("'topics' is empty: leave it out for $presence/**".into()));
                 }
                 Some(t) => selectors(t, |e| at(format!("'topics': {e}")))?,
-                None => selectors(&[], &at)?,
+                None => selectors(&[], at)?,
             };
             hooks.push(crate::webhook::Hook {
-                url: hook_url(table.url.clone(), &at)?,
+                url: hook_url(table.url.clone(), at)?,
                 secret: table.secret.clone(),
                 topics,
             });
