@@ -546,6 +546,10 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
            `redis-server` (no persistence), subscribers and publishers spread over the nodes; \
            `events_per_s_per_node` and `redis_cmds_per_msg` (every Redis command in the run, \
            presence reports included, per published message) show how the cluster scales.\n\
+         - **herald-redis-r1**, **herald-redis3-r1**: the same with one replica of that Redis \
+           and `--redis-replicas 1`: every publish is answered after `WAIT` saw it replicated.\n\
+         - **herald-mercure**: herald with `--mercure` (an open hub), subscribers on \
+           `/.well-known/mercure?topic=…`, publishers sending Mercure form posts.\n\
          - **ceiling**: `herald-bench ceiling`, a process that answers the request head, keeps \
            the bare sockets per topic and writes each frame, encoded once, to every socket from \
            2 writer threads, batching whatever is pending into one write per socket; no \
