@@ -1,8 +1,14 @@
 // app.js: the dashboard's behaviour — subscribe through herald.js (every event type, via on('*')),
 // publish, end a user's streams, and poll /stats and /users every second for the numbers, the
-// nodes, the online users and the chart. With auth on, every request carries the token or publish
-// key typed into the page (kept in sessionStorage, so it lasts as long as the tab).
-// Every URL is relative to this file, so the dashboard also works when herald is nested (/push/).
+// nodes, the online users and the chart. The presence panel holds its own herald.js stream on
+// `$presence/*` (from what history holds, then resuming by last id across reconnects): events
+// alone say who is online or offline, ordered by `generation`; the /users poll only refreshes the
+// connection counts. With auth on, every request and both streams carry the token or publish key
+// typed into the page (kept in sessionStorage, so it lasts as long as the tab); `$presence/*`
+// needs one that may subscribe to it (the publish key, an admin token; a token naming a user makes
+// the panel's stream one of that user's, as any stream it opens). `?presence=0` leaves the panel
+// off. Every URL is relative to this file, so the dashboard also works when herald is
+// nested (/push/).
 import { connect } from './herald.js';
 
 const base = new URL('.', import.meta.url);
@@ -59,7 +65,10 @@ function describe(state, detail, user) {
 // ---- the live event list ----------------------------------------------------------------------
 
 function time() {
-  const d = new Date();
+  return timeOf(new Date());
+}
+
+function timeOf(d) {
   const pad = (n, w = 2) => String(n).padStart(w, '0');
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
@@ -309,6 +318,7 @@ function push(key, value) {
 }
 
 function showUsers({ count, users }) {
+  presenceCounts(count, users);
   $('user-count').textContent = String(count);
   const list = $('users');
   const most = Math.max(1, ...users.map((u) => u.connections));
@@ -357,6 +367,129 @@ async function endUser(user) {
   } catch (err) {
     showError(out, `the hub did not answer: ${err.message}`);
   }
+}
+
+// ---- presence: who is online, from $presence/* events -----------------------------------------
+
+const PRESENCE_TOPIC = '$presence/*';
+const MAX_PRESENCE = 200;
+/**
+ * What the page knows of each user: from their latest presence event (`generation` > 0), or, for
+ * users online before any event of theirs reached the page, from the /users poll (generation 0).
+ * @type {Map<string, {online: boolean, connections: number, generation: number, id: string, at: Date | null}>}
+ */
+const presence = new Map();
+/** @type {import('./herald.js').Connection | null} */
+let presenceConnection = null;
+/** The last presence event id seen, so a new stream (another credential) resumes after it. */
+let presenceLastId = null;
+let presenceRestart = 0;
+
+function startPresence() {
+  const old = presenceConnection;
+  presenceConnection = null;
+  if (old) {
+    presenceLastId = old.lastEventId || presenceLastId;
+    old.close();
+  }
+  $('presence-error').hidden = true;
+  const h = connect(base.href, {
+    topics: [PRESENCE_TOPIC],
+    // The first stream starts from what history holds; later ones resume after the last id.
+    lastEventId: presenceLastId || undefined,
+    since: presenceLastId ? undefined : 'all',
+    token: () => credential() || null,
+    maxBackoffMs: Number(new URLSearchParams(location.search).get('maxBackoffMs')) || undefined,
+  });
+  presenceConnection = h;
+  h.on('state', (state, detail) => {
+    if (presenceConnection !== h) return;
+    const label = $('presence-state');
+    label.dataset.state = state;
+    label.textContent = { connecting: 'connecting…', open: 'live', reconnecting: 'reconnecting…' }[state] || 'closed';
+    if (detail.error) {
+      showError($('presence-error'), `${detail.status} ${detail.error.error}: ${detail.error.message}`);
+    } else if (state === 'open') {
+      $('presence-error').hidden = true;
+    }
+  });
+  h.on('herald.presence', (ev) => {
+    if (presenceConnection !== h) return;
+    let p;
+    try {
+      p = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (!p || typeof p.user !== 'string' || typeof p.generation !== 'number') return;
+    const known = presence.get(p.user);
+    // Generations grow with every transition of a user: an older one is stale.
+    if (known && known.generation >= p.generation) return;
+    presence.set(p.user, {
+      online: p.online === true,
+      connections: Number(p.connections) || 0,
+      generation: p.generation,
+      id: ev.id,
+      at: new Date(),
+    });
+    renderPresence();
+  });
+  h.on('gap', (gap) => {
+    if (presenceConnection !== h) return;
+    const note = $('presence-note');
+    note.textContent = `Some presence events after ${gap.lastEventId} are no longer in the hub's history: the list may be behind until those users change again.`;
+    note.hidden = false;
+  });
+}
+
+/** The /users poll: current connection counts of online users (it never decides who is online). */
+function presenceCounts(count, users) {
+  if (!presenceConnection || presenceConnection.state !== 'open') return;
+  const listed = new Map(users.map((u) => [u.id, u.connections]));
+  // Only a complete page tells who has no stream at all.
+  const complete = count <= users.length;
+  for (const [user, p] of presence) {
+    if (!p.online) continue;
+    if (listed.has(user)) p.connections = listed.get(user);
+    else if (complete && p.generation === 0) presence.delete(user);
+    else if (complete) p.connections = 0;
+  }
+  for (const [user, n] of listed) {
+    if (!presence.has(user)) presence.set(user, { online: true, connections: n, generation: 0, id: '', at: null });
+  }
+  renderPresence();
+}
+
+function renderPresence() {
+  const entries = [...presence.entries()].sort(
+    ([, a], [, b]) => Number(b.online) - Number(a.online) || (b.at ? b.at.getTime() : 0) - (a.at ? a.at.getTime() : 0),
+  );
+  const online = entries.filter(([, p]) => p.online).length;
+  $('presence-online').textContent = String(online);
+  $('presence').replaceChildren(
+    ...entries.slice(0, MAX_PRESENCE).map(([user, p]) => {
+      const li = document.createElement('li');
+      li.dataset.user = user;
+      li.dataset.online = String(p.online);
+      li.dataset.generation = String(p.generation);
+      const n = p.online ? p.connections : 0;
+      let count = `${n} connection${n === 1 ? '' : 's'}`;
+      // Online with no stream left: the last one closed and the grace is running.
+      if (p.online && n === 0) count += ' · in grace';
+      const when = p.at
+        ? `${p.online ? 'online' : 'offline'} since ${timeOf(p.at)} · generation ${p.generation}`
+        : 'online since before this page opened';
+      li.title = p.id ? `event ${p.id}` : 'from /users';
+      li.append(
+        Object.assign(document.createElement('span'), { className: 'dot' }),
+        Object.assign(document.createElement('span'), { className: 'name', textContent: user }),
+        Object.assign(document.createElement('span'), { className: 'n', textContent: count }),
+        Object.assign(document.createElement('span'), { className: 'when', textContent: when }),
+      );
+      return li;
+    }),
+  );
+  $('presence-empty').hidden = entries.length > 0;
 }
 
 /** Cluster mode: each node with its connections (`/stats` lists them only there). */
@@ -472,6 +605,11 @@ function init() {
     if (secret.value) sessionStorage.setItem(CREDENTIAL, secret.value.trim());
     else sessionStorage.removeItem(CREDENTIAL);
     poll();
+    // A new credential may open $presence/* (once typing pauses).
+    if (watchPresence) {
+      clearTimeout(presenceRestart);
+      presenceRestart = setTimeout(startPresence, 300);
+    }
   });
   form.addEventListener('submit', (e) => {
     e.preventDefault();
@@ -493,12 +631,25 @@ function init() {
   publishForm.addEventListener('change', updateTargets);
   updateTargets();
   new ResizeObserver(() => draw()).observe($('chart'));
+  if (watchPresence) startPresence();
+  else $('presence-state').textContent = 'off (?presence=0)';
   poll();
   setInterval(poll, 1000);
   if (params.get('connect') === '1') startConnection();
 }
 
+const watchPresence = new URLSearchParams(location.search).get('presence') !== '0';
+
 // The page's live connection, for the browser tests and for poking at from the console.
-Object.defineProperty(window, 'dashboard', { value: { get connection() { return connection; } } });
+Object.defineProperty(window, 'dashboard', {
+  value: {
+    get connection() {
+      return connection;
+    },
+    get presence() {
+      return presenceConnection;
+    },
+  },
+});
 
 init();

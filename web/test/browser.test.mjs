@@ -1,5 +1,6 @@
 // End-to-end tests in real headless Chromium (Debian's chromium, driven by playwright-core) against
-// the real herald binary: the dashboard (also with auth on), publishing from the page and a POST,
+// the real herald binary: the dashboard (also with auth on, and its presence panel fed by
+// `$presence/*` across a hub restart), publishing from the page and a POST,
 // resume across a hub restart, herald.close and 204, the classic script; and herald.js in pages of
 // another origin than the hub's: refreshed tokens, on('*'), and tabs sharing one stream.
 import { test, before, after } from 'node:test';
@@ -144,7 +145,12 @@ async function waitForRows(page, datas) {
 const waitState = (page, state) =>
   page.waitForSelector(`#state[data-state="${state}"]`, { timeout: PATIENCE });
 
-const eventsRequests = (requests) => requests.filter((r) => new URL(r.url).pathname === '/events');
+/** The page's requests for /events, but for the presence panel's own stream (on `$presence/*`). */
+const eventsRequests = (requests) =>
+  requests.filter((r) => {
+    const url = new URL(r.url);
+    return url.pathname === '/events' && !url.searchParams.getAll('topic').includes('$presence/*');
+  });
 
 test('the dashboard subscribes, shows events published from the page and from a POST, and the hub', async () => {
   const hub = await startHerald();
@@ -189,7 +195,9 @@ test('the dashboard subscribes, shows events published from the page and from a 
     // Presence and numbers from /users and /stats.
     await page.waitForSelector('#users li[data-user="ann"]', { timeout: PATIENCE });
     assert.equal(await page.textContent('#users li[data-user="ann"] .n'), '1 connection');
-    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '1');
+    // ann's stream and the presence panel's own, which shows ann online.
+    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '2');
+    await page.waitForSelector('#presence li[data-user="ann"][data-online="true"]', { timeout: PATIENCE });
 
     // A burst of load (to a topic nobody here watches) shows on the chart's rates.
     const samples = [
@@ -234,10 +242,10 @@ test('the dashboard subscribes, shows events published from the page and from a 
     assert.ok(narrow.overflow <= 0, `horizontal overflow of ${narrow.overflow}px`);
     assert.ok(narrow.scrolled > 0 && narrow.state >= 0 && narrow.state < 80, JSON.stringify(narrow));
 
-    // Disconnect ends the stream; the hub sees it go.
+    // Disconnect ends the stream; the hub sees it go (the presence panel's stays).
     await page.click('#disconnect');
     assert.equal(await page.textContent('#state-text'), 'not connected');
-    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '0', null, { timeout: PATIENCE });
+    await page.waitForFunction(() => document.getElementById('stat-connections').textContent === '1', null, { timeout: PATIENCE });
 
     // Everything the page loaded came from the hub itself.
     const foreign = requests.filter((r) => !r.url.startsWith(hub.url + '/'));
@@ -253,9 +261,9 @@ test('the dashboard subscribes, shows events published from the page and from a 
  * Connects the dashboard as ann to chat/*, sees two events, then goes offline while the hub is
  * restarted on the same port. Returns what the test needs to go on.
  */
-async function connectThenRestart(args) {
+async function connectThenRestart(args, query = '') {
   let hub = await startHerald(args);
-  const { page, requests, errors } = await openDashboard(hub.url, '?user=ann&topic=chat/*&connect=1&maxBackoffMs=1000');
+  const { page, requests, errors } = await openDashboard(hub.url, `?user=ann&topic=chat/*&connect=1&maxBackoffMs=1000${query}`);
   await waitState(page, 'open');
   const first = await post(hub.url, '/publish', { topic: 'chat/a', data: 'before 1' });
   const second = await post(hub.url, '/publish', { topic: 'chat/a', data: 'before 2' });
@@ -313,7 +321,8 @@ test('after a hub restart herald.js resumes with its last id and misses nothing'
 });
 
 test('after a refused reconnect (503) herald.js retries with backoff and lastEventId', async () => {
-  const { hub, page, requests, lastId } = await connectThenRestart(['--retry', '300ms', '--max-connections', '1']);
+  // The hub's only connection is the page's stream: the presence panel stays off.
+  const { hub, page, requests, lastId } = await connectThenRestart(['--retry', '300ms', '--max-connections', '1'], '&presence=0');
   const hold = new AbortController();
   try {
     // Someone else takes the hub's only connection, so the page's retry is answered 503.
@@ -723,7 +732,9 @@ test('a chat/a tab never gets chat/b events, even while a chat/b tab holds a sha
 
 test('with auth on, the dashboard works with a token: every type, publish, numbers, users, ending a user', async () => {
   const hub = await startHerald(['--jwt-secret', SECRET, '--publish-key', KEY]);
-  const { page, errors } = await openDashboard(hub.url, '');
+  // A token that names a user makes every stream it opens one of that user's: the presence
+  // panel's too, so it stays off here (the presence test uses the publish key).
+  const { page, errors } = await openDashboard(hub.url, '?presence=0');
   // An operator's token: ann's, with every right.
   const token = jwt({ sub: 'ann', herald: { subscribe: ['**'], publish: ['**'], admin: true } }, 3600);
   try {
@@ -763,3 +774,82 @@ test('with auth on, the dashboard works with a token: every type, publish, numbe
 async function waitFor(page, check, arg) {
   await page.waitForFunction(check, arg, { timeout: PATIENCE, polling: 50 });
 }
+
+test('the presence panel shows users online and offline from $presence/*, and resumes across a hub restart', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'herald-presence-'));
+  const args = ['--jwt-secret', SECRET, '--publish-key', KEY, '--presence-grace', '1s', '--data-dir', dir, '--retry', '300ms'];
+  let hub = await startHerald(args);
+  const { page, requests, errors } = await openDashboard(hub.url, '?maxBackoffMs=1000');
+  const zoeToken = jwt({ sub: 'zoe', herald: { subscribe: ['app'] } }, 3600);
+  const held = [];
+  /** One of zoe's streams, held by the test as her app would hold it. */
+  const zoeConnects = async () => {
+    const stop = new AbortController();
+    const res = await fetch(`${hub.url}/events?user=zoe&topic=app`, {
+      headers: { Authorization: `Bearer ${zoeToken}` },
+      signal: stop.signal,
+    });
+    assert.equal(res.status, 200);
+    held.push(stop);
+    return stop;
+  };
+  const zoe = (what) => `#presence li[data-user="zoe"]${what}`;
+  const generation = async () => Number(await page.getAttribute(zoe(''), 'data-generation'));
+  try {
+    // Without a credential the hub refuses $presence/* and the panel says why.
+    await page.waitForSelector('#presence-error:not([hidden])', { timeout: PATIENCE });
+    assert.match(await page.textContent('#presence-error'), /^403 forbidden_selector: '\$presence\/\*' is one of herald's own topics/);
+    await page.fill('#credential', KEY);
+    await page.waitForSelector('#presence-state[data-state="open"]', { timeout: PATIENCE });
+    assert.equal(await page.isHidden('#presence-error'), true);
+
+    // zoe connects: online, with her connection; a second stream only changes the count.
+    const first = await zoeConnects();
+    await page.waitForSelector(zoe('[data-online="true"]'), { timeout: PATIENCE });
+    assert.match(await page.textContent(zoe(' .when')), /^online since \d\d:\d\d:\d\d\.\d{3} · generation \d+$/);
+    assert.equal(await page.textContent('#presence-online'), '1');
+    const online = await generation();
+    const second = await zoeConnects();
+    await page.waitForFunction((sel) => document.querySelector(sel).textContent === '2 connections', zoe(' .n'), { timeout: PATIENCE });
+    assert.equal(await generation(), online, 'no transition for a second stream');
+
+    // Both close: offline once the grace has passed.
+    first.abort();
+    second.abort();
+    await page.waitForSelector(zoe('[data-online="false"]'), { timeout: PATIENCE });
+    assert.match(await page.textContent(zoe(' .when')), /^offline since /);
+    assert.equal(await page.textContent('#presence-online'), '0');
+    const offline = await generation();
+    assert.ok(offline > online, `generations grow: ${online} then ${offline}`);
+    const lastId = await page.evaluate(() => window.dashboard.presence.lastEventId);
+    assert.ok(lastId, 'the panel kept the id of the last presence event');
+
+    // The page goes offline and the hub restarts (same data dir); zoe comes back meanwhile.
+    await context.setOffline(true);
+    await hub.stop();
+    await page.waitForSelector('#presence-state[data-state="reconnecting"]', { timeout: PATIENCE });
+    hub = await startHerald(args, hub.port);
+    await zoeConnects();
+    const before = requests.length;
+    await context.setOffline(false);
+    await page.waitForSelector(zoe('[data-online="true"]'), { timeout: PATIENCE });
+    assert.ok((await generation()) > offline, 'the event published while the page was away');
+    await page.waitForSelector('#presence-state[data-state="open"]', { timeout: PATIENCE });
+    // The panel's stream came back after the last id it had seen (header or query).
+    const resumed = requests
+      .slice(before)
+      .filter((r) => new URL(r.url).pathname === '/events' && new URL(r.url).searchParams.get('topic') === '$presence/*');
+    assert.ok(resumed.length >= 1, 'the presence stream reconnected');
+    for (const r of resumed) {
+      const asked = (await r.headers)['last-event-id'] || new URL(r.url).searchParams.get('lastEventId');
+      assert.equal(asked, lastId, r.url);
+    }
+    assert.deepEqual(errors, []);
+  } finally {
+    for (const stop of held) stop.abort();
+    await context.setOffline(false);
+    await page.close();
+    await hub.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -110,6 +110,18 @@ impl Conn {
         let mut req = head.into_bytes();
         req.extend_from_slice(body);
         self.stream.write_all(&req).await?;
+        self.read_response().await
+    }
+
+    /// GETs `path` and returns the status and body.
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.stream.write_all(head.as_bytes()).await?;
+        self.read_response().await
+    }
+
+    /// The status and body of the next response (Content-Length or chunked).
+    async fn read_response(&mut self) -> anyhow::Result<(u16, Vec<u8>)> {
         let (status, head) = self.read_head().await?;
         if let Some(len) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
             while self.buf.len() < len {

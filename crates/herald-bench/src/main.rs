@@ -144,6 +144,17 @@ enum Scenario {
         #[arg(long)]
         memory: bool,
     },
+    /// herald only: (a) two nodes on one Redis, a stream opening (then closing) on node B and the
+    /// delay until node A shows it, as a `$presence/*` event and in `GET /users/{id}`, p50/p99;
+    /// (b) webhook deliveries per second to a receiver run here (history in memory, then durable).
+    Presence {
+        /// Users connecting on B, one after the other.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+        /// Events delivered to the webhook, per store.
+        #[arg(long, default_value_t = 5_000)]
+        deliveries: u64,
+    },
     /// No server: what the kernel alone costs to write one event to each of N loopback sockets
     /// while this process reads them (the floor under every target's latency at N subscribers).
     Floor {
@@ -416,6 +427,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (
                 format!("resume ({} history)", store(memory)),
                 vec![row],
+                None,
+            )
+        }
+        Scenario::Presence {
+            samples,
+            deliveries,
+        } => {
+            let visible =
+                scenario::presence::visibility(&ctx.bins, &ctx.herald_args, samples).await?;
+            println!(
+                "\npresence: a stream opens, then closes, on node B; delay until node A shows it ({samples} users, 2 nodes, one Redis)\n"
+            );
+            println!("{}", scenario::table(&[visible], None));
+            let mut rows = Vec::new();
+            for durable in [false, true] {
+                rows.push(
+                    scenario::presence::webhooks(&ctx.bins, &ctx.herald_args, deliveries, durable)
+                        .await?,
+                );
+            }
+            (
+                format!("webhook: {deliveries} events to one hook, receiver answering 200 at once"),
+                rows,
                 None,
             )
         }

@@ -301,6 +301,38 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "",
         false,
     );
+    let presence = by("presence");
+    let webhook = by("webhook");
+    let p = |key: &str| f(&presence, "herald-redis", key, &any);
+    if let (Some(p50), Some(p99)) = (p("online_event_p50_ms"), p("online_event_p99_ms")) {
+        let _ = writeln!(
+            md,
+            "\nPresence across nodes (two nodes, one Redis): a stream opened on node B shows on \
+             node A as a `$presence/*` event after {} ms p50, {} ms p99, and in `GET /users/{{id}}` \
+             after {} ms p50, {} ms p99; a closed one leaves A's `/users` after {} ms p50, {} ms \
+             p99 (issue target: within 100 ms).",
+            fmt_num(p50),
+            fmt_num(p99),
+            p("online_users_p50_ms").map_or("–".into(), fmt_num),
+            p("online_users_p99_ms").map_or("–".into(), fmt_num),
+            p("offline_users_p50_ms").map_or("–".into(), fmt_num),
+            p("offline_users_p99_ms").map_or("–".into(), fmt_num),
+        );
+    }
+    let w = |store: &str| {
+        f(&webhook, "herald", "deliveries_per_s", &|r: &Row| {
+            r.get("store").and_then(Value::as_str) == Some(store)
+        })
+    };
+    if let (Some(memory), Some(durable)) = (w("memory"), w("durable")) {
+        let _ = writeln!(
+            md,
+            "\nWebhook deliveries per second to a local receiver that answers at once: {} with \
+             history in memory, {} with `--data-dir` (cursor synced after each delivery).",
+            fmt_num(memory),
+            fmt_num(durable)
+        );
+    }
     let _ = writeln!(md);
     for target in ["herald", "nchan"] {
         if let (Some(h2), Some(h1)) = (
@@ -481,6 +513,16 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
             "resume",
             None,
             "herald only: one client resuming from before all retained events.",
+        ),
+        (
+            "presence",
+            None,
+            "herald only, two nodes on one `redis-server` (`--presence-grace 0s`): one user at a time opens a stream on node B, then closes it; the delay from sending the request (from closing the socket) until node A shows the change, as the `herald.presence` event on a `$presence/*` stream held on A (`*_event_*`) and in A's `GET /users/{id}`, polled back to back on one connection (`*_users_*`).",
+        ),
+        (
+            "webhook",
+            None,
+            "herald only: one `--webhook` (signed) to a receiver run by herald-bench that answers 200 at once and checks the ids arrive in order; events published in batches of 100; `deliveries_per_s` from the first publish to the last delivery (one delivery in flight at a time, as the hook's order requires); `durable`: `--data-dir`, where the hook's cursor is synced after each delivery.",
         ),
     ] {
         let rs = by(s);

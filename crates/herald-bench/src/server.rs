@@ -195,7 +195,7 @@ impl Server {
 
     /// A Redis on a free port and `nodes` herald nodes sharing it; with `replicas`, that many
     /// Redis replicas and `--redis-replicas N` on every node.
-    async fn start_cluster(
+    pub async fn start_cluster(
         kind: Kind,
         bins: &Bins,
         herald_args: &[String],

@@ -1,5 +1,5 @@
 //! A tiny run of the harness against herald, the baseline and the ceiling (a few connections),
-//! and of the TLS and HTTP/2 scenario against herald:
+//! of the TLS and HTTP/2 scenario against herald, and of presence across two nodes and webhooks:
 //! every subscriber gets every message, latency rows come out, and the report is written.
 
 use std::path::{Path, PathBuf};
@@ -202,4 +202,75 @@ fn unicast_and_batched_publish_count_everything() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["events"], 20, "{}", rows[0]);
     assert_eq!(rows[0]["batch"], 5, "{}", rows[0]);
+}
+
+#[test]
+fn presence_and_webhooks_measure_every_sample() {
+    // Two herald nodes on a redis-server it starts, then a hook to its own receiver.
+    let rows = run(&["presence", "--samples", "5", "--deliveries", "50"]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let p = &rows[0];
+    assert_eq!(p["scenario"], "presence", "{p}");
+    assert_eq!(
+        (p["nodes"].as_u64(), p["samples"].as_u64()),
+        (Some(2), Some(5)),
+        "{p}"
+    );
+    for key in [
+        "online_event_p50_ms",
+        "online_event_p99_ms",
+        "online_users_p50_ms",
+        "online_users_p99_ms",
+        "offline_event_p50_ms",
+        "offline_event_p99_ms",
+        "offline_users_p50_ms",
+        "offline_users_p99_ms",
+    ] {
+        assert!(p[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {p}");
+    }
+    let stores: Vec<&str> = rows[1..]
+        .iter()
+        .map(|r| r["store"].as_str().unwrap())
+        .collect();
+    assert_eq!(stores, ["memory", "durable"]);
+    for r in &rows[1..] {
+        assert_eq!(r["scenario"], "webhook", "{r}");
+        assert_eq!(r["received"], 50, "every event once: {r}");
+        assert_eq!(r["in_order"], true, "{r}");
+        assert!(
+            r["deliveries_per_s"].as_f64().is_some_and(|v| v > 0.0),
+            "{r}"
+        );
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let results = dir.path().join("results.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&results, lines.join("\n")).expect("write results");
+    let meta = dir.path().join("meta.txt");
+    std::fs::write(&meta, "date=now\ncommand=herald-bench presence\n").expect("write meta");
+    let out = dir.path().join("BENCHMARKS.md");
+    let status = Command::new(bench())
+        .arg("report")
+        .arg("--results")
+        .arg(&results)
+        .arg("--meta")
+        .arg(&meta)
+        .arg("--out")
+        .arg(&out)
+        .arg("--plots")
+        .arg(dir.path())
+        .status()
+        .expect("run report");
+    assert!(status.success());
+    let md = std::fs::read_to_string(&out).expect("report written");
+    assert!(
+        md.contains("Presence across nodes (two nodes, one Redis)"),
+        "{md}"
+    );
+    assert!(md.contains("Webhook deliveries per second"), "{md}");
+    assert!(
+        md.contains("### presence") && md.contains("### webhook"),
+        "{md}"
+    );
 }

@@ -382,39 +382,73 @@ impl RawConfig {
         })
     }
 
-    /// `--webhook` URLs (http or https), each with the secret and the topic selectors.
+    /// The hooks: every `--webhook` URL with `--webhook-secret` and `--webhook-topics`, then every
+    /// `[[webhook]]` table of the config file with its own `secret` and `topics` (default
+    /// `$presence/**`). URLs are http(s) and distinct (a hook's cursor is kept by its URL).
     fn webhooks(&self) -> Result<Vec<crate::webhook::Hook>, ConfigError> {
         let urls: Vec<String> = self.list(&s::WEBHOOK)?;
         let secret: Option<String> = self.value(&s::WEBHOOK_SECRET)?;
-        let mut texts: Vec<String> = self.list(&s::WEBHOOK_TOPICS)?;
-        if texts.is_empty() {
-            texts = s::WEBHOOK_TOPICS
-                .default
-                .into_iter()
-                .map(String::from)
-                .collect();
-        }
-        let topics = texts
-            .iter()
-            .map(|t| {
-                herald_core::Selector::new(t)
-                    .map_err(|e| invalid("webhook-topics", format!("'{t}' {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        urls.into_iter()
-            .map(|url| {
-                let parsed = reqwest::Url::parse(&url)
-                    .map_err(|e| invalid("webhook", format!("'{url}' is not a URL: {e}")))?;
-                if !matches!(parsed.scheme(), "http" | "https") {
-                    return Err(invalid("webhook", format!("'{url}' is not an http(s) URL")));
+        let texts: Vec<String> = self.list(&s::WEBHOOK_TOPICS)?;
+        let topics = selectors(&texts, |e| invalid("webhook-topics", e))?;
+        if urls.is_empty() && !self.hook_tables.is_empty() {
+            // Given beside tables only, they would silently apply to nothing.
+            for (setting, given) in [
+                ("webhook-secret", secret.is_some()),
+                ("webhook-topics", self.given(&s::WEBHOOK_TOPICS)),
+            ] {
+                if given {
+                    return Err(invalid(
+                        setting,
+                        format!(
+                            "applies to --webhook URLs, and there are none: a [[webhook]] table takes its own `{}`",
+                            setting.trim_start_matches("webhook-")
+                        ),
+                    ));
                 }
+            }
+        }
+        let mut hooks = urls
+            .into_iter()
+            .map(|url| {
                 Ok(crate::webhook::Hook {
-                    url,
+                    url: hook_url(url, |e| invalid("webhook", e))?,
                     secret: secret.clone(),
                     topics: topics.clone(),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        for (i, table) in self.hook_tables.iter().enumerate() {
+            let at = |e: String| invalid("webhook", format!("[[webhook]] {}: {e}", i + 1));
+            if table.secret.as_deref() == Some("") {
+                return Err(at(
+                    "'secret' is empty: leave it out to send unsigned deliveries".into(),
+                ));
+            }
+            let topics = match &table.topics {
+                Some(t) if t.is_empty() => {
+                    return Err(at("'topics' is empty: leave it out for $presence/**".into()));
+                }
+                Some(t) => selectors(t, |e| at(format!("'topics': {e}")))?,
+                None => selectors(&[], at)?,
+            };
+            hooks.push(crate::webhook::Hook {
+                url: hook_url(table.url.clone(), at)?,
+                secret: table.secret.clone(),
+                topics,
+            });
+        }
+        for (i, hook) in hooks.iter().enumerate() {
+            if hooks[..i].iter().any(|h| h.url == hook.url) {
+                return Err(invalid(
+                    "webhook",
+                    format!(
+                        "'{}' is given twice (a hook's progress is kept by its URL): give each URL once",
+                        hook.url
+                    ),
+                ));
+            }
+        }
+        Ok(hooks)
     }
 
     /// The source of HTTPS certificates, if any: files (loaded and checked here) or ACME.
@@ -489,6 +523,33 @@ impl RawConfig {
             .map_err(|e| invalid("acme-ca-root", e))?;
         Ok((None, Some(settings)))
     }
+}
+
+/// Webhook topic selectors; none given means the default, `$presence/**`.
+fn selectors(
+    texts: &[String],
+    error: impl Fn(String) -> ConfigError,
+) -> Result<Vec<herald_core::Selector>, ConfigError> {
+    let default: Vec<String> = s::WEBHOOK_TOPICS
+        .default
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let texts = if texts.is_empty() { &default } else { texts };
+    texts
+        .iter()
+        .map(|t| herald_core::Selector::new(t).map_err(|e| error(format!("'{t}' {e}"))))
+        .collect()
+}
+
+/// A webhook URL: http or https.
+fn hook_url(url: String, error: impl Fn(String) -> ConfigError) -> Result<String, ConfigError> {
+    let parsed =
+        reqwest::Url::parse(&url).map_err(|e| error(format!("'{url}' is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(error(format!("'{url}' is not an http(s) URL")));
+    }
+    Ok(url)
 }
 
 impl Default for Config {
@@ -612,5 +673,115 @@ mod tests {
             Some(crate::acme::LETS_ENCRYPT.to_string())
         );
         assert_eq!(Config::default().h2_max_streams, 256);
+    }
+
+    #[test]
+    fn webhook_tables_add_to_the_webhook_urls() {
+        let file = RawConfig::from_toml(
+            "webhook-secret = \"s0\"\n\
+             [[webhook]]\nurl = \"http://a.example/hook\"\nsecret = \"sa\"\ntopics = [\"orders/**\", \"$presence/*\"]\n\
+             [[webhook]]\nurl = \"https://b.example/hook\"\n",
+        )
+        .unwrap();
+        let flags = RawConfig::default().set(&s::WEBHOOK, "http://flag.example/hook");
+        let hooks = flags.or(file).validate().unwrap().webhooks;
+        let seen: Vec<(&str, Option<&str>, Vec<String>)> = hooks
+            .iter()
+            .map(|h| {
+                (
+                    h.url.as_str(),
+                    h.secret.as_deref(),
+                    h.topics.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    "http://flag.example/hook",
+                    Some("s0"),
+                    vec!["$presence/**".into()]
+                ),
+                (
+                    "http://a.example/hook",
+                    Some("sa"),
+                    vec!["orders/**".into(), "$presence/*".into()]
+                ),
+                ("https://b.example/hook", None, vec!["$presence/**".into()]),
+            ]
+        );
+        assert!(!format!("{hooks:?}").contains("sa\""), "secrets are hidden");
+
+        // Plain URLs in the file still work, and strings and tables mix in one array.
+        let mixed = RawConfig::from_toml(
+            "webhook = [\"http://c.example/\", { url = \"http://d.example/\", secret = \"sd\" }]",
+        )
+        .unwrap();
+        assert_eq!(mixed.validate().unwrap().webhooks.len(), 2);
+    }
+
+    #[test]
+    fn the_readmes_webhook_tables_are_valid() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README.md");
+        let block = readme
+            .split("```toml\n[[webhook]]")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README's [[webhook]] example");
+        let hooks = RawConfig::from_toml(&format!("[[webhook]]{block}"))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .webhooks;
+        assert_eq!(hooks.len(), 2);
+        assert_eq!(hooks[1].topics.len(), 2);
+    }
+
+    #[test]
+    fn bad_webhook_tables_are_named() {
+        let parse_err = |toml: &str| RawConfig::from_toml(toml).unwrap_err();
+        assert!(
+            parse_err("[[webhook]]\nsecret = \"x\"").contains("[[webhook]] 1: 'url' is missing")
+        );
+        assert!(
+            parse_err("[[webhook]]\nurl = \"http://a/\"\nsecrte = \"x\"")
+                .contains("unknown key 'secrte'")
+        );
+        assert!(
+            parse_err("[[webhook]]\nurl = \"http://a/\"\ntopics = \"a/**\"")
+                .contains("'topics' must be an array")
+        );
+        assert!(parse_err("[[webhook]]\nurl = 7").contains("'url' must be a string"));
+        let invalid = |toml: &str| {
+            RawConfig::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let err = invalid("[[webhook]]\nurl = \"http://a/\"\n[[webhook]]\nurl = \"ftp://b/\"");
+        assert_eq!(
+            err,
+            "invalid webhook: [[webhook]] 2: 'ftp://b/' is not an http(s) URL"
+        );
+        let err = invalid("[[webhook]]\nurl = \"http://a/\"\ntopics = [\"a/**/b\"]");
+        assert!(
+            err.starts_with("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"),
+            "{err}"
+        );
+        let err = invalid("[[webhook]]\nurl = \"http://a/\"\ntopics = []");
+        assert!(err.contains("'topics' is empty"), "{err}");
+        let err = invalid("[[webhook]]\nurl = \"http://a/\"\nsecret = \"\"");
+        assert!(err.contains("'secret' is empty"), "{err}");
+        let err = invalid("webhook = [\"http://a/\", { url = \"http://a/\" }]");
+        assert!(err.contains("'http://a/' is given twice"), "{err}");
+        let err = invalid("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a/\"");
+        assert!(
+            err.starts_with("invalid webhook-secret: applies to --webhook URLs"),
+            "{err}"
+        );
     }
 }

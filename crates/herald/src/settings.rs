@@ -532,18 +532,18 @@ pub const CLUSTER_REPORT: Setting = Setting::one(
 pub const WEBHOOK: Setting = Setting::list(
     "webhook",
     "URL",
-    "POST every event of the `--webhook-topics` to this URL (JSON, signed with `--webhook-secret`), in order, at least once, retried until it answers 2xx; repeatable",
+    "POST every event of the `--webhook-topics` to this URL (JSON, signed with `--webhook-secret`), in order, at least once, retried until it answers 2xx; repeatable; the config file also takes `[[webhook]]` tables, each with its own `url`, `secret` and `topics`",
 );
 pub const WEBHOOK_SECRET: Setting = Setting::one(
     "webhook-secret",
     "S",
-    "sign webhook deliveries: `Herald-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">`",
+    "sign the deliveries of the `--webhook` URLs: `Herald-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">`",
 )
 .secret();
 pub const WEBHOOK_TOPICS: Setting = Setting::list(
     "webhook-topics",
     "SELECTOR",
-    "the topics webhooks deliver; repeatable",
+    "the topics the `--webhook` URLs deliver; repeatable",
 )
 .default("$presence/**");
 
@@ -648,6 +648,70 @@ pub struct RawConfig {
     /// The TOML file named by `--config` / `HERALD_CONFIG`.
     pub config: Option<PathBuf>,
     values: BTreeMap<&'static str, Vec<String>>,
+    /// The config file's `[[webhook]]` tables (its `webhook` strings are URLs in `values`).
+    pub(crate) hook_tables: Vec<HookTable>,
+}
+
+/// One `[[webhook]]` table of the config file, as given: a hook with its own secret and topics
+/// (validated with the other settings, in `config.rs`).
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct HookTable {
+    pub url: String,
+    pub secret: Option<String>,
+    pub topics: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for HookTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookTable")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<hidden>"))
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+impl HookTable {
+    /// The `n`-th (from 1) item of the file's `webhook` array: a table `{url, secret, topics}`.
+    fn parse(n: usize, table: &toml::Table) -> Result<HookTable, String> {
+        let at = |what: String| format!("[[webhook]] {n}: {what}");
+        let text = |key: &str| -> Result<Option<String>, String> {
+            match table.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(at(format!("'{key}' must be a string"))),
+            }
+        };
+        if let Some(key) = table
+            .keys()
+            .find(|k| !["url", "secret", "topics"].contains(&k.as_str()))
+        {
+            return Err(at(format!(
+                "unknown key '{key}' (a hook takes url, secret and topics)"
+            )));
+        }
+        let url = text("url")?.ok_or_else(|| at("'url' is missing".into()))?;
+        let topics = match table.get("topics") {
+            None => None,
+            Some(toml::Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|i| i.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| at("'topics' must be an array of selectors (strings)".into()))?,
+            ),
+            Some(_) => {
+                return Err(at(
+                    "'topics' must be an array of selectors, like [\"$presence/**\"]".into(),
+                ));
+            }
+        };
+        Ok(HookTable {
+            url,
+            secret: text("secret")?,
+            topics,
+        })
+    }
 }
 
 impl std::fmt::Debug for RawConfig {
@@ -667,6 +731,7 @@ impl std::fmt::Debug for RawConfig {
         f.debug_struct("RawConfig")
             .field("config", &self.config)
             .field("values", &shown)
+            .field("hook_tables", &self.hook_tables)
             .finish()
     }
 }
@@ -718,6 +783,30 @@ impl RawConfig {
                 raw.values.insert(setting.name, rules);
                 continue;
             }
+            // `webhook` also takes tables, one per hook: `[[webhook]] url = …`.
+            if setting.name == WEBHOOK.name {
+                let items = match value {
+                    toml::Value::Array(items) => items,
+                    table @ toml::Value::Table(_) => vec![table],
+                    other => vec![other],
+                };
+                let mut urls = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        toml::Value::String(url) => urls.push(url.clone()),
+                        toml::Value::Table(t) => raw.hook_tables.push(HookTable::parse(i + 1, t)?),
+                        _ => {
+                            return Err(
+                                "'webhook' takes URLs (strings) or [[webhook]] tables".to_string()
+                            );
+                        }
+                    }
+                }
+                if !urls.is_empty() {
+                    raw.values.insert(setting.name, urls);
+                }
+                continue;
+            }
             let scalar = |v: &toml::Value| match v {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),
@@ -742,6 +831,11 @@ impl RawConfig {
     /// Fills what `self` leaves unset from `fallback` (a list is taken whole from one side).
     pub fn or(mut self, fallback: RawConfig) -> RawConfig {
         self.config = self.config.or(fallback.config);
+        // Hook tables come only from the file: they add to the `--webhook` URLs, whichever side
+        // gave those.
+        if self.hook_tables.is_empty() {
+            self.hook_tables = fallback.hook_tables;
+        }
         for (name, values) in fallback.values {
             self.values.entry(name).or_insert(values);
         }

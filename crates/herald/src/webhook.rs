@@ -33,11 +33,22 @@ const LEASE_TTL: Duration = Duration::from_secs(10);
 const LEASE_RENEW: Duration = Duration::from_secs(2);
 
 /// One hook: where to, the signing secret, which topics.
-#[derive(Debug, Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Hook {
     pub url: String,
     pub secret: Option<String>,
     pub topics: Vec<Selector>,
+}
+
+/// The secret is never shown (a `Config` may be logged).
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hook")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<hidden>"))
+            .field("topics", &self.topics)
+            .finish()
+    }
 }
 
 /// A hook's progress, read by `/metrics`.

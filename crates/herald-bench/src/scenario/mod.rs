@@ -7,6 +7,7 @@ pub mod fanout;
 pub mod floor;
 pub mod idle;
 pub mod latency;
+pub mod presence;
 pub mod protocols;
 
 use serde_json::Value;

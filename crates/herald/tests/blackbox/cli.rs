@@ -472,6 +472,7 @@ impl Started {
     }
 
     async fn healthz_on_loopback(&self) -> reqwest::StatusCode {
+        // The shared client installs the rustls provider reqwest needs (`rustls-no-provider`).
         crate::common::http_client()
             .get(format!("http://127.0.0.1:{}/healthz", self.port()))
             .send()

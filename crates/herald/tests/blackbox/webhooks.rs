@@ -1,7 +1,8 @@
 //! Webhooks against the real binary and a real HTTP receiver started here: signed deliveries in
 //! event order through receiver failures; a SIGKILL and a restart with the same data dir lose
 //! nothing (duplicates only for the delivery in flight, counted); events that fell out of history
-//! before delivery arrive as one `herald.gap` delivery.
+//! before delivery arrive as one `herald.gap` delivery; `[[webhook]]` tables of the config file,
+//! each with its own secret and topics, beside a `--webhook` flag.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,15 +88,20 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Strin
     }
 }
 
-/// Checks `t=<secs>,v1=<hex>` against the body with the secret, as a receiver would.
+/// Checks `t=<secs>,v1=<hex>` against the body with the tests' secret, as a receiver would.
 fn verify(signature: &str, body: &str) -> bool {
+    verify_with(SECRET, signature, body)
+}
+
+/// Checks `t=<secs>,v1=<hex>` against the body with `secret`.
+fn verify_with(secret: &str, signature: &str, body: &str) -> bool {
     let Some((t, v1)) = signature
         .strip_prefix("t=")
         .and_then(|rest| rest.split_once(",v1="))
     else {
         return false;
     };
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.{body}").as_bytes());
     let expected: String = mac
         .finalize()
@@ -302,5 +308,99 @@ async fn in_a_cluster_one_node_delivers_each_hook_and_another_takes_over() {
     assert!(
         got.len() - ids.len() <= 1,
         "only the delivery in flight may repeat"
+    );
+}
+
+#[tokio::test]
+async fn webhook_tables_each_with_its_secret_and_topics_beside_the_flag() {
+    let (orders, orders_url) = Receiver::start(0, Duration::ZERO).await;
+    let (news, news_url) = Receiver::start(0, Duration::ZERO).await;
+    let (flag, flag_url) = Receiver::start(0, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herald.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "presence-grace = \"0s\"\n\
+             [[webhook]]\nurl = \"{orders_url}\"\nsecret = \"orders-secret\"\ntopics = [\"orders/**\", \"$presence/*\"]\n\
+             [[webhook]]\nurl = \"{news_url}\"\nsecret = \"news-secret\"\ntopics = [\"news/**\"]\n"
+        ),
+    )
+    .unwrap();
+    // The flag's hook takes --webhook-secret and --webhook-topics; the tables keep their own.
+    let s = Server::start(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--webhook",
+        &flag_url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-topics",
+        "misc",
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let order = s.publish(json!({"topic": "orders/42", "data": "o"})).await;
+    let story = s.publish(json!({"topic": "news/eu", "data": "n"})).await;
+    let other = s.publish(json!({"topic": "misc", "data": "m"})).await;
+    let mut alice = s.subscribe("topic=app&user=alice").await;
+    alice.opened().await;
+
+    let got = orders.until_accepted(2, PATIENCE).await;
+    assert_eq!(got[0]["id"], json!(order), "{got:?}");
+    assert_eq!(got[1]["event"], "herald.presence", "{got:?}");
+    assert_eq!(got[1]["topics"], json!(["$presence/alice"]), "{got:?}");
+    let got = news.until_accepted(1, PATIENCE).await;
+    assert_eq!(got[0]["id"], json!(story), "{got:?}");
+    let got = flag.until_accepted(1, PATIENCE).await;
+    assert_eq!(got[0]["id"], json!(other), "{got:?}");
+
+    // Nothing else reached any of them, and each delivery is signed with its own hook's secret.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (receiver, secret, wrong, n) in [
+        (&orders, "orders-secret", "news-secret", 2),
+        (&news, "news-secret", "orders-secret", 1),
+        (&flag, SECRET, "orders-secret", 1),
+    ] {
+        let all = receiver.got.lock().unwrap().clone();
+        assert_eq!(all.len(), n, "{all:?}");
+        for (signature, body, _) in &all {
+            assert!(
+                verify_with(secret, signature, body),
+                "{signature} over {body}"
+            );
+            assert!(
+                !verify_with(wrong, signature, body),
+                "another hook's secret fails"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_webhook_table_stops_startup_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herald.toml");
+    let stderr = |toml: &str| {
+        std::fs::write(&file, toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "herald started with {toml}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = stderr("[[webhook]]\nurl = \"http://a.example/\"\ntopics = [\"a/**/b\"]\n");
+    assert!(
+        err.contains("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"),
+        "{err}"
+    );
+    let err = stderr("[[webhook]]\nsecret = \"s\"\n");
+    assert!(err.contains("[[webhook]] 1: 'url' is missing"), "{err}");
+    let err = stderr("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a.example/\"\n");
+    assert!(
+        err.contains("invalid webhook-secret: applies to --webhook URLs"),
+        "{err}"
     );
 }
