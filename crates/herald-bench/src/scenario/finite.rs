@@ -64,10 +64,19 @@ async fn producer(server: &Server, topic: &str) -> anyhow::Result<Upload> {
     .await
 }
 
-/// `herald serve` flags of this scenario: producers wait, head sent, while the viewers connect,
-/// so the pause allowed between two parts of a body is raised above that wait.
-fn herald_args(ctx: &Ctx) -> Vec<String> {
-    let mut args = vec!["--body-timeout".to_string(), "300s".into()];
+/// `herald serve` flags of this scenario. Producers wait, head sent, while the viewers connect,
+/// so the pause allowed between two parts of a body is raised above that wait. History holds
+/// every event of the run, as `resumable-stream` holds every stream until it is done: a viewer
+/// that falls behind the pipe's burst catches up from history rather than meeting a gap.
+fn herald_args(ctx: &Ctx, pipe: Pipe, load: Load) -> Vec<String> {
+    let tokens = (load.rate * load.secs).round().max(1.0) as u64;
+    let events = pipe.events + load.streams as u64 * (tokens + 1) + 10_000;
+    let mut args = vec![
+        "--body-timeout".to_string(),
+        "300s".into(),
+        "--history".into(),
+        events.to_string(),
+    ];
     args.extend_from_slice(&ctx.herald_args);
     args
 }
@@ -79,7 +88,7 @@ pub async fn finite(
     concurrency: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let args = herald_args(ctx);
+    let args = herald_args(ctx, pipe, load);
     for &kind in &ctx.targets {
         let server = Arc::new(Server::start(kind, &ctx.bins, &args).await?);
         rows.push(run_pipe(&server, pipe, concurrency).await?);
@@ -235,6 +244,8 @@ async fn run_streams(server: &Arc<Server>, load: Load, concurrency: usize) -> an
         .await;
     pb.finish_and_clear();
     let cpu = server.cpu_seconds_with_redis() - cpu0;
+    // From the first token due to the last one received (or the end of the wait).
+    let elapsed = Instant::now().saturating_duration_since(base).as_secs_f64();
     let received = subs
         .total()
         .saturating_sub(load.streams as u64 * completes(kind) * viewers as u64);
@@ -258,7 +269,8 @@ async fn run_streams(server: &Arc<Server>, load: Load, concurrency: usize) -> an
         "server_cpu_us_per_token",
         num(cpu * 1e6 / written.max(1) as f64),
     );
-    r.insert("server_cpu_pct", num(cpu / (load.secs + 0.1) * 100.0));
+    r.insert("seconds", num(elapsed));
+    r.insert("server_cpu_pct", num(cpu / elapsed * 100.0));
     let mut rows = Vec::new();
     subs.report(r, &mut rows);
     Ok(rows.remove(0))
