@@ -516,6 +516,10 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
            `redis-server` (no persistence), subscribers and publishers spread over the nodes; \
            `events_per_s_per_node` and `redis_cmds_per_msg` (every Redis command in the run, \
            presence reports included, per published message) show how the cluster scales.\n\
+         - **herald-redis-r1**, **herald-redis3-r1**: the same with one replica of that Redis \
+           and `--redis-replicas 1`: every publish is answered after `WAIT` saw it replicated.\n\
+         - **herald-mercure**: herald with `--mercure` (an open hub), subscribers on \
+           `/.well-known/mercure?topic=…`, publishers sending Mercure form posts.\n\
          - **resumable-stream** (`finite` only): Vercel's npm `resumable-stream` (with the \
            `redis` client) on its own `redis-server` (no persistence), behind a small Node \
            server (`crates/herald-bench/resumable-stream/server.mjs`) with herald's routes: a \
