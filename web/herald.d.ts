@@ -159,7 +159,7 @@ export declare class FiniteStream implements AsyncIterableIterator<HeraldEvent> 
   private constructor(url: string, topic: string, options?: StreamOptions);
   readonly url: string;
   readonly topic: string;
-  /** The id of the last event given out. */
+  /** The id of the last event given out, or of the `herald.complete` that ended it cleanly. */
   readonly lastEventId: string | null;
   next(): Promise<IteratorResult<HeraldEvent>>;
   return(): Promise<IteratorResult<HeraldEvent>>;

@@ -1128,7 +1128,10 @@ class FiniteStream {
     });
   }
 
-  /** The id of the last event given out (also in sessionStorage). @returns {string | null} */
+  /**
+   * The id of the last event given out, or of the `herald.complete` that ended the stream cleanly
+   * (also in sessionStorage). @returns {string | null}
+   */
   get lastEventId() {
     return this._storage ? this._storage.getItem(this._key) : this._conn.lastEventId;
   }
@@ -1143,6 +1146,9 @@ class FiniteStream {
       } catch {
         // A complete without a readable reason ends the stream normally.
       }
+      // A clean end is remembered too: a reloaded page resumes after it and is answered 204,
+      // with nothing replayed. An aborted or cancelled end is not, so a reload says so again.
+      if (!reason && this._storage && ev.id) this._storage.setItem(this._key, ev.id);
       this._end(reason ? new StreamEnded(reason) : null);
       return;
     }

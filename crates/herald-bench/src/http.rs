@@ -1,5 +1,6 @@
-//! A lean HTTP/1.1 client over one keep-alive TCP connection: enough for publishing and for
-//! reading an SSE stream (chunked or not), with no allocation per event on the read path.
+//! A lean HTTP/1.1 client over one keep-alive TCP connection: enough for publishing (also with a
+//! chunked body sent as it is produced) and for reading an SSE stream (chunked or not), with no
+//! allocation per event on the read path.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -155,6 +156,17 @@ impl Conn {
         }
     }
 
+    /// Sends the head of a POST whose body follows in chunks as it is produced (a streaming
+    /// publish); the server sees the request at once.
+    pub async fn upload(mut self, path: &str, content_type: &str) -> anyhow::Result<Upload> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            self.host
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        Ok(Upload { conn: self })
+    }
+
     /// Sends a GET for an event stream and returns a reader of its body.
     pub async fn stream(mut self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Stream> {
         let mut req = format!(
@@ -176,6 +188,28 @@ impl Conn {
             chunked,
             chunk_left: 0,
         })
+    }
+}
+
+/// A request body being sent chunk by chunk (`Transfer-Encoding: chunked`).
+pub struct Upload {
+    conn: Conn,
+}
+
+impl Upload {
+    /// Sends `bytes` as one chunk, in one write.
+    pub async fn chunk(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut frame = format!("{:x}\r\n", bytes.len()).into_bytes();
+        frame.extend_from_slice(bytes);
+        frame.extend_from_slice(b"\r\n");
+        self.conn.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Ends the body and reads the answer.
+    pub async fn finish(mut self) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.conn.stream.write_all(b"0\r\n\r\n").await?;
+        self.conn.read_response().await
     }
 }
 

@@ -1,5 +1,6 @@
-//! herald-bench: drives herald and its peers (nchan, an axum baseline, a ceiling) over the
-//! network and reports one JSON line per run plus a readable table. Never part of the test suite.
+//! herald-bench: drives herald and its peers (nchan, an axum baseline, a ceiling, npm
+//! `resumable-stream`) over the network and reports one JSON line per run plus a readable table.
+//! Never part of the test suite.
 
 mod ceiling;
 mod chaos;
@@ -30,14 +31,10 @@ struct Cli {
     #[arg(long, global = true)]
     baseline: Option<String>,
     /// Targets, run one after the other in this order: herald, herald-mercure (its Mercure
-    /// endpoint), herald-redis, herald-redis3, nchan, baseline, ceiling.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "herald,nchan,baseline,ceiling",
-        global = true
-    )]
-    targets: Vec<String>,
+    /// endpoint), herald-redis, herald-redis3, nchan, baseline, ceiling, resumable-stream (`finite`
+    /// only) [default: herald,nchan,baseline,ceiling; for `finite`: herald,resumable-stream].
+    #[arg(long, value_delimiter = ',', global = true)]
+    targets: Option<Vec<String>>,
     /// Extra flag for `herald serve` (repeatable), e.g. --herald-arg=--heartbeat=15s.
     #[arg(long = "herald-arg", global = true, allow_hyphen_values = true)]
     herald_args: Vec<String>,
@@ -75,6 +72,33 @@ enum Scenario {
         /// Concurrent publishers (HTTP/1.1 connections, or requests on one HTTP/2 connection).
         #[arg(long, default_value_t = 4)]
         publishers: usize,
+    },
+    /// Finite streams (LLM answers) fed by streaming publishes, herald beside npm
+    /// `resumable-stream` on Redis: events/s through one streaming publish (`finite-pipe`), and
+    /// S streams of R tokens/s with V viewers each: token latency and server CPU per token
+    /// (`finite-streams`).
+    Finite {
+        /// Events piped through the one streaming publish.
+        #[arg(long, default_value_t = 100_000)]
+        pipe_events: u64,
+        /// Events per write of that publish.
+        #[arg(long, default_value_t = 64)]
+        pipe_chunk: u64,
+        /// Concurrent streaming publishes.
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Tokens per second of each stream.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Seconds each stream lasts.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Viewers per stream.
+        #[arg(long, default_value_t = 2)]
+        viewers: usize,
+        /// Bytes of each token's data.
+        #[arg(long, short, default_value_t = 32)]
+        size: usize,
     },
     /// Streams opened per second until N are open.
     Connect {
@@ -286,13 +310,36 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let finite = matches!(cli.scenario, Scenario::Finite { .. });
+    let default_targets = if finite {
+        "herald,resumable-stream"
+    } else {
+        "herald,nchan,baseline,ceiling"
+    };
+    let names: Vec<String> = match &cli.targets {
+        Some(t) => t.clone(),
+        None => default_targets.split(',').map(String::from).collect(),
+    };
+    let targets = names
+        .iter()
+        .map(|t| Kind::parse(t))
+        .collect::<anyhow::Result<Vec<Kind>>>()?;
+    for &t in &targets {
+        // herald's own HTTP interface (its Mercure endpoint has no streaming publish).
+        let herald = t.name().starts_with("herald") && t != Kind::HeraldMercure;
+        if finite && !herald && t != Kind::ResumableStream {
+            anyhow::bail!(
+                "finite runs herald targets and resumable-stream, not {}",
+                t.name()
+            );
+        }
+        if !finite && t == Kind::ResumableStream {
+            anyhow::bail!("resumable-stream is a target of the finite scenario only");
+        }
+    }
     let ctx = Ctx {
         bins: Bins::new(&cli.herald, cli.baseline.as_deref())?,
-        targets: cli
-            .targets
-            .iter()
-            .map(|t| Kind::parse(t))
-            .collect::<anyhow::Result<_>>()?,
+        targets,
         herald_args: cli.herald_args.clone(),
     };
     let c = cli.concurrency;
@@ -333,6 +380,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect();
                 println!("{s}\n");
                 println!("{}", scenario::table(&group, None));
+            }
+            return Ok(());
+        }
+        Scenario::Finite {
+            pipe_events,
+            pipe_chunk,
+            streams,
+            rate,
+            secs,
+            viewers,
+            size,
+        } => {
+            let pipe = scenario::finite::Pipe {
+                events: pipe_events,
+                chunk: pipe_chunk.max(1),
+                size,
+            };
+            let load = scenario::finite::Load {
+                streams,
+                rate,
+                secs,
+                viewers,
+                size,
+            };
+            let rows = scenario::finite::finite(&ctx, pipe, load, c).await?;
+            for (s, what) in [
+                (
+                    "finite-pipe",
+                    format!(
+                        "finite-pipe: {pipe_events} events through one streaming publish, {pipe_chunk} per write, to one viewer"
+                    ),
+                ),
+                (
+                    "finite-streams",
+                    format!(
+                        "finite-streams: {streams} streaming publishes x {rate} tokens/s for {secs} s, {viewers} viewers each"
+                    ),
+                ),
+            ] {
+                let group: Vec<Row> = rows
+                    .iter()
+                    .filter(|r| r.get("scenario").and_then(|v| v.as_str()) == Some(s))
+                    .cloned()
+                    .collect();
+                println!("\n{what}\n");
+                print!("{}", scenario::table(&group, None));
             }
             return Ok(());
         }

@@ -83,6 +83,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         ("nchan", "nchan"),
         ("baseline", "baseline"),
         ("ceiling", "ceiling"),
+        ("resumable-stream", "resumable_stream"),
         ("load before the run", "load_before"),
         ("load after the run", "load_after"),
         ("run time", "duration"),
@@ -348,6 +349,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         }
     }
     let _ = writeln!(md);
+    finite_summary(&mut md, &by("finite-pipe"), &by("finite-streams"));
 
     let _ = writeln!(md, "## Reading these figures\n");
     let floor = by("floor");
@@ -505,6 +507,16 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
             "protocols: the same M messages to the N HTTP/2 streams of `idle-h2` (published over HTTP/2 on the same server).",
         ),
         (
+            "finite-pipe",
+            None,
+            "finite: one streaming publish (`POST /publish?topic=pipe&complete=true`, `text/event-stream` body, `chunk_events` events per write) to one viewer; `events_per_s` from the first byte sent to the last event received, `answer_events_per_s` until the producer's answer. herald beside npm `resumable-stream` on Redis behind the same routes.",
+        ),
+        (
+            "finite-streams",
+            None,
+            "finite: `streams` concurrent streaming publishes, each writing one token every 1/`rate` s for the run (each token carries its scheduled time, so a producer held back counts as latency), `viewers` viewers on each (`GET /events?topic=…`, connected before the first token); token latency percentiles over every viewer, and the server's CPU (its processes and its Redis, if any) per token published.",
+        ),
+        (
             "publish",
             None,
             "herald only (durable history, every answer means fsynced): `batch` events per request (one, or a JSON array).",
@@ -550,6 +562,12 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
            and `--redis-replicas 1`: every publish is answered after `WAIT` saw it replicated.\n\
          - **herald-mercure**: herald with `--mercure` (an open hub), subscribers on \
            `/.well-known/mercure?topic=…`, publishers sending Mercure form posts.\n\
+         - **resumable-stream** (`finite` only): Vercel's npm `resumable-stream` (with the \
+           `redis` client) on its own `redis-server` (no persistence), behind a small Node \
+           server (`crates/herald-bench/resumable-stream/server.mjs`) with herald's routes: a \
+           producer's `POST /publish?topic=S` body becomes `createNewResumableStream(S, …)`'s \
+           source, a viewer's `GET /events?topic=S` is `resumeExistingStream(S)` piped out as \
+           an event stream. Its CPU counts Node and Redis.\n\
          - **ceiling**: `herald-bench ceiling`, a process that answers the request head, keeps \
            the bare sockets per topic and writes each frame, encoded once, to every socket from \
            2 writer threads, batching whatever is pending into one write per socket; no \
@@ -565,6 +583,93 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
     std::fs::write(format!("{plots}/bench-memory.svg"), memory_svg(&idle))?;
     let _ = headline;
     Ok(())
+}
+
+/// The finite-stream figures, herald beside `resumable-stream` (and any other herald target).
+fn finite_summary(md: &mut String, pipe: &[Row], streams: &[Row]) {
+    if pipe.is_empty() && streams.is_empty() {
+        return;
+    }
+    let mut targets: Vec<String> = Vec::new();
+    for r in pipe.iter().chain(streams) {
+        if let Some(t) = r.get("target").and_then(Value::as_str)
+            && !targets.iter().any(|x| x == t)
+        {
+            targets.push(t.to_string());
+        }
+    }
+    let get = |rs: &[Row], target: &str, key: &str| {
+        rs.iter()
+            .find(|r| r.get("target").and_then(Value::as_str) == Some(target))
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_f64)
+    };
+    let first = |key: &str| {
+        streams
+            .first()
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_f64)
+            .map_or("–".into(), fmt_num)
+    };
+    let _ = writeln!(md, "## Finite streams (LLM answers)\n");
+    let _ = writeln!(
+        md,
+        "`herald-bench finite`: herald's streaming publish beside npm `resumable-stream` on \
+         Redis, driven with the same load through the same routes. Streams: {} producers × {} \
+         tokens/s, {} viewers in all. Ratios are herald's advantage (> 1: herald is better).\n",
+        first("streams"),
+        first("rate"),
+        first("viewers"),
+    );
+    let peers: Vec<&String> = targets.iter().filter(|t| *t != "herald").collect();
+    let _ = writeln!(
+        md,
+        "| figure | {} |{}",
+        targets.join(" | "),
+        peers
+            .iter()
+            .map(|p| format!(" herald vs {p} |"))
+            .collect::<String>()
+    );
+    let _ = writeln!(
+        md,
+        "|:---|{}{}",
+        "---:|".repeat(targets.len()),
+        "---:|".repeat(peers.len())
+    );
+    for (label, rs, key, higher) in [
+        (
+            "events/s through one streaming publish (to its viewer)",
+            pipe,
+            "events_per_s",
+            true,
+        ),
+        ("token latency p50, ms", streams, "p50_ms", false),
+        ("token latency p99, ms", streams, "p99_ms", false),
+        (
+            "server CPU per token, µs",
+            streams,
+            "server_cpu_us_per_token",
+            false,
+        ),
+        ("tokens lost (all viewers)", streams, "lost", false),
+    ] {
+        let cells: Vec<String> = targets
+            .iter()
+            .map(|t| get(rs, t, key).map_or("–".into(), fmt_num))
+            .collect();
+        let ratios: String = peers
+            .iter()
+            .map(|p| match (get(rs, "herald", key), get(rs, p, key)) {
+                (Some(h), Some(v)) if h > 0.0 && v > 0.0 => {
+                    format!(" {:.2}× |", advantage(h, v, higher))
+                }
+                _ => " – |".into(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {label} | {} |{ratios}", cells.join(" | "));
+    }
+    let _ = writeln!(md);
 }
 
 fn fmt_num(v: f64) -> String {

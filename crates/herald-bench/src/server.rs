@@ -1,6 +1,6 @@
-//! Starts and stops the servers under test (herald, nchan, the axum baseline, the ceiling) as
-//! child processes, knows how each one is published to and subscribed from, and reads the RSS
-//! and CPU time of all of a server's processes from /proc.
+//! Starts and stops the servers under test (herald, nchan, the axum baseline, the ceiling, npm
+//! `resumable-stream` with its Redis) as child processes, knows how each one is published to and
+//! subscribed from, and reads the RSS and CPU time of all of a server's processes from /proc.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +32,9 @@ pub enum Kind {
     Nchan,
     Baseline,
     Ceiling,
+    /// Vercel's npm `resumable-stream` on its own `redis-server`, behind a small Node server with
+    /// herald's producer and viewer routes (`resumable-stream/server.mjs`); `finite` only.
+    ResumableStream,
 }
 
 impl Kind {
@@ -46,6 +49,7 @@ impl Kind {
             Kind::Nchan => "nchan",
             Kind::Baseline => "baseline",
             Kind::Ceiling => "ceiling",
+            Kind::ResumableStream => "resumable-stream",
         }
     }
 
@@ -60,8 +64,9 @@ impl Kind {
             "nchan" => Kind::Nchan,
             "baseline" => Kind::Baseline,
             "ceiling" => Kind::Ceiling,
+            "resumable-stream" => Kind::ResumableStream,
             _ => bail!(
-                "unknown target {s} (herald, herald-redis, herald-redis3, herald-redis-r1, herald-redis3-r1, herald-mercure, nchan, baseline, ceiling)"
+                "unknown target {s} (herald, herald-redis, herald-redis3, herald-redis-r1, herald-redis3-r1, herald-mercure, nchan, baseline, ceiling, resumable-stream)"
             ),
         })
     }
@@ -74,6 +79,8 @@ pub struct Bins {
     pub baseline: String,
     /// This program: it serves the ceiling with its hidden `ceiling` subcommand.
     pub me: PathBuf,
+    /// The Node program of the `resumable-stream` target (its folder holds its node_modules).
+    pub resumable: PathBuf,
 }
 
 impl Bins {
@@ -90,6 +97,10 @@ impl Bins {
             herald: herald.to_string(),
             baseline,
             me,
+            resumable: PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/resumable-stream/server.mjs"
+            )),
         })
     }
 }
@@ -180,6 +191,7 @@ impl Server {
                 Self::spawn(kind, &bins.me.to_string_lossy(), &args).await
             }
             Kind::Nchan => Self::start_nchan(None).await,
+            Kind::ResumableStream => Self::start_resumable(bins).await,
             Kind::HeraldRedis | Kind::HeraldRedis3 | Kind::HeraldRedisR1 | Kind::HeraldRedis3R1 => {
                 let nodes = if matches!(kind, Kind::HeraldRedis3 | Kind::HeraldRedis3R1) {
                     3
@@ -234,6 +246,33 @@ impl Server {
         first.redis = Some((redis, port));
         first.replicas = replica_children;
         Ok(first)
+    }
+
+    /// A `redis-server` on a free port and the Node server of `resumable-stream` using it.
+    async fn start_resumable(bins: &Bins) -> anyhow::Result<Server> {
+        let dir = bins
+            .resumable
+            .parent()
+            .context("the resumable-stream program has no folder")?;
+        if !dir.join("node_modules/resumable-stream").exists() {
+            bail!(
+                "{}/node_modules is missing: npm ci --prefix {}",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let port = free_port()?;
+        let redis = start_redis(port, None, None, &["--maxclients", "1000"]).await?;
+        let args = [
+            bins.resumable.to_string_lossy().into_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--redis".into(),
+            format!("redis://127.0.0.1:{port}"),
+        ];
+        let mut server = Self::spawn(Kind::ResumableStream, "node", &args).await?;
+        server.redis = Some((redis, port));
+        Ok(server)
     }
 
     /// The node the `i`-th connection goes to.
@@ -357,7 +396,8 @@ impl Server {
             | Kind::HeraldRedis3
             | Kind::HeraldRedisR1
             | Kind::HeraldRedis3R1
-            | Kind::Baseline => {
+            | Kind::Baseline
+            | Kind::ResumableStream => {
                 format!("/events?topic={topic}")
             }
             Kind::HeraldMercure => format!("/.well-known/mercure?topic={topic}"),
@@ -389,6 +429,12 @@ impl Server {
                 "text/plain",
                 data.as_bytes().to_vec(),
             ),
+            // A whole (already finished) stream of one event.
+            Kind::ResumableStream => (
+                format!("/publish?topic={topic}"),
+                "text/event-stream",
+                format!("data: {data}\n\n").into_bytes(),
+            ),
         }
     }
 
@@ -410,6 +456,19 @@ impl Server {
     pub fn cpu_seconds(&self) -> f64 {
         let ticks: u64 = tree(self.pid).iter().filter_map(|p| stat_cpu(*p)).sum();
         ticks as f64 / 100.0
+    }
+
+    /// As `cpu_seconds`, plus the CPU of the Redis the target uses (its cluster's, or the one
+    /// behind `resumable-stream`), which is not among its descendants.
+    pub fn cpu_seconds_with_redis(&self) -> f64 {
+        let redis = self
+            .redis
+            .as_ref()
+            .and_then(|(child, _)| child.id())
+            .and_then(stat_cpu)
+            .unwrap_or(0);
+        let others: f64 = self.others.iter().map(Server::cpu_seconds).sum();
+        self.cpu_seconds() + others + redis as f64 / 100.0
     }
 
     /// Stops the server and waits until its processes are gone.

@@ -1,5 +1,6 @@
 //! A tiny run of the harness against herald, the baseline and the ceiling (a few connections),
-//! of the TLS and HTTP/2 scenario against herald, and of presence across two nodes and webhooks:
+//! of the TLS and HTTP/2 scenario against herald, of presence across two nodes and webhooks, and
+//! of the finite-stream scenario against herald and npm `resumable-stream`:
 //! every subscriber gets every message, latency rows come out, and the report is written.
 
 use std::path::{Path, PathBuf};
@@ -273,4 +274,103 @@ fn presence_and_webhooks_measure_every_sample() {
         md.contains("### presence") && md.contains("### webhook"),
         "{md}"
     );
+}
+
+/// The finite-stream scenario against herald and npm `resumable-stream` on a real redis-server
+/// (its node_modules come from `npm ci --prefix crates/herald-bench/resumable-stream`, which
+/// scripts/test runs at setup): every token reaches every viewer on both, and the report
+/// describes them side by side.
+#[test]
+fn finite_streams_reach_every_viewer_on_herald_and_resumable_stream() {
+    let out = Command::new(bench())
+        .arg("--herald")
+        .arg(herald())
+        .args(["--targets", "herald,resumable-stream", "finite"])
+        .args(["--pipe-events", "300", "--pipe-chunk", "16"])
+        .args([
+            "--streams",
+            "6",
+            "--rate",
+            "20",
+            "--secs",
+            "1",
+            "--viewers",
+            "2",
+        ])
+        .output()
+        .expect("run herald-bench finite");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "herald-bench finite failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let seen: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["scenario"].as_str().unwrap(),
+                r["target"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("finite-pipe", "herald"),
+            ("finite-streams", "herald"),
+            ("finite-pipe", "resumable-stream"),
+            ("finite-streams", "resumable-stream"),
+        ],
+        "{rows:?}"
+    );
+    for r in &rows {
+        assert_eq!(r["all_delivered"], true, "{r}");
+        if r["scenario"] == "finite-pipe" {
+            assert_eq!(r["received"], 300, "{r}");
+            assert!(r["events_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        } else {
+            assert_eq!(r["viewers"], 12, "{r}");
+            assert_eq!(r["tokens"], 6 * 20, "{r}");
+            assert_eq!(r["received"], 6 * 20 * 2, "{r}");
+            assert_eq!(r["lost"], 0, "{r}");
+            assert_eq!(r["producer_errors"], 0, "{r}");
+            assert!(r["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+            assert!(r["server_cpu_us_per_token"].as_f64().is_some(), "{r}");
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let results = dir.path().join("results.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&results, lines.join("\n")).expect("write results");
+    let meta = dir.path().join("meta.txt");
+    std::fs::write(&meta, "date=now\ncommand=herald-bench finite\n").expect("write meta");
+    let md_path = dir.path().join("BENCHMARKS.md");
+    let status = Command::new(bench())
+        .arg("report")
+        .arg("--results")
+        .arg(&results)
+        .arg("--meta")
+        .arg(&meta)
+        .arg("--out")
+        .arg(&md_path)
+        .arg("--plots")
+        .arg(dir.path())
+        .status()
+        .expect("run report");
+    assert!(status.success());
+    let md = std::fs::read_to_string(&md_path).expect("report written");
+    assert!(md.contains("## Finite streams (LLM answers)"), "{md}");
+    assert!(
+        md.contains("| figure | herald | resumable-stream | herald vs resumable-stream |"),
+        "{md}"
+    );
+    assert!(md.contains("### finite-streams"), "{md}");
+    assert!(md.contains("**resumable-stream**"), "{md}");
 }

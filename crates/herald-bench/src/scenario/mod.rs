@@ -4,6 +4,7 @@
 pub mod clients;
 pub mod durable;
 pub mod fanout;
+pub mod finite;
 pub mod floor;
 pub mod idle;
 pub mod latency;
@@ -101,7 +102,8 @@ pub fn headline(scenario: &str) -> Option<(&'static str, bool)> {
         "fanout" | "fanout-h1" | "fanout-h2" | "unicast" | "publish" | "resume" => {
             ("events_per_s", true)
         }
-        "latency" => ("p99_ms", false),
+        "latency" | "finite-streams" => ("p99_ms", false),
+        "finite-pipe" => ("events_per_s", true),
         _ => return None,
     })
 }

@@ -124,6 +124,7 @@ impl Default for Retention {
 
 impl Retention {
     /// Events published before this time (ms) are past `max_age`.
+    #[cfg(any(feature = "durable", feature = "redis"))]
     pub(crate) fn cutoff_ms(&self, now_ms: u64) -> Option<u64> {
         self.bounds().cutoff_ms(now_ms)
     }
@@ -238,6 +239,7 @@ impl std::fmt::Debug for dyn History {
 
 /// The gap rule shared by stores whose ids are consecutive: reading after `after` continues the
 /// history when `after` is the newest issued id or at least the id just before the oldest retained.
+#[cfg(feature = "durable")]
 pub(crate) fn continues(after: u64, first_issued: u64, next: u64, oldest: Option<u64>) -> bool {
     if next == first_issued {
         return false; // nothing issued yet: every id is unknown

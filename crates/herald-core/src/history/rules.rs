@@ -252,6 +252,7 @@ impl Interest {
     }
 
     /// The logs as `1`/`0` per log, for a store of `logs` logs (the Redis script's form).
+    #[cfg(feature = "redis")]
     pub(crate) fn flags(self, logs: usize) -> String {
         (0..logs)
             .map(|l| if self.includes(l) { '1' } else { '0' })
@@ -259,6 +260,7 @@ impl Interest {
     }
 
     /// The drops already accepted (for the Redis script).
+    #[cfg(feature = "redis")]
     pub(crate) fn accepted(self) -> u64 {
         self.after
     }
