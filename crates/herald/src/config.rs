@@ -224,15 +224,12 @@ impl RawConfig {
         }
         retention.rules = retention_rules(&self.list(&s::RETENTION)?, &retention)?;
         if redis.is_some()
-            && let Some(r) = retention
-                .rules
-                .iter()
-                .find(|r| r.after_complete.is_some() || r.keep.max_bytes.is_some())
+            && let Some(r) = retention.rules.iter().find(|r| r.keep.max_bytes.is_some())
         {
             return Err(invalid(
                 "retention",
                 format!(
-                    "rule '{}': bytes and after-complete are not supported with Redis: use events and age",
+                    "rule '{}': bytes is not supported with Redis (a Redis stream cannot bound bytes): use events, age and after-complete",
                     r.topics
                 ),
             ));

@@ -51,7 +51,7 @@ where
     Fut: Future<Output = Arc<dyn History>>,
 {
     run_without_byte_limit(&make).await;
-    run_rules(&make, true).await;
+    run_rules(&make).await;
     byte_retention(
         &make(
             Retention {
@@ -107,9 +107,8 @@ async fn read_all(h: &Arc<dyn History>, from: ReadFrom) -> (Option<Gap>, Vec<Arc
     }
 }
 
-/// The retention-rule cases, for every store; `after-complete` for the stores that keep it (not
-/// Redis: startup refuses such a rule there).
-pub(crate) async fn run_rules<F, Fut>(make: &F, after_complete: bool)
+/// The retention-rule cases, for every store.
+pub(crate) async fn run_rules<F, Fut>(make: &F)
 where
     F: Fn(Retention, u64) -> Fut,
     Fut: Future<Output = Arc<dyn History>>,
@@ -124,16 +123,14 @@ where
         &make(with_rules(3, None, &["ai/**"]), 40_000).await,
     )
     .await;
-    if after_complete {
-        after_complete_expires_a_finished_stream(
-            &make(
-                with_rules(100, None, &["ai/**:after-complete=150ms"]),
-                50_000,
-            )
-            .await,
+    after_complete_expires_a_finished_stream(
+        &make(
+            with_rules(100, None, &["ai/**:after-complete=150ms"]),
+            50_000,
         )
-        .await;
-    }
+        .await,
+    )
+    .await;
 }
 
 async fn a_burst_on_other_topics_keeps_a_ruled_topic(h: &Arc<dyn History>) {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Script, Value};
 
 use super::row::{decode_body, encode_row};
-use super::rules::addressed;
+use super::rules::{addressed, is_end, millis};
 use super::{
     Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, SharedHistory, Stored,
 };
@@ -52,19 +52,24 @@ pub(crate) fn event_id(stream_id: &str) -> Option<EventId> {
 /// original, then the most keys and the most key bytes kept. A key's value is `id fingerprint`.
 /// Claiming a key forgets those past the window, then the oldest while a bound is exceeded
 /// (counted as the in-memory store counts them), so the keys stay bounded cluster-wide.
-/// With retention rules (the ARGV before the two bounds: `r`, then per message `log:addressed`,
-/// joined by `,`; per log `maxlen,cutoff` joined by `;`, the log key prefix, the drops hash), each new entry
-/// is listed in its log, and each log is trimmed instead of the stream.
+/// With retention rules (the ARGV before the two bounds: `r`, then per message `log:addressed:end`,
+/// joined by `,`; per log `maxlen,cutoff,ended` joined by `;`, the log key prefix, the drops hash,
+/// and per message its topics joined by tabs, the messages joined by newlines), each new entry is
+/// listed in its log, and each log is trimmed instead of the stream. `ended` is for
+/// `after-complete` (0: none): a log entry lists its topics (`id a|-<TAB>topic<TAB>…`), an end
+/// event (`end` 1) records its id per topic in the log's ends hash (`{prefix}:log:ends:N`), and
+/// the log's oldest entry goes once every topic of it ended, after it, at or before `ended` (ms).
 /// Returns id, flag pairs (0 new, 1 duplicate, 2 refused).
 const APPEND: &str = r#"
 local out = {}
 local n = tonumber(ARGV[5])
 local ruled = ARGV[7 + 4 * n] ~= ''
-local msg_logs = {}
+local msg_logs, msg_topics = {}, {}
 if ruled then
   for spec in string.gmatch(ARGV[7 + 4 * n], '[^,]+') do
     if spec ~= 'r' then msg_logs[#msg_logs + 1] = spec end
   end
+  for t in string.gmatch(ARGV[11 + 4 * n] .. '\n', '([^\n]*)\n') do msg_topics[#msg_topics + 1] = t end
 end
 local function newer(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -134,9 +139,21 @@ while i <= n do
     else
       local new = redis.call('XADD', KEYS[1], '*', 'v', '2', 'm', ARGV[5 + 4 * j])
       if ruled then
-        local log, addressed = string.match(msg_logs[j], '^(%d+):(%d)$')
+        local log, addressed, ends = string.match(msg_logs[j], '^(%d+):(%d):(%d)$')
+        local topics = msg_topics[j] or ''
         local entry = new
-        if addressed == '1' then entry = new .. ' a' end
+        if topics ~= '' then
+          local flag = '-'
+          if addressed == '1' then flag = 'a' end
+          entry = new .. ' ' .. flag .. '\t' .. topics
+          if ends == '1' then
+            for t in string.gmatch(topics, '[^\t]+') do
+              redis.call('HSET', ARGV[9 + 4 * n] .. 'ends:' .. log, t, new)
+            end
+          end
+        elseif addressed == '1' then
+          entry = new .. ' a'
+        end
         redis.call('RPUSH', ARGV[9 + 4 * n] .. log, entry)
       end
       if key ~= '' and max_keys > 0 then
@@ -155,17 +172,32 @@ if ruled then
   local log = 0
   local newest = redis.call('GET', KEYS[2]) or '0-0'
   for spec in string.gmatch(ARGV[8 + 4 * n], '[^;]+') do
-    local maxlen, cutoff = string.match(spec, '^(%d+),(%d+)$')
-    maxlen, cutoff = tonumber(maxlen), tonumber(cutoff)
+    local maxlen, cutoff, ended = string.match(spec, '^(%d+),(%d+),(%d+)$')
+    maxlen, cutoff, ended = tonumber(maxlen), tonumber(cutoff), tonumber(ended)
     local key = ARGV[9 + 4 * n] .. log
+    local ends = ARGV[9 + 4 * n] .. 'ends:' .. log
     local len = redis.call('LLEN', key)
     while len > 0 do
       local front = redis.call('LINDEX', key, 0)
-      local id, addressed = string.match(front, '^(%S+) ?(%S*)$')
+      local id, addressed, topics = string.match(front, '^(%S+) ?([^\t]*)\t?(.*)$')
       local ms = tonumber(string.match(id, '^(%d+)-'))
-      if len <= maxlen and not (cutoff > 0 and ms < cutoff) then break end
+      local drop = len > maxlen or (cutoff > 0 and ms < cutoff)
+      if not drop and ended > 0 and topics ~= '' then
+        drop = true
+        for t in string.gmatch(topics, '[^\t]+') do
+          local e = redis.call('HGET', ends, t)
+          if not e or newer(id, e) or tonumber(string.match(e, '^(%d+)-')) > ended then
+            drop = false
+            break
+          end
+        end
+      end
+      if not drop then break end
       redis.call('LPOP', key)
       redis.call('XDEL', KEYS[1], id)
+      for t in string.gmatch(topics, '[^\t]+') do
+        if redis.call('HGET', ends, t) == id then redis.call('HDEL', ends, t) end
+      end
       local nth = redis.call('HINCRBY', ARGV[10 + 4 * n], 'n', 1)
       redis.call('HSET', ARGV[10 + 4 * n], tostring(log), id .. ' ' .. nth)
       if addressed == 'a' then redis.call('HSET', ARGV[10 + 4 * n], log .. 'a', id .. ' ' .. nth) end
@@ -817,7 +849,7 @@ impl History for RedisHistory {
                 .retention
                 .rules
                 .iter()
-                .any(|r| r.keep.max_age.is_some());
+                .any(|r| r.keep.max_age.is_some() || r.after_complete.is_some());
         if ages {
             self.append_claiming(Vec::new(), &[]).await?;
         }
@@ -863,20 +895,36 @@ impl SharedHistory for RedisHistory {
         invocation.arg(if self.replicas > 0 { "1" } else { "0" });
         let rules = &self.retention.rules;
         if rules.is_empty() {
-            invocation.arg("").arg("").arg("").arg("");
+            invocation.arg("").arg("").arg("").arg("").arg("");
         } else {
+            let after_complete = |log| rules.rule(log).and_then(|r| r.after_complete);
+            let mut topics = String::new();
             let logs: Vec<String> = messages
                 .iter()
-                .map(|m| {
+                .enumerate()
+                .map(|(i, m)| {
+                    let log = rules.log_of(&m.targets);
+                    if i > 0 {
+                        topics.push('\n');
+                    }
+                    // Topics have no control characters (see `name`): tabs and newlines separate.
+                    if after_complete(log).is_some() {
+                        let names: Vec<&str> =
+                            m.targets.topics.iter().map(|t| t.as_str()).collect();
+                        topics.push_str(&names.join("\t"));
+                    }
                     let a = u8::from(addressed(&m.targets));
-                    format!("{}:{a}", rules.log_of(&m.targets))
+                    let end = u8::from(is_end(m.event_type.as_ref()));
+                    format!("{log}:{a}:{end}")
                 })
                 .collect();
             let now = now_ms();
             let bounds: Vec<String> = (0..rules.logs())
                 .map(|l| {
                     let b = self.retention.bounds_of(l);
-                    format!("{},{}", b.max_events, b.cutoff_ms(now).unwrap_or(0))
+                    let ended =
+                        after_complete(l).map_or(0, |a| now.saturating_sub(millis(a)).max(1));
+                    format!("{},{},{ended}", b.max_events, b.cutoff_ms(now).unwrap_or(0))
                 })
                 .collect();
             // `r` first: with rules, even an append of nothing (maintenance) trims the logs.
@@ -884,7 +932,8 @@ impl SharedHistory for RedisHistory {
                 .arg(format!("r,{}", logs.join(",")))
                 .arg(bounds.join(";"))
                 .arg(&self.log_prefix)
-                .arg(&self.log_drops);
+                .arg(&self.log_drops)
+                .arg(topics);
         }
         invocation.arg(self.max_keys).arg(self.max_key_bytes);
         // One connection for the script and its `WAIT`: `WAIT` counts this connection's writes.
@@ -1117,7 +1166,7 @@ pub(crate) mod tests {
             }
         };
         super::super::conformance::run_without_byte_limit(&make).await;
-        super::super::conformance::run_rules(&make, false).await;
+        super::super::conformance::run_rules(&make).await;
     }
 
     #[tokio::test]

@@ -346,7 +346,12 @@ impl Ends {
 
 /// Whether an event ends its topics' streams: a `herald.complete` or a `herald.cancel`.
 pub(crate) fn ends_stream(event: &Event) -> bool {
-    event.event_type.as_ref().is_some_and(|t| {
+    is_end(event.event_type.as_ref())
+}
+
+/// Whether an event of this type ends its topics' streams (`herald.complete`, `herald.cancel`).
+pub(crate) fn is_end(event_type: Option<&crate::name::EventType>) -> bool {
+    event_type.is_some_and(|t| {
         let t = t.as_str();
         t == crate::name::COMPLETE || t == crate::name::CANCEL
     })

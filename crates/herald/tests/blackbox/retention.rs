@@ -149,12 +149,11 @@ async fn a_bad_rule_stops_startup_naming_it() {
         "--redis",
         "redis://127.0.0.1:1/0",
         "--retention",
-        "ai/**:after-complete=1m",
+        "ai/**:bytes=1000",
     ])
     .await;
     assert!(
-        err.contains("after-complete is not supported with Redis")
-            || err.contains("not supported with Redis"),
+        err.contains("ai/**") && err.contains("bytes is not supported with Redis"),
         "{err}"
     );
     // The same rules in TOML.
