@@ -1,4 +1,5 @@
-//! The lean path for event streams. A connection whose first request is `GET /events` over
+//! The lean path for event streams. A connection whose first request is `GET /events` (or a
+//! Mercure subscribe, `GET /.well-known/mercure`) over
 //! HTTP/1.1 (plain or inside TLS) goes through the same axum router, but its response is written
 //! here, straight to the socket, so an open stream keeps no HTTP/1 connection state (hyper's
 //! buffers): ~1 KiB a stream instead of ~13 KiB. Every other connection is handed to hyper
@@ -96,7 +97,17 @@ pub(crate) fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
     buf[from..].windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-/// The request, if `head` is exactly one bodiless HTTP/1.1 `GET /events` and nothing after it.
+/// Whether a `GET` of this path (with its query) opens an event stream: herald's `/events`, or the
+/// Mercure hub's subscribe (`/.well-known/mercure`; its subscriptions API below it is not).
+fn is_stream_path(path: &str) -> bool {
+    ["/events", crate::mercure::PATH].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+    })
+}
+
+/// The request, if `head` is exactly one bodiless HTTP/1.1 `GET` of an event stream (see
+/// [`is_stream_path`]) and nothing after it.
 pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
@@ -107,7 +118,7 @@ pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
         return None;
     }
     let path = parsed.path?;
-    if path != "/events" && !path.starts_with("/events?") {
+    if !is_stream_path(path) {
         return None;
     }
     let mut request = Request::builder()
@@ -443,7 +454,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
 /// What the lean path promises for any head (used by the proptest and the `stream_head` fuzz
 /// target): the incremental scan agrees with a full one however the head is dripped, and only a
-/// plain `GET /events` is taken.
+/// plain `GET` of a stream is taken.
 #[doc(hidden)]
 pub fn check_stream_head(head: &[u8], step: usize) {
     let mut scanned = 0;
@@ -457,7 +468,7 @@ pub fn check_stream_head(head: &[u8], step: usize) {
     if let Some(request) = stream_request(head) {
         assert_eq!(request.method(), Method::GET);
         let path = request.uri().path();
-        assert_eq!(path, "/events");
+        assert!(path == "/events" || path == "/.well-known/mercure", "{path}");
         assert!(!request.headers().contains_key("transfer-encoding"));
     }
 }
@@ -467,14 +478,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_get_events_takes_the_lean_path() {
+    fn only_plain_get_of_a_stream_takes_the_lean_path() {
         let ok = b"GET /events?topic=a HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n";
         let r = stream_request(ok).expect("lean");
         assert_eq!(r.uri(), "/events?topic=a");
         assert_eq!(r.headers()["accept"], "text/event-stream");
+        let mercure = b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let r = stream_request(mercure).expect("a Mercure subscribe is lean too");
+        assert_eq!(r.uri(), "/.well-known/mercure?topic=a");
         for other in [
             &b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
             b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /.well-known/mercure/subscriptions HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /.well-known/mercurex HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
             b"GET /eventsx HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /events HTTP/1.0\r\nHost: x\r\n\r\n",
             b"GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
