@@ -425,10 +425,10 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "- nchan's publish request is answered only after its fan-out, so at 10k subscribers it \
            cannot publish more than a few messages per second; in the latency sweep the \
            messages it never got to are counted as `unsent`, and its latency includes the wait.\n\
-         - herald and the baseline listen with the 128-deep accept queue that std and tokio \
-           listeners get; a burst of more than 128 simultaneous connects loses SYNs and waits \
-           for the 1 s retransmit, so the scenarios open at most 100 streams at once \
-           (`--concurrency`).\n\
+         - The baseline listens with the 128-deep accept queue that std and tokio listeners \
+           get (herald's is `--listen-backlog`, 65535 by default; nginx's is set to 65535); a \
+           burst of more than 128 simultaneous connects would lose SYNs there and wait for the \
+           1 s retransmit, so the scenarios open at most 100 streams at once (`--concurrency`).\n\
          - Memory is the RSS of all of a server's processes (nginx: master and 2 workers); \
            kernel socket buffers are not in it, for any target.\n"
     );

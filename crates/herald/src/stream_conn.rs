@@ -468,7 +468,10 @@ pub fn check_stream_head(head: &[u8], step: usize) {
     if let Some(request) = stream_request(head) {
         assert_eq!(request.method(), Method::GET);
         let path = request.uri().path();
-        assert!(path == "/events" || path == "/.well-known/mercure", "{path}");
+        assert!(
+            path == "/events" || path == "/.well-known/mercure",
+            "{path}"
+        );
         assert!(!request.headers().contains_key("transfer-encoding"));
     }
 }
