@@ -22,10 +22,15 @@ fn herald() -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Vec<serde_json::Value> {
+    run_on("herald,baseline,ceiling", args)
+}
+
+/// Runs `herald-bench --targets TARGETS ARGS…` and returns its JSON rows.
+fn run_on(targets: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(bench())
         .arg("--herald")
         .arg(herald())
-        .args(["--targets", "herald,baseline,ceiling"])
+        .args(["--targets", targets])
         .args(args)
         .output()
         .expect("run herald-bench");
@@ -40,6 +45,37 @@ fn run(args: &[&str]) -> Vec<serde_json::Value> {
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
+}
+
+/// Writes `rows` as a results file and runs `herald-bench report` on them; returns the folder
+/// (BENCHMARKS.md and the plots are in it) and the report's text.
+fn report<'a>(
+    rows: impl IntoIterator<Item = &'a serde_json::Value>,
+    command: &str,
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let results = dir.path().join("results.jsonl");
+    let lines: Vec<String> = rows.into_iter().map(|r| r.to_string()).collect();
+    std::fs::write(&results, lines.join("\n")).expect("write results");
+    let meta = dir.path().join("meta.txt");
+    std::fs::write(&meta, format!("date=now\ncommand=herald-bench {command}\n"))
+        .expect("write meta");
+    let out = dir.path().join("BENCHMARKS.md");
+    let status = Command::new(bench())
+        .arg("report")
+        .arg("--results")
+        .arg(&results)
+        .arg("--meta")
+        .arg(&meta)
+        .arg("--out")
+        .arg(&out)
+        .arg("--plots")
+        .arg(dir.path())
+        .status()
+        .expect("run report");
+    assert!(status.success());
+    let md = std::fs::read_to_string(&out).expect("report written");
+    (dir, md)
 }
 
 #[test]
@@ -134,33 +170,10 @@ fn fanout_and_latency_deliver_everything() {
         }
     }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let results = dir.path().join("results.jsonl");
-    let lines: Vec<String> = rows
-        .iter()
-        .chain(&lat)
-        .chain(&floor)
-        .chain(&protocols)
-        .map(|r| r.to_string())
-        .collect();
-    std::fs::write(&results, lines.join("\n")).expect("write results");
-    let meta = dir.path().join("meta.txt");
-    std::fs::write(&meta, "date=now\ncommand=herald-bench fanout\n").expect("write meta");
-    let out = dir.path().join("BENCHMARKS.md");
-    let status = Command::new(bench())
-        .arg("report")
-        .arg("--results")
-        .arg(&results)
-        .arg("--meta")
-        .arg(&meta)
-        .arg("--out")
-        .arg(&out)
-        .arg("--plots")
-        .arg(dir.path())
-        .status()
-        .expect("run report");
-    assert!(status.success());
-    let md = std::fs::read_to_string(&out).expect("report written");
+    let (dir, md) = report(
+        rows.iter().chain(&lat).chain(&floor).chain(&protocols),
+        "fanout",
+    );
     assert!(md.contains("| fan-out, delivered events/s |"), "{md}");
     assert!(md.contains("The kernel's own cost"), "{md}");
     assert!(md.contains("### idle-h2"), "{md}");
@@ -244,27 +257,7 @@ fn presence_and_webhooks_measure_every_sample() {
         );
     }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let results = dir.path().join("results.jsonl");
-    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
-    std::fs::write(&results, lines.join("\n")).expect("write results");
-    let meta = dir.path().join("meta.txt");
-    std::fs::write(&meta, "date=now\ncommand=herald-bench presence\n").expect("write meta");
-    let out = dir.path().join("BENCHMARKS.md");
-    let status = Command::new(bench())
-        .arg("report")
-        .arg("--results")
-        .arg(&results)
-        .arg("--meta")
-        .arg(&meta)
-        .arg("--out")
-        .arg(&out)
-        .arg("--plots")
-        .arg(dir.path())
-        .status()
-        .expect("run report");
-    assert!(status.success());
-    let md = std::fs::read_to_string(&out).expect("report written");
+    let (_dir, md) = report(&rows, "presence");
     assert!(
         md.contains("Presence across nodes (two nodes, one Redis)"),
         "{md}"
@@ -282,12 +275,14 @@ fn presence_and_webhooks_measure_every_sample() {
 /// describes them side by side.
 #[test]
 fn finite_streams_reach_every_viewer_on_herald_and_resumable_stream() {
-    let out = Command::new(bench())
-        .arg("--herald")
-        .arg(herald())
-        .args(["--targets", "herald,resumable-stream", "finite"])
-        .args(["--pipe-events", "300", "--pipe-chunk", "16"])
-        .args([
+    let rows = run_on(
+        "herald,resumable-stream",
+        &[
+            "finite",
+            "--pipe-events",
+            "300",
+            "--pipe-chunk",
+            "16",
             "--streams",
             "6",
             "--rate",
@@ -296,20 +291,8 @@ fn finite_streams_reach_every_viewer_on_herald_and_resumable_stream() {
             "1",
             "--viewers",
             "2",
-        ])
-        .output()
-        .expect("run herald-bench finite");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "herald-bench finite failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
     let seen: Vec<(&str, &str)> = rows
         .iter()
         .map(|r| {
@@ -345,27 +328,7 @@ fn finite_streams_reach_every_viewer_on_herald_and_resumable_stream() {
         }
     }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let results = dir.path().join("results.jsonl");
-    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
-    std::fs::write(&results, lines.join("\n")).expect("write results");
-    let meta = dir.path().join("meta.txt");
-    std::fs::write(&meta, "date=now\ncommand=herald-bench finite\n").expect("write meta");
-    let md_path = dir.path().join("BENCHMARKS.md");
-    let status = Command::new(bench())
-        .arg("report")
-        .arg("--results")
-        .arg(&results)
-        .arg("--meta")
-        .arg(&meta)
-        .arg("--out")
-        .arg(&md_path)
-        .arg("--plots")
-        .arg(dir.path())
-        .status()
-        .expect("run report");
-    assert!(status.success());
-    let md = std::fs::read_to_string(&md_path).expect("report written");
+    let (_dir, md) = report(&rows, "finite");
     assert!(md.contains("## Finite streams (LLM answers)"), "{md}");
     assert!(
         md.contains("| figure | herald | resumable-stream | herald vs resumable-stream |"),

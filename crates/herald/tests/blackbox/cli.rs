@@ -7,29 +7,12 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, refused};
 
 fn herald() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
     c.env("RUST_LOG", "warn").kill_on_drop(true);
     c
-}
-
-/// Runs `herald serve` with `args` expecting it to refuse to start; returns its stderr.
-async fn refused(args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        herald()
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .output(),
-    )
-    .await
-    .expect("herald should exit")
-    .unwrap();
-    assert!(!out.status.success(), "herald started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 #[tokio::test]

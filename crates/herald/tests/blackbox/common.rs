@@ -277,6 +277,24 @@ impl Server {
 }
 
 /// Asserts that `answer` is the error a client would see: this status and this `error` code.
+/// Runs `herald serve` with `args`, expecting it to refuse to start; returns its stderr.
+pub async fn refused(args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        PATIENCE,
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("herald should exit")
+    .unwrap();
+    assert!(!out.status.success(), "herald started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[track_caller]
 pub fn expect_error(answer: (StatusCode, Value), status: StatusCode, code: &str) {
     assert_eq!(

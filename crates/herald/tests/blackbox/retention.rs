@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cluster::{Redis, node};
-use crate::common::{PATIENCE, Server, Sse};
+use crate::common::{Server, Sse, refused};
 
 /// Publishes `n` messages to `topic(i)` in batches, in order.
 async fn publish_many(s: &Server, n: usize, topic: impl Fn(usize) -> String, data: &str) {
@@ -108,25 +108,6 @@ async fn a_rule_keeps_a_topic_through_a_burst_in_redis() {
     let other = node(&redis, &RULE).await;
     let mut sse = other.subscribe("topic=ai/answer/1&since=all").await;
     assert_eq!(events(&mut sse, 500).await[0].1, "t0");
-}
-
-/// Runs `herald serve` with `args`, expecting it to refuse to start; returns its stderr.
-async fn refused(args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("herald should exit")
-    .unwrap();
-    assert!(!out.status.success(), "herald started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 #[tokio::test]

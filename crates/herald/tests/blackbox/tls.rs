@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, refused};
 use crate::pki::{Curl, Pki, curl, tls_args};
 
 #[tokio::test]
@@ -78,24 +78,6 @@ async fn curl_with_http2_prior_knowledge_is_served_on_the_plain_listener() {
         stream.until(|l| l.starts_with("data:")).await,
         "data: published over h2c"
     );
-}
-
-/// Runs `herald serve` expecting it to refuse to start; returns its stderr.
-async fn refused(args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("herald should exit")
-    .unwrap();
-    assert!(!out.status.success(), "herald started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 #[tokio::test]
