@@ -152,7 +152,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "bytes_per_conn",
         false,
         &any,
-        "≤ 2048",
+        "≤ 1024",
         false,
     );
     line(
@@ -170,7 +170,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "events_per_s",
         true,
         &any,
-        "≥ 2× baseline, ≥ 60% of ceiling",
+        "≥ 2× baseline, ≥ 85% of ceiling",
         true,
     );
     line(
@@ -236,8 +236,17 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "events_per_s",
         true,
         &any,
-        "",
+        "≥ 1.5× baseline",
         true,
+    );
+    line(
+        "unicast, server CPU per message, µs",
+        &unicast,
+        "server_cpu_us_per_msg",
+        false,
+        &any,
+        "≤ 12",
+        false,
     );
     line(
         "connections opened per second",
@@ -245,7 +254,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         "connects_per_s",
         true,
         &any,
-        "",
+        "≥ 1.5× nchan",
         false,
     );
     line(
