@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tower::ServiceExt;
 
 /// Frames gathered into one `writev` (plus the chunk's size line and end).
-const MAX_BATCH: usize = 64;
+pub(crate) const MAX_BATCH: usize = 64;
 /// Bytes of frames taken from the stream before they are written: a reader that stalls pins no
 /// more than this here (its queue and replay are bounded by `--queue-bytes`).
 const MAX_PENDING_BYTES: usize = 256 * 1024;

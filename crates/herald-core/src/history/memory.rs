@@ -175,10 +175,6 @@ impl History for MemoryHistory {
         Ok(out)
     }
 
-    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
-        self.read_for(from, limit, Interest::ALL).await
-    }
-
     async fn read_for(
         &self,
         from: ReadFrom,

@@ -154,20 +154,19 @@ pub trait History: Send + Sync + 'static {
     /// this returns `Ok`, the events are as durable as the store promises.
     async fn append(&self, messages: Vec<Message>) -> Result<Vec<Arc<Event>>, HistoryError>;
 
-    /// Up to `limit` events from `from`, with the gap verdict (see [`Chunk::gap`]).
-    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError>;
-
-    /// As [`read`](Self::read), for a reader whose topics reach only the logs of `interest`: with
-    /// retention rules, events another log dropped are no gap of this reader's (but dropped
-    /// broadcasts and events to users are). Stores without rules read as `read`.
+    /// Up to `limit` events from `from`, with the gap verdict (see [`Chunk::gap`]), for a reader
+    /// whose topics reach only the logs of `interest`: with retention rules, events another log
+    /// dropped are no gap of this reader's (but dropped broadcasts and events to users are).
     async fn read_for(
         &self,
         from: ReadFrom,
         limit: usize,
         interest: Interest,
-    ) -> Result<Chunk, HistoryError> {
-        let _ = interest;
-        self.read(from, limit).await
+    ) -> Result<Chunk, HistoryError>;
+
+    /// [`read_for`](Self::read_for) a reader that may want any event: every log's drops count.
+    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
+        self.read_for(from, limit, Interest::ALL).await
     }
 
     /// The logs a reader with these selectors reaches (see [`read_for`](Self::read_for)).

@@ -806,10 +806,6 @@ impl History for RedisHistory {
         Ok(stored.into_iter().filter_map(|s| s.event).collect())
     }
 
-    async fn read(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
-        self.read_for(from, limit, Interest::ALL).await
-    }
-
     async fn read_for(
         &self,
         from: ReadFrom,
