@@ -131,6 +131,31 @@ where
         .await,
     )
     .await;
+    a_dropped_event_of_two_topics_is_a_gap_for_a_reader_of_either(
+        &make(with_rules(100, None, &["ai/**:events=2"]), 60_000).await,
+    )
+    .await;
+}
+
+/// An event to a ruled and an unruled topic lives in the rule's log; when that log drops it, a
+/// reader of only the unruled topic (whose selectors do not reach the rule's log) is told.
+async fn a_dropped_event_of_two_topics_is_a_gap_for_a_reader_of_either(h: &Arc<dyn History>) {
+    let before = h.append(vec![to(&["news/x"], "before")]).await.unwrap();
+    h.append(vec![to(&["ai/a", "news/x"], "both")])
+        .await
+        .unwrap();
+    h.append(vec![to(&["ai/b"], "b1"), to(&["ai/b"], "b2")])
+        .await
+        .unwrap();
+    h.maintain().await.unwrap();
+    let news = h.interest(&[Selector::new("news/x").unwrap()]);
+    let c = h
+        .read_for(ReadFrom::After(before[0].id), 100, news)
+        .await
+        .unwrap();
+    assert!(c.gap.is_some(), "the news reader missed `both`: {c:?}");
+    let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["b1", "b2"], "what is kept after its id");
 }
 
 async fn a_burst_on_other_topics_keeps_a_ruled_topic(h: &Arc<dyn History>) {

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::row::{decode_body, decode_row, encode_checked_row, lost_row, published_at};
-use super::rules::{Drop, Dropped, addressed, ends_stream, millis};
+use super::rules::{Drop, Dropped, counts_for_all, ends_stream, millis};
 use super::{
     Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, continues, fresh_base,
 };
@@ -385,7 +385,10 @@ fn trim_logs(
             meta.count = meta.count.saturating_sub(1);
             meta.bytes = meta.bytes.saturating_sub(front.len + ROW_OVERHEAD);
             meta.dropped_at_plus1 = meta.dropped_at_plus1.max(front.at + 1);
-            let counts_for_all = front.event.as_ref().is_none_or(|e| addressed(&e.targets));
+            let counts_for_all = front
+                .event
+                .as_ref()
+                .is_none_or(|e| counts_for_all(&e.targets, retention.rules.rule(log)));
             meta.drops += 1;
             counters
                 .dropped

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::rules::{Dropped, Ends, addressed};
+use super::rules::{Dropped, Ends, RetentionRule, counts_for_all};
 use super::{
     Bounds, Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, RetentionRules,
     fresh_base,
@@ -41,6 +41,8 @@ struct Log {
     events: VecDeque<Arc<Event>>,
     keep: Bounds,
     after_complete: Option<Duration>,
+    /// The rule whose events this log keeps (`None`: the default log).
+    rule: Option<RetentionRule>,
     bytes: u64,
     dropped: Dropped,
     /// The topics whose streams ended, for `after_complete`.
@@ -66,6 +68,7 @@ impl MemoryHistory {
                     events: VecDeque::with_capacity(keep.max_events.min(4096)),
                     keep,
                     after_complete: retention.rules.rule(log).and_then(|r| r.after_complete),
+                    rule: retention.rules.rule(log).cloned(),
                     bytes: 0,
                     dropped: Dropped::default(),
                     ends: Ends::default(),
@@ -106,7 +109,7 @@ impl Log {
                 dropped.id.0,
                 dropped.published_at_ms,
                 *drops,
-                addressed(&dropped.targets),
+                counts_for_all(&dropped.targets, self.rule.as_ref()),
             );
             self.ends.forget(&dropped);
         }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Script, Value};
 
 use super::row::{decode_body, encode_row};
-use super::rules::{addressed, is_end, millis};
+use super::rules::{counts_for_all, is_end, millis};
 use super::{
     Chunk, Gap, History, HistoryError, Interest, ReadFrom, Retention, SharedHistory, Stored,
 };
@@ -909,7 +909,7 @@ impl SharedHistory for RedisHistory {
                             m.targets.topics.iter().map(|t| t.as_str()).collect();
                         topics.push_str(&names.join("\t"));
                     }
-                    let a = u8::from(addressed(&m.targets));
+                    let a = u8::from(counts_for_all(&m.targets, rules.rule(log)));
                     let end = u8::from(is_end(m.event_type.as_ref()));
                     format!("{log}:{a}:{end}")
                 })

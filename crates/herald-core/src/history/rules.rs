@@ -266,9 +266,13 @@ impl Interest {
     }
 }
 
-/// Whether an event counts against every reader when dropped: a broadcast, or sent to users.
-pub(crate) fn addressed(targets: &Targets) -> bool {
-    targets.broadcast || !targets.users.is_empty()
+/// Whether an event of the log of `rule` (`None`: the default log) counts against every reader
+/// when dropped: a broadcast, sent to users, or with a topic the rule does not name (a reader of
+/// only that topic does not reach the rule's log, yet wanted the event).
+pub(crate) fn counts_for_all(targets: &Targets, rule: Option<&RetentionRule>) -> bool {
+    targets.broadcast
+        || !targets.users.is_empty()
+        || rule.is_some_and(|r| targets.topics.iter().any(|t| !r.topics.matches(t)))
 }
 
 /// A log's newest dropped event: its id, publish time (ms), and which of the store's drops it was.
