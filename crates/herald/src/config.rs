@@ -414,8 +414,8 @@ impl RawConfig {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        for (i, table) in self.hook_tables.iter().enumerate() {
-            let at = |e: String| invalid("webhook", format!("[[webhook]] {}: {e}", i + 1));
+        for table in &self.hook_tables {
+            let at = |e: String| invalid("webhook", format!("[[webhook]] {}: {e}", table.number));
             if table.secret.as_deref() == Some("") {
                 return Err(at(
                     "'secret' is empty: leave it out to send unsigned deliveries".into(),

@@ -656,6 +656,8 @@ pub struct RawConfig {
 /// (validated with the other settings, in `config.rs`).
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct HookTable {
+    /// Its place in the file's `webhook` list (from 1), as errors name it.
+    pub number: usize,
     pub url: String,
     pub secret: Option<String>,
     pub topics: Option<Vec<String>>,
@@ -707,6 +709,7 @@ impl HookTable {
             }
         };
         Ok(HookTable {
+            number: n,
             url,
             secret: text("secret")?,
             topics,

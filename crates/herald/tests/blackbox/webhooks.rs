@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::common::{PATIENCE, Server};
+use crate::common::{PATIENCE, Server, refused};
 
 const SECRET: &str = "webhook-secret-for-the-tests";
 
@@ -381,24 +381,24 @@ async fn webhook_tables_each_with_its_secret_and_topics_beside_the_flag() {
 async fn a_bad_webhook_table_stops_startup_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("herald.toml");
-    let stderr = |toml: &str| {
+    let stderr = async |toml: &str| {
         std::fs::write(&file, toml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "herald started with {toml}");
-        String::from_utf8_lossy(&out.stderr).to_string()
+        refused(&["--config", file.to_str().unwrap()]).await
     };
-    let err = stderr("[[webhook]]\nurl = \"http://a.example/\"\ntopics = [\"a/**/b\"]\n");
+    let err = stderr("[[webhook]]\nurl = \"http://a.example/\"\ntopics = [\"a/**/b\"]\n").await;
     assert!(
         err.contains("invalid webhook: [[webhook]] 1: 'topics': 'a/**/b'"),
         "{err}"
     );
-    let err = stderr("[[webhook]]\nsecret = \"s\"\n");
+    // A table is named by its place in the file's `webhook` list, URLs counted too.
+    let err = stderr("webhook = [\"http://c.example/\", { url = \"ftp://d.example/\" }]\n").await;
+    assert!(
+        err.contains("[[webhook]] 2: 'ftp://d.example/' is not an http(s) URL"),
+        "{err}"
+    );
+    let err = stderr("[[webhook]]\nsecret = \"s\"\n").await;
     assert!(err.contains("[[webhook]] 1: 'url' is missing"), "{err}");
-    let err = stderr("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a.example/\"\n");
+    let err = stderr("webhook-secret = \"s\"\n[[webhook]]\nurl = \"http://a.example/\"\n").await;
     assert!(
         err.contains("invalid webhook-secret: applies to --webhook URLs"),
         "{err}"
