@@ -61,9 +61,18 @@ impl RetentionRule {
             rule: spec.to_string(),
             reason,
         };
-        let (selector, keys) = match spec.split_once(':') {
-            Some((s, k)) => (s.trim(), k.trim()),
-            None => (spec.trim(), ""),
+        // Topics may hold `:` (`urn:x/**`): the keys follow the last `:` when what follows it
+        // reads as keys (each part `key=value` or a key's name; or nothing, `SELECTOR:`).
+        let keys_like = |k: &str| {
+            k.trim().is_empty()
+                || k.split(',').all(|p| {
+                    p.contains('=')
+                        || ["events", "age", "bytes", "after-complete"].contains(&p.trim())
+                })
+        };
+        let (selector, keys) = match spec.rsplit_once(':') {
+            Some((s, k)) if keys_like(k) => (s.trim(), k.trim()),
+            _ => (spec.trim(), ""),
         };
         let topics = Selector::new(selector).map_err(|e| {
             bad(format!(
@@ -391,6 +400,11 @@ mod tests {
         assert_eq!(r.after_complete, Some(Duration::from_secs(600)));
         let r = RetentionRule::parse("jobs/*", &global()).unwrap();
         assert_eq!((r.keep.max_events, r.after_complete), (1000, None));
+        // A topic may hold `:`.
+        let r = RetentionRule::parse("urn:x/**:events=5", &global()).unwrap();
+        assert_eq!((r.topics.as_str(), r.keep.max_events), ("urn:x/**", 5));
+        let r = RetentionRule::parse("urn:x/**", &global()).unwrap();
+        assert_eq!((r.topics.as_str(), r.keep.max_events), ("urn:x/**", 1000));
     }
 
     #[test]
