@@ -624,7 +624,9 @@ fn finite_summary(md: &mut String, pipe: &[Row], streams: &[Row]) {
     let _ = writeln!(
         md,
         "`herald-bench finite`: herald's streaming publish beside npm `resumable-stream` on \
-         Redis, driven with the same load through the same routes. Streams: {} producers × {} \
+         Redis, driven with the same load through the same routes. `herald` keeps its history \
+         in memory; `herald-redis` keeps it in a Redis stream, as `resumable-stream` keeps its \
+         streams in Redis (server CPU counts that Redis for both). Streams: {} producers × {} \
          tokens/s, {} viewers in all. Ratios are herald's advantage (> 1: herald is better).\n",
         first("streams"),
         first("rate"),
