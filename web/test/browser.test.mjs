@@ -152,6 +152,18 @@ const eventsRequests = (requests) =>
     return url.pathname === '/events' && !url.searchParams.getAll('topic').includes('$presence/*');
   });
 
+
+/**
+ * Keeps a stream fetched by the test open for as long as the test holds its abort controller:
+ * Node's fetch may cancel an unread body once its response is garbage-collected, which would
+ * close a held stream mid-test (the likely cause of a presence-panel test that once waited in
+ * vain for zoe's second connection).
+ */
+function keepReading(res) {
+  res.body.pipeTo(new WritableStream()).catch(() => {});
+  return res;
+}
+
 test('the dashboard subscribes, shows events published from the page and from a POST, and the hub', async () => {
   const hub = await startHerald();
   const { page, requests, errors } = await openDashboard(hub.url, '');
@@ -326,7 +338,7 @@ test('after a refused reconnect (503) herald.js retries with backoff and lastEve
   const hold = new AbortController();
   try {
     // Someone else takes the hub's only connection, so the page's retry is answered 503.
-    const holder = await fetch(`${hub.url}/events`, { signal: hold.signal });
+    const holder = keepReading(await fetch(`${hub.url}/events`, { signal: hold.signal }));
     assert.equal(holder.status, 200);
     const away = await post(hub.url, '/publish', { topic: 'chat/b', data: 'while refused' });
     assert.equal(away.body.delivered, 0);
@@ -785,10 +797,12 @@ test('the presence panel shows users online and offline from $presence/*, and re
   /** One of zoe's streams, held by the test as her app would hold it. */
   const zoeConnects = async () => {
     const stop = new AbortController();
-    const res = await fetch(`${hub.url}/events?user=zoe&topic=app`, {
-      headers: { Authorization: `Bearer ${zoeToken}` },
-      signal: stop.signal,
-    });
+    const res = keepReading(
+      await fetch(`${hub.url}/events?user=zoe&topic=app`, {
+        headers: { Authorization: `Bearer ${zoeToken}` },
+        signal: stop.signal,
+      }),
+    );
     assert.equal(res.status, 200);
     held.push(stop);
     return stop;
