@@ -133,6 +133,13 @@ impl Server {
         assert!(status.success());
     }
 
+    /// SIGKILLs herald and waits until it has exited, so what it held (the data directory's
+    /// lock, its port) is free for the next start. Dropping a `Server` kills without waiting.
+    pub async fn kill(mut self) {
+        self.signal("KILL");
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         tokio::time::timeout(within, self.child.wait())
             .await

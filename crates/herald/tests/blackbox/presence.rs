@@ -195,8 +195,8 @@ async fn a_restart_with_the_data_dir_takes_offline_who_the_killed_run_left_onlin
     carol.opened().await;
     let (online_id, online) = presence(&mut watch).await;
     assert_eq!(online["online"], true);
-    s.signal("KILL");
-    drop((watch, carol, s));
+    s.kill().await;
+    drop((watch, carol));
 
     let s = Server::start(&["--data-dir", data, "--presence-grace", "1s"]).await;
     let mut resumed = s

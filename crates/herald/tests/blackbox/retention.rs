@@ -84,11 +84,11 @@ async fn a_rule_keeps_a_topic_through_a_burst_on_disk_and_after_a_restart() {
     args.extend(["--data-dir", data_dir]);
     let s = Server::start(&args).await;
     a_burst_keeps_the_answer(&s).await;
-    drop(s);
+    s.kill().await;
     let s = Server::start(&args).await;
     let mut sse = s.subscribe("topic=ai/answer/1&since=all").await;
     assert_eq!(events(&mut sse, 500).await[499].1, "t499");
-    drop(s);
+    s.kill().await;
     // Started without the rule, the answer is the default log's again: the global bound trims it.
     let s = Server::start(&["--history", "1000", "--data-dir", data_dir]).await;
     publish_many(&s, 1, |_| "news/x".into(), "after").await;

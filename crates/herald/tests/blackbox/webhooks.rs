@@ -196,8 +196,7 @@ async fn a_sigkill_and_a_restart_with_the_data_dir_lose_nothing() {
     let ids = publish_n(&s, "jobs", 40).await;
     // Kill herald while most deliveries are still pending.
     receiver.until_accepted(5, PATIENCE).await;
-    s.signal("KILL");
-    drop(s);
+    s.kill().await;
     let before = receiver.accepted().len();
     assert!(before < ids.len(), "deliveries were pending at the kill");
 
