@@ -9,6 +9,8 @@ mod redis;
 #[cfg(any(feature = "durable", feature = "redis"))]
 mod row;
 mod rules;
+#[cfg(feature = "durable")]
+mod wal;
 
 #[cfg(test)]
 pub(crate) mod conformance;
