@@ -258,6 +258,15 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         false,
     );
     line(
+        "server CPU per connection opened, µs",
+        &connect,
+        "server_cpu_us_per_connect",
+        false,
+        &any,
+        "",
+        false,
+    );
+    line(
         "RSS per idle stream, plain HTTP/1.1, bytes (protocols)",
         &idle_h1,
         "bytes_per_stream",

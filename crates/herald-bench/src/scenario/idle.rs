@@ -58,10 +58,18 @@ pub async fn connect(ctx: &Ctx, n: usize, concurrency: usize) -> anyhow::Result<
     let mut rows = Vec::new();
     for &kind in &ctx.targets {
         let server = Server::start(kind, &ctx.bins, &ctx.herald_args).await?;
+        let c0 = server.cpu_seconds();
         let subs = Subscribers::connect(&server, n, |i| format!("c{}", i % 100), concurrency, None)
             .await?;
+        let cpu = server.cpu_seconds() - c0;
         let ready = subs.ready();
         let mut r = row("connect", kind);
+        // The rate is bounded by the load generator on this machine's two cores; the server's
+        // own CPU per stream opened (accept, request, response head, registration) is not.
+        r.insert(
+            "server_cpu_us_per_connect",
+            num(cpu * 1e6 / ready.max(1) as f64),
+        );
         r.insert("connections", ready);
         r.insert("failed", subs.failed());
         r.insert("concurrency", concurrency);
