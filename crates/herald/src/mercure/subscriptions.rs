@@ -425,24 +425,56 @@ fn etag(cursor: &str) -> String {
     out
 }
 
-/// `GET /.well-known/mercure/subscriptions[/…]`.
+/// Whether `If-None-Match` names `tag` (weak comparison, RFC 9110 §13.1.2: `W/` ignored; `*`
+/// names any).
+fn none_match(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+}
+
+/// What every answer of the API varies on: the caller's token (header or cookie) decides the
+/// refusal and the collection's dialect, and `Accept` decides it when no token is checked.
+const VARY: &str = "Authorization, Cookie, Accept";
+
+/// `GET /.well-known/mercure/subscriptions[/…]`: every answer, refusals included, with [`VARY`].
 pub(crate) async fn api(
     State(app): State<AppState>,
     Extension(mercure): Extension<Arc<Mercure>>,
     request: Request,
+) -> Response {
+    // The head only: a body is not `Sync`, and the answer is a `Send` future.
+    let (head, _) = request.into_parts();
+    let mut response = answer(&app, &mercure, &head)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static(VARY));
+    response
+}
+
+async fn answer(
+    app: &AppState,
+    mercure: &Mercure,
+    request: &axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     let Some(registry) = &mercure.subscriptions else {
         return Err(ErrorCode::NotFound.into());
     };
-    let path = request.uri().path().to_string();
-    let headers = request.headers();
+    let path = request.uri.path().to_string();
+    let headers = &request.headers;
     let wanted = Wanted::parse(&path)?;
-    let query = form_pairs(request.uri().query().unwrap_or_default().as_bytes())?;
+    let query = form_pairs(request.uri.query().unwrap_or_default().as_bytes())?;
     let query_token = query
         .iter()
         .find(|(k, _)| k == "authorization")
         .map(|(_, v)| v.as_str());
-    let grants = match grants_of(&app, &mercure, headers, query_token, false) {
+    let grants = match grants_of(app, mercure, headers, query_token, false) {
         Ok(g) => g,
         Err(r) => return Ok(refuse(r)),
     };
@@ -468,57 +500,17 @@ pub(crate) async fn api(
         (_, Some(h)) => format!("#{h}"),
         (_, None) => "earliest".to_string(),
     };
+    // The entity-tag is the cursor: every change of the list is announced, which moves it, on
+    // every node alike (one history). So a matching tag is answered before anything is listed.
     let tag = etag(&cursor);
-    let mut docs = registry.snapshot();
-    let peers = app
-        .presence
-        .shared_by_peers()
-        .await
-        .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?;
-    docs.extend(
-        peers
-            .into_iter()
-            .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok()),
-    );
-    docs.retain(|d| wanted.selects(d));
-    docs.sort_by(|a, b| doc_id(a).cmp(doc_id(b)));
-    let body = if wanted.single() {
-        let Some(mut doc) = docs.into_iter().next() else {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("no active subscription at {path}"),
-            ));
-        };
-        if ld && let Value::Object(m) = &mut doc {
-            m.insert("@context".into(), CONTEXT.into());
-            m.insert("lastEventID".into(), cursor.as_str().into());
-        }
-        doc
-    } else if ld {
-        json!({
-            "@context": CONTEXT,
-            "id": path,
-            "type": "Subscriptions",
-            "lastEventID": cursor,
-            "subscriptions": docs,
-        })
-    } else {
-        json!({
-            "id": path,
-            "type": "subscriptions",
-            "subscriptions": docs,
-        })
-    };
     let quoted = cursor.replace('\\', "\\\\").replace('"', "\\\"");
     let link = format!(
         "<{PATH}>; rel=\"mercure\"; last-event-id=\"{quoted}\"; type=\"mercure\"; content-type=\"application/json\""
     );
-    let mut response = if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
-    {
+    let mut response = if none_match(headers, &tag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
+        let body = listing(app, registry, &wanted, &path, ld, &cursor).await?;
         let content_type = if ld {
             "application/ld+json"
         } else {
@@ -538,6 +530,57 @@ pub(crate) async fn api(
         HeaderValue::from_static("must-revalidate"),
     );
     Ok(response)
+}
+
+/// The body of a `200`: this node's registry and the other live nodes' shares, as `wanted`.
+async fn listing(
+    app: &AppState,
+    registry: &Registry,
+    wanted: &Wanted,
+    path: &str,
+    ld: bool,
+    cursor: &str,
+) -> Result<Value, ApiError> {
+    let mut docs = registry.snapshot();
+    let peers = app
+        .presence
+        .shared_by_peers()
+        .await
+        .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?;
+    docs.extend(
+        peers
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok()),
+    );
+    docs.retain(|d| wanted.selects(d));
+    docs.sort_by(|a, b| doc_id(a).cmp(doc_id(b)));
+    Ok(if wanted.single() {
+        let Some(mut doc) = docs.into_iter().next() else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no active subscription at {path}"),
+            ));
+        };
+        if ld && let Value::Object(m) = &mut doc {
+            m.insert("@context".into(), CONTEXT.into());
+            m.insert("lastEventID".into(), cursor.into());
+        }
+        doc
+    } else if ld {
+        json!({
+            "@context": CONTEXT,
+            "id": path,
+            "type": "Subscriptions",
+            "lastEventID": cursor,
+            "subscriptions": docs,
+        })
+    } else {
+        json!({
+            "id": path,
+            "type": "subscriptions",
+            "subscriptions": docs,
+        })
+    })
 }
 
 #[cfg(test)]

@@ -1067,3 +1067,89 @@ async fn mercure_subscriptions_span_a_redis_cluster() {
     );
     drop(stays);
 }
+
+/// Review finding: the subscriptions API read every node's subscriptions before it looked at
+/// `If-None-Match`. Now a matching tag is a 304 at once: shown by a peer whose share cannot be
+/// read (a listing answers 503), while the revalidation still answers 304 with the same tag.
+#[tokio::test]
+async fn mercure_subscriptions_api_answers_304_without_listing() {
+    let redis = Redis::start();
+    let a = node(
+        &redis,
+        &[
+            "--mercure",
+            "--mercure-subscriptions",
+            "--jwt-secret",
+            SECRET,
+            "--mercure-resource",
+            RESOURCE,
+        ],
+    )
+    .await;
+    let first = api(&a, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let tag = first.headers()["etag"].to_str().unwrap().to_string();
+    // A live peer whose shared hash is not a hash: reading it fails.
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let cli = |args: &[&str]| crate::redis_servers::cli(redis.port, args);
+    cli(&["ZADD", "herald:nodes", &now_ms, "unreadable"]);
+    cli(&["SET", "herald:node:unreadable:shared", "not a hash"]);
+    let listing = api(&a, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(listing.status(), StatusCode::SERVICE_UNAVAILABLE);
+    for sent in [tag.clone(), format!("W/{tag}"), format!("\"other\", {tag}")] {
+        let r = a
+            .http()
+            .get(format!("{}{SUBS}", a.url))
+            .bearer_auth(draft08_watcher())
+            .header("if-none-match", &sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED, "{sent}");
+        assert_eq!(r.headers()["etag"], tag.as_str());
+        assert!(r.headers().contains_key("link"));
+    }
+    // An old tag still lists (and so fails here).
+    let r = a
+        .http()
+        .get(format!("{}{SUBS}", a.url))
+        .bearer_auth(draft08_watcher())
+        .header("if-none-match", "\"#0\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Review finding: the subscriptions API's answers depend on the caller's credentials (and on
+/// `Accept` without them) but said not so to caches: every answer now carries `Vary`.
+#[tokio::test]
+async fn mercure_subscriptions_api_answers_vary_on_credentials() {
+    let s = subscriptions_hub().await;
+    let ok = api(&s, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let tag = ok.headers()["etag"].to_str().unwrap().to_string();
+    let not_modified = s
+        .http()
+        .get(format!("{}{SUBS}", s.url))
+        .bearer_auth(draft08_watcher())
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+    let unauthorized = api(&s, SUBS, None).await;
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    let forbidden = api(&s, SUBS, Some(&v0(json!({"subscribe": ["x"]})))).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    for r in [ok, not_modified, unauthorized, forbidden] {
+        let vary = r.headers()["vary"].to_str().unwrap().to_ascii_lowercase();
+        for name in ["authorization", "cookie", "accept"] {
+            assert!(vary.contains(name), "{}: vary {vary}", r.status());
+        }
+    }
+}
