@@ -22,8 +22,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde_json::{Map, Value, json};
 
 use super::token::{Grants, Refusal};
-use super::update::Envelope;
-use super::{Mercure, PATH, grants_of, herald_topic, refuse};
+use super::selector::TopicSelector;
+use super::update::{Envelope, SUBSCRIPTIONS_TOPIC};
+use super::{Mercure, PATH, grants_of, refuse};
 use crate::error_code::ErrorCode;
 use crate::http::{ApiError, AppState, form_pairs};
 
@@ -144,7 +145,17 @@ fn event(doc: &Value, active: bool) -> Option<Message> {
         data: doc.to_string(),
     };
     let json = serde_json::to_string(&envelope).ok()?;
-    Some(Message::to_topic(herald_topic()).private(true).data(json))
+    let topic = herald_core::Topic::new(SUBSCRIPTIONS_TOPIC).expect("a valid topic");
+    Some(Message::to_topic(topic).private(true).data(json))
+}
+
+/// Whether a subscriber with these selectors and subscribe rights (`None`: every right) may
+/// receive a subscription event (private, on a topic under [`BASE`]): only then does its stream
+/// hold [`SUBSCRIPTIONS_TOPIC`]. Errs on the side of yes; the filter decides each event.
+pub(crate) fn may_receive(selectors: &[TopicSelector], rights: Option<&[TopicSelector]>) -> bool {
+    let under = format!("{BASE}/");
+    let may = |list: &[TopicSelector]| list.iter().any(|s| s.may_match_under(&under));
+    may(selectors) && rights.is_none_or(may)
 }
 
 /// Publishes the events of `docs` with `active`, in one batch.
@@ -153,7 +164,7 @@ async fn announce(hub: &Hub, docs: &[Value], active: bool) {
     if messages.is_empty() {
         return;
     }
-    if let Err(e) = hub.publish_batch(messages).await {
+    if let Err(e) = hub.publish_reserved(messages).await {
         tracing::warn!(error = %e, subscriptions = docs.len(), active, "Mercure subscription events were not published");
     }
 }

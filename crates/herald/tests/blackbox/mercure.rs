@@ -1153,3 +1153,48 @@ async fn mercure_subscriptions_api_answers_vary_on_credentials() {
         }
     }
 }
+
+/// Review finding: subscription events shared the herald topic of every Mercure update, so every
+/// Mercure stream (and a herald stream on that topic) carried them. Now they travel on the
+/// reserved `$mercure/subscriptions`, which only the subscribers that may receive one hold; what
+/// those receive is unchanged.
+#[tokio::test]
+async fn mercure_subscription_events_travel_apart_from_updates() {
+    // An open hub: every right, and herald's admin routes answer.
+    let s = Server::start(&["--mercure", "--mercure-subscriptions", "--heartbeat", "1s"]).await;
+    let mut herald_stream = s.subscribe("topic=.well-known/mercure").await;
+    let mut ordinary = subscribe(&s, "match=https://example.com/books/1", &[]).await;
+    let mut watcher = subscribe(&s, &format!("match_urlpattern={SUBS}/*"), &[]).await;
+    let mut everything = subscribe(&s, "match=*", &[]).await;
+    let selectors = s
+        .eventually("/subscriptions", |v| {
+            v["subscriptions"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|e| e["selector"] == ".well-known/mercure" && e["streams"] == 4))
+        })
+        .await;
+    let reserved = selectors["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["selector"] == "$mercure/subscriptions")
+        .unwrap_or_else(|| panic!("{selectors}"));
+    assert_eq!(reserved["streams"], 2, "the watcher and match=*: {selectors}");
+
+    // A new subscriber is announced to those who may see it, then an update follows.
+    let _late = subscribe(&s, "match=https://example.com/late", &[]).await;
+    let (_, doc) = event_where(&mut watcher, |v| v["match"] == "https://example.com/late").await;
+    assert_eq!(doc["active"], true);
+    let (_, doc) = event_where(&mut everything, |v| v["match"] == "https://example.com/late").await;
+    assert_eq!(doc["active"], true);
+    publish(
+        &s,
+        &[("topic", "https://example.com/books/1"), ("id", "marker")],
+    )
+    .await;
+    assert_eq!(ordinary.next().await.id.as_deref(), Some("marker"));
+    // The herald stream on the updates' topic gets the update, and no subscription event first.
+    let first = herald_stream.next().await;
+    let envelope: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(envelope["id"], "marker", "{envelope}");
+}
