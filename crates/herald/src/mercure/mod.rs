@@ -107,9 +107,7 @@ pub(crate) fn routes(options: MercureOptions, app: &AppState) -> Router<AppState
     let registry = options.subscriptions.then(|| {
         app.presence
             .on_peer_gone(subscriptions::on_peer_gone(app.hub.clone()));
-        let registry = Arc::new(subscriptions::Registry::default());
-        registry.keep_shared(app.presence.clone());
-        registry
+        subscriptions::Registry::new(app.presence.clone())
     });
     let mercure = Arc::new(Mercure {
         options,
@@ -472,7 +470,7 @@ async fn subscribe(
             other => ApiError::new(ErrorCode::InvalidMercureSubscription, other.to_string()),
         })?;
     let registration = match &mercure.subscriptions {
-        Some(registry) => Some(registry.register(&app, &asked, grants.as_ref()).await),
+        Some(registry) => Some(registry.register(&app.hub, &asked, grants.as_ref()).await),
         None => None,
     };
     let subscriber = Subscriber {
