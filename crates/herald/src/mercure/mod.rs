@@ -445,10 +445,7 @@ async fn subscribe(
     // The subscription events travel apart: only a subscriber that may receive one holds them.
     let mut herald_selectors = vec![Selector::new(HERALD_TOPIC).expect("a valid selector")];
     if mercure.subscriptions.is_some()
-        && subscriptions::may_receive(
-            &selectors,
-            grants.as_ref().map(|g| g.subscribe.as_slice()),
-        )
+        && subscriptions::may_receive(&selectors, grants.as_ref().map(|g| g.subscribe.as_slice()))
     {
         herald_selectors.push(Selector::new(SUBSCRIPTIONS_TOPIC).expect("a valid selector"));
     }

@@ -21,8 +21,8 @@ use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
-use super::token::{Grants, Refusal};
 use super::selector::TopicSelector;
+use super::token::{Grants, Refusal};
 use super::update::{Envelope, SUBSCRIPTIONS_TOPIC};
 use super::{Mercure, PATH, grants_of, refuse};
 use crate::error_code::ErrorCode;
@@ -160,13 +160,21 @@ pub(crate) fn may_receive(selectors: &[TopicSelector], rights: Option<&[TopicSel
 
 /// Publishes the events of `docs` with `active`, in one batch.
 async fn announce(hub: &Hub, docs: &[Value], active: bool) {
-    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
-    if messages.is_empty() {
-        return;
-    }
-    if let Err(e) = hub.publish_reserved(messages).await {
+    if let Err(e) = try_announce(hub, docs, active).await {
         tracing::warn!(error = %e, subscriptions = docs.len(), active, "Mercure subscription events were not published");
     }
+}
+
+/// [`announce`], telling whether the events were published.
+async fn try_announce(hub: &Hub, docs: &[Value], active: bool) -> Result<(), String> {
+    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
+    if messages.is_empty() {
+        return Ok(());
+    }
+    hub.publish_reserved(messages)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The cluster entries of `docs`: set (`active`) or removed.
@@ -353,7 +361,8 @@ impl Drop for Registration {
     }
 }
 
-/// The hook the cluster calls with a dead node's shared subscriptions: announces their end.
+/// The hook the cluster calls with a dead node's shared subscriptions: announces their end. An
+/// announcement that fails is an `Err`, so the cluster keeps them and calls again later.
 pub fn on_peer_gone(hub: Hub) -> PeerGone {
     Arc::new(move |shared: Vec<(String, String)>| {
         let hub = hub.clone();
@@ -362,7 +371,7 @@ pub fn on_peer_gone(hub: Hub) -> PeerGone {
             .filter_map(|(_, doc)| serde_json::from_str::<Value>(doc).ok())
             .filter(|doc| doc["id"].is_string())
             .collect();
-        tokio::spawn(async move { announce(&hub, &docs, false).await });
+        Box::pin(async move { try_announce(&hub, &docs, false).await })
     })
 }
 

@@ -1168,9 +1168,10 @@ async fn mercure_subscription_events_travel_apart_from_updates() {
     let mut everything = subscribe(&s, "match=*", &[]).await;
     let selectors = s
         .eventually("/subscriptions", |v| {
-            v["subscriptions"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|e| e["selector"] == ".well-known/mercure" && e["streams"] == 4))
+            v["subscriptions"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|e| e["selector"] == ".well-known/mercure" && e["streams"] == 4)
+            })
         })
         .await;
     let reserved = selectors["subscriptions"]
@@ -1179,13 +1180,19 @@ async fn mercure_subscription_events_travel_apart_from_updates() {
         .iter()
         .find(|e| e["selector"] == "$mercure/subscriptions")
         .unwrap_or_else(|| panic!("{selectors}"));
-    assert_eq!(reserved["streams"], 2, "the watcher and match=*: {selectors}");
+    assert_eq!(
+        reserved["streams"], 2,
+        "the watcher and match=*: {selectors}"
+    );
 
     // A new subscriber is announced to those who may see it, then an update follows.
     let _late = subscribe(&s, "match=https://example.com/late", &[]).await;
     let (_, doc) = event_where(&mut watcher, |v| v["match"] == "https://example.com/late").await;
     assert_eq!(doc["active"], true);
-    let (_, doc) = event_where(&mut everything, |v| v["match"] == "https://example.com/late").await;
+    let (_, doc) = event_where(&mut everything, |v| {
+        v["match"] == "https://example.com/late"
+    })
+    .await;
     assert_eq!(doc["active"], true);
     publish(
         &s,
@@ -1197,4 +1204,82 @@ async fn mercure_subscription_events_travel_apart_from_updates() {
     let first = herald_stream.next().await;
     let envelope: Value = serde_json::from_str(&first.data).unwrap();
     assert_eq!(envelope["id"], "marker", "{envelope}");
+}
+
+/// Review finding: the reaper of a dead node returned at the first failing Redis call after it
+/// had taken the node out of the cluster, so the `active: false` of its subscriptions was lost
+/// for good. Here the dead node's users cannot be read: its subscriptions still end, and the node
+/// stays claimed for reaping until the rest succeeds on a later pass.
+#[tokio::test]
+async fn mercure_subscriptions_of_a_dead_node_end_even_when_reaping_fails_part_way() {
+    let redis = Redis::start();
+    let base = [
+        "--mercure",
+        "--mercure-subscriptions",
+        "--jwt-secret",
+        SECRET,
+        "--mercure-resource",
+        RESOURCE,
+        "--anonymous",
+    ];
+    let (a, mut b) = (node(&redis, &base).await, node(&redis, &base).await);
+    let mut watch = subscribe(
+        &a,
+        &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
+        &[("authorization", &bearer(&draft08_watcher()))],
+    )
+    .await;
+    let stays = subscriber_on(&b, "https://example.com/killed").await;
+    let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/killed").await;
+    let cli = |args: &[&str]| crate::redis_servers::cli(redis.port, args);
+    // B's node id: the node whose shared hash holds that subscription.
+    let shared = cli(&["KEYS", "herald:node:*:shared"]);
+    let b_key = shared
+        .lines()
+        .find(|k| cli(&["HGETALL", k]).contains("https://example.com/killed"))
+        .unwrap_or_else(|| panic!("B's shared hash among {shared:?}"));
+    let b_node = b_key
+        .strip_prefix("herald:node:")
+        .and_then(|k| k.strip_suffix(":shared"))
+        .unwrap()
+        .to_string();
+    b.signal("KILL");
+    b.wait_exit(PATIENCE).await;
+    // B's users are not a hash any more: reading them fails when A reaps B.
+    let users = format!("herald:node:{b_node}:users");
+    cli(&["SET", &users, "not a hash"]);
+    let (_, gone) = tokio::time::timeout(
+        Duration::from_secs(20),
+        event_where(&mut watch, |v| {
+            v["subscriber"] == doc["subscriber"] && v["active"] == false
+        }),
+    )
+    .await
+    .expect("the end of the dead node's subscription is announced");
+    assert_eq!(gone["id"], doc["id"]);
+    assert_eq!(
+        cli(&["ZRANGE", "herald:reaping", "0", "-1"]),
+        b_node,
+        "B stays claimed while its users are unread"
+    );
+    // Once its users can be read, a later pass finishes B, announcing nothing twice.
+    cli(&["DEL", &users]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cli(&["ZRANGE", "herald:reaping", "0", "-1"]).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "B is never reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cli(&["EXISTS", &format!("herald:node:{b_node}:shared")]),
+        "0"
+    );
+    let (ended, again) = watch.ends_within(Duration::from_millis(300)).await;
+    assert!(
+        !ended
+            && !again
+                .iter()
+                .any(|e| e.data.contains(doc["subscriber"].as_str().unwrap())),
+        "{again:?}"
+    );
+    drop(stays);
 }
