@@ -1,8 +1,9 @@
 //! Cluster-wide presence and control through Redis. Each node writes a change of its users'
 //! connection counts to Redis as it happens (so every node sees it at once), and reports its users
 //! and counters periodically, which keeps it alive: a node whose report is older than the TTL is
-//! dead, and the first survivor to notice takes its users offline (once: it removes the node with
-//! `ZREM`, and only the remover reaps). Presence transitions (`herald.presence`) are decided by
+//! dead, and the first survivor to notice takes its users offline (once: a script moves the node
+//! to the reaping set, and only that claimer reaps; a reaping that fails part-way is retried on a
+//! later pass). Presence transitions (`herald.presence`) are decided by
 //! Lua scripts over the same keys, so exactly one node announces each one, with a generation from
 //! one cluster-wide `INCR`. Closing a user travels to every node on a pub/sub channel. Entries a
 //! layer above shares (Mercure's active subscriptions) are one hash per node, written as they
@@ -36,6 +37,20 @@ const LEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+";
+
+/// Claims dead node ARGV[1] for reaping: moves it from the live set KEYS[1] to the reaping set
+/// KEYS[2] with the deadline ARGV[3], or takes it there once its deadline passed (ARGV[2]: now).
+/// 1: this caller reaps it.
+const CLAIM: &str = r"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) return 1
+end
+local lapses = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if lapses and tonumber(lapses) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) return 1
+end
 return 0
 ";
 
@@ -95,6 +110,10 @@ impl Keys {
     }
     fn shared(&self, node: &str) -> String {
         format!("{}:node:{node}:shared", self.prefix)
+    }
+    /// Dead nodes claimed by a survivor and not reaped yet, scored by when a claim lapses.
+    fn reaping(&self) -> String {
+        format!("{}:reaping", self.prefix)
     }
 }
 
@@ -346,57 +365,111 @@ impl Cluster {
         .map_err(unavailable)
     }
 
-    /// Takes offline the users of nodes whose last report is older than the TTL. Each dead node
-    /// is reaped by the one survivor whose `ZREM` removed it; the [`OFFLINE`] script then decides
-    /// per user (they may hold streams on live nodes), so each offline event is published once.
+    /// Takes offline the users of nodes whose last report is older than the TTL and hands their
+    /// shared entries to the [`PeerGone`] hooks. Each dead node is claimed by one survivor (the
+    /// [`CLAIM`] script moves it from the live set to the reaping set with a deadline); the
+    /// [`OFFLINE`] script then decides per user (they may hold streams on live nodes), so each
+    /// offline event is published once. A claimed node whose reaping fails part-way (Redis, a
+    /// hook) is finished as far as it goes and left in the reaping set (released at once when
+    /// Redis answers, else at its deadline), so a later pass, here or on another survivor, does
+    /// it again: a dead node's users and shares are never dropped unreaped.
     async fn reap(&self) -> Result<(), ClusterError> {
         let mut conn = self.conn.clone();
-        let dead: Vec<String> = conn
-            .zrangebyscore(
-                self.nodes_key(),
-                0,
-                now_ms().saturating_sub(self.node_ttl_ms),
-            )
+        let now = now_ms();
+        let mut candidates: Vec<String> = conn
+            .zrangebyscore(self.nodes_key(), 0, now.saturating_sub(self.node_ttl_ms))
             .await
             .map_err(unavailable)?;
-        for node in dead {
-            let removed: usize = conn
-                .zrem(self.nodes_key(), &node)
+        let stalled: Vec<String> = conn
+            .zrangebyscore(self.keys.reaping(), 0, now)
+            .await
+            .map_err(unavailable)?;
+        candidates.extend(stalled);
+        let mut failed = None;
+        for node in candidates {
+            let claimed: i64 = redis::Script::new(CLAIM)
+                .key(self.nodes_key())
+                .key(self.keys.reaping())
+                .arg(&node)
+                .arg(now)
+                .arg(now + self.node_ttl_ms.max(5_000))
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if removed == 0 {
+            if claimed == 0 {
                 continue;
             }
-            let users_key = self.keys.users(&node);
-            let users: BTreeMap<String, usize> =
-                conn.hgetall(&users_key).await.map_err(unavailable)?;
-            tracing::info!(
-                node,
-                users = users.len(),
-                "a node is gone: taking its users offline"
-            );
-            for user in users.keys().filter_map(|u| UserId::new(u).ok()) {
-                // This node may hold the user's streams itself: its own grace timer decides then.
-                if self.hub.connections_of(&user) > 0 {
-                    continue;
+            match self.reap_node(&node).await {
+                Ok(()) => {
+                    conn.zrem::<_, _, ()>(self.keys.reaping(), &node)
+                        .await
+                        .map_err(unavailable)?;
                 }
-                if let Some(t) = offline(&self.keys, &self.conn, self.node_ttl_ms, &user).await? {
-                    presence_events::announce(&self.hub, &user, false, t).await;
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "reaping a dead node failed part-way: retried on a later pass");
+                    // Released for the next pass (if Redis answers; else at the deadline).
+                    let _ = conn
+                        .zadd::<_, _, _, ()>(self.keys.reaping(), &node, 0)
+                        .await;
+                    failed = Some(e);
                 }
             }
-            conn.del::<_, ()>(&users_key).await.map_err(unavailable)?;
-            let shared_key = self.keys.shared(&node);
-            let shared: Vec<(String, String)> =
-                conn.hgetall(&shared_key).await.map_err(unavailable)?;
-            if !shared.is_empty() {
-                let hooks = self.gone.lock().clone();
-                for hook in hooks {
-                    hook(shared.clone());
-                }
-            }
-            conn.del::<_, ()>(&shared_key).await.map_err(unavailable)?;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Reaps one claimed dead node: its users offline, its shared entries to the hooks. Both are
+    /// attempted whatever the other's fate; what succeeded is deleted, the rest kept for a retry.
+    async fn reap_node(&self, node: &str) -> Result<(), ClusterError> {
+        let users = self.reap_users(node).await;
+        let shared = self.reap_shared(node).await;
+        users.and(shared)
+    }
+
+    async fn reap_users(&self, node: &str) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let users_key = self.keys.users(node);
+        let users: BTreeMap<String, usize> = conn.hgetall(&users_key).await.map_err(unavailable)?;
+        tracing::info!(
+            node,
+            users = users.len(),
+            "a node is gone: taking its users offline"
+        );
+        let mut failed = None;
+        for user in users.keys().filter_map(|u| UserId::new(u).ok()) {
+            // This node may hold the user's streams itself: its own grace timer decides then.
+            if self.hub.connections_of(&user) > 0 {
+                continue;
+            }
+            match offline(&self.keys, &self.conn, self.node_ttl_ms, &user).await {
+                Ok(Some(t)) => presence_events::announce(&self.hub, &user, false, t).await,
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        conn.del::<_, ()>(&users_key).await.map_err(unavailable)
+    }
+
+    async fn reap_shared(&self, node: &str) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let shared_key = self.keys.shared(node);
+        let shared: Vec<(String, String)> = conn.hgetall(&shared_key).await.map_err(unavailable)?;
+        if !shared.is_empty() {
+            let hooks = self.gone.lock().clone();
+            let mut failed = None;
+            for hook in hooks {
+                if let Err(e) = hook(shared.clone()).await {
+                    failed = Some(e);
+                }
+            }
+            if let Some(e) = failed {
+                return Err(ClusterError::Unavailable(e));
+            }
+        }
+        conn.del::<_, ()>(&shared_key).await.map_err(unavailable)
     }
 
     /// The other live nodes.

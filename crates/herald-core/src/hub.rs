@@ -411,6 +411,22 @@ impl Hub {
         self.commit(messages).await
     }
 
+    /// Publishes messages as [`Hub::publish_batch`] does, reserved topics (`$…`) allowed: for a
+    /// layer above that owns a reserved topic and publishes there itself (Mercure's subscription
+    /// events on `$mercure/subscriptions`). Never for a client's message.
+    pub async fn publish_reserved(
+        &self,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Published>, PublishError> {
+        if messages.is_empty() {
+            return Err(PublishError::EmptyBatch);
+        }
+        if let Some(index) = messages.iter().position(|m| m.targets.is_empty()) {
+            return Err(PublishError::NoTarget { index });
+        }
+        self.commit(messages).await
+    }
+
     /// Sends messages to the committer, reserved topics included (the hub's own publishes).
     pub(crate) async fn commit(
         &self,

@@ -29,7 +29,13 @@ pub struct Online {
 }
 
 /// Told the entries a dead node shared (see [`Presence::share`]), by the one node that reaps it.
-pub type PeerGone = Arc<dyn Fn(Vec<(String, String)>) + Send + Sync>;
+/// Its future's `Err` (say, the hook could not publish) keeps the entries: the reaper calls it
+/// again with them on a later pass, so what it does must bear a repeat.
+pub type PeerGone = Arc<
+    dyn Fn(Vec<(String, String)>) -> futures_util::future::BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
+>;
 
 /// Presence and control, for this node or for every node.
 #[async_trait]

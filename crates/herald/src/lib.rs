@@ -211,6 +211,7 @@ pub async fn serve_split(
         max_head: config.limits.max_header_bytes * 2,
         user_timeout: listen::user_timeout(config.heartbeat),
         h2_max_streams: config.h2_max_streams,
+        mercure: config.mercure.is_some(),
     };
     if let Some(addr) = config.metrics_listen {
         // The same accept loop as the main listener: head timeout, head size cap, reserve.

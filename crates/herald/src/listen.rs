@@ -53,6 +53,8 @@ pub(crate) struct ConnectionSettings {
     /// Most concurrent streams on one HTTP/2 connection; the client's next ones are refused
     /// (`REFUSED_STREAM`), the connection stays.
     pub h2_max_streams: u32,
+    /// `--mercure`: a Mercure subscribe (`GET /.well-known/mercure`) takes the lean path too.
+    pub mercure: bool,
 }
 
 /// Spawns hyper's HTTP/2 stream tasks on the streams' runtime.
@@ -241,6 +243,7 @@ impl Connection {
             &mut io,
             self.settings.max_head,
             self.settings.header_timeout,
+            self.settings.mercure,
         )
         .await;
         match first {

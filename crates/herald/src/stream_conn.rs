@@ -53,6 +53,7 @@ pub(crate) async fn read_first<I: AsyncRead + Unpin>(
     tcp: &mut I,
     max_head: usize,
     timeout: Duration,
+    mercure: bool,
 ) -> First {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
@@ -83,7 +84,7 @@ pub(crate) async fn read_first<I: AsyncRead + Unpin>(
             return First::Gone;
         }
     }
-    match stream_request(&buf) {
+    match stream_request(&buf, mercure) {
         Some(request) => First::Stream(Box::new(request)),
         None => First::Other(buf.freeze()),
     }
@@ -97,18 +98,24 @@ pub(crate) fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
     buf[from..].windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-/// Whether a `GET` of this path (with its query) opens an event stream: herald's `/events`, or the
-/// Mercure hub's subscribe (`/.well-known/mercure`; its subscriptions API below it is not).
-fn is_stream_path(path: &str) -> bool {
-    ["/events", crate::mercure::PATH].iter().any(|p| {
+/// Whether a `GET` of this path (with its query) opens an event stream: herald's `/events`, or,
+/// with `mercure` (`--mercure`), the Mercure hub's subscribe (`/.well-known/mercure`; its
+/// subscriptions API below it is not). Without `--mercure` that path is hyper's like any other.
+fn is_stream_path(path: &str, mercure: bool) -> bool {
+    let paths: &[&str] = if mercure {
+        &["/events", crate::mercure::PATH]
+    } else {
+        &["/events"]
+    };
+    paths.iter().any(|p| {
         path.strip_prefix(p)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
     })
 }
 
 /// The request, if `head` is exactly one bodiless HTTP/1.1 `GET` of an event stream (see
-/// [`is_stream_path`]) and nothing after it.
-pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
+/// [`is_stream_path`]; `mercure`: whether `--mercure` is on) and nothing after it.
+pub(crate) fn stream_request(head: &[u8], mercure: bool) -> Option<Request<Body>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(len) = parsed.parse(head).ok()? else {
@@ -118,7 +125,7 @@ pub(crate) fn stream_request(head: &[u8]) -> Option<Request<Body>> {
         return None;
     }
     let path = parsed.path?;
-    if !is_stream_path(path) {
+    if !is_stream_path(path, mercure) {
         return None;
     }
     let mut request = Request::builder()
@@ -465,14 +472,16 @@ pub fn check_stream_head(head: &[u8], step: usize) {
         found |= head_ends(&head[..end], &mut scanned);
     }
     assert_eq!(found, head.windows(4).any(|w| w == b"\r\n\r\n"));
-    if let Some(request) = stream_request(head) {
-        assert_eq!(request.method(), Method::GET);
-        let path = request.uri().path();
-        assert!(
-            path == "/events" || path == "/.well-known/mercure",
-            "{path}"
-        );
-        assert!(!request.headers().contains_key("transfer-encoding"));
+    for mercure in [false, true] {
+        if let Some(request) = stream_request(head, mercure) {
+            assert_eq!(request.method(), Method::GET);
+            let path = request.uri().path();
+            assert!(
+                path == "/events" || (mercure && path == "/.well-known/mercure"),
+                "{path}"
+            );
+            assert!(!request.headers().contains_key("transfer-encoding"));
+        }
     }
 }
 
@@ -483,12 +492,17 @@ mod tests {
     #[test]
     fn only_plain_get_of_a_stream_takes_the_lean_path() {
         let ok = b"GET /events?topic=a HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n";
-        let r = stream_request(ok).expect("lean");
+        let r = stream_request(ok, true).expect("lean");
         assert_eq!(r.uri(), "/events?topic=a");
         assert_eq!(r.headers()["accept"], "text/event-stream");
         let mercure = b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nHost: x\r\n\r\n";
-        let r = stream_request(mercure).expect("a Mercure subscribe is lean too");
+        let r = stream_request(mercure, true).expect("a Mercure subscribe is lean too");
         assert_eq!(r.uri(), "/.well-known/mercure?topic=a");
+        assert!(
+            stream_request(mercure, false).is_none(),
+            "without --mercure the Mercure path is hyper's"
+        );
+        assert!(stream_request(ok, false).is_some());
         for other in [
             &b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
             b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -502,7 +516,7 @@ mod tests {
             b"GET /events HTTP/1.1\r\nHost: x\r\n",
         ] {
             assert!(
-                stream_request(other).is_none(),
+                stream_request(other, true).is_none(),
                 "{}",
                 String::from_utf8_lossy(other)
             );
@@ -516,7 +530,7 @@ mod tests {
         let jdk = b"GET /events?topic=a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\n\
             Content-Length: 0\r\nHost: x\r\nHTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\n\
             Upgrade: h2c\r\nUser-Agent: Java-http-client/17.0.15\r\nAccept: text/event-stream\r\n\r\n";
-        let r = stream_request(jdk).expect("lean");
+        let r = stream_request(jdk, true).expect("lean");
         assert!(
             !r.headers().contains_key("upgrade") && !r.headers().contains_key("content-length")
         );
@@ -525,7 +539,7 @@ mod tests {
             b"GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
             b"GET /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
-            assert!(stream_request(other).is_none());
+            assert!(stream_request(other, true).is_none());
         }
     }
 

@@ -225,6 +225,15 @@ impl Pattern {
         &self.source
     }
 
+    /// The literal text every topic this pattern matches starts with ("" when it starts with a
+    /// variable).
+    pub fn literal_prefix(&self) -> &str {
+        match self.pieces.first() {
+            Some(Piece::Literal(l)) => l,
+            _ => "",
+        }
+    }
+
     /// Whether the whole of `topic` matches.
     pub fn matches(&self, topic: &str) -> bool {
         let chars: Vec<char> = topic.chars().collect();

@@ -1,7 +1,8 @@
 //! The Mercure protocol at `/.well-known/mercure` (`--mercure`): publish (form `POST`) and
 //! subscribe (`GET`, SSE) in both the draft-08 (1.0) and the v0.x (draft-07) dialects, over
 //! herald's own engine. Each update is one herald event on the herald topic
-//! [`update::HERALD_TOPIC`] (see `update`), so history, resume, clusters and limits are herald's;
+//! [`update::HERALD_TOPIC`] (a subscription event: on the reserved [`update::SUBSCRIPTIONS_TOPIC`],
+//! which only the subscribers that may receive one hold; see `update`), so history, resume, clusters and limits are herald's;
 //! this module owns the Mercure names: the publishers' ids, topic matchers (`matcher`,
 //! `selector`), tokens (`token`) and private updates, filtered here for every subscriber, live and
 //! on replay alike; publisher ids are resolved by an index (`resume`); active subscriptions
@@ -36,7 +37,7 @@ use crate::error_code::ErrorCode;
 use crate::http::{ApiError, AppState, cross_site_form, form_pairs, limits, rate_limit, read_body};
 use selector::{TopicSelector, any_matches};
 use token::{Grants, Refusal};
-use update::{Envelope, HERALD_TOPIC, Update};
+use update::{Envelope, HERALD_TOPIC, SUBSCRIPTIONS_TOPIC, Update};
 
 /// The hub's path.
 pub const PATH: &str = "/.well-known/mercure";
@@ -106,9 +107,7 @@ pub(crate) fn routes(options: MercureOptions, app: &AppState) -> Router<AppState
     let registry = options.subscriptions.then(|| {
         app.presence
             .on_peer_gone(subscriptions::on_peer_gone(app.hub.clone()));
-        let registry = Arc::new(subscriptions::Registry::default());
-        registry.keep_shared(app.presence.clone());
-        registry
+        subscriptions::Registry::new(app.presence.clone())
     });
     let mercure = Arc::new(Mercure {
         options,
@@ -443,10 +442,17 @@ async fn subscribe(
                 "this address holds as many streams as it may",
             )
         })?;
+    // The subscription events travel apart: only a subscriber that may receive one holds them.
+    let mut herald_selectors = vec![Selector::new(HERALD_TOPIC).expect("a valid selector")];
+    if mercure.subscriptions.is_some()
+        && subscriptions::may_receive(&selectors, grants.as_ref().map(|g| g.subscribe.as_slice()))
+    {
+        herald_selectors.push(Selector::new(SUBSCRIPTIONS_TOPIC).expect("a valid selector"));
+    }
     let stream = app
         .hub
         .subscribe(SubscribeRequest {
-            selectors: vec![Selector::new(HERALD_TOPIC).expect("a valid selector")],
+            selectors: herald_selectors,
             start,
             grant: Grant::All,
             expires_at_ms: grants.as_ref().and_then(|g| g.expires_at_ms),
@@ -461,7 +467,7 @@ async fn subscribe(
             other => ApiError::new(ErrorCode::InvalidMercureSubscription, other.to_string()),
         })?;
     let registration = match &mercure.subscriptions {
-        Some(registry) => Some(registry.register(&app, &asked, grants.as_ref()).await),
+        Some(registry) => Some(registry.register(&app.hub, &asked, grants.as_ref()).await),
         None => None,
     };
     let subscriber = Subscriber {

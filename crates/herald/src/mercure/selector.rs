@@ -63,6 +63,21 @@ impl TopicSelector {
     }
 }
 
+impl TopicSelector {
+    /// Whether this selector may match some topic starting with `prefix` (false only when it
+    /// surely matches none): what decides who receives the subscription events.
+    pub fn may_match_under(&self, prefix: &str) -> bool {
+        match self {
+            TopicSelector::Any => true,
+            TopicSelector::Exact(t) => t.starts_with(prefix),
+            TopicSelector::Template(p) | TopicSelector::UrlPattern(p) => {
+                let literal = p.literal_prefix();
+                literal.starts_with(prefix) || prefix.starts_with(literal)
+            }
+        }
+    }
+}
+
 /// Whether any selector of `selectors` matches any of `topics`.
 pub fn any_matches(selectors: &[TopicSelector], topics: &[String]) -> bool {
     topics
@@ -103,5 +118,29 @@ mod tests {
         let s = [TopicSelector::exact("a").unwrap()];
         assert!(any_matches(&s, &["b".into(), "a".into()]));
         assert!(!any_matches(&s, &["b".into()]));
+    }
+
+    #[test]
+    fn selectors_that_may_match_under_a_prefix() {
+        let under = "/.well-known/mercure/subscriptions/";
+        for yes in [
+            TopicSelector::exact("*").unwrap(),
+            TopicSelector::exact("/.well-known/mercure/subscriptions/exact/a/b").unwrap(),
+            TopicSelector::url_pattern("/.well-known/mercure/subscriptions/:t/:m/:s").unwrap(),
+            TopicSelector::url_pattern("/.well-known/:rest").unwrap(),
+            TopicSelector::url_pattern("/.well-known/mercure/subscriptions*").unwrap(),
+            TopicSelector::v0("/.well-known/mercure/subscriptions{/topic}{/subscriber}").unwrap(),
+            TopicSelector::v0("{+anything}").unwrap(),
+        ] {
+            assert!(yes.may_match_under(under), "{yes:?}");
+        }
+        for no in [
+            TopicSelector::exact("https://example.com/books/1").unwrap(),
+            TopicSelector::exact("/.well-known/mercure/subscriptions").unwrap(),
+            TopicSelector::url_pattern("https://example.com/:id").unwrap(),
+            TopicSelector::v0("https://example.com/{id}").unwrap(),
+        ] {
+            assert!(!no.may_match_under(under), "{no:?}");
+        }
     }
 }

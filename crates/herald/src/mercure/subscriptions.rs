@@ -21,9 +21,10 @@ use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
+use super::selector::TopicSelector;
 use super::token::{Grants, Refusal};
-use super::update::Envelope;
-use super::{Mercure, PATH, grants_of, herald_topic, refuse};
+use super::update::{Envelope, SUBSCRIPTIONS_TOPIC};
+use super::{Mercure, PATH, grants_of, refuse};
 use crate::error_code::ErrorCode;
 use crate::http::{ApiError, AppState, form_pairs};
 
@@ -144,18 +145,36 @@ fn event(doc: &Value, active: bool) -> Option<Message> {
         data: doc.to_string(),
     };
     let json = serde_json::to_string(&envelope).ok()?;
-    Some(Message::to_topic(herald_topic()).private(true).data(json))
+    let topic = herald_core::Topic::new(SUBSCRIPTIONS_TOPIC).expect("a valid topic");
+    Some(Message::to_topic(topic).private(true).data(json))
+}
+
+/// Whether a subscriber with these selectors and subscribe rights (`None`: every right) may
+/// receive a subscription event (private, on a topic under [`BASE`]): only then does its stream
+/// hold [`SUBSCRIPTIONS_TOPIC`]. Errs on the side of yes; the filter decides each event.
+pub(crate) fn may_receive(selectors: &[TopicSelector], rights: Option<&[TopicSelector]>) -> bool {
+    let under = format!("{BASE}/");
+    let may = |list: &[TopicSelector]| list.iter().any(|s| s.may_match_under(&under));
+    may(selectors) && rights.is_none_or(may)
 }
 
 /// Publishes the events of `docs` with `active`, in one batch.
 async fn announce(hub: &Hub, docs: &[Value], active: bool) {
-    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
-    if messages.is_empty() {
-        return;
-    }
-    if let Err(e) = hub.publish_batch(messages).await {
+    if let Err(e) = try_announce(hub, docs, active).await {
         tracing::warn!(error = %e, subscriptions = docs.len(), active, "Mercure subscription events were not published");
     }
+}
+
+/// [`announce`], telling whether the events were published.
+async fn try_announce(hub: &Hub, docs: &[Value], active: bool) -> Result<(), String> {
+    let messages: Vec<Message> = docs.iter().filter_map(|d| event(d, active)).collect();
+    if messages.is_empty() {
+        return Ok(());
+    }
+    hub.publish_reserved(messages)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The cluster entries of `docs`: set (`active`) or removed.
@@ -169,30 +188,92 @@ fn entries(docs: &[Value], active: bool) -> Vec<(String, Option<String>)> {
 /// unreachable) left behind.
 const RESHARE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// This node's active subscriptions, by document id.
-#[derive(Debug, Default)]
+/// This node's active subscriptions, and the task that shares them. Rule: no lock is held across
+/// an `.await` (a share is a Redis round trip in a cluster). Changes are made here under a plain
+/// lock and queued; one sharer task sends them, in order and batched (every change queued while
+/// a share is in flight goes in the next one), and the whole registry every [`RESHARE`], so a
+/// re-share never undoes a newer change and subscribers never wait on each other's round trips.
+#[derive(Debug)]
 pub struct Registry {
-    local: Mutex<BTreeMap<String, Value>>,
-    /// Held while sharing: a change is made here first, then shared under this lock, so a
-    /// re-share of the whole registry never undoes a newer change.
-    sharing: tokio::sync::Mutex<()>,
+    state: Mutex<Shared>,
+    /// Wakes the sharer: changes are queued. (Its own `Arc`: the idle sharer holds no registry.)
+    wake: Arc<tokio::sync::Notify>,
+    /// The number of the newest change the sharer has finished with (shared, or failed and left
+    /// to the next re-share).
+    done: tokio::sync::watch::Sender<u64>,
+    /// Whether a sharer runs (none outside a runtime: then nothing waits for it).
+    sharing: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// The subscriptions, by document id.
+    local: BTreeMap<String, Value>,
+    /// Changes not yet handed to the sharer, oldest first.
+    queued: Vec<(String, Option<String>)>,
+    /// Changes made so far (the newest one's number).
+    changes: u64,
+    /// A share failed: the next one sends the whole registry.
+    whole: bool,
 }
 
 /// One subscriber's subscriptions; dropping it (the stream ended) ends them.
 #[derive(Debug)]
 pub struct Registration {
     hub: Hub,
-    presence: Arc<dyn Presence>,
     registry: Arc<Registry>,
     docs: Vec<Value>,
 }
 
 impl Registry {
+    /// An empty registry whose changes are shared through `presence` (by a task of the current
+    /// runtime, which ends with the registry).
+    pub(crate) fn new(presence: Arc<dyn Presence>) -> Arc<Registry> {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let registry = Arc::new(Registry {
+            state: Mutex::new(Shared::default()),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            done: tokio::sync::watch::channel(0).0,
+            sharing: runtime.is_some(),
+        });
+        if let Some(runtime) = runtime {
+            let wake = registry.wake.clone();
+            runtime.spawn(share_changes(Arc::downgrade(&registry), wake, presence));
+        }
+        registry
+    }
+
+    /// Changes the registry (`docs` set or removed) and queues the change; its number.
+    fn change(&self, docs: &[Value], active: bool) -> u64 {
+        let mut state = self.state.lock();
+        for d in docs {
+            if active {
+                state.local.insert(doc_id(d).to_string(), d.clone());
+            } else {
+                state.local.remove(doc_id(d));
+            }
+        }
+        state.queued.extend(entries(docs, active));
+        state.changes += 1;
+        let n = state.changes;
+        drop(state);
+        self.wake.notify_one();
+        n
+    }
+
+    /// Returns once the sharer has finished with change `n` (holding no lock meanwhile).
+    async fn shared(&self, n: u64) {
+        if self.sharing {
+            let mut done = self.done.subscribe();
+            let _ = done.wait_for(|d| *d >= n).await;
+        }
+    }
+
     /// Registers a new subscriber's subscriptions: kept here, shared with the other nodes, and
     /// announced (`active: true`) before this returns.
     pub(crate) async fn register(
         self: &Arc<Self>,
-        app: &AppState,
+        hub: &Hub,
         asked: &[Asked],
         grants: Option<&Grants>,
     ) -> Registration {
@@ -207,89 +288,81 @@ impl Registry {
         }
         // The guard exists before the first await: a request dropped half-way still cleans up.
         let registration = Registration {
-            hub: app.hub.clone(),
-            presence: app.presence.clone(),
+            hub: hub.clone(),
             registry: self.clone(),
             docs,
         };
-        {
-            let mut local = self.local.lock();
-            for d in &registration.docs {
-                local.insert(doc_id(d).to_string(), d.clone());
-            }
-        }
-        {
-            let _sharing = self.sharing.lock().await;
-            if let Err(e) = app
-                .presence
-                .share(&entries(&registration.docs, true), false)
-                .await
-            {
-                tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster yet");
-            }
-        }
-        announce(&app.hub, &registration.docs, true).await;
+        let n = self.change(&registration.docs, true);
+        self.shared(n).await;
+        announce(hub, &registration.docs, true).await;
         registration
     }
 
     fn snapshot(&self) -> Vec<Value> {
-        self.local.lock().values().cloned().collect()
+        self.state.lock().local.values().cloned().collect()
     }
+}
 
-    /// Shares the whole registry every [`RESHARE`] while the registry lives.
-    pub(crate) fn keep_shared(self: &Arc<Self>, presence: Arc<dyn Presence>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+/// The sharer: sends the queued changes as they come (one share for all that queued meanwhile),
+/// and the whole registry every [`RESHARE`] or after a failed share; ends with the registry.
+async fn share_changes(
+    registry: std::sync::Weak<Registry>,
+    wake: Arc<tokio::sync::Notify>,
+    presence: Arc<dyn Presence>,
+) {
+    let mut tick = tokio::time::interval(RESHARE);
+    tick.tick().await;
+    loop {
+        let reshare = tokio::select! {
+            () = wake.notified() => false,
+            _ = tick.tick() => true,
+        };
+        let Some(registry) = registry.upgrade() else {
             return;
         };
-        let registry = Arc::downgrade(self);
-        runtime.spawn(async move {
-            let mut tick = tokio::time::interval(RESHARE);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(registry) = registry.upgrade() else {
-                    return;
-                };
-                let _sharing = registry.sharing.lock().await;
-                let all = entries(&registry.snapshot(), true);
-                if let Err(e) = presence.share(&all, true).await {
-                    tracing::debug!(error = %e, "Mercure subscriptions not re-shared");
-                }
+        let (entries, replace, through) = {
+            let mut state = registry.state.lock();
+            let whole = reshare || std::mem::take(&mut state.whole);
+            let queued = std::mem::take(&mut state.queued);
+            if whole {
+                let all = state
+                    .local
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.to_string())))
+                    .collect();
+                (all, true, state.changes)
+            } else {
+                (queued, false, state.changes)
             }
-        });
+        };
+        if !entries.is_empty() || replace {
+            // No lock is held here: changes made meanwhile queue for the next share.
+            if let Err(e) = presence.share(&entries, replace).await {
+                tracing::warn!(error = %e, "Mercure subscriptions were not shared with the cluster; retried with the next re-share");
+                registry.state.lock().whole = true;
+            }
+        }
+        registry.done.send_replace(through);
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        {
-            let mut local = self.registry.local.lock();
-            for d in &self.docs {
-                local.remove(doc_id(d));
-            }
-        }
+        let docs = std::mem::take(&mut self.docs);
+        let n = self.registry.change(&docs, false);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (hub, presence, docs) = (
-            self.hub.clone(),
-            self.presence.clone(),
-            std::mem::take(&mut self.docs),
-        );
-        let registry = self.registry.clone();
+        let (hub, registry) = (self.hub.clone(), self.registry.clone());
         runtime.spawn(async move {
-            {
-                let _sharing = registry.sharing.lock().await;
-                if let Err(e) = presence.share(&entries(&docs, false), false).await {
-                    tracing::warn!(error = %e, "ended Mercure subscriptions stay listed for the other nodes until the next re-share");
-                }
-            }
+            registry.shared(n).await;
             announce(&hub, &docs, false).await;
         });
     }
 }
 
-/// The hook the cluster calls with a dead node's shared subscriptions: announces their end.
+/// The hook the cluster calls with a dead node's shared subscriptions: announces their end. An
+/// announcement that fails is an `Err`, so the cluster keeps them and calls again later.
 pub fn on_peer_gone(hub: Hub) -> PeerGone {
     Arc::new(move |shared: Vec<(String, String)>| {
         let hub = hub.clone();
@@ -298,7 +371,7 @@ pub fn on_peer_gone(hub: Hub) -> PeerGone {
             .filter_map(|(_, doc)| serde_json::from_str::<Value>(doc).ok())
             .filter(|doc| doc["id"].is_string())
             .collect();
-        tokio::spawn(async move { announce(&hub, &docs, false).await });
+        Box::pin(async move { try_announce(&hub, &docs, false).await })
     })
 }
 
@@ -425,24 +498,56 @@ fn etag(cursor: &str) -> String {
     out
 }
 
-/// `GET /.well-known/mercure/subscriptions[/…]`.
+/// Whether `If-None-Match` names `tag` (weak comparison, RFC 9110 §13.1.2: `W/` ignored; `*`
+/// names any).
+fn none_match(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+}
+
+/// What every answer of the API varies on: the caller's token (header or cookie) decides the
+/// refusal and the collection's dialect, and `Accept` decides it when no token is checked.
+const VARY: &str = "Authorization, Cookie, Accept";
+
+/// `GET /.well-known/mercure/subscriptions[/…]`: every answer, refusals included, with [`VARY`].
 pub(crate) async fn api(
     State(app): State<AppState>,
     Extension(mercure): Extension<Arc<Mercure>>,
     request: Request,
+) -> Response {
+    // The head only: a body is not `Sync`, and the answer is a `Send` future.
+    let (head, _) = request.into_parts();
+    let mut response = answer(&app, &mercure, &head)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static(VARY));
+    response
+}
+
+async fn answer(
+    app: &AppState,
+    mercure: &Mercure,
+    request: &axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     let Some(registry) = &mercure.subscriptions else {
         return Err(ErrorCode::NotFound.into());
     };
-    let path = request.uri().path().to_string();
-    let headers = request.headers();
+    let path = request.uri.path().to_string();
+    let headers = &request.headers;
     let wanted = Wanted::parse(&path)?;
-    let query = form_pairs(request.uri().query().unwrap_or_default().as_bytes())?;
+    let query = form_pairs(request.uri.query().unwrap_or_default().as_bytes())?;
     let query_token = query
         .iter()
         .find(|(k, _)| k == "authorization")
         .map(|(_, v)| v.as_str());
-    let grants = match grants_of(&app, &mercure, headers, query_token, false) {
+    let grants = match grants_of(app, mercure, headers, query_token, false) {
         Ok(g) => g,
         Err(r) => return Ok(refuse(r)),
     };
@@ -468,57 +573,17 @@ pub(crate) async fn api(
         (_, Some(h)) => format!("#{h}"),
         (_, None) => "earliest".to_string(),
     };
+    // The entity-tag is the cursor: every change of the list is announced, which moves it, on
+    // every node alike (one history). So a matching tag is answered before anything is listed.
     let tag = etag(&cursor);
-    let mut docs = registry.snapshot();
-    let peers = app
-        .presence
-        .shared_by_peers()
-        .await
-        .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?;
-    docs.extend(
-        peers
-            .into_iter()
-            .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok()),
-    );
-    docs.retain(|d| wanted.selects(d));
-    docs.sort_by(|a, b| doc_id(a).cmp(doc_id(b)));
-    let body = if wanted.single() {
-        let Some(mut doc) = docs.into_iter().next() else {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("no active subscription at {path}"),
-            ));
-        };
-        if ld && let Value::Object(m) = &mut doc {
-            m.insert("@context".into(), CONTEXT.into());
-            m.insert("lastEventID".into(), cursor.as_str().into());
-        }
-        doc
-    } else if ld {
-        json!({
-            "@context": CONTEXT,
-            "id": path,
-            "type": "Subscriptions",
-            "lastEventID": cursor,
-            "subscriptions": docs,
-        })
-    } else {
-        json!({
-            "id": path,
-            "type": "subscriptions",
-            "subscriptions": docs,
-        })
-    };
     let quoted = cursor.replace('\\', "\\\\").replace('"', "\\\"");
     let link = format!(
         "<{PATH}>; rel=\"mercure\"; last-event-id=\"{quoted}\"; type=\"mercure\"; content-type=\"application/json\""
     );
-    let mut response = if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
-    {
+    let mut response = if none_match(headers, &tag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
+        let body = listing(app, registry, &wanted, &path, ld, &cursor).await?;
         let content_type = if ld {
             "application/ld+json"
         } else {
@@ -538,6 +603,57 @@ pub(crate) async fn api(
         HeaderValue::from_static("must-revalidate"),
     );
     Ok(response)
+}
+
+/// The body of a `200`: this node's registry and the other live nodes' shares, as `wanted`.
+async fn listing(
+    app: &AppState,
+    registry: &Registry,
+    wanted: &Wanted,
+    path: &str,
+    ld: bool,
+    cursor: &str,
+) -> Result<Value, ApiError> {
+    let mut docs = registry.snapshot();
+    let peers = app
+        .presence
+        .shared_by_peers()
+        .await
+        .map_err(|e| ApiError::unavailable(ErrorCode::ClusterUnavailable, &e))?;
+    docs.extend(
+        peers
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok()),
+    );
+    docs.retain(|d| wanted.selects(d));
+    docs.sort_by(|a, b| doc_id(a).cmp(doc_id(b)));
+    Ok(if wanted.single() {
+        let Some(mut doc) = docs.into_iter().next() else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no active subscription at {path}"),
+            ));
+        };
+        if ld && let Value::Object(m) = &mut doc {
+            m.insert("@context".into(), CONTEXT.into());
+            m.insert("lastEventID".into(), cursor.into());
+        }
+        doc
+    } else if ld {
+        json!({
+            "@context": CONTEXT,
+            "id": path,
+            "type": "Subscriptions",
+            "lastEventID": cursor,
+            "subscriptions": docs,
+        })
+    } else {
+        json!({
+            "id": path,
+            "type": "subscriptions",
+            "subscriptions": docs,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -604,5 +720,81 @@ mod tests {
             assert!(W::parse(&format!("{BASE}{bad}")).is_err(), "{bad}");
         }
         assert_eq!(etag("a \"b%"), "\"a%20%22b%25\"");
+    }
+
+    /// A cluster whose every share is a slow round trip; counts them and what they carried.
+    #[derive(Debug, Default)]
+    struct SlowCluster {
+        shares: parking_lot::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Presence for SlowCluster {
+        async fn online(
+            &self,
+            _after: Option<&herald_core::UserId>,
+            _limit: usize,
+        ) -> Result<herald_core::Online, herald_core::ClusterError> {
+            unreachable!()
+        }
+        async fn connections(
+            &self,
+            _user: &herald_core::UserId,
+        ) -> Result<usize, herald_core::ClusterError> {
+            unreachable!()
+        }
+        async fn close(
+            &self,
+            _user: &herald_core::UserId,
+            _reason: &str,
+            _block: Option<std::time::Duration>,
+        ) -> Result<usize, herald_core::ClusterError> {
+            unreachable!()
+        }
+        async fn totals(&self) -> Result<herald_core::Stats, herald_core::ClusterError> {
+            unreachable!()
+        }
+        async fn subscriptions(&self) -> Result<Vec<(String, usize)>, herald_core::ClusterError> {
+            unreachable!()
+        }
+        async fn share(
+            &self,
+            entries: &[(String, Option<String>)],
+            _replace: bool,
+        ) -> Result<(), herald_core::ClusterError> {
+            self.shares.lock().push(entries.len());
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            Ok(())
+        }
+    }
+
+    /// Review finding: a node-wide lock was held across the share (a Redis round trip), so
+    /// subscribers arriving together waited for each other's round trips, one after another.
+    /// Now changes queue and one sharer sends them batched, holding no lock while it waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_arriving_together_share_in_batches_not_one_by_one() {
+        let cluster = Arc::new(SlowCluster::default());
+        let registry = Registry::new(cluster.clone());
+        let hub = Hub::builder().build().unwrap();
+        let started = std::time::Instant::now();
+        let registrations = futures_util::future::join_all((0..10).map(|i| {
+            let (registry, hub) = (registry.clone(), hub.clone());
+            async move {
+                let asked = [Asked::Exact(format!("https://example.com/{i}"))];
+                registry.register(&hub, &asked, None).await
+            }
+        }))
+        .await;
+        let took = started.elapsed();
+        let shares = cluster.shares.lock().clone();
+        assert!(
+            took < std::time::Duration::from_millis(1000),
+            "10 registrations took {took:?} (shares {shares:?})"
+        );
+        assert!(shares.len() <= 3, "{shares:?}");
+        assert_eq!(shares.iter().sum::<usize>(), 10, "every change shared once");
+        assert_eq!(registry.snapshot().len(), 10);
+        drop(registrations);
+        assert!(registry.snapshot().is_empty());
     }
 }

@@ -1,5 +1,5 @@
 //! A Mercure update as herald carries it: one herald event on the herald topic [`HERALD_TOPIC`]
-//! whose data is a JSON envelope (topics, publisher id, type, retry, private, data). herald's
+//! (a subscription event: on [`SUBSCRIPTIONS_TOPIC`]) whose data is a JSON envelope (topics, publisher id, type, retry, private, data). herald's
 //! history, cluster and limits thus work unchanged; this file turns an envelope back into the
 //! SSE frame a Mercure subscriber expects, with the publisher's id as `id:`. An update published
 //! without an id gets `#<herald id>`: a fragment, as the spec allows, that resolves without a
@@ -10,9 +10,14 @@ use herald_core::EventId;
 use herald_core::event::encode_frame;
 use serde::{Deserialize, Serialize};
 
-/// The herald topic every Mercure update travels on (published private, so herald's own
-/// anonymous subscribers never see it).
+/// The herald topic every Mercure update a publisher sends travels on (published private, so
+/// herald's own anonymous subscribers never see it).
 pub const HERALD_TOPIC: &str = ".well-known/mercure";
+
+/// The herald topic of the subscription events (`--mercure-subscriptions`): reserved (`$`), so
+/// only the hub publishes there, and apart from [`HERALD_TOPIC`], so only the Mercure subscribers
+/// that may receive them hold it (see `subscriptions::may_receive`).
+pub const SUBSCRIPTIONS_TOPIC: &str = "$mercure/subscriptions";
 
 /// The JSON envelope stored as a herald event's data.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

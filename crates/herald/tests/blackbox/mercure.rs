@@ -1067,3 +1067,219 @@ async fn mercure_subscriptions_span_a_redis_cluster() {
     );
     drop(stays);
 }
+
+/// Review finding: the subscriptions API read every node's subscriptions before it looked at
+/// `If-None-Match`. Now a matching tag is a 304 at once: shown by a peer whose share cannot be
+/// read (a listing answers 503), while the revalidation still answers 304 with the same tag.
+#[tokio::test]
+async fn mercure_subscriptions_api_answers_304_without_listing() {
+    let redis = Redis::start();
+    let a = node(
+        &redis,
+        &[
+            "--mercure",
+            "--mercure-subscriptions",
+            "--jwt-secret",
+            SECRET,
+            "--mercure-resource",
+            RESOURCE,
+        ],
+    )
+    .await;
+    let first = api(&a, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let tag = first.headers()["etag"].to_str().unwrap().to_string();
+    // A live peer whose shared hash is not a hash: reading it fails.
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let cli = |args: &[&str]| crate::redis_servers::cli(redis.port, args);
+    cli(&["ZADD", "herald:nodes", &now_ms, "unreadable"]);
+    cli(&["SET", "herald:node:unreadable:shared", "not a hash"]);
+    let listing = api(&a, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(listing.status(), StatusCode::SERVICE_UNAVAILABLE);
+    for sent in [tag.clone(), format!("W/{tag}"), format!("\"other\", {tag}")] {
+        let r = a
+            .http()
+            .get(format!("{}{SUBS}", a.url))
+            .bearer_auth(draft08_watcher())
+            .header("if-none-match", &sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED, "{sent}");
+        assert_eq!(r.headers()["etag"], tag.as_str());
+        assert!(r.headers().contains_key("link"));
+    }
+    // An old tag still lists (and so fails here).
+    let r = a
+        .http()
+        .get(format!("{}{SUBS}", a.url))
+        .bearer_auth(draft08_watcher())
+        .header("if-none-match", "\"#0\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Review finding: the subscriptions API's answers depend on the caller's credentials (and on
+/// `Accept` without them) but said not so to caches: every answer now carries `Vary`.
+#[tokio::test]
+async fn mercure_subscriptions_api_answers_vary_on_credentials() {
+    let s = subscriptions_hub().await;
+    let ok = api(&s, SUBS, Some(&draft08_watcher())).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let tag = ok.headers()["etag"].to_str().unwrap().to_string();
+    let not_modified = s
+        .http()
+        .get(format!("{}{SUBS}", s.url))
+        .bearer_auth(draft08_watcher())
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+    let unauthorized = api(&s, SUBS, None).await;
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    let forbidden = api(&s, SUBS, Some(&v0(json!({"subscribe": ["x"]})))).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    for r in [ok, not_modified, unauthorized, forbidden] {
+        let vary = r.headers()["vary"].to_str().unwrap().to_ascii_lowercase();
+        for name in ["authorization", "cookie", "accept"] {
+            assert!(vary.contains(name), "{}: vary {vary}", r.status());
+        }
+    }
+}
+
+/// Review finding: subscription events shared the herald topic of every Mercure update, so every
+/// Mercure stream (and a herald stream on that topic) carried them. Now they travel on the
+/// reserved `$mercure/subscriptions`, which only the subscribers that may receive one hold; what
+/// those receive is unchanged.
+#[tokio::test]
+async fn mercure_subscription_events_travel_apart_from_updates() {
+    // An open hub: every right, and herald's admin routes answer.
+    let s = Server::start(&["--mercure", "--mercure-subscriptions", "--heartbeat", "1s"]).await;
+    let mut herald_stream = s.subscribe("topic=.well-known/mercure").await;
+    let mut ordinary = subscribe(&s, "match=https://example.com/books/1", &[]).await;
+    let mut watcher = subscribe(&s, &format!("match_urlpattern={SUBS}/*"), &[]).await;
+    let mut everything = subscribe(&s, "match=*", &[]).await;
+    let selectors = s
+        .eventually("/subscriptions", |v| {
+            v["subscriptions"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|e| e["selector"] == ".well-known/mercure" && e["streams"] == 4)
+            })
+        })
+        .await;
+    let reserved = selectors["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["selector"] == "$mercure/subscriptions")
+        .unwrap_or_else(|| panic!("{selectors}"));
+    assert_eq!(
+        reserved["streams"], 2,
+        "the watcher and match=*: {selectors}"
+    );
+
+    // A new subscriber is announced to those who may see it, then an update follows.
+    let _late = subscribe(&s, "match=https://example.com/late", &[]).await;
+    let (_, doc) = event_where(&mut watcher, |v| v["match"] == "https://example.com/late").await;
+    assert_eq!(doc["active"], true);
+    let (_, doc) = event_where(&mut everything, |v| {
+        v["match"] == "https://example.com/late"
+    })
+    .await;
+    assert_eq!(doc["active"], true);
+    publish(
+        &s,
+        &[("topic", "https://example.com/books/1"), ("id", "marker")],
+    )
+    .await;
+    assert_eq!(ordinary.next().await.id.as_deref(), Some("marker"));
+    // The herald stream on the updates' topic gets the update, and no subscription event first.
+    let first = herald_stream.next().await;
+    let envelope: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(envelope["id"], "marker", "{envelope}");
+}
+
+/// Review finding: the reaper of a dead node returned at the first failing Redis call after it
+/// had taken the node out of the cluster, so the `active: false` of its subscriptions was lost
+/// for good. Here the dead node's users cannot be read: its subscriptions still end, and the node
+/// stays claimed for reaping until the rest succeeds on a later pass.
+#[tokio::test]
+async fn mercure_subscriptions_of_a_dead_node_end_even_when_reaping_fails_part_way() {
+    let redis = Redis::start();
+    let base = [
+        "--mercure",
+        "--mercure-subscriptions",
+        "--jwt-secret",
+        SECRET,
+        "--mercure-resource",
+        RESOURCE,
+        "--anonymous",
+    ];
+    let (a, mut b) = (node(&redis, &base).await, node(&redis, &base).await);
+    let mut watch = subscribe(
+        &a,
+        &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
+        &[("authorization", &bearer(&draft08_watcher()))],
+    )
+    .await;
+    let stays = subscriber_on(&b, "https://example.com/killed").await;
+    let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/killed").await;
+    let cli = |args: &[&str]| crate::redis_servers::cli(redis.port, args);
+    // B's node id: the node whose shared hash holds that subscription.
+    let shared = cli(&["KEYS", "herald:node:*:shared"]);
+    let b_key = shared
+        .lines()
+        .find(|k| cli(&["HGETALL", k]).contains("https://example.com/killed"))
+        .unwrap_or_else(|| panic!("B's shared hash among {shared:?}"));
+    let b_node = b_key
+        .strip_prefix("herald:node:")
+        .and_then(|k| k.strip_suffix(":shared"))
+        .unwrap()
+        .to_string();
+    b.signal("KILL");
+    b.wait_exit(PATIENCE).await;
+    // B's users are not a hash any more: reading them fails when A reaps B.
+    let users = format!("herald:node:{b_node}:users");
+    cli(&["SET", &users, "not a hash"]);
+    let (_, gone) = tokio::time::timeout(
+        Duration::from_secs(20),
+        event_where(&mut watch, |v| {
+            v["subscriber"] == doc["subscriber"] && v["active"] == false
+        }),
+    )
+    .await
+    .expect("the end of the dead node's subscription is announced");
+    assert_eq!(gone["id"], doc["id"]);
+    assert_eq!(
+        cli(&["ZRANGE", "herald:reaping", "0", "-1"]),
+        b_node,
+        "B stays claimed while its users are unread"
+    );
+    // Once its users can be read, a later pass finishes B, announcing nothing twice.
+    cli(&["DEL", &users]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cli(&["ZRANGE", "herald:reaping", "0", "-1"]).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "B is never reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cli(&["EXISTS", &format!("herald:node:{b_node}:shared")]),
+        "0"
+    );
+    let (ended, again) = watch.ends_within(Duration::from_millis(300)).await;
+    assert!(
+        !ended
+            && !again
+                .iter()
+                .any(|e| e.data.contains(doc["subscriber"].as_str().unwrap())),
+        "{again:?}"
+    );
+    drop(stays);
+}
