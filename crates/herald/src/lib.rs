@@ -256,7 +256,10 @@ pub async fn serve_split(
         tracing::info!("shutting down: ending streams");
         hub.shutdown();
     };
-    listen::serve(
+    // On a worker of the runtime rather than the thread that started it, so that each accepted
+    // connection's task starts on the accepting thread (tokio's LIFO slot) instead of waking
+    // another thread.
+    tokio::spawn(listen::serve(
         listener,
         app,
         settings,
@@ -264,7 +267,8 @@ pub async fn serve_split(
         stop,
         config.shutdown_timeout,
         streams,
-    )
-    .await;
+    ))
+    .await
+    .map_err(|e| std::io::Error::other(format!("the accept loop failed: {e}")))?;
     Ok(())
 }
