@@ -394,12 +394,7 @@ impl Hub {
         &self,
         messages: Vec<Message>,
     ) -> Result<Vec<Published>, PublishError> {
-        if messages.is_empty() {
-            return Err(PublishError::EmptyBatch);
-        }
-        if let Some(index) = messages.iter().position(|m| m.targets.is_empty()) {
-            return Err(PublishError::NoTarget { index });
-        }
+        addressed(&messages)?;
         for (index, m) in messages.iter().enumerate() {
             if let Some(topic) = m.targets.topics.iter().find(|t| t.is_reserved()) {
                 return Err(PublishError::ReservedTopic {
@@ -418,12 +413,7 @@ impl Hub {
         &self,
         messages: Vec<Message>,
     ) -> Result<Vec<Published>, PublishError> {
-        if messages.is_empty() {
-            return Err(PublishError::EmptyBatch);
-        }
-        if let Some(index) = messages.iter().position(|m| m.targets.is_empty()) {
-            return Err(PublishError::NoTarget { index });
-        }
+        addressed(&messages)?;
         self.commit(messages).await
     }
 
@@ -579,5 +569,16 @@ impl Hub {
                 .is_some_and(|t| t.as_str() == COMPLETE)
                 && e.targets.topics.contains(topic)
         }))
+    }
+}
+
+/// Refuses an empty batch and a message with no target (all or none is published).
+fn addressed(messages: &[Message]) -> Result<(), PublishError> {
+    if messages.is_empty() {
+        return Err(PublishError::EmptyBatch);
+    }
+    match messages.iter().position(|m| m.targets.is_empty()) {
+        Some(index) => Err(PublishError::NoTarget { index }),
+        None => Ok(()),
     }
 }

@@ -1011,9 +1011,9 @@ async fn subscriber_on(s: &Server, topic: &str) -> Sse {
     .await
 }
 
-#[tokio::test]
-async fn mercure_subscriptions_span_a_redis_cluster() {
-    let redis = Redis::start();
+/// Two nodes on `redis` with the subscriptions API, and a watcher of every subscription on the
+/// first.
+async fn subscriptions_cluster(redis: &Redis) -> (Server, Server, Sse) {
     let base = [
         "--mercure",
         "--mercure-subscriptions",
@@ -1023,13 +1023,20 @@ async fn mercure_subscriptions_span_a_redis_cluster() {
         RESOURCE,
         "--anonymous",
     ];
-    let (a, mut b) = (node(&redis, &base).await, node(&redis, &base).await);
-    let mut watch = subscribe(
+    let (a, b) = (node(redis, &base).await, node(redis, &base).await);
+    let watch = subscribe(
         &a,
         &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
         &[("authorization", &bearer(&draft08_watcher()))],
     )
     .await;
+    (a, b, watch)
+}
+
+#[tokio::test]
+async fn mercure_subscriptions_span_a_redis_cluster() {
+    let redis = Redis::start();
+    let (a, mut b, mut watch) = subscriptions_cluster(&redis).await;
     // A subscriber on B: announced to A's watcher, listed by A's API.
     let leaving = subscriber_on(&b, "https://example.com/leaving").await;
     let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/leaving").await;
@@ -1213,22 +1220,7 @@ async fn mercure_subscription_events_travel_apart_from_updates() {
 #[tokio::test]
 async fn mercure_subscriptions_of_a_dead_node_end_even_when_reaping_fails_part_way() {
     let redis = Redis::start();
-    let base = [
-        "--mercure",
-        "--mercure-subscriptions",
-        "--jwt-secret",
-        SECRET,
-        "--mercure-resource",
-        RESOURCE,
-        "--anonymous",
-    ];
-    let (a, mut b) = (node(&redis, &base).await, node(&redis, &base).await);
-    let mut watch = subscribe(
-        &a,
-        &format!("match_urlpattern={SUBS}/:type/:match/:subscriber"),
-        &[("authorization", &bearer(&draft08_watcher()))],
-    )
-    .await;
+    let (_a, mut b, mut watch) = subscriptions_cluster(&redis).await;
     let stays = subscriber_on(&b, "https://example.com/killed").await;
     let (_, doc) = event_where(&mut watch, |v| v["match"] == "https://example.com/killed").await;
     let cli = |args: &[&str]| crate::redis_servers::cli(redis.port, args);
