@@ -780,11 +780,11 @@ impl DurableHistory {
             writer.finish(&txn, retention, now)?;
         }
         // Logged: the record on disk makes the append durable, redb's commit need not be. Not
-        // logged (the ring is full, a checkpoint is due, or the record is too large): the commit
-        // is durable itself, and holds every record before it.
-        let logged = wal.fits();
+        // logged (the ring is full, a checkpoint is due, the record is too large, or the disk has
+        // no room to extend the ring): the commit is durable itself, and holds every record
+        // before it.
+        let logged = wal.log().map_err(unavailable)?;
         if logged {
-            wal.write().map_err(unavailable)?;
             txn.set_durability(Durability::None).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;

@@ -6,11 +6,13 @@
 //! Why not redb alone: a durable redb commit writes its B-tree pages, then its header, and syncs
 //! the file (0.4–1.6 ms here), so 16 publishers with one request in flight each were capped at
 //! 10–16k appends/s. redb's non-durable commits (`Durability::None`) cost tens of microseconds
-//! but a crash forgets them; this log makes them durable. The file is written full of zeros once
-//! (its size never changes, so `fdatasync` has no metadata to write) and used as a ring: records
+//! but a crash forgets them; this log makes them durable. The file is used as a ring: records
 //! follow each other from offset 0; when the next one would not fit, or after
 //! [`CHECKPOINT_EVERY`] records, the append commits durably in redb instead and writing starts
-//! at offset 0 again.
+//! at offset 0 again. The ring is written full of zeros as the first lap reaches it, a
+//! [`GROWTH`] at a time (synced with its new size), so that later records overwrite written
+//! blocks and their `fdatasync` has no metadata to write; when the disk has no room for that, the
+//! append commits durably in redb instead, as if the ring were full.
 //!
 //! Record: `magic u32 | body length u32 | CRC-32 of body u32 | body`; body: `first id u64 |
 //! published ms u64 | count u32 | (row length u32 | stored row)*`, the rows exactly as redb keeps
@@ -28,6 +30,8 @@ pub(super) const CAPACITY: u64 = 8 << 20;
 /// Durable redb commits at least this often, so a restart replays a bounded log and redb can
 /// reuse the pages of its non-durable commits.
 pub(super) const CHECKPOINT_EVERY: u32 = 1024;
+/// How much of the ring is zero-filled at a time, during its first lap.
+const GROWTH: u64 = 256 << 10;
 pub(super) const FILE: &str = "herald.wal";
 const MAGIC: u32 = 0x4857_4c31; // "HWL1"
 const HEAD: usize = 12;
@@ -44,6 +48,8 @@ pub(super) struct Record {
 #[derive(Debug)]
 pub(super) struct Wal {
     file: File,
+    /// Zero-filled and synced so far (grows to [`CAPACITY`] during the first lap).
+    len: u64,
     /// Where the next record goes.
     pos: u64,
     /// Records written since the last durable commit.
@@ -53,35 +59,25 @@ pub(super) struct Wal {
 }
 
 impl Wal {
-    /// Opens the log in `dir` (creating it full of zeros when missing or short) and reads the
-    /// records of its current lap, in order.
+    /// Opens the log in `dir` (creating it empty when missing) and reads the records of its
+    /// current lap, in order.
     pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<Record>)> {
         let path = dir.join(FILE);
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let len = file.metadata()?.len();
-        if len < CAPACITY {
-            // Written, not `fallocate`d: writes into unwritten extents would make every
-            // `fdatasync` commit a metadata change too.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len;
-            while at < CAPACITY {
-                let n = zeros.len().min((CAPACITY - at) as usize);
-                file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
-            file.sync_all()?;
-            if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
-            }
+        if !existed {
+            File::open(dir)?.sync_all()?;
         }
-        let records = read_records(&file)?;
+        let len = file.metadata()?.len().min(CAPACITY);
+        let records = read_records(&file, len)?;
         let wal = Wal {
             file,
+            len,
             pos: 0,
             since_checkpoint: 0,
             buf: Vec::new(),
@@ -108,17 +104,29 @@ impl Wal {
         self.buf[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
     }
 
-    /// Whether the record begun last can be logged, or its append must commit durably instead
-    /// (then [`checkpointed`](Self::checkpointed) follows the commit).
+    /// Whether the record begun last may be logged (the ring has room for it and no checkpoint
+    /// is due), or its append must commit durably instead.
     pub fn fits(&self) -> bool {
         self.since_checkpoint < CHECKPOINT_EVERY
             && self.pos + self.buf.len() as u64 <= CAPACITY
             && self.buf.len() - HEAD - BODY_HEAD <= u32::MAX as usize
     }
 
-    /// Writes the record begun last and waits until it is on disk.
-    pub fn write(&mut self) -> std::io::Result<()> {
-        debug_assert!(self.fits());
+    /// Writes the record begun last and waits until it is on disk: `Ok(true)`. `Ok(false)`: it
+    /// was not written (it does not [`fit`](Self::fits), or the disk has no room to extend the
+    /// ring), so its append must commit durably; [`checkpointed`](Self::checkpointed) follows that
+    /// commit.
+    pub fn log(&mut self) -> std::io::Result<bool> {
+        if !self.fits() {
+            return Ok(false);
+        }
+        let end = self.pos + self.buf.len() as u64;
+        if end > self.len {
+            if let Err(e) = self.grow(end) {
+                tracing::warn!(error = %e, "the write-ahead log cannot grow: this append commits in redb directly");
+                return Ok(false);
+            }
+        }
         let body_len = (self.buf.len() - HEAD) as u32;
         let sum = crc32fast::hash(&self.buf[HEAD..]);
         self.buf[..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -126,8 +134,25 @@ impl Wal {
         self.buf[8..12].copy_from_slice(&sum.to_le_bytes());
         self.file.write_all_at(&self.buf, self.pos)?;
         self.file.sync_data()?;
-        self.pos += self.buf.len() as u64;
+        self.pos = end;
         self.since_checkpoint += 1;
+        Ok(true)
+    }
+
+    /// Zero-fills the ring up to at least `end` (whole [`GROWTH`]s, at most [`CAPACITY`]) and
+    /// syncs it with its size. Written, not `fallocate`d: writes into unwritten extents would make
+    /// every `fdatasync` commit a metadata change too.
+    fn grow(&mut self, end: u64) -> std::io::Result<()> {
+        let target = end.div_ceil(GROWTH).saturating_mul(GROWTH).min(CAPACITY);
+        let zeros = vec![0u8; GROWTH as usize];
+        let mut at = self.len;
+        while at < target {
+            let n = GROWTH.min(target - at);
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        self.file.sync_all()?;
+        self.len = target;
         Ok(())
     }
 
@@ -138,15 +163,15 @@ impl Wal {
     }
 }
 
-/// The records of the log's current lap: from offset 0, while each is whole and continues the
-/// ids of the one before.
-fn read_records(file: &File) -> std::io::Result<Vec<Record>> {
+/// The records of the log's current lap (within its first `len` bytes): from offset 0, while
+/// each is whole and continues the ids of the one before.
+fn read_records(file: &File, len: u64) -> std::io::Result<Vec<Record>> {
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     let mut out: Vec<Record> = Vec::new();
     let mut read = 0u64;
     let mut head = [0u8; HEAD];
     loop {
-        if read + HEAD as u64 > CAPACITY {
+        if read + HEAD as u64 > len {
             break;
         }
         match reader.read_exact(&mut head) {
@@ -155,11 +180,12 @@ fn read_records(file: &File) -> std::io::Result<Vec<Record>> {
             Err(e) => return Err(e),
         }
         let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap());
-        let (magic, len, sum) = (word(0), word(4) as u64, word(8));
-        if magic != MAGIC || len < BODY_HEAD as u64 || read + HEAD as u64 + len > CAPACITY {
+        let (magic, sum) = (word(0), word(8));
+        let body_len = word(4) as u64;
+        if magic != MAGIC || body_len < BODY_HEAD as u64 || read + HEAD as u64 + body_len > len {
             break;
         }
-        let mut body = vec![0u8; len as usize];
+        let mut body = vec![0u8; body_len as usize];
         match reader.read_exact(&mut body) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
@@ -175,7 +201,7 @@ fn read_records(file: &File) -> std::io::Result<Vec<Record>> {
             break; // an earlier lap's record
         }
         out.push(record);
-        read += HEAD as u64 + len;
+        read += HEAD as u64 + body_len;
     }
     Ok(out)
 }
@@ -217,8 +243,7 @@ mod tests {
         for r in rows {
             wal.push(r);
         }
-        assert!(wal.fits());
-        wal.write().unwrap();
+        assert!(wal.log().unwrap());
         at
     }
 
@@ -231,11 +256,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, found) = Wal::open(dir.path()).unwrap();
         assert!(found.is_empty());
+        log(&mut wal, 10, &[b"a", b"bb"]);
         assert_eq!(
             std::fs::metadata(dir.path().join(FILE)).unwrap().len(),
-            CAPACITY
+            GROWTH,
+            "the ring grows a step at a time"
         );
-        log(&mut wal, 10, &[b"a", b"bb"]);
         log(&mut wal, 12, &[b"c"]);
         let third = log(&mut wal, 13, &[b"dd"]);
         drop(wal);
