@@ -121,11 +121,11 @@ impl Wal {
             return Ok(false);
         }
         let end = self.pos + self.buf.len() as u64;
-        if end > self.len {
-            if let Err(e) = self.grow(end) {
-                tracing::warn!(error = %e, "the write-ahead log cannot grow: this append commits in redb directly");
-                return Ok(false);
-            }
+        if end > self.len
+            && let Err(e) = self.grow(end)
+        {
+            tracing::warn!(error = %e, "the write-ahead log cannot grow: this append commits in redb directly");
+            return Ok(false);
         }
         let body_len = (self.buf.len() - HEAD) as u32;
         let sum = crc32fast::hash(&self.buf[HEAD..]);
