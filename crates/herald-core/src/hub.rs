@@ -489,9 +489,27 @@ impl Hub {
         }
     }
 
-    /// Reads the history (what a resuming stream reads): at most `limit` events from `from`.
+    /// Reads the history for a reader that may want any event: at most `limit` events from
+    /// `from`; every drop counts for its gap verdict.
     pub async fn read_history(&self, from: ReadFrom, limit: usize) -> Result<Chunk, HistoryError> {
         self.inner.history.read(from, limit).await
+    }
+
+    /// Reads the history as a resuming stream does, for a reader of `interest` (from
+    /// [`Hub::history_interest`], then [`Interest::after_drops`] of each chunk it goes on from):
+    /// with retention rules, it gets a gap only when an event it could receive was dropped.
+    pub async fn read_history_for(
+        &self,
+        from: ReadFrom,
+        limit: usize,
+        interest: Interest,
+    ) -> Result<Chunk, HistoryError> {
+        self.inner.history.read_for(from, limit, interest).await
+    }
+
+    /// The history logs a reader with these selectors reaches (see [`History::interest`]).
+    pub fn history_interest(&self, selectors: &[Selector]) -> Interest {
+        self.inner.history.interest(selectors)
     }
 
     /// Online users with their connection counts, sorted by id, after `after`, at most `limit`.

@@ -80,8 +80,8 @@ pub use grant::Grant;
 #[cfg(feature = "durable")]
 pub use history::{CheckReport, DurableHistory, OpenError};
 pub use history::{
-    Chunk, DEFAULT_HISTORY_BYTES, Gap, History, HistoryError, MemoryHistory, ReadFrom, Retention,
-    RetentionRule, RetentionRules, RuleError, SharedHistory, Stored,
+    Chunk, DEFAULT_HISTORY_BYTES, Gap, History, HistoryError, Interest, MemoryHistory, ReadFrom,
+    Retention, RetentionRule, RetentionRules, RuleError, SharedHistory, Stored,
 };
 #[cfg(feature = "redis")]
 pub use history::{RedisHistory, RedisOptions};

@@ -83,6 +83,9 @@ pub enum ServeError {
     Store(#[from] herald_core::OpenError),
     #[error("cannot reach Redis: {0}")]
     Redis(String),
+    /// The history in Redis is kept by other retention rules than this node's.
+    #[error("{0}")]
+    RedisRules(herald_core::HistoryError),
     #[error("cannot start webhooks (--webhook): {0}")]
     Webhooks(String),
     #[error("serving failed: {0}")]
@@ -113,7 +116,10 @@ pub async fn node_from(config: &Config) -> Result<Node, ServeError> {
             wait_timeout: config.redis_wait_timeout,
         })
         .await
-        .map_err(|e| ServeError::Redis(e.to_string()))?;
+        .map_err(|e| match e {
+            e @ herald_core::HistoryError::RulesDiffer { .. } => ServeError::RedisRules(e),
+            e => ServeError::Redis(e.to_string()),
+        })?;
         let store = std::sync::Arc::new(store);
         builder = builder.shared_history(store.clone());
         redis = Some(store);

@@ -6,7 +6,8 @@
 //! `DIR/webhook-<hash of URL>.cursor`, and in cluster mode in Redis, so a restart or a node's death
 //! resumes where delivery stopped. In a cluster one node at a time delivers each hook: the holder
 //! of its Redis lease, renewed before every attempt. Events that fell out of history before
-//! delivery are reported to the receiver as one `herald.gap` delivery.
+//! delivery are reported to the receiver as one `herald.gap` delivery (with retention rules, only
+//! events the hook could receive: it reads history with its selectors' interest, as a stream).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -249,11 +250,14 @@ async fn deliver(
             tracing::info!(url = %hook.url, ?from, "webhook: delivering");
             announced = true;
         }
+        // As a stream's: with retention rules, only drops of events the hook could receive are
+        // its gaps; going on after a read, what was dropped before it is none.
+        let mut interest = hub.history_interest(&hook.topics);
         loop {
             if !keeper.hold().await {
                 continue 'lease;
             }
-            let chunk: Chunk = match hub.read_history(from, STEP).await {
+            let chunk: Chunk = match hub.read_history_for(from, STEP, interest).await {
                 Ok(chunk) => chunk,
                 Err(e) => {
                     tracing::warn!(url = %hook.url, error = %e, "webhook: history unavailable");
@@ -261,6 +265,7 @@ async fn deliver(
                     continue;
                 }
             };
+            interest = interest.after_drops(chunk.drops);
             if let Some(gap) = chunk.gap {
                 let after = match from {
                     ReadFrom::After(id) => Some(id.to_string()),

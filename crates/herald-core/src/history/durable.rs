@@ -332,16 +332,25 @@ fn note_end(
     Ok(())
 }
 
-/// The oldest event of `log` and whether a bound drops it now (counters aside): its age, or its
-/// stream's end longer than `after-complete` ago. `None` when the log is empty.
-fn front_of(
+/// The oldest event of `log` when a bound drops it now: `over` (its count or bytes bound is
+/// exceeded), its age, or its stream's end longer than `after-complete` ago. Reads the row only
+/// when a bound could drop it (`over`, or the log has an age or `after-complete` bound), and
+/// decodes it only when it goes or to check `after-complete` (for a log with ends recorded), so
+/// an append that exceeds no bound costs each log nothing, or one row lookup with an age bound.
+fn droppable_front(
     events: &impl ReadableTable<u64, &'static [u8]>,
     index: &impl ReadableTable<(u64, u64), ()>,
     ends: &impl ReadableTable<(u64, &'static str), [u64; 2]>,
     retention: &Retention,
     log: usize,
     now: u64,
+    over: bool,
 ) -> Result<Option<Front>, redb::StorageError> {
+    let keep = retention.bounds_of(log);
+    let after = retention.rules.rule(log).and_then(|r| r.after_complete);
+    if !over && keep.max_age.is_none() && after.is_none() {
+        return Ok(None);
+    }
     let Some(first) = index
         .range((log as u64, 0)..=(log as u64, u64::MAX))?
         .next()
@@ -349,23 +358,34 @@ fn front_of(
         return Ok(None);
     };
     let id = first?.0.value().1;
+    #[cfg(test)]
+    tests::FRONT_ROWS.with(|n| n.set(n.get() + 1));
     let Some(row) = events.get(id)? else {
         return Ok(Some(Front {
             id,
             at: 0,
             len: 0,
             event: None,
-            expired: true,
         }));
     };
     let row = row.value();
     let at = published_at(row).unwrap_or(0);
-    let event = decode_row(id, row).ok();
-    let keep = retention.bounds_of(log);
     let aged = keep.cutoff_ms(now).is_some_and(|c| at < c);
-    let after = retention.rules.rule(log).and_then(|r| r.after_complete);
+    let may_have_ended = !over
+        && !aged
+        && after.is_some()
+        && ends
+            .range((log as u64, "")..(log as u64 + 1, ""))?
+            .next()
+            .is_some();
+    if !over && !aged && !may_have_ended {
+        return Ok(None);
+    }
+    #[cfg(test)]
+    tests::FRONT_DECODES.with(|n| n.set(n.get() + 1));
+    let event = decode_row(id, row).ok();
     let ended = match (&event, after) {
-        (Some(e), Some(after)) if !e.targets.topics.is_empty() => {
+        (Some(e), Some(after)) if may_have_ended && !e.targets.topics.is_empty() => {
             let mut all = true;
             for t in &e.targets.topics {
                 let end = ends.get((log as u64, t.as_str()))?.map(|v| v.value());
@@ -377,23 +397,24 @@ fn front_of(
         }
         _ => false,
     };
+    if !over && !aged && !ended {
+        return Ok(None);
+    }
     Ok(Some(Front {
         id,
         at,
         len: row.len() as u64,
         event,
-        expired: aged || ended,
     }))
 }
 
-/// A log's oldest event, as [`front_of`] found it.
+/// A log's oldest event, as [`droppable_front`] found it.
 struct Front {
     id: u64,
     at: u64,
     len: u64,
     /// `None` for an unreadable row (counted as addressed when dropped: any reader may miss it).
     event: Option<Event>,
-    expired: bool,
 }
 
 /// Drops the oldest events of each log while one of its bounds is exceeded.
@@ -414,14 +435,11 @@ fn trim_logs(
         loop {
             let over = counters.count > keep.max_events as u64
                 || keep.max_bytes.is_some_and(|m| counters.bytes > m);
-            let Some(front) =
-                front_of(&*events, &index, &ends, retention, log, now).map_err(unavailable)?
+            let Some(front) = droppable_front(&*events, &index, &ends, retention, log, now, over)
+                .map_err(unavailable)?
             else {
                 break;
             };
-            if !over && !front.expired {
-                break;
-            }
             events.remove(front.id).map_err(unavailable)?;
             index.remove((log as u64, front.id)).map_err(unavailable)?;
             counters.count = counters.count.saturating_sub(1);
@@ -464,9 +482,9 @@ fn any_log_expired(db: &Database, retention: &Retention, now: u64) -> Result<boo
     let index = txn.open_table(LOG_INDEX).map_err(unavailable)?;
     let ends = txn.open_table(ENDS).map_err(unavailable)?;
     for log in 0..retention.rules.logs() {
-        if front_of(&events, &index, &ends, retention, log, now)
+        if droppable_front(&events, &index, &ends, retention, log, now, false)
             .map_err(unavailable)?
-            .is_some_and(|f| f.expired)
+            .is_some()
         {
             return Ok(true);
         }
@@ -1209,6 +1227,12 @@ mod tests {
     use super::*;
     use crate::name::{EventType, Topic, UserId};
 
+    thread_local! {
+        /// Log fronts whose row an append (on this thread) looked up, and those it decoded.
+        pub(super) static FRONT_ROWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        pub(super) static FRONT_DECODES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     #[tokio::test]
     async fn conformance() {
         let root = tempfile::tempdir().unwrap();
@@ -1595,6 +1619,68 @@ mod tests {
         let c = h.read(ReadFrom::Oldest, 100).await.unwrap();
         let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
         assert_eq!(data, ["a0", "a1", "a2", "a3", "n3", "a4", "n4", "n5"]);
+    }
+
+    /// An append with rules reads a log's oldest row only when a bound could drop it: never for
+    /// a log under its count and bytes with no age or `after-complete`, without decoding it for
+    /// an age bound it is within, and decoding it for `after-complete` only once an end is known.
+    #[tokio::test]
+    async fn an_append_reads_a_logs_oldest_row_only_when_a_bound_could_drop_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let global = Retention {
+            max_events: 3,
+            ..Retention::default()
+        };
+        let rules = [
+            "ai/**:events=100",
+            "jobs/*:age=1h",
+            "done/*:after-complete=1h",
+        ]
+        .iter()
+        .map(|r| super::super::RetentionRule::parse(r, &global).unwrap())
+        .collect();
+        let ruled = Retention {
+            rules: super::super::RetentionRules::new(rules).unwrap(),
+            ..global
+        };
+        let h = DurableHistory::open(dir.path(), ruled).unwrap();
+        let store = h.handle().unwrap();
+        let to = |t: &str, d: &str| Message::to_topic(Topic::new(t).unwrap()).data(d);
+        // (Runs on this thread, which the counters are of.)
+        let append = |messages: Vec<Message>| {
+            FRONT_ROWS.with(|n| n.set(0));
+            FRONT_DECODES.with(|n| n.set(0));
+            DurableHistory::append_blocking(&store, &h.retention, messages).unwrap();
+            (
+                FRONT_ROWS.with(|n| n.get()),
+                FRONT_DECODES.with(|n| n.get()),
+            )
+        };
+        append(vec![
+            to("news", "n0"),
+            to("ai/a", "a0"),
+            to("jobs/1", "j0"),
+            to("done/1", "d0"),
+        ]);
+        assert_eq!(
+            append(vec![to("ai/a", "a1"), to("news", "n1")]),
+            (2, 0),
+            "only the age and after-complete logs look at their oldest row, decoding nothing"
+        );
+        assert_eq!(
+            append(vec![to("news", "n2"), to("news", "n3")]),
+            (3, 1),
+            "the default log is over its 3 events: its oldest is decoded as it goes"
+        );
+        append(vec![to("done/1", "").event(EventType::complete())]);
+        assert_eq!(
+            append(vec![to("ai/a", "a2")]),
+            (2, 1),
+            "an end is known: the after-complete log's oldest is decoded to check it"
+        );
+        let c = h.read(ReadFrom::Oldest, 100).await.unwrap();
+        let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a0", "j0", "d0", "a1", "n1", "n2", "n3", "", "a2"]);
     }
 
     /// Reproduces issue 12 (weak spot): `--data-dir` naming a file answered "File exists".

@@ -20,6 +20,9 @@ use crate::name::Selector;
 
 #[derive(Debug)]
 pub struct MemoryHistory {
+    /// Which log keeps an event and which logs a reader reaches: fixed at open, so read without
+    /// the ring's lock ([`History::interest`] runs for every stream that starts).
+    rules: RetentionRules,
     state: Mutex<Ring>,
 }
 
@@ -27,7 +30,6 @@ pub struct MemoryHistory {
 struct Ring {
     /// The default log, then one per retention rule; each in id order, trimmed from its front.
     logs: Vec<Log>,
-    rules: RetentionRules,
     first_issued: u64,
     next: u64,
     last_published_ms: u64,
@@ -76,9 +78,9 @@ impl MemoryHistory {
             })
             .collect();
         MemoryHistory {
+            rules: retention.rules,
             state: Mutex::new(Ring {
                 logs,
-                rules: retention.rules,
                 first_issued: first,
                 next: first,
                 last_published_ms: 0,
@@ -163,7 +165,7 @@ impl History for MemoryHistory {
         ring.last_published_ms = now;
         let mut out = Vec::with_capacity(messages.len());
         for message in messages {
-            let log = ring.rules.log_of(&message.targets);
+            let log = self.rules.log_of(&message.targets);
             let event = Arc::new(Event::new(EventId(ring.next), message, now));
             ring.next += 1;
             let log = &mut ring.logs[log];
@@ -224,7 +226,7 @@ impl History for MemoryHistory {
     }
 
     fn interest(&self, selectors: &[Selector]) -> Interest {
-        self.state.lock().rules.interest(selectors)
+        self.rules.interest(selectors)
     }
 
     async fn maintain(&self) -> Result<(), HistoryError> {
@@ -236,6 +238,32 @@ impl History for MemoryHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `interest` needs no lock: a stream starting while an append or read holds the ring (or
+    /// a slow trim) gets its interest at once.
+    #[tokio::test]
+    async fn interest_does_not_wait_for_the_ring() {
+        let global = Retention::default();
+        let rule = RetentionRule::parse("ai/**:events=5", &global).unwrap();
+        let rules = RetentionRules::new(vec![rule]).unwrap();
+        let h = Arc::new(MemoryHistory::with_retention(Retention {
+            rules: rules.clone(),
+            ..global
+        }));
+        let selectors = vec![Selector::new("ai/answer/1").unwrap()];
+        let ring = h.state.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let (h, selectors) = (h.clone(), selectors.clone());
+            move || tx.send(h.interest(&selectors)).unwrap()
+        });
+        let interest = rx
+            .recv_timeout(Duration::from_secs(2))
+            .expect("interest answered while the ring is locked");
+        drop(ring);
+        assert_eq!(interest, rules.interest(&selectors));
+        assert_ne!(interest, Interest::ALL);
+    }
 
     /// Issue 12: a wall clock stepped backwards within a run moves neither ids nor publish times
     /// backwards, and `since=` still finds the events published after the step.

@@ -58,6 +58,16 @@ pub enum HistoryError {
         after: Option<EventId>,
         through: EventId,
     },
+    /// A shared history is kept by other retention rules than this node's (see `redis.rs`):
+    /// the node must not start. `stored` and `ours` name the rules as `--retention` takes them.
+    #[error(
+        "the history in Redis (prefix '{prefix}') is kept by other retention rules than this node's: recorded {stored}, this node {ours}. Give every node the same --retention rules in the same order; to change them, stop every node and start on an empty history (another --redis-prefix, or delete the prefix's keys)"
+    )]
+    RulesDiffer {
+        prefix: String,
+        stored: String,
+        ours: String,
+    },
 }
 
 /// Where a read starts.

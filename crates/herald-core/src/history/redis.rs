@@ -5,6 +5,8 @@
 //! default one, one per rule) lists its entries' ids (`{prefix}:log:N`), and trimming pops a log's
 //! oldest and deletes that entry (`XDEL`) by the log's own bounds. `{prefix}:dropped-logs` holds
 //! each log's newest dropped id (`N`) and newest dropped broadcast or user event (`Na`).
+//! `{prefix}:rules` records the rules the lists were sorted by: a node with other rules does not
+//! start while the stream holds entries (see [`RULES`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,6 +360,47 @@ redis.call('SET', KEYS[2], from .. ' ' .. to .. ' ' .. id)
 return {id, from, to}
 "#;
 
+/// Records the retention rules the history is kept by, or checks them, atomically. KEYS: the
+/// rules (`{prefix}:rules`, [`RetentionRules::specs`](super::RetentionRules::specs)), stream,
+/// drops hash, dropped-marker; ARGV: this node's rules, its logs (0 without rules), the log key
+/// prefix, [`MAX_RULES`](super::MAX_RULES). Returns {0, ''} when the rules are the recorded ones;
+/// {1, recorded} when they differ and the stream holds entries (the node must not start); {2,
+/// ''} when the stream holds entries but no rules were recorded (a herald before they were: it
+/// takes this node's); {3, recorded or ''} when the stream is empty: this node's rules are
+/// recorded, the logs' lists and ends are cleared, and every drop recorded before counts, as
+/// the newest of them, against every reader of every new log (a log number may now mean
+/// another rule: a gap too many is safe, one too few is not).
+const RULES: &str = r#"
+local stored = redis.call('GET', KEYS[1])
+if stored == ARGV[1] then return {0, ''} end
+if redis.call('XLEN', KEYS[2]) > 0 then
+  if stored then return {1, stored} end
+  redis.call('SET', KEYS[1], ARGV[1])
+  return {2, ''}
+end
+for l = 0, tonumber(ARGV[4]) do
+  redis.call('DEL', ARGV[3] .. l, ARGV[3] .. 'ends:' .. l)
+end
+local newest = redis.call('GET', KEYS[4]) or '0-0'
+local drops = redis.call('HGETALL', KEYS[3])
+for i = 1, #drops, 2 do
+  if drops[i] ~= 'n' then
+    local id = string.match(drops[i + 1], '^(%S+)')
+    if lt(newest, id) then newest = id end
+    redis.call('HDEL', KEYS[3], drops[i])
+  end
+end
+local logs = tonumber(ARGV[2])
+if logs > 0 and newest ~= '0-0' then
+  local nth = redis.call('HINCRBY', KEYS[3], 'n', 1)
+  for l = 0, logs - 1 do
+    redis.call('HSET', KEYS[3], tostring(l), newest .. ' ' .. nth, l .. 'a', newest .. ' ' .. nth)
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {3, stored or ''}
+"#;
+
 /// Settings of a Redis-backed history.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -595,6 +638,65 @@ fn followed(entries: Vec<Entry>) -> Result<Chunk, HistoryError> {
     Ok(chunk)
 }
 
+/// Rules as an error names them: each as `--retention` takes it, or `none`.
+fn named(specs: &str) -> String {
+    if specs.is_empty() {
+        "none".to_string()
+    } else {
+        specs
+            .lines()
+            .map(|r| format!("'{r}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Checks this node's rules against those the history under `prefix` is kept by, recording them
+/// when there are none yet or the history holds no events (see [`RULES`]). Rules that differ from
+/// the recorded ones are [`HistoryError::RulesDiffer`]: each log's list would then mix events
+/// sorted by other rules, and nodes would trim one log by different bounds.
+async fn record_rules(
+    link: &RedisLink,
+    prefix: &str,
+    rules: &super::RetentionRules,
+) -> Result<(), HistoryError> {
+    let ours = rules.specs();
+    let logs = if rules.is_empty() { 0 } else { rules.logs() };
+    let mut conn = link.primary().await.map_err(unavailable)?;
+    let (verdict, stored): (u8, String) = Script::new(&format!("{ID_ORDER}{RULES}"))
+        .key(format!("{prefix}:rules"))
+        .key(format!("{prefix}:events"))
+        .key(format!("{prefix}:dropped-logs"))
+        .key(format!("{prefix}:dropped"))
+        .arg(&ours)
+        .arg(logs)
+        .arg(format!("{prefix}:log:"))
+        .arg(super::MAX_RULES)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    match verdict {
+        1 => {
+            return Err(HistoryError::RulesDiffer {
+                prefix: prefix.to_string(),
+                stored: named(&stored),
+                ours: named(&ours),
+            });
+        }
+        2 if !ours.is_empty() => tracing::warn!(
+            rules = %named(&ours),
+            "the history in Redis records no retention rules (written by an older herald): recording this node's; every node must have the same"
+        ),
+        3 if stored != ours && !stored.is_empty() => tracing::info!(
+            recorded = %named(&stored),
+            rules = %named(&ours),
+            "the history in Redis holds no events: recording this node's retention rules in place of the recorded ones"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
 impl RedisHistory {
     /// Connects to Redis (through the sentinels, for a sentinel URL); fails at once when it is
     /// unreachable, so startup reports it.
@@ -622,6 +724,7 @@ impl RedisHistory {
                 );
             }
         }
+        record_rules(&link, &options.prefix, &options.retention.rules).await?;
         Ok(RedisHistory {
             stream: format!("{}:events", options.prefix),
             dropped: format!("{}:dropped", options.prefix),
@@ -1411,6 +1514,75 @@ pub(crate) mod tests {
         let next = read_all.read(ReadFrom::After(kept), 10).await.unwrap();
         assert_eq!(next.skipped, [marker]);
         assert_eq!(read_all.event(marker).await.unwrap().map(|e| e.id), None);
+    }
+
+    /// The rules a node starts with are recorded; another node's must match while the history
+    /// holds events. On an emptied history new rules are recorded, and what the old logs dropped
+    /// still counts against every reader (a log number may now name another rule).
+    #[tokio::test]
+    async fn rules_are_recorded_and_checked_and_replaced_only_on_an_empty_history() {
+        use crate::history::{RetentionRule, RetentionRules};
+        use crate::name::Topic;
+        let redis = RedisServer::start();
+        let ruled = |rules: &[&str], age: Option<Duration>| {
+            let global = Retention {
+                max_events: 100,
+                max_age: None,
+                max_bytes: None,
+                rules: RetentionRules::default(),
+            };
+            let rules = rules
+                .iter()
+                .map(|r| {
+                    let mut r = RetentionRule::parse(r, &global).unwrap();
+                    r.keep.max_age = age;
+                    r
+                })
+                .collect();
+            RedisHistory::connect(RedisOptions {
+                retention: Retention {
+                    rules: RetentionRules::new(rules).unwrap(),
+                    ..global
+                },
+                ..options(&redis.url, "rules")
+            })
+        };
+        let age = Some(Duration::from_millis(50));
+        let h = ruled(&["ai/**:events=5"], age).await.unwrap();
+        let ai = |d: &str| Message::to_topic(Topic::new("ai/x").unwrap()).data(d);
+        let first = h.append(vec![ai("a"), ai("b")]).await.unwrap()[0].id;
+        let err = ruled(&["ai/**:events=6"], age).await.unwrap_err();
+        assert!(
+            matches!(&err, HistoryError::RulesDiffer { stored, ours, .. }
+                if stored == "'ai/**:events=5,age=50ms'" && ours == "'ai/**:events=6,age=50ms'"),
+            "{err}"
+        );
+        let err = ruled(&[], None).await.unwrap_err().to_string();
+        assert!(err.contains("this node none"), "{err}");
+        // The same rules join.
+        ruled(&["ai/**:events=5"], age).await.unwrap();
+        // Both events age out: the history is empty, so other rules are recorded.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        h.maintain().await.unwrap();
+        let h = ruled(&["jobs/*", "ai/**:events=5"], age).await.unwrap();
+        let interest = h.interest(&[crate::name::Selector::new("ai/x").unwrap()]);
+        let chunk = h
+            .read_for(ReadFrom::After(first), 10, interest)
+            .await
+            .unwrap();
+        assert!(
+            chunk.gap.is_some(),
+            "`b` was dropped after `a`: a reader of ai/x resuming after `a` missed it"
+        );
+        // Once it holds an event again, the old rules are refused.
+        let job = Message::to_topic(Topic::new("jobs/1").unwrap()).data("j");
+        h.append(vec![job]).await.unwrap();
+        let err = ruled(&["ai/**:events=5"], age).await.unwrap_err();
+        assert!(
+            matches!(&err, HistoryError::RulesDiffer { stored, .. }
+                if stored == "'jobs/*:events=100,age=50ms' 'ai/**:events=5,age=50ms'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -131,6 +131,40 @@ impl RetentionRule {
     }
 }
 
+impl RetentionRule {
+    /// The rule as `--retention` takes it, every bound spelled out (those it took from the global
+    /// values too): `SELECTOR:events=N[,age=DUR][,bytes=N][,after-complete=DUR]`.
+    pub fn spec(&self) -> String {
+        let mut s = format!("{}:events={}", self.topics, self.keep.max_events);
+        if let Some(age) = self.keep.max_age {
+            s.push_str(&format!(",age={}", duration_spec(age)));
+        }
+        if let Some(bytes) = self.keep.max_bytes {
+            s.push_str(&format!(",bytes={bytes}"));
+        }
+        if let Some(after) = self.after_complete {
+            s.push_str(&format!(",after-complete={}", duration_spec(after)));
+        }
+        s
+    }
+}
+
+/// A duration in the largest unit that holds it whole (`90m`, `1500ms`), as rules are written.
+fn duration_spec(d: Duration) -> String {
+    let ms = millis(d);
+    for (unit, per) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= per && ms.is_multiple_of(per) {
+            return format!("{}{unit}", ms / per);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// The rules of a store, in the order given (the first that names a topic of an event keeps it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetentionRules(Arc<[RetentionRule]>);
@@ -161,6 +195,16 @@ impl RetentionRules {
 
     pub fn iter(&self) -> impl Iterator<Item = &RetentionRule> {
         self.0.iter()
+    }
+
+    /// The rules, one [`RetentionRule::spec`] a line, in order (empty without rules): what a
+    /// shared store records, so that a node with other rules is refused.
+    pub fn specs(&self) -> String {
+        self.0
+            .iter()
+            .map(RetentionRule::spec)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Logs of a store with these rules: the default log (0), then one per rule (`i + 1`).
@@ -405,6 +449,26 @@ mod tests {
         assert_eq!((r.topics.as_str(), r.keep.max_events), ("urn:x/**", 5));
         let r = RetentionRule::parse("urn:x/**", &global()).unwrap();
         assert_eq!((r.topics.as_str(), r.keep.max_events), ("urn:x/**", 1000));
+    }
+
+    #[test]
+    fn a_rules_spec_spells_out_every_bound_and_parses_back() {
+        let r = RetentionRule::parse("ai/**:age=90m,after-complete=1500ms", &global()).unwrap();
+        assert_eq!(
+            r.spec(),
+            "ai/**:events=1000,age=90m,bytes=1048576,after-complete=1500ms"
+        );
+        assert_eq!(RetentionRule::parse(&r.spec(), &global()).unwrap(), r);
+        let rules = RetentionRules::new(vec![
+            r,
+            RetentionRule::parse("jobs/*:events=5,age=2d", &global()).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            rules.specs(),
+            "ai/**:events=1000,age=90m,bytes=1048576,after-complete=1500ms\njobs/*:events=5,age=2d,bytes=1048576"
+        );
+        assert_eq!(RetentionRules::default().specs(), "");
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! each event is read once per process, so a lookup costs the events published since the previous
 //! one (amortised one read per published event), and the first lookup after a start reads the
 //! retained history once. When the store reports a gap after the watermark (retention overtook it,
-//! or a Redis failover rewound the history), the index is rebuilt from the oldest retained event.
+//! or a Redis failover rewound the history), the index is rebuilt from the oldest retained event;
+//! with retention rules only a dropped Mercure update (or an event every reader counts) is a gap.
 //! Memory: one entry per retained update that has a publisher id.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use herald_core::{EventId, HistoryError, Hub, ReadFrom, Topic};
+use herald_core::{EventId, HistoryError, Hub, ReadFrom, Selector, Topic};
 
 use super::update::{self, HERALD_TOPIC};
 
@@ -126,8 +127,14 @@ async fn catch_up(state: &mut State, hub: &Hub) -> Result<(), HistoryError> {
     }
     let mut from = state.seen.map_or(ReadFrom::Oldest, ReadFrom::After);
     let mut rebuilds = 0;
+    // Only Mercure updates are indexed: with retention rules, drops of other events are no gap.
+    let mercure = Selector::new(HERALD_TOPIC).expect("a valid selector");
+    let mut interest = hub.history_interest(std::slice::from_ref(&mercure));
     loop {
-        let chunk = hub.read_history(from, CHUNK).await?;
+        let chunk = hub.read_history_for(from, CHUNK, interest).await?;
+        // Going on after this read, what was dropped before it is no gap (a rebuild too: it
+        // starts at each log's oldest event).
+        interest = interest.after_drops(chunk.drops);
         // A gap after the watermark that is not unreadable rows passed over: events after it are
         // gone (retention overtook it) or the history was rewound, so the index may not match
         // the store any more. Rebuilt from the oldest event (at most twice per catch-up, so a

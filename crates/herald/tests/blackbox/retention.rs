@@ -212,3 +212,64 @@ async fn an_event_of_a_ruled_and_an_unruled_topic_is_replayed_once_in_order() {
     let e = ai.next().await;
     assert_eq!((e.event_type.as_str(), e.data.as_str()), ("message", "ai0"));
 }
+
+/// Redis records the rules its history is kept by: a node with other rules (another node, or a
+/// restart with changed rules) is refused, naming both, while the history holds events; on an
+/// empty history the node's rules are recorded in their place.
+#[tokio::test]
+async fn a_node_with_other_rules_than_redis_records_is_refused_naming_both() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let first = node(&redis, &RULE).await;
+    publish_many(&first, 3, |_| "ai/a".into(), "t").await;
+    for (args, ours) in [
+        (
+            vec!["--history", "1000", "--retention", "ai/**:events=10"],
+            "'ai/**:events=10'",
+        ),
+        (
+            vec![
+                "--history",
+                "1000",
+                "--retention",
+                "jobs/*",
+                "--retention",
+                "ai/**:events=5000",
+            ],
+            "'jobs/*:events=1000' 'ai/**:events=5000'",
+        ),
+        (vec!["--history", "1000"], "this node none"),
+    ] {
+        let mut all = vec!["--redis", url.as_str()];
+        all.extend(args);
+        let err = refused(&all).await;
+        assert!(
+            err.contains("other retention rules")
+                && err.contains("recorded 'ai/**:events=5000'")
+                && err.contains(ours)
+                && err.contains("--redis-prefix"),
+            "{all:?}: {err}"
+        );
+    }
+    // A restart with the same rules starts and replays what the first node kept.
+    first.kill().await;
+    let again = node(&redis, &RULE).await;
+    let mut sse = again.subscribe("topic=ai/a&since=all").await;
+    assert_eq!(events(&mut sse, 3).await[2].1, "t2");
+    again.kill().await;
+
+    // On an empty history (another prefix) a node's rules replace the recorded ones.
+    let empty = ["--redis-prefix", "empty", "--history", "1000"];
+    let one = node(&redis, &[&empty[..], &["--retention", "ai/**"]].concat()).await;
+    one.kill().await;
+    let changed = [&empty[..], &["--retention", "jobs/*:events=5"]].concat();
+    let two = node(&redis, &changed).await;
+    publish_many(&two, 1, |_| "jobs/1".into(), "j").await;
+    let mut all = vec!["--redis", url.as_str()];
+    all.extend([&empty[..], &["--retention", "ai/**"]].concat());
+    let err = refused(&all).await;
+    assert!(
+        err.contains("recorded 'jobs/*:events=5'") && err.contains("this node 'ai/**:events=1000'"),
+        "{err}"
+    );
+}
