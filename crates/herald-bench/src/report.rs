@@ -547,7 +547,7 @@ pub fn write(results: &str, meta: &str, out: &str, plots: &str) -> anyhow::Resul
         (
             "presence",
             None,
-            "herald only, two nodes on one `redis-server` (`--presence-grace 0s`): one user at a time opens a stream on node B, then closes it; the delay from sending the request (from closing the socket) until node A shows the change, as the `herald.presence` event on a `$presence/*` stream held on A (`*_event_*`) and in A's `GET /users/{id}`, polled back to back on one connection (`*_users_*`).",
+            "herald only, two nodes on one `redis-server` (`--presence-grace 0s`): one user at a time opens a stream on node B, then closes it; the delay from sending the request (from closing the socket) until node A shows the change, as the `herald.presence` event on a `$presence/*` stream held on A (`*_event_*`) and in A's `GET /users/{id}`, polled back to back on one connection in a second pass of as many users, so the polling does not weigh on the event figures (`*_users_*`).",
         ),
         (
             "webhook",
