@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use herald_core::{Chunk, Cluster, Event, EventId, Hub, ReadFrom, Selector};
 use cursor::CursorFile;
+use herald_core::{Chunk, Cluster, Event, EventId, Hub, ReadFrom, Selector};
 use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
@@ -106,8 +106,8 @@ pub fn start(
                     name,
                     renewed: parking_lot::Mutex::new(None),
                 },
-                (None, Some(dir)) => Keeper::File(parking_lot::Mutex::new(CursorFile::new(
-                    dir.join(format!("{name}.cursor")),
+                (None, Some(dir)) => Keeper::File(Arc::new(parking_lot::Mutex::new(
+                    CursorFile::new(dir.join(format!("{name}.cursor"))),
                 ))),
                 (None, None) => Keeper::Memory,
             };
@@ -126,8 +126,9 @@ pub fn start(
 /// Where a hook's cursor is kept, and whether this node may deliver it.
 enum Keeper {
     Memory,
-    /// Locked only by the hook's own deliverer, never across an `.await`.
-    File(parking_lot::Mutex<CursorFile>),
+    /// Read and written on the blocking pool (a save waits for the disk), one at a time: only
+    /// the hook's own deliverer uses it, awaiting each.
+    File(Arc<parking_lot::Mutex<CursorFile>>),
     Cluster {
         cluster: Arc<Cluster>,
         name: String,
@@ -175,7 +176,7 @@ impl Keeper {
     async fn load(&self) -> Option<ReadFrom> {
         match self {
             Keeper::Memory => None,
-            Keeper::File(file) => match file.lock().load() {
+            Keeper::File(file) => match blocking(file, CursorFile::load).await {
                 Ok(text) => Self::parse(&text?),
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook: the cursor could not be read");
@@ -195,7 +196,13 @@ impl Keeper {
     async fn save(&self, cursor: &str, only_new: bool) {
         let failed = match self {
             Keeper::Memory => return,
-            Keeper::File(file) => file.lock().save(cursor).err().map(|e| e.to_string()),
+            Keeper::File(file) => {
+                let cursor = cursor.to_owned();
+                blocking(file, move |f| f.save(&cursor))
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
+            }
             Keeper::Cluster { cluster, name, .. } => cluster
                 .keep(name, cursor, only_new)
                 .await
@@ -206,6 +213,18 @@ impl Keeper {
             tracing::warn!(error = %e, "webhook: the cursor could not be saved");
         }
     }
+}
+
+/// Runs `op` on the cursor file on tokio's blocking pool, so a worker thread does not wait for
+/// the disk.
+async fn blocking<T: Send + 'static>(
+    file: &Arc<parking_lot::Mutex<CursorFile>>,
+    op: impl FnOnce(&mut CursorFile) -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || op(&mut file.lock()))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// FNV-1a: a stable file name per URL.

@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(decode_slot(&[0u8; SLOT_LEN]), None, "never written");
         assert_eq!(decode_slot(&slot[..SLOT_LEN - 1]), None, "short");
         let longest = "9".repeat(TEXT_MAX);
-        assert_eq!(decode_slot(&encode_slot(1, &longest).unwrap()).unwrap().1, longest);
+        assert_eq!(
+            decode_slot(&encode_slot(1, &longest).unwrap()).unwrap().1,
+            longest
+        );
         assert!(encode_slot(1, &"9".repeat(TEXT_MAX + 1)).is_err());
     }
 

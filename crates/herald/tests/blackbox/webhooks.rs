@@ -271,7 +271,11 @@ async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat
     assert_eq!(exactly(&receiver, 6).await, ids);
     s.kill().await;
     let path = cursor_file(dir.path());
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192, "the slot format");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        8192,
+        "the slot format"
+    );
 
     // What herald wrote before the slot format: the last delivered id as the file's text. Here
     // the third, as if the last three had been delivered after that herald stopped.
@@ -279,7 +283,11 @@ async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat
     let s = Server::start(&args).await;
     let more = publish_n(&s, "jobs", 2).await;
     let want: Vec<String> = [&ids[..], &ids[3..], &more[..]].concat();
-    assert_eq!(exactly(&receiver, want.len()).await, want, "on from the old file's id");
+    assert_eq!(
+        exactly(&receiver, want.len()).await,
+        want,
+        "on from the old file's id"
+    );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192, "rewritten");
     s.kill().await;
 
