@@ -5,9 +5,10 @@
 //! 2xx, and only then moves the cursor on, before the next delivery; with `--data-dir` the cursor
 //! is kept in `DIR/webhook-<hash of URL>.cursor` (one `pwrite` and `fdatasync` per delivery: see
 //! [`cursor`] for the format), and in cluster mode in Redis, so a restart or a node's death
-//! resumes where delivery stopped, repeating at most the delivery in flight. In a cluster one node at a time delivers each hook: the holder
-//! of its Redis lease, renewed before every attempt. Events that fell out of history before
-//! delivery are reported to the receiver as one `herald.gap` delivery.
+//! resumes where delivery stopped, repeating at most the delivery in flight. In a cluster one
+//! node at a time delivers each hook: the holder of its Redis lease, renewed before every attempt.
+//! Events that fell out of history before delivery are reported to the receiver as one
+//! `herald.gap` delivery.
 
 mod cursor;
 
