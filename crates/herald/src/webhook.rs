@@ -2,18 +2,23 @@
 //! default `$presence/**`) is POSTed to the hook's URL as JSON, signed with `Herald-Signature`.
 //! The rule it keeps: in event order, at least once. A hook's deliverer reads history after its
 //! cursor, retries an event (exponential backoff with jitter, capped) until the receiver answers
-//! 2xx, and only then moves the cursor on; with `--data-dir` the cursor is kept in
-//! `DIR/webhook-<hash of URL>.cursor`, and in cluster mode in Redis, so a restart or a node's death
-//! resumes where delivery stopped. In a cluster one node at a time delivers each hook: the holder
-//! of its Redis lease, renewed before every attempt. Events that fell out of history before
-//! delivery are reported to the receiver as one `herald.gap` delivery (with retention rules, only
-//! events the hook could receive: it reads history with its selectors' interest, as a stream).
+//! 2xx, and only then moves the cursor on, before the next delivery; with `--data-dir` the cursor
+//! is kept in `DIR/webhook-<hash of URL>.cursor` (one `pwrite` and `fdatasync` per delivery: see
+//! [`cursor`] for the format), and in cluster mode in Redis, so a restart or a node's death
+//! resumes where delivery stopped, repeating at most the delivery in flight. In a cluster one
+//! node at a time delivers each hook: the holder of its Redis lease, renewed before every attempt.
+//! Events that fell out of history before delivery are reported to the receiver as one
+//! `herald.gap` delivery (with retention rules, only events the hook could receive: it reads
+//! history with its selectors' interest, as a stream).
 
-use std::path::{Path, PathBuf};
+mod cursor;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cursor::CursorFile;
 use herald_core::{Chunk, Cluster, Event, EventId, Hub, ReadFrom, Selector};
 use hmac::{Hmac, Mac};
 use serde_json::json;
@@ -103,7 +108,9 @@ pub fn start(
                     name,
                     renewed: parking_lot::Mutex::new(None),
                 },
-                (None, Some(dir)) => Keeper::File(dir.join(format!("{name}.cursor"))),
+                (None, Some(dir)) => Keeper::File(Arc::new(parking_lot::Mutex::new(
+                    CursorFile::new(dir.join(format!("{name}.cursor"))),
+                ))),
                 (None, None) => Keeper::Memory,
             };
             tokio::spawn(deliver(
@@ -121,7 +128,9 @@ pub fn start(
 /// Where a hook's cursor is kept, and whether this node may deliver it.
 enum Keeper {
     Memory,
-    File(PathBuf),
+    /// Read and written on the blocking pool (a save waits for the disk), one at a time: only
+    /// the hook's own deliverer uses it, awaiting each.
+    File(Arc<parking_lot::Mutex<CursorFile>>),
     Cluster {
         cluster: Arc<Cluster>,
         name: String,
@@ -169,7 +178,13 @@ impl Keeper {
     async fn load(&self) -> Option<ReadFrom> {
         match self {
             Keeper::Memory => None,
-            Keeper::File(path) => Self::parse(&std::fs::read_to_string(path).ok()?),
+            Keeper::File(file) => match blocking(file, CursorFile::load).await {
+                Ok(text) => Self::parse(&text?),
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook: the cursor could not be read");
+                    None
+                }
+            },
             Keeper::Cluster { cluster, name, .. } => match cluster.load(name).await {
                 Ok(text) => Self::parse(&text?),
                 Err(e) => {
@@ -183,7 +198,13 @@ impl Keeper {
     async fn save(&self, cursor: &str, only_new: bool) {
         let failed = match self {
             Keeper::Memory => return,
-            Keeper::File(path) => write_cursor(path, cursor).err().map(|e| e.to_string()),
+            Keeper::File(file) => {
+                let cursor = cursor.to_owned();
+                blocking(file, move |f| f.save(&cursor))
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
+            }
             Keeper::Cluster { cluster, name, .. } => cluster
                 .keep(name, cursor, only_new)
                 .await
@@ -194,6 +215,18 @@ impl Keeper {
             tracing::warn!(error = %e, "webhook: the cursor could not be saved");
         }
     }
+}
+
+/// Runs `op` on the cursor file on tokio's blocking pool, so a worker thread does not wait for
+/// the disk.
+async fn blocking<T: Send + 'static>(
+    file: &Arc<parking_lot::Mutex<CursorFile>>,
+    op: impl FnOnce(&mut CursorFile) -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || op(&mut file.lock()))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// FNV-1a: a stable file name per URL.
@@ -207,16 +240,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Writes the cursor durably: a new file, synced, renamed over the old one.
-fn write_cursor(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("cursor.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 async fn deliver(
@@ -246,6 +269,8 @@ async fn deliver(
                     .unwrap_or(ReadFrom::Since(now_ms()))
             }
         };
+        // The id last saved, so the end of a chunk does not save it again.
+        let mut saved: Option<EventId> = None;
         if !announced {
             tracing::info!(url = %hook.url, ?from, "webhook: delivering");
             announced = true;
@@ -301,8 +326,13 @@ async fn deliver(
                     continue 'lease;
                 }
                 keeper.save(&event.id.to_string(), false).await;
+                saved = Some(event.id);
             }
-            keeper.save(&last.to_string(), false).await;
+            // Past the events not wanted too (unless the last one was delivered, and so saved).
+            if saved != Some(last) {
+                keeper.save(&last.to_string(), false).await;
+                saved = Some(last);
+            }
             from = ReadFrom::After(last);
         }
     }

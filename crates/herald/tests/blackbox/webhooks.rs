@@ -1,9 +1,10 @@
 //! Webhooks against the real binary and a real HTTP receiver started here: signed deliveries in
 //! event order through receiver failures; a SIGKILL and a restart with the same data dir lose
-//! nothing (duplicates only for the delivery in flight, counted); events that fell out of history
-//! before delivery arrive as one `herald.gap` delivery, and with retention rules only events the
-//! hook could receive count; `[[webhook]]` tables of the config file,
-//! each with its own secret and topics, beside a `--webhook` flag.
+//! nothing (duplicates only for the delivery in flight, counted); a cursor file in the format
+//! before the slot one is taken up, neither losing nor repeating a delivery; events that fell out
+//! of history before delivery arrive as one `herald.gap` delivery, and with retention rules only
+//! events the hook could receive count; `[[webhook]]` tables of the config file, each with its own
+//! secret and topics, beside a `--webhook` flag.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -225,6 +226,78 @@ async fn a_sigkill_and_a_restart_with_the_data_dir_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The one cursor file in a data dir.
+fn cursor_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("webhook-") && name.ends_with(".cursor")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0].clone()
+}
+
+/// The ids of the accepted deliveries, once there are `n` and a moment has passed without more.
+async fn exactly(receiver: &Receiver, n: usize) -> Vec<String> {
+    receiver.until_accepted(n, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    receiver
+        .accepted()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat() {
+    let (receiver, url) = Receiver::start(0, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let args = [
+        "--data-dir",
+        data,
+        "--webhook",
+        &url,
+        "--webhook-topics",
+        "jobs",
+    ];
+    let s = Server::start(&args).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids = publish_n(&s, "jobs", 6).await;
+    assert_eq!(exactly(&receiver, 6).await, ids);
+    s.kill().await;
+    let path = cursor_file(dir.path());
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        8192,
+        "the slot format"
+    );
+
+    // What herald wrote before the slot format: the last delivered id as the file's text. Here
+    // the third, as if the last three had been delivered after that herald stopped.
+    std::fs::write(&path, &ids[2]).unwrap();
+    let s = Server::start(&args).await;
+    let more = publish_n(&s, "jobs", 2).await;
+    let want: Vec<String> = [&ids[..], &ids[3..], &more[..]].concat();
+    assert_eq!(
+        exactly(&receiver, want.len()).await,
+        want,
+        "on from the old file's id"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192, "rewritten");
+    s.kill().await;
+
+    // The rewritten file is read back as well: nothing again, only what is new.
+    let s = Server::start(&args).await;
+    let last = publish_n(&s, "jobs", 1).await;
+    let want: Vec<String> = [&want[..], &last[..]].concat();
+    assert_eq!(exactly(&receiver, want.len()).await, want);
+    s.kill().await;
 }
 
 #[tokio::test]
