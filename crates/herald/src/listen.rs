@@ -107,9 +107,6 @@ pub(crate) async fn serve(
         .initial_connection_window_size(1024 * 1024)
         .max_send_buf_size(64 * 1024);
     let acceptor = tls.map(TlsAcceptor::from);
-    if let Err(e) = set_accepted_options(&listener, settings.user_timeout) {
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY and TCP_USER_TIMEOUT on the listener");
-    }
     tokio::pin!(stop);
     let open = Arc::new(AtomicUsize::new(0));
     let most = most_connections();
@@ -144,6 +141,16 @@ pub(crate) async fn serve(
             continue;
         }
         let held = Held::new(&open);
+        // Per accepted socket: Linux copies both options from a listener to the sockets it
+        // accepts (getsockopt shows them), but a TCP_USER_TIMEOUT inherited that way did not end
+        // a vanished peer's stream (control::vanished_connections_leave_presence_within_a_few_heartbeats).
+        let sock = socket2::SockRef::from(&tcp);
+        if let Err(e) = sock
+            .set_tcp_nodelay(true)
+            .and_then(|()| sock.set_tcp_user_timeout(Some(settings.user_timeout)))
+        {
+            tracing::debug!(error = %e, "cannot set socket options");
+        }
         let connection = Connection {
             app: app.clone(),
             peer,
@@ -350,15 +357,6 @@ pub(crate) fn user_timeout(heartbeat: Duration) -> Duration {
 }
 
 /// Whether `addr` is reachable only from this machine.
-/// Sets the options every accepted connection needs (no Nagle delay; a peer that stops
-/// acknowledging is dropped after `user_timeout`) once, on the listener: Linux copies both to
-/// each socket it accepts, which saves two system calls per connection.
-fn set_accepted_options(listener: &TcpListener, user_timeout: Duration) -> std::io::Result<()> {
-    let sock = socket2::SockRef::from(listener);
-    sock.set_tcp_nodelay(true)?;
-    sock.set_tcp_user_timeout(Some(user_timeout))
-}
-
 pub(crate) fn is_loopback(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
@@ -434,24 +432,6 @@ async fn refuse(mut tcp: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The listener's options reach every accepted socket (Linux copies them), so they need not
-    /// be set per connection.
-    #[tokio::test]
-    async fn accepted_connections_carry_the_options_set_on_the_listener() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        set_accepted_options(&listener, Duration::from_millis(12_345)).unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let sock = socket2::SockRef::from(&accepted);
-        assert!(sock.tcp_nodelay().unwrap());
-        assert_eq!(
-            sock.tcp_user_timeout().unwrap(),
-            Some(Duration::from_millis(12_345))
-        );
-    }
 
     /// Issue 12 (not yet tried): `--heartbeat 10ms` gave a 20 ms `TCP_USER_TIMEOUT`, shorter than
     /// one retransmission; the timeout now has a floor of a second.
