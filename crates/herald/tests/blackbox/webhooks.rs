@@ -180,19 +180,24 @@ async fn deliveries_are_signed_and_in_order_through_receiver_failures() {
     assert_eq!(value("herald_webhook_lag_seconds"), Some(0.0), "{text}");
 }
 
+/// `herald serve` arguments for one hook on `jobs` with its cursor in `data`.
+fn durable_hook<'a>(data: &'a str, url: &'a str) -> [&'a str; 6] {
+    [
+        "--data-dir",
+        data,
+        "--webhook",
+        url,
+        "--webhook-topics",
+        "jobs",
+    ]
+}
+
 #[tokio::test]
 async fn a_sigkill_and_a_restart_with_the_data_dir_lose_nothing() {
     let (receiver, url) = Receiver::start(0, Duration::from_millis(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let args = [
-        "--data-dir",
-        data,
-        "--webhook",
-        &url,
-        "--webhook-topics",
-        "jobs",
-    ];
+    let args = durable_hook(data, &url);
     let s = Server::start(&args).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ids = publish_n(&s, "jobs", 40).await;
@@ -258,14 +263,7 @@ async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat
     let (receiver, url) = Receiver::start(0, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let args = [
-        "--data-dir",
-        data,
-        "--webhook",
-        &url,
-        "--webhook-topics",
-        "jobs",
-    ];
+    let args = durable_hook(data, &url);
     let s = Server::start(&args).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ids = publish_n(&s, "jobs", 6).await;
