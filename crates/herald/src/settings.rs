@@ -206,7 +206,7 @@ pub const HISTORY_BYTES: Setting = Setting::one(
 pub const DATA_DIR: Setting = Setting::one(
     "data-dir",
     "DIR",
-    "keep history on disk in `DIR/herald.redb`, so it survives restarts",
+    "keep history on disk in `DIR/herald.redb` (with its write-ahead log `DIR/herald.wal`), so it survives restarts and crashes",
 )
 .unset("none: in memory");
 pub const IDEMPOTENCY_WINDOW: Setting = Setting::one(
