@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -95,6 +96,10 @@ pub struct DurableHistory {
     /// `None` after a failed write: redb refuses further writes on a handle that saw an I/O error,
     /// so the next append reopens the file (which also recovers it and replays the log).
     db: Mutex<Option<Arc<Store>>>,
+    /// Set when an append failed after its log record was written and the record could not be
+    /// unwritten: whether it is published is then decided by the next start (which replays it),
+    /// so appending stops until then rather than replay it behind a failure's answer.
+    unsettled: Arc<AtomicBool>,
 }
 
 /// The redb file and its write-ahead log, opened together.
@@ -556,12 +561,13 @@ impl<'t> Writer<'t> {
         Ok(())
     }
 
-    /// Updates the logs' counters, trims by retention as of `now` and stores the counters.
+    /// Updates the logs' counters, trims by retention as of `trim_at` (`None`: not now) and
+    /// stores the counters.
     fn finish(
         mut self,
         txn: &'t redb::WriteTransaction,
         retention: &Retention,
-        now: u64,
+        trim_at: Option<u64>,
     ) -> Result<(), HistoryError> {
         if let Some(RuledTables { index, ends, added }) = self.ruled.take() {
             drop((index, ends));
@@ -575,8 +581,10 @@ impl<'t> Writer<'t> {
                 }
             }
             drop(logs);
-            trim_logs(txn, &mut self.events, &mut self.meta, retention, now)?;
-        } else {
+            if let Some(now) = trim_at {
+                trim_logs(txn, &mut self.events, &mut self.meta, retention, now)?;
+            }
+        } else if let Some(now) = trim_at {
             let cutoff = retention.cutoff_ms(now);
             trim(&mut self.events, &mut self.meta, retention, cutoff)?;
         }
@@ -585,25 +593,28 @@ impl<'t> Writer<'t> {
 }
 
 /// Stores, in one durable transaction, the logged appends `db` does not hold: those from its next
-/// id on (a durable commit holds every append before it), as long as they continue its ids.
-/// Returns how many events it stored.
+/// id on (a durable commit holds every append before it). Returns how many events it stored.
+/// It trims nothing: the opener's retention may not be the server's (`herald check`), and the
+/// next append or maintenance trims by the server's.
+///
+/// A log that does not continue `db`'s ids (a `herald.redb` restored from a backup beside a newer
+/// log) is not replayed, but its ids are not reused: a lost-marker at its last id takes the
+/// place of the events between, so a reader resuming from one of them gets a `herald.gap`.
 fn replay(db: &Database, retention: &Retention, records: Vec<Record>) -> Result<u64, HistoryError> {
     let txn = db.begin_write().map_err(unavailable)?;
     let mut replayed = 0;
+    let mut skipped_to = None;
     {
         let mut writer = Writer::open(&txn, retention)?;
+        let logged_end = records
+            .last()
+            .map(|r| (r.first + r.rows.len() as u64, r.published_ms));
         for record in records {
             if record.first < writer.meta.next {
                 continue;
             }
             if record.first > writer.meta.next {
-                // Not this file's continuation (a herald.redb restored from a backup beside a
-                // newer log): replaying would leave ids missing that no reader is told of.
-                tracing::warn!(
-                    next = writer.meta.next,
-                    logged = record.first,
-                    "the write-ahead log does not continue herald.redb (restored from a backup?): its remaining records are ignored"
-                );
+                skipped_to = logged_end;
                 break;
             }
             let now = record.published_ms.max(writer.meta.last_published_ms);
@@ -614,15 +625,36 @@ fn replay(db: &Database, retention: &Retention, records: Vec<Record>) -> Result<
                 replayed += 1;
             }
         }
-        if replayed == 0 {
+        if let Some((end, published_ms)) = skipped_to {
+            tracing::warn!(
+                next = writer.meta.next,
+                logged_through = end - 1,
+                "the write-ahead log does not continue herald.redb (restored from a backup?): its events are not replayed, ids go on after them, and readers of the ids between get a herald.gap"
+            );
+            writer.meta.next = end - 1;
+            let marker = Event::new(EventId(end - 1), Message::broadcast(), published_ms);
+            writer.insert(retention, &lost_row(published_ms), &marker)?;
+        }
+        if replayed == 0 && skipped_to.is_none() {
             drop(writer);
             txn.abort().map_err(unavailable)?;
             return Ok(0);
         }
-        writer.finish(&txn, retention, now_ms())?;
+        writer.finish(&txn, retention, None)?;
     }
     txn.commit().map_err(unavailable)?;
     Ok(replayed)
+}
+
+/// An append whose record may be in the log failed: unwrites the record, so that it is answered
+/// as failed and stays so (a reopen or restart would replay it otherwise). If even that fails,
+/// marks the store unsettled: no more appends until a restart decides.
+fn settle(wal: &mut Wal, unsettled: &AtomicBool, failure: HistoryError) -> HistoryError {
+    if let Err(e) = wal.unlog() {
+        tracing::error!(error = %e, "a failed append's write-ahead log record could not be unwritten: appends stop until herald restarts, which publishes it");
+        unsettled.store(true, Ordering::Relaxed);
+    }
+    failure
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HistoryError {
@@ -721,6 +753,7 @@ impl DurableHistory {
             path,
             retention,
             db: Mutex::new(Some(Arc::new(store))),
+            unsettled: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -753,6 +786,11 @@ impl DurableHistory {
     }
 
     fn handle(&self) -> Result<Arc<Store>, HistoryError> {
+        if self.unsettled.load(Ordering::Relaxed) {
+            return Err(HistoryError::Unavailable(
+                "an append failed after its write-ahead log record was written, and the record could not be unwritten: restart herald (the restart publishes that append)".into(),
+            ));
+        }
         let mut slot = self.db.lock();
         if let Some(store) = slot.as_ref() {
             return Ok(store.clone());
@@ -777,6 +815,7 @@ impl DurableHistory {
         store: &Store,
         retention: &Retention,
         messages: Vec<Message>,
+        unsettled: &AtomicBool,
     ) -> Result<Vec<Arc<Event>>, HistoryError> {
         let mut wal = store.wal.lock();
         let mut txn = store.db.begin_write().map_err(unavailable)?;
@@ -795,17 +834,31 @@ impl DurableHistory {
                 wal.push(&row);
                 out.push(Arc::new(event));
             }
-            writer.finish(&txn, retention, now)?;
+            writer.finish(&txn, retention, Some(now))?;
         }
         // Logged: the record on disk makes the append durable, redb's commit need not be. Not
         // logged (the ring is full, a checkpoint is due, the record is too large, or the disk has
         // no room to extend the ring): the commit is durable itself, and holds every record
         // before it.
-        let logged = wal.log().map_err(unavailable)?;
-        if logged {
-            txn.set_durability(Durability::None).map_err(unavailable)?;
+        let logged = match wal.log() {
+            Ok(logged) => logged,
+            Err(e) => return Err(settle(&mut wal, unsettled, unavailable(e))),
+        };
+        if logged && let Err(e) = txn.set_durability(Durability::None) {
+            return Err(settle(&mut wal, unsettled, unavailable(e)));
         }
-        txn.commit().map_err(unavailable)?;
+        #[cfg(test)]
+        if logged && tests::FAIL_AFTER_LOG.swap(false, Ordering::Relaxed) {
+            return Err(settle(&mut wal, unsettled, unavailable("test failure")));
+        }
+        if let Err(e) = txn.commit() {
+            let e = unavailable(e);
+            return Err(if logged {
+                settle(&mut wal, unsettled, e)
+            } else {
+                e
+            });
+        }
         if !logged {
             wal.checkpointed();
         }
@@ -1175,13 +1228,17 @@ impl History for DurableHistory {
         let retention = self.retention.clone();
         let result = tokio::task::spawn_blocking({
             let db = db.clone();
-            move || Self::append_blocking(&db, &retention, messages)
+            let unsettled = self.unsettled.clone();
+            move || Self::append_blocking(&db, &retention, messages, &unsettled)
         })
         .await
         .map_err(unavailable)?;
         if let Err(e) = &result {
             tracing::error!(error = %e, "history append failed");
-            self.poison(&db);
+            // Only a store error makes redb refuse the handle; a message it cannot hold does not.
+            if matches!(e, HistoryError::Unavailable(_)) {
+                self.poison(&db);
+            }
         }
         result
     }
@@ -1226,6 +1283,9 @@ mod tests {
     use super::super::row::encode_row;
     use super::*;
     use crate::name::{EventType, Topic, UserId};
+
+    /// Makes the next logged append fail after its record was written (once).
+    pub(super) static FAIL_AFTER_LOG: AtomicBool = AtomicBool::new(false);
 
     thread_local! {
         /// Log fronts whose row an append (on this thread) looked up, and those it decoded.
@@ -1340,15 +1400,16 @@ mod tests {
     }
 
     /// A herald.redb restored from a backup beside a newer log: the log's records do not continue
-    /// its ids, and replaying them would leave ids missing that no reader is told of.
+    /// its ids. They are not replayed (ids would go missing between), and their ids are not
+    /// reused: a reader resuming from one of them gets a gap, and new ids follow the log's.
     #[tokio::test]
-    async fn a_log_that_does_not_continue_the_file_is_ignored() {
+    async fn a_log_that_does_not_continue_the_file_is_not_replayed_nor_its_ids_reused() {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention::default();
         let db_file = dir.path().join(FILE);
         let saved = dir.path().join("saved.redb");
         let open = || DurableHistory::open(dir.path(), retention.clone()).unwrap();
-        open()
+        let a = open()
             .append(vec![Message::broadcast().data("a")])
             .await
             .unwrap();
@@ -1358,20 +1419,97 @@ mod tests {
             .await
             .unwrap();
         // A new start writes its first record at offset 0: the log now holds c alone.
-        open()
+        let c = open()
             .append(vec![Message::broadcast().data("c")])
             .await
             .unwrap();
         std::fs::copy(&saved, &db_file).unwrap();
         let h = open();
-        let c = h.read(ReadFrom::Oldest, 10).await.unwrap();
-        let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
-        assert_eq!(data, ["a"], "c is not replayed after a missing b");
+        let from_a = h.read(ReadFrom::After(a[0].id), 10).await.unwrap();
+        assert!(
+            from_a.events.is_empty(),
+            "c is not replayed after a missing b"
+        );
+        let from_b = h.read(ReadFrom::After(b[0].id), 10).await.unwrap();
+        assert!(from_b.gap.is_some(), "a reader of b is told of the gap");
         let next = h
-            .append(vec![Message::broadcast().data("b2")])
+            .append(vec![Message::broadcast().data("d")])
             .await
             .unwrap();
-        assert_eq!(next[0].id, b[0].id, "ids go on from the restored file");
+        assert!(next[0].id > c[0].id, "no id is given twice");
+        let from_a = h.read(ReadFrom::After(a[0].id), 10).await.unwrap();
+        let data: Vec<&str> = from_a.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["d"]);
+        assert!(
+            from_a.gap.is_some(),
+            "a reader of a is told of the gap before d"
+        );
+    }
+
+    /// An append that fails after its record was logged is answered as failed and stays failed:
+    /// its record is unwritten, so neither a reopen nor a restart publishes it behind the answer.
+    #[tokio::test]
+    async fn an_append_that_fails_after_its_record_was_logged_is_never_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention::default();
+        let db_file = dir.path().join(FILE);
+        let saved = dir.path().join("saved.redb");
+        let h = DurableHistory::open(dir.path(), retention.clone()).unwrap();
+        let one = |data: &str| vec![Message::broadcast().data(data.to_owned())];
+        h.append(one("a")).await.unwrap();
+        let b = h.append(one("b")).await.unwrap();
+        FAIL_AFTER_LOG.store(true, Ordering::Relaxed);
+        assert!(h.append(one("lost")).await.is_err());
+        // The failure closed the store (a and b durable in redb, `lost` logged after them); the
+        // next append reopens it, which reads the log.
+        std::fs::copy(&db_file, &saved).unwrap();
+        let c = h.append(one("c")).await.unwrap();
+        assert_eq!(c[0].id.0, b[0].id.0 + 1, "the failed append took no id");
+        drop(h);
+        // A power loss: redb as it was before c; the log brings c back, and nothing else.
+        std::fs::copy(&saved, &db_file).unwrap();
+        let h = DurableHistory::open(dir.path(), retention).unwrap();
+        let all = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        let data: Vec<&str> = all.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a", "b", "c"]);
+    }
+
+    /// Replaying trims nothing: `herald check` opens the store with default retention, which must
+    /// not drop what the server's retention keeps.
+    #[tokio::test]
+    async fn replay_trims_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_file = dir.path().join(FILE);
+        let saved = dir.path().join("saved.redb");
+        let wide = Retention::default();
+        {
+            let h = DurableHistory::open(dir.path(), wide.clone()).unwrap();
+            h.append(vec![Message::broadcast().data("a")])
+                .await
+                .unwrap();
+        }
+        std::fs::copy(&db_file, &saved).unwrap();
+        {
+            let h = DurableHistory::open(dir.path(), wide).unwrap();
+            for i in 0..5 {
+                h.append(vec![Message::broadcast().data(format!("{i}"))])
+                    .await
+                    .unwrap();
+            }
+        }
+        std::fs::copy(&saved, &db_file).unwrap();
+        let narrow = Retention {
+            max_events: 2,
+            ..Retention::default()
+        };
+        let h = DurableHistory::open(dir.path(), narrow).unwrap();
+        let all = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        assert_eq!(all.events.len(), 6, "replayed, not trimmed");
+        h.append(vec![Message::broadcast().data("next")])
+            .await
+            .unwrap();
+        let all = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        assert_eq!(all.events.len(), 2, "the next append trims");
     }
 
     /// Issue 12: after a restart under a wall clock stepped an hour back, ids continue past the
@@ -1650,7 +1788,13 @@ mod tests {
         let append = |messages: Vec<Message>| {
             FRONT_ROWS.with(|n| n.set(0));
             FRONT_DECODES.with(|n| n.set(0));
-            DurableHistory::append_blocking(&store, &h.retention, messages).unwrap();
+            DurableHistory::append_blocking(
+                &store,
+                &h.retention,
+                messages,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             (
                 FRONT_ROWS.with(|n| n.get()),
                 FRONT_DECODES.with(|n| n.get()),

@@ -15,10 +15,13 @@
 //! append commits durably in redb instead, as if the ring were full.
 //!
 //! Record: `magic u32 | body length u32 | CRC-32 of body u32 | body`; body: `first id u64 |
-//! published ms u64 | count u32 | (row length u32 | stored row)*`, the rows exactly as redb keeps
-//! them. Reading stops at the first record that is torn (bad magic, length or checksum) or does
-//! not continue the ids of the one before it: records left over from an earlier lap of the ring
-//! always hold lower ids than the lap written after them.
+//! published ms u64 | count u32 | lap u64 | (row length u32 | stored row)*`, the rows exactly as
+//! redb keeps them. `lap` is a random number drawn for each lap of the ring. Reading stops at the
+//! first record that is torn (bad magic, length or checksum), belongs to another lap than the
+//! first record, or does not start at the id after the one before it ends: so neither a record
+//! left over from an earlier lap nor bytes a publisher put into an event's data (a row is stored
+//! verbatim) can pass for a current record. A record whose append then failed is unwritten (its
+//! magic zeroed and synced) before the failure is answered, so it is never replayed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
@@ -35,7 +38,7 @@ const GROWTH: u64 = 256 << 10;
 pub(super) const FILE: &str = "herald.wal";
 const MAGIC: u32 = 0x4857_4c31; // "HWL1"
 const HEAD: usize = 12;
-const BODY_HEAD: usize = 20;
+const BODY_HEAD: usize = 28;
 
 /// One logged append: the events it stored, from id `first` on, all published at `published_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,10 @@ pub(super) struct Wal {
     pos: u64,
     /// Records written since the last durable commit.
     since_checkpoint: u32,
+    /// This lap's number, in every record of it.
+    lap: u64,
+    /// Where the last record written begins.
+    last_at: u64,
     /// The record being built (reused between appends).
     buf: Vec<u8>,
 }
@@ -80,6 +87,8 @@ impl Wal {
             len,
             pos: 0,
             since_checkpoint: 0,
+            lap: new_lap(),
+            last_at: 0,
             buf: Vec::new(),
         };
         Ok((wal, records))
@@ -92,6 +101,7 @@ impl Wal {
         self.buf.extend_from_slice(&first.to_le_bytes());
         self.buf.extend_from_slice(&published_ms.to_le_bytes());
         self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.buf.extend_from_slice(&self.lap.to_le_bytes());
     }
 
     /// Adds one stored row to the record begun last.
@@ -132,11 +142,24 @@ impl Wal {
         self.buf[..4].copy_from_slice(&MAGIC.to_le_bytes());
         self.buf[4..8].copy_from_slice(&body_len.to_le_bytes());
         self.buf[8..12].copy_from_slice(&sum.to_le_bytes());
-        self.file.write_all_at(&self.buf, self.pos)?;
-        self.file.sync_data()?;
+        self.last_at = self.pos;
         self.pos = end;
         self.since_checkpoint += 1;
+        // From here the record may be on disk: a failure must unwrite it (see `unlog`).
+        self.file.write_all_at(&self.buf, self.last_at)?;
+        self.file.sync_data()?;
         Ok(true)
+    }
+
+    /// Unwrites the record written last (its append failed after it was logged, and is answered
+    /// as failed): zeroes its magic and syncs, so no reopen or restart replays it. The next
+    /// record takes its place.
+    pub fn unlog(&mut self) -> std::io::Result<()> {
+        self.file.write_all_at(&[0; 4], self.last_at)?;
+        self.file.sync_data()?;
+        self.pos = self.last_at;
+        self.since_checkpoint = self.since_checkpoint.saturating_sub(1);
+        Ok(())
     }
 
     /// Zero-fills the ring up to at least `end` (whole [`GROWTH`]s, at most [`CAPACITY`]) and
@@ -160,14 +183,29 @@ impl Wal {
     pub fn checkpointed(&mut self) {
         self.pos = 0;
         self.since_checkpoint = 0;
+        self.lap = new_lap();
     }
 }
 
+/// A lap number no earlier lap used and no publisher can guess: from the standard library's
+/// randomly keyed hasher (seeded by the OS), over the time.
+fn new_lap() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// The records of the log's current lap (within its first `len` bytes): from offset 0, while
-/// each is whole and continues the ids of the one before.
+/// each is whole, of the first record's lap, and starts at the id after the one before.
 fn read_records(file: &File, len: u64) -> std::io::Result<Vec<Record>> {
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     let mut out: Vec<Record> = Vec::new();
+    let mut first_lap: Option<u64> = None;
     let mut read = 0u64;
     let mut head = [0u8; HEAD];
     loop {
@@ -194,24 +232,28 @@ fn read_records(file: &File, len: u64) -> std::io::Result<Vec<Record>> {
         if crc32fast::hash(&body) != sum {
             break;
         }
-        let Some(record) = parse(&body) else { break };
-        if let Some(prev) = out.last()
-            && record.first < prev.first + prev.rows.len() as u64
+        let Some((record, record_lap)) = parse(&body) else {
+            break;
+        };
+        if let Some((prev, lap)) = out.last().zip(first_lap)
+            && (record.first != prev.first + prev.rows.len() as u64 || record_lap != lap)
         {
-            break; // an earlier lap's record
+            break; // not this lap's next record
         }
+        first_lap.get_or_insert(record_lap);
         out.push(record);
         read += HEAD as u64 + body_len;
     }
     Ok(out)
 }
 
-fn parse(body: &[u8]) -> Option<Record> {
+fn parse(body: &[u8]) -> Option<(Record, u64)> {
     let u64_at = |i: usize| Some(u64::from_le_bytes(body.get(i..i + 8)?.try_into().ok()?));
     let u32_at = |i: usize| Some(u32::from_le_bytes(body.get(i..i + 4)?.try_into().ok()?));
     let first = u64_at(0)?;
     let published_ms = u64_at(8)?;
     let count = u32_at(16)?;
+    let lap = u64_at(20)?;
     let mut rows = Vec::with_capacity(count.min(1 << 16) as usize);
     let mut at = BODY_HEAD;
     for _ in 0..count {
@@ -219,11 +261,14 @@ fn parse(body: &[u8]) -> Option<Record> {
         rows.push(body.get(at + 4..at + 4 + len)?.to_vec());
         at += 4 + len;
     }
-    (at == body.len()).then_some(Record {
-        first,
-        published_ms,
-        rows,
-    })
+    (at == body.len()).then_some((
+        Record {
+            first,
+            published_ms,
+            rows,
+        },
+        lap,
+    ))
 }
 
 /// Overwrites bytes of the log in `dir` at `at`: tests damage a log with it.
@@ -294,6 +339,35 @@ mod tests {
         log(&mut wal, 101, &[b"new-row"]);
         let (_, found) = Wal::open(dir.path()).unwrap();
         assert_eq!(firsts(&found), [100, 101], "old records 2..5 are not read");
+    }
+
+    #[test]
+    fn an_unlogged_record_is_not_read_and_the_next_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        log(&mut wal, 1, &[b"a"]);
+        log(&mut wal, 2, &[b"failed"]);
+        wal.unlog().unwrap();
+        assert_eq!(firsts(&Wal::open(dir.path()).unwrap().1), [1]);
+        log(&mut wal, 2, &[b"b"]);
+        let (_, found) = Wal::open(dir.path()).unwrap();
+        assert_eq!(firsts(&found), [1, 2]);
+        assert_eq!(found[1].rows, [b"b".to_vec()]);
+    }
+
+    #[test]
+    fn a_record_of_another_lap_or_not_next_in_ids_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        log(&mut wal, 1, &[b"a", b"b"]);
+        // A gap in ids (as bytes a publisher crafted could claim): not this lap's next record.
+        log(&mut wal, 7, &[b"c"]);
+        assert_eq!(firsts(&Wal::open(dir.path()).unwrap().1), [1]);
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        log(&mut wal, 1, &[b"a", b"b"]);
+        wal.lap ^= 1; // the same ids, but written in another lap
+        log(&mut wal, 3, &[b"c"]);
+        assert_eq!(firsts(&Wal::open(dir.path()).unwrap().1), [1]);
     }
 
     #[test]
