@@ -1,7 +1,7 @@
 //! The durable store's write-ahead log, `DIR/herald.wal`: what makes an acknowledged append cost
 //! one `fdatasync` of a few KiB instead of a redb commit. The rule it keeps: a record is on disk
 //! before its append is answered, and a record is only overwritten once a durable redb commit
-//! holds everything it says.
+//! holds everything it says, or once its append failed (then before the failure is answered).
 //!
 //! Why not redb alone: a durable redb commit writes its B-tree pages, then its header, and syncs
 //! the file (0.4–1.6 ms here), so 16 publishers with one request in flight each were capped at
