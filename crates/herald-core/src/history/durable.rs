@@ -128,20 +128,6 @@ impl Store {
     }
 }
 
-/// A clean stop leaves everything in the redb file, so the log is not needed to open it (by
-/// `herald check`, a backup, or a herald that wants no log).
-impl std::ops::Drop for Store {
-    fn drop(&mut self) {
-        let durable = match self.db.begin_write() {
-            Ok(txn) => txn.commit().map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = durable {
-            tracing::warn!(error = %e, "closing the history: the last appends stay in the write-ahead log until the next start");
-        }
-    }
-}
-
 /// Counters kept in the meta table, updated in the same transaction as the events.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
@@ -657,6 +643,16 @@ fn settle(wal: &mut Wal, unsettled: &AtomicBool, failure: HistoryError) -> Histo
     failure
 }
 
+/// Tests make an append fail after its record was logged (`tests::FAIL_AFTER_LOG`).
+#[cfg_attr(not(test), allow(unused_variables))]
+fn fail_after_log(logged: bool) -> Result<(), HistoryError> {
+    #[cfg(test)]
+    if logged && tests::FAIL_AFTER_LOG.swap(false, Ordering::Relaxed) {
+        return Err(unavailable("test failure"));
+    }
+    Ok(())
+}
+
 fn unavailable(e: impl std::fmt::Display) -> HistoryError {
     HistoryError::Unavailable(e.to_string())
 }
@@ -840,19 +836,17 @@ impl DurableHistory {
         // logged (the ring is full, a checkpoint is due, the record is too large, or the disk has
         // no room to extend the ring): the commit is durable itself, and holds every record
         // before it.
-        let logged = match wal.log() {
-            Ok(logged) => logged,
-            Err(e) => return Err(settle(&mut wal, unsettled, unavailable(e))),
-        };
-        if logged && let Err(e) = txn.set_durability(Durability::None) {
-            return Err(settle(&mut wal, unsettled, unavailable(e)));
+        let logged = wal
+            .log()
+            .map_err(|e| settle(&mut wal, unsettled, unavailable(e)))?;
+        let committed = if logged {
+            txn.set_durability(Durability::None).map_err(unavailable)
+        } else {
+            Ok(())
         }
-        #[cfg(test)]
-        if logged && tests::FAIL_AFTER_LOG.swap(false, Ordering::Relaxed) {
-            return Err(settle(&mut wal, unsettled, unavailable("test failure")));
-        }
-        if let Err(e) = txn.commit() {
-            let e = unavailable(e);
+        .and_then(|()| fail_after_log(logged))
+        .and_then(|()| txn.commit().map_err(unavailable));
+        if let Err(e) = committed {
             return Err(if logged {
                 settle(&mut wal, unsettled, e)
             } else {
@@ -1333,6 +1327,27 @@ mod tests {
         let c = h.read(ReadFrom::After(EventId(50)), 10).await.unwrap();
         let data: Vec<&str> = c.events.iter().map(|e| e.data.as_str()).collect();
         assert_eq!((c.gap, data), (None, vec!["b", "c"]));
+    }
+
+    /// Closing the store (dropping it: a clean stop) leaves every append in herald.redb, so the
+    /// log is not needed to open it: redb's own close makes its non-durable commits durable.
+    #[tokio::test]
+    async fn a_clean_close_leaves_everything_in_the_redb_file() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+            h.append(vec![Message::broadcast().data("a")])
+                .await
+                .unwrap();
+            h.append(vec![Message::broadcast().data("b")])
+                .await
+                .unwrap();
+        }
+        std::fs::remove_file(dir.path().join(wal::FILE)).unwrap();
+        let h = DurableHistory::open(dir.path(), Retention::default()).unwrap();
+        let all = h.read(ReadFrom::Oldest, 10).await.unwrap();
+        let data: Vec<&str> = all.events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a", "b"]);
     }
 
     /// A crash (power loss) forgets redb's non-durable commits; their log records bring them back,

@@ -61,6 +61,8 @@ pub(super) struct Wal {
     lap: u64,
     /// Where the last record written begins.
     last_at: u64,
+    /// Rows in the record being built.
+    rows: u32,
     /// The record being built (reused between appends).
     buf: Vec<u8>,
 }
@@ -89,6 +91,7 @@ impl Wal {
             since_checkpoint: 0,
             lap: new_lap(),
             last_at: 0,
+            rows: 0,
             buf: Vec::new(),
         };
         Ok((wal, records))
@@ -97,6 +100,7 @@ impl Wal {
     /// Starts a record for the events from id `first` on, published at `published_ms`.
     pub fn begin(&mut self, first: u64, published_ms: u64) {
         self.buf.clear();
+        self.rows = 0;
         self.buf.extend_from_slice(&[0; HEAD]);
         self.buf.extend_from_slice(&first.to_le_bytes());
         self.buf.extend_from_slice(&published_ms.to_le_bytes());
@@ -109,17 +113,14 @@ impl Wal {
         self.buf
             .extend_from_slice(&(row.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(row);
-        let count_at = HEAD + 16;
-        let count = u32::from_le_bytes(self.buf[count_at..count_at + 4].try_into().unwrap()) + 1;
-        self.buf[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+        self.rows += 1;
     }
 
     /// Whether the record begun last may be logged (the ring has room for it and no checkpoint
     /// is due), or its append must commit durably instead.
     pub fn fits(&self) -> bool {
-        self.since_checkpoint < CHECKPOINT_EVERY
-            && self.pos + self.buf.len() as u64 <= CAPACITY
-            && self.buf.len() - HEAD - BODY_HEAD <= u32::MAX as usize
+        // The ring's size also keeps the body length within the header's u32.
+        self.since_checkpoint < CHECKPOINT_EVERY && self.pos + self.buf.len() as u64 <= CAPACITY
     }
 
     /// Writes the record begun last and waits until it is on disk: `Ok(true)`. `Ok(false)`: it
@@ -138,6 +139,7 @@ impl Wal {
             return Ok(false);
         }
         let body_len = (self.buf.len() - HEAD) as u32;
+        self.buf[HEAD + 16..HEAD + 20].copy_from_slice(&self.rows.to_le_bytes());
         let sum = crc32fast::hash(&self.buf[HEAD..]);
         self.buf[..4].copy_from_slice(&MAGIC.to_le_bytes());
         self.buf[4..8].copy_from_slice(&body_len.to_le_bytes());
