@@ -1011,18 +1011,21 @@ async fn subscriber_on(s: &Server, topic: &str) -> Sse {
     .await
 }
 
+/// A cluster node's Mercure hub with the subscriptions API and draft-08 tokens.
+const SUBSCRIPTIONS_NODE: [&str; 6] = [
+    "--mercure",
+    "--mercure-subscriptions",
+    "--jwt-secret",
+    SECRET,
+    "--mercure-resource",
+    RESOURCE,
+];
+
 /// Two nodes on `redis` with the subscriptions API, and a watcher of every subscription on the
 /// first.
 async fn subscriptions_cluster(redis: &Redis) -> (Server, Server, Sse) {
-    let base = [
-        "--mercure",
-        "--mercure-subscriptions",
-        "--jwt-secret",
-        SECRET,
-        "--mercure-resource",
-        RESOURCE,
-        "--anonymous",
-    ];
+    let mut base = SUBSCRIPTIONS_NODE.to_vec();
+    base.push("--anonymous");
     let (a, b) = (node(redis, &base).await, node(redis, &base).await);
     let watch = subscribe(
         &a,
@@ -1081,18 +1084,7 @@ async fn mercure_subscriptions_span_a_redis_cluster() {
 #[tokio::test]
 async fn mercure_subscriptions_api_answers_304_without_listing() {
     let redis = Redis::start();
-    let a = node(
-        &redis,
-        &[
-            "--mercure",
-            "--mercure-subscriptions",
-            "--jwt-secret",
-            SECRET,
-            "--mercure-resource",
-            RESOURCE,
-        ],
-    )
-    .await;
+    let a = node(&redis, &SUBSCRIPTIONS_NODE).await;
     let first = api(&a, SUBS, Some(&draft08_watcher())).await;
     assert_eq!(first.status(), StatusCode::OK);
     let tag = first.headers()["etag"].to_str().unwrap().to_string();

@@ -55,6 +55,18 @@ impl Receiver {
             .collect()
     }
 
+    /// Waits until a delivery was attempted (accepted or refused).
+    async fn until_attempted(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.got.lock().unwrap().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no delivery attempt"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn until_accepted(&self, n: usize, within: Duration) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -306,14 +318,7 @@ async fn events_that_fell_out_of_history_arrive_as_one_gap() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The first event is in the deliverer's hands (refused, retried) before the others come.
     let mut ids = publish_n(&s, "t", 1).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while receiver.got.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery attempt"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    receiver.until_attempted(PATIENCE).await;
     ids.extend(publish_n(&s, "t", 19).await);
     let deadline = tokio::time::Instant::now() + PATIENCE * 3;
     let got = loop {
@@ -495,14 +500,7 @@ async fn other_topics_dropped_by_retention_rules_are_no_gap_of_a_hook() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The first event is in the deliverer's hands (refused, retried) before the others come.
     let mut ids = publish_n(&s, "hooked/a", 1).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while receiver.got.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery attempt"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    receiver.until_attempted(PATIENCE).await;
     // The default log keeps 3: seven of these are dropped while the hook is behind.
     publish_n(&s, "news", 10).await;
     ids.extend(publish_n(&s, "hooked/a", 1).await);
