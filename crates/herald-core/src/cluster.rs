@@ -42,9 +42,15 @@ return 0
 
 /// Claims dead node ARGV[1] for reaping: moves it from the live set KEYS[1] to the reaping set
 /// KEYS[2] with the deadline ARGV[3], or takes it there once its deadline passed (ARGV[2]: now).
-/// 1: this caller reaps it.
+/// A node whose last report is newer than ARGV[4] (the dead cutoff) is alive, whatever it was:
+/// it is not claimed, and leaves the reaping set. 1: this caller reaps it.
 const CLAIM: &str = r"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if seen and tonumber(seen) > tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[2], ARGV[1]) return 0
+end
+if seen then
+  redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) return 1
 end
 local lapses = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -376,8 +382,9 @@ impl Cluster {
     async fn reap(&self) -> Result<(), ClusterError> {
         let mut conn = self.conn.clone();
         let now = now_ms();
+        let cutoff = now.saturating_sub(self.node_ttl_ms);
         let mut candidates: Vec<String> = conn
-            .zrangebyscore(self.nodes_key(), 0, now.saturating_sub(self.node_ttl_ms))
+            .zrangebyscore(self.nodes_key(), 0, cutoff)
             .await
             .map_err(unavailable)?;
         let stalled: Vec<String> = conn
@@ -393,6 +400,7 @@ impl Cluster {
                 .arg(&node)
                 .arg(now)
                 .arg(now + self.node_ttl_ms.max(5_000))
+                .arg(cutoff)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
@@ -777,4 +785,60 @@ fn rand_id() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     t ^ (u64::from(std::process::id()) << 40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::RedisServer;
+
+    async fn claim(conn: &mut redis::aio::MultiplexedConnection, node: &str, now: u64) -> i64 {
+        redis::Script::new(CLAIM)
+            .key("nodes")
+            .key("reaping")
+            .arg(node)
+            .arg(now)
+            .arg(now + 5_000)
+            .arg(now - 1_000)
+            .invoke_async(conn)
+            .await
+            .unwrap()
+    }
+
+    /// Review finding: a node whose reaping failed and that reported again (alive after a Redis
+    /// or network hiccup) was claimed and reaped anyway, its users taken offline under it.
+    #[tokio::test]
+    async fn a_node_that_reported_again_is_not_claimed() {
+        let redis = RedisServer::start();
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let now = 1_000_000u64;
+        // Dead (last report before the cutoff): claimed once.
+        conn.zadd::<_, _, _, ()>("nodes", "dead", now - 2_000)
+            .await
+            .unwrap();
+        assert_eq!(claim(&mut conn, "dead", now).await, 1);
+        assert_eq!(claim(&mut conn, "dead", now).await, 0, "claimed once");
+        // Its reaping failed (released at once), and then it reported again: alive.
+        conn.zadd::<_, _, _, ()>("reaping", "dead", 0)
+            .await
+            .unwrap();
+        conn.zadd::<_, _, _, ()>("nodes", "dead", now)
+            .await
+            .unwrap();
+        assert_eq!(claim(&mut conn, "dead", now).await, 0, "alive again");
+        let reaping: Option<f64> = conn.zscore("reaping", "dead").await.unwrap();
+        assert_eq!(reaping, None, "it left the reaping set");
+        let live: Option<f64> = conn.zscore("nodes", "dead").await.unwrap();
+        assert!(live.is_some(), "it stays live");
+        // A released claim of a node that stays silent is taken again.
+        conn.zadd::<_, _, _, ()>("nodes", "silent", now - 2_000)
+            .await
+            .unwrap();
+        assert_eq!(claim(&mut conn, "silent", now).await, 1);
+        conn.zadd::<_, _, _, ()>("reaping", "silent", 0)
+            .await
+            .unwrap();
+        assert_eq!(claim(&mut conn, "silent", now).await, 1);
+    }
 }

@@ -174,24 +174,30 @@ impl Keeper {
     }
 
     /// The cursor: the last delivered id, or `since:<ms>` before the first delivery (the hook's
-    /// first start), so a restart never skips what was published in between.
+    /// first start), so a restart never skips what was published in between. `None`: there is
+    /// none yet. A cursor that is there but cannot be read (a damaged file, a Redis error, text
+    /// that is no cursor) delivers again from the oldest event history keeps: repeating is
+    /// better than losing.
     async fn load(&self) -> Option<ReadFrom> {
-        match self {
-            Keeper::Memory => None,
-            Keeper::File(file) => match blocking(file, CursorFile::load).await {
-                Ok(text) => Self::parse(&text?),
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook: the cursor could not be read");
-                    None
-                }
-            },
-            Keeper::Cluster { cluster, name, .. } => match cluster.load(name).await {
-                Ok(text) => Self::parse(&text?),
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook: the cursor could not be read");
-                    None
-                }
-            },
+        let text = match self {
+            Keeper::Memory => return None,
+            Keeper::File(file) => blocking(file, CursorFile::load)
+                .await
+                .map_err(|e| e.to_string()),
+            Keeper::Cluster { cluster, name, .. } => {
+                cluster.load(name).await.map_err(|e| e.to_string())
+            }
+        };
+        let unreadable = |why: &str| {
+            tracing::warn!(error = %why, "webhook: the cursor cannot be read: delivering again from the oldest event in history");
+            Some(ReadFrom::Oldest)
+        };
+        match text {
+            Ok(None) => None,
+            Ok(Some(text)) => {
+                Self::parse(&text).or_else(|| unreadable(&format!("not a cursor: {text:?}")))
+            }
+            Err(e) => unreadable(&e),
         }
     }
 

@@ -6,6 +6,8 @@ mod durable;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(all(test, feature = "redis"))]
+pub(crate) use redis::tests::RedisServer;
 #[cfg(any(feature = "durable", feature = "redis"))]
 mod row;
 mod rules;

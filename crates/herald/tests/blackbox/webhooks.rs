@@ -310,6 +310,33 @@ async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat
     s.kill().await;
 }
 
+/// Review finding: a cursor file that could not be read was taken for a missing one, so the hook
+/// went on from "now" and skipped what it had not delivered. It now delivers again from the
+/// oldest event history keeps: repeats, never losses.
+#[tokio::test]
+async fn a_cursor_that_cannot_be_read_repeats_rather_than_loses() {
+    let (receiver, url) = Receiver::start(0, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let args = durable_hook(data, &url);
+    let s = Server::start(&args).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids = publish_n(&s, "jobs", 4).await;
+    assert_eq!(exactly(&receiver, 4).await, ids);
+    s.kill().await;
+    // Both slots damaged (a disk or a stray write would): no cursor can be read.
+    std::fs::write(cursor_file(dir.path()), vec![0xa5; 8192]).unwrap();
+    let s = Server::start(&args).await;
+    let more = publish_n(&s, "jobs", 1).await;
+    let want: Vec<String> = [&ids[..], &ids[..], &more[..]].concat();
+    assert_eq!(
+        exactly(&receiver, want.len()).await,
+        want,
+        "again from the oldest"
+    );
+    s.kill().await;
+}
+
 #[tokio::test]
 async fn events_that_fell_out_of_history_arrive_as_one_gap() {
     // The receiver refuses for a while: meanwhile more is published than history keeps.
