@@ -406,14 +406,29 @@ impl Hub {
         self.commit(messages).await
     }
 
-    /// Publishes messages as [`Hub::publish_batch`] does, reserved topics (`$…`) allowed: for a
-    /// layer above that owns a reserved topic and publishes there itself (Mercure's subscription
-    /// events on `$mercure/subscriptions`). Never for a client's message.
+    /// Publishes messages as [`Hub::publish_batch`] does, to the reserved topics (`$…`) under
+    /// `owned` that a layer above owns and publishes to itself (Mercure's subscription events on
+    /// `$mercure/subscriptions`); every other reserved topic (`$presence/…`) stays refused.
+    /// Never for a client's message.
     pub async fn publish_reserved(
         &self,
+        owned: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Published>, PublishError> {
         addressed(&messages)?;
+        for (index, m) in messages.iter().enumerate() {
+            if let Some(topic) = m
+                .targets
+                .topics
+                .iter()
+                .find(|t| t.is_reserved() && !t.as_str().starts_with(owned))
+            {
+                return Err(PublishError::ReservedTopic {
+                    index,
+                    topic: topic.to_string(),
+                });
+            }
+        }
         self.commit(messages).await
     }
 

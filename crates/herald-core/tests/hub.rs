@@ -331,3 +331,20 @@ async fn resuming_reports_a_gap_exactly_when_events_are_missing() {
     assert!(found.gap.is_none());
     assert_eq!(found.events.len(), 2);
 }
+
+/// A layer above publishes to the reserved topics it owns, and to no other: Mercure's
+/// subscription events may not pass for herald's own `$presence/…` events.
+#[tokio::test(start_paused = true)]
+async fn a_reserved_publish_reaches_only_the_owned_topics() {
+    let hub = Hub::builder().build().unwrap();
+    let owned = Message::to_topic(topic("$mercure/subscriptions")).data("ok");
+    assert!(hub.publish_reserved("$mercure/", vec![owned]).await.is_ok());
+    let forged = Message::to_topic(topic("$presence/alice")).data("{\"online\":true}");
+    let refused = hub.publish_reserved("$mercure/", vec![forged]).await;
+    assert!(
+        matches!(refused, Err(herald_core::PublishError::ReservedTopic { ref topic, .. }) if topic == "$presence/alice"),
+        "{refused:?}"
+    );
+    let client = Message::to_topic(topic("$mercure/subscriptions")).data("no");
+    assert!(hub.publish(client).await.is_err(), "clients reach none");
+}

@@ -171,7 +171,7 @@ async fn try_announce(hub: &Hub, docs: &[Value], active: bool) -> Result<(), Str
     if messages.is_empty() {
         return Ok(());
     }
-    hub.publish_reserved(messages)
+    hub.publish_reserved(SUBSCRIPTIONS_TOPIC, messages)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -320,20 +320,18 @@ async fn share_changes(
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let (entries, replace, through) = {
+        // Under the lock every connection's register and drop take: only copies; the documents
+        // are serialized after it.
+        let (all, queued, replace, through) = {
             let mut state = registry.state.lock();
             let whole = reshare || std::mem::take(&mut state.whole);
             let queued = std::mem::take(&mut state.queued);
-            if whole {
-                let all = state
-                    .local
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Some(v.to_string())))
-                    .collect();
-                (all, true, state.changes)
-            } else {
-                (queued, false, state.changes)
-            }
+            let all = whole.then(|| state.local.values().cloned().collect::<Vec<_>>());
+            (all, queued, whole, state.changes)
+        };
+        let entries = match all {
+            Some(docs) => entries(&docs, true),
+            None => queued,
         };
         if !entries.is_empty() || replace {
             // No lock is held here: changes made meanwhile queue for the next share.
@@ -488,7 +486,8 @@ fn json_ld(wanted: &Wanted, grants: Option<&Grants>, headers: &HeaderMap) -> boo
 fn etag(cursor: &str) -> String {
     let mut out = String::from("\"");
     for b in cursor.bytes() {
-        if b < 0x21 || b == b'"' || b == b'%' || b == 0x7f {
+        // `,` too: `If-None-Match` lists tags separated by commas.
+        if b < 0x21 || b == b'"' || b == b'%' || b == b',' || b == 0x7f {
             out.push_str(&format!("%{b:02X}"));
         } else {
             out.push(b as char);
@@ -720,6 +719,14 @@ mod tests {
             assert!(W::parse(&format!("{BASE}{bad}")).is_err(), "{bad}");
         }
         assert_eq!(etag("a \"b%"), "\"a%20%22b%25\"");
+        // A cursor with a comma still matches itself in an `If-None-Match` list.
+        let tag = etag("urn:a,b");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            format!("\"x\", {tag}").parse().unwrap(),
+        );
+        assert!(none_match(&headers, &tag), "{tag}");
     }
 
     /// A cluster whose every share is a slow round trip; counts them and what they carried.
