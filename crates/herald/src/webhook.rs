@@ -275,8 +275,6 @@ async fn deliver(
                     .unwrap_or(ReadFrom::Since(now_ms()))
             }
         };
-        // The id last saved, so the end of a chunk does not save it again.
-        let mut saved: Option<EventId> = None;
         if !announced {
             tracing::info!(url = %hook.url, ?from, "webhook: delivering");
             announced = true;
@@ -332,12 +330,10 @@ async fn deliver(
                     continue 'lease;
                 }
                 keeper.save(&event.id.to_string(), false).await;
-                saved = Some(event.id);
             }
             // Past the events not wanted too (unless the last one was delivered, and so saved).
-            if saved != Some(last) {
+            if !chunk.events.last().is_some_and(|e| wanted(&hook, e)) {
                 keeper.save(&last.to_string(), false).await;
-                saved = Some(last);
             }
             from = ReadFrom::After(last);
         }

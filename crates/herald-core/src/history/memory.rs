@@ -42,7 +42,6 @@ struct Ring {
 struct Log {
     events: VecDeque<Arc<Event>>,
     keep: Bounds,
-    after_complete: Option<Duration>,
     /// The rule whose events this log keeps (`None`: the default log).
     rule: Option<RetentionRule>,
     bytes: u64,
@@ -69,7 +68,6 @@ impl MemoryHistory {
                 Log {
                     events: VecDeque::with_capacity(keep.max_events.min(4096)),
                     keep,
-                    after_complete: retention.rules.rule(log).and_then(|r| r.after_complete),
                     rule: retention.rules.rule(log).cloned(),
                     bytes: 0,
                     dropped: Dropped::default(),
@@ -92,6 +90,11 @@ impl MemoryHistory {
 
 impl Log {
     /// Drops the oldest events while a bound is exceeded; `drops` counts the store's drops.
+    /// Its rule's `after-complete`, if any.
+    fn after_complete(&self) -> Option<Duration> {
+        self.rule.as_ref().and_then(|r| r.after_complete)
+    }
+
     fn trim(&mut self, now_ms: u64, drops: &mut u64) {
         let cutoff = self.keep.cutoff_ms(now_ms);
         while let Some(front) = self.events.front() {
@@ -99,7 +102,7 @@ impl Log {
                 || self.keep.max_bytes.is_some_and(|m| self.bytes > m)
                 || cutoff.is_some_and(|c| front.published_at_ms < c)
                 || self
-                    .after_complete
+                    .after_complete()
                     .is_some_and(|after| self.ends.expired(front, after, now_ms));
             if !over {
                 break;
@@ -170,7 +173,7 @@ impl History for MemoryHistory {
             ring.next += 1;
             let log = &mut ring.logs[log];
             log.bytes += size_of(&event);
-            if log.after_complete.is_some() {
+            if log.after_complete().is_some() {
                 log.ends.note(&event);
             }
             log.events.push_back(event.clone());

@@ -283,7 +283,6 @@ impl Server {
     }
 }
 
-/// Asserts that `answer` is the error a client would see: this status and this `error` code.
 /// Runs `herald serve` with `args`, expecting it to refuse to start; returns its stderr.
 pub async fn refused(args: &[&str]) -> String {
     let out = tokio::time::timeout(
@@ -302,6 +301,7 @@ pub async fn refused(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// Asserts that `answer` is the error a client would see: this status and this `error` code.
 #[track_caller]
 pub fn expect_error(answer: (StatusCode, Value), status: StatusCode, code: &str) {
     assert_eq!(
