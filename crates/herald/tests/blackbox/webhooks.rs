@@ -270,17 +270,24 @@ async fn exactly(receiver: &Receiver, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Starts herald with `args`, publishes `n` events on `jobs`, waits until `receiver` has them
+/// all, kills herald; returns their ids.
+async fn delivered_then_killed(receiver: &Receiver, args: &[&str], n: usize) -> Vec<String> {
+    let s = Server::start(args).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids = publish_n(&s, "jobs", n).await;
+    assert_eq!(exactly(receiver, n).await, ids);
+    s.kill().await;
+    ids
+}
+
 #[tokio::test]
 async fn a_cursor_file_of_the_previous_format_is_taken_up_without_loss_or_repeat() {
     let (receiver, url) = Receiver::start(0, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let args = durable_hook(data, &url);
-    let s = Server::start(&args).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ids = publish_n(&s, "jobs", 6).await;
-    assert_eq!(exactly(&receiver, 6).await, ids);
-    s.kill().await;
+    let ids = delivered_then_killed(&receiver, &args, 6).await;
     let path = cursor_file(dir.path());
     assert_eq!(
         std::fs::metadata(&path).unwrap().len(),
@@ -319,11 +326,7 @@ async fn a_cursor_that_cannot_be_read_repeats_rather_than_loses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let args = durable_hook(data, &url);
-    let s = Server::start(&args).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ids = publish_n(&s, "jobs", 4).await;
-    assert_eq!(exactly(&receiver, 4).await, ids);
-    s.kill().await;
+    let ids = delivered_then_killed(&receiver, &args, 4).await;
     // Both slots damaged (a disk or a stray write would): no cursor can be read.
     std::fs::write(cursor_file(dir.path()), vec![0xa5; 8192]).unwrap();
     let s = Server::start(&args).await;
